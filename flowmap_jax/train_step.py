@@ -1,0 +1,240 @@
+"""One training step: per-device loss and gradient, explicit `pmean`, AdamW, EMA. Compiled once.
+
+The step is the pmap programming model written with `jax.shard_map` (DESIGN.md, "Parallelism and
+scale"): the function inside sees one device's slice of the batch, computes the loss and its
+gradient, and averages the gradient across devices with an explicit `jax.lax.pmean`. `check_vma` is
+off so that automatic differentiation inserts no collectives of its own: every cross-device
+reduction is the one written here.
+
+FSDP: parameters whose PartitionSpec names the `fsdp` axis arrive as shards, are all-gathered just
+before the loss, and their gradient comes back reduce-scattered (the transpose of the all-gather
+sums over the fsdp group), then is averaged over the data axis and divided by the fsdp size: the
+mean over every device, as for the replicated parameters. The optimiser update runs outside the
+shard_map on the sharded arrays (XLA keeps them sharded; the global-norm clip is a true global norm).
+
+Randomness is per example: example i of the global batch uses `fold_in(fold_in(rng, step),
+example_id[i])`, and the objective is applied to each example on its own (`jax.vmap` over a batch of
+one). So the result does not depend on how the batch is split over devices or processes: 8 devices
+and 1 device with the same global batch give the same parameters up to float reassociation.
+
+Shapes: batch leaves are (B, ...) with B the global batch (divisible by the device count); "x0" is
+(B, H, W, C) float32, "cond" a dict of (B, ...) arrays or None, "example_id" (B,) int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from flowmap_jax import sharding as sh
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+"""`loss_fn(params, teacher, batch, rng) -> (loss scalar, metrics dict of scalars)` (flowmap_jax.objectives)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the step changes. All leaves are jax arrays (checkpointed as they are).
+
+    step: () int32, optimiser steps taken. params / ema_params: the flow-map network's parameter
+    pytree (float32). opt_state: optax state, sharded like params.
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser.
+
+def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant"):
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant, or cosine to 0 at `total_steps`."""
+    warmup_steps = max(int(warmup_steps), 0)
+    if schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: constant or cosine")
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (weight decay on matrices and kernels only, not on biases and norm scales) after
+    global-norm clipping. `optim` is a `presets.OptimConfig`."""
+    schedule = learning_rate_schedule(optim.lr, optim.warmup_steps, total_steps, optim.schedule)
+    decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) > 1, params)  # noqa: E731
+    parts = []
+    if optim.grad_clip and optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def ema_decay_at(step, decay: float):
+    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): early steps are not dominated by
+    the initial parameters (TensorFlow's ExponentialMovingAverage with num_updates)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives.
+
+def combine_objectives(named_losses: Sequence[tuple[str, float, LossFn]]) -> LossFn:
+    """Weighted sum of objectives, each with its own rng stream (`fold_in(rng, index)`).
+
+    Metrics: "loss" (the weighted sum) and "<name>/<metric>" for each objective's own metrics
+    (at least "<name>/loss", the unweighted value).
+    """
+    named_losses = list(named_losses)
+    if not named_losses:
+        raise ValueError("combine_objectives: no objectives given")
+
+    def loss_fn(params, teacher, batch, rng):
+        total = 0.0
+        metrics = {}
+        for index, (name, weight, fn) in enumerate(named_losses):
+            loss, own = fn(params, teacher, batch, jax.random.fold_in(rng, index))
+            total = total + weight * loss
+            metrics[f"{name}/loss"] = loss
+            for key, value in (own or {}).items():
+                if key != "loss":
+                    metrics[f"{name}/{key}"] = value
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn
+
+
+def per_example_loss(loss_fn: LossFn) -> Callable:
+    """(params, teacher, batch, rng) -> (mean loss, mean metrics), applying `loss_fn` to each example
+    alone with the key `fold_in(rng, batch["example_id"][i])` (see the module docstring)."""
+
+    def mean_loss(params, teacher, batch, rng):
+        example_ids = batch["example_id"]
+        inputs = {k: v for k, v in batch.items() if k != "example_id"}
+
+        def one(example, example_id):
+            example = jax.tree.map(lambda x: x[None], example)
+            return loss_fn(params, teacher, example, jax.random.fold_in(rng, example_id))
+
+        losses, metrics = jax.vmap(one)(inputs, example_ids)
+        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+    return mean_loss
+
+
+# --------------------------------------------------------------------------------------------------
+# State and step.
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh, specs) -> TrainState:
+    """A TrainState with parameters and optimiser state placed on `mesh` with `specs` (a pytree of
+    PartitionSpecs matching params; see `sharding.param_specs`). EMA starts equal to params."""
+    shardings = state_shardings(params, optimizer, mesh, specs)
+
+    @jax.jit
+    def build(params):
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params))
+
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
+def state_shardings(params, optimizer, mesh, specs) -> TrainState:
+    """NamedShardings of every TrainState leaf: params, EMA and the optimiser's per-parameter moments
+    follow `specs`; scalars (step, counts) are replicated."""
+    abstract = jax.eval_shape(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=optimizer.init(p)),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32), params))
+    param_shardings = sh.named(mesh, specs)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+        transform_non_params=lambda _: sh.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(step=sh.replicated(mesh), params=param_shardings, ema_params=param_shardings,
+                      opt_state=opt_shardings)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh, specs, *,
+                    ema_decay: float, state_sharding: TrainState, donate: bool = True):
+    """The jitted step `(state, teacher, batch, rng) -> (state, metrics)`.
+
+    loss_fn: `(params, teacher, batch, rng) -> (loss, metrics)` for a batch (use `combine_objectives`
+    for several objectives). specs: PartitionSpecs of params (`sharding.param_specs`). teacher: any
+    pytree (replicated on every device; its parameters are jit arguments, never constants). batch:
+    dict of (B, ...) arrays sharded with `sharding.batch_sharding(mesh)`, with "example_id".
+    rng: the run's base key (typed key); the step folds in `state.step`. state_sharding: from
+    `state_shardings`; the new state keeps exactly these shardings, so the step compiles once.
+    metrics: replicated float32 scalars: "loss", objective metrics, "grad_norm", "lr" is not included
+    (the schedule is known on the host).
+    """
+    fsdp_size = mesh.shape[sh.FSDP_AXIS]
+    batch_loss = per_example_loss(loss_fn)
+
+    def gather(shards):
+        def one(x, spec):
+            for axis, name in enumerate(spec):
+                if name == sh.FSDP_AXIS:
+                    return jax.lax.all_gather(x, sh.FSDP_AXIS, axis=axis, tiled=True)
+            return x
+        return jax.tree.map(one, shards, specs)
+
+    def per_device(param_shards, teacher, batch, step_rng):
+        def local_loss(shards):
+            return batch_loss(gather(shards), teacher, batch, step_rng)
+
+        (loss, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(param_shards)
+
+        def average(g, spec):
+            if sh.FSDP_AXIS in tuple(spec):  # reduce-scattered (summed) over fsdp already
+                return jax.lax.pmean(g, sh.DATA_AXIS) / fsdp_size
+            return jax.lax.pmean(g, sh.BATCH_AXES)
+
+        grads = jax.tree.map(average, grads, specs)
+        metrics = jax.lax.pmean(metrics, sh.BATCH_AXES)
+        return grads, metrics
+
+    per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), sh.BATCH_SPEC, P()),
+                               out_specs=(specs, P()), check_vma=False)
+
+    def step(state: TrainState, teacher, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = per_device(state.params, teacher, batch, step_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, ema_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+        return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else (),
+                   out_shardings=(state_sharding, sh.replicated(mesh)))
+
+
+def check_batch(batch, mesh) -> None:
+    """Raise ValueError if the global batch cannot be split evenly over the mesh's devices."""
+    n = sh.num_batch_shards(mesh)
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}")
+    (size,) = sizes
+    if size % n:
+        raise ValueError(f"global batch size {size} is not divisible by the {n} devices of the mesh")
+
+
+def replace(state: TrainState, **changes) -> TrainState:
+    return dataclasses.replace(state, **changes)
