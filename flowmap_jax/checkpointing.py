@@ -1,0 +1,218 @@
+"""Checkpoints of a run: Orbax CheckpointManager, resume with fallback, preemption.
+
+Layout: `<run>/checkpoints/<step>/` with two items,
+  state: {"train_state": TrainState (params, ema_params, opt_state, step), "rng": (2,) uint32 key data}
+         (Orbax StandardSave: sharded arrays, restored directly onto the current mesh)
+  meta:  JSON {"step", "data_position" (global batches consumed), "fingerprint" (per-leaf sum and sum
+         of squares of the state, float32, to detect silently corrupted data), "time", "extra"}.
+The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are copied to host before
+`save` returns, so the next step may overwrite the device buffers).
+
+Resume (`restore`): try the newest checkpoint; if it cannot be read or its fingerprint does not match
+(a half-written or corrupted directory), say so and fall back to the next older one, and so on.
+A save interrupted by a kill leaves an `*.orbax-checkpoint-tmp-*` directory that Orbax never lists
+as a step; it is removed when the run restarts.
+
+Preemption (`PreemptionGuard`): SIGTERM sets a flag; the training loop asks `reached(step)` each step
+and, when true, saves and exits. With several processes JAX's preemption sync point makes every
+process stop at the same step (SIGTERM to any one of them is enough).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("flowmap_jax.checkpointing")
+
+
+class NoGoodCheckpoint(RuntimeError):
+    """Checkpoints exist but none of them could be restored."""
+
+
+@jax.jit
+def fingerprint(tree) -> jax.Array:
+    """(2 * num_leaves,) float32: sum and sum of squares of every leaf (float32). Detects corrupted
+    checkpoint data cheaply; compare with `fingerprints_match` (reductions differ across meshes)."""
+    parts = []
+    for leaf in jax.tree.leaves(tree):
+        x = jnp.asarray(leaf, jnp.float32)
+        parts += [jnp.sum(x), jnp.sum(x * x)]
+    return jnp.stack(parts) if parts else jnp.zeros((0,), jnp.float32)
+
+
+def fingerprints_match(a, b, rtol: float = 1e-4) -> bool:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return False
+    return bool(np.all(np.abs(a - b) <= rtol * (np.abs(a) + np.abs(b)) + 1e-6))
+
+
+def _fingerprint_list(tree) -> list[float]:
+    """Fingerprint of the train state (on device) followed by the rng words (on host)."""
+    values = np.asarray(jax.device_get(fingerprint(tree["train_state"])), np.float64)
+    rng_words = np.asarray(jax.device_get(tree["rng"]), np.float64).ravel()
+    return [float(v) for v in np.concatenate([values, rng_words])]
+
+
+def _state_tree(train_state, rng) -> dict:
+    return {"train_state": train_state, "rng": jax.random.key_data(rng) if _is_typed_key(rng) else rng}
+
+
+def _is_typed_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+class Checkpointer:
+    """Save and restore a run's TrainState, rng and data position under `directory`.
+
+    All processes must call `save` and `restore` together (Orbax writes each process's shards and
+    process 0 writes the metadata). `directory` must be shared by all processes.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, train_state, rng, data_position: int, extra: dict | None = None, wait: bool = False) -> int:
+        """Save at `train_state.step` (an int). Returns the step. `wait`: block until on disk."""
+        step = int(jax.device_get(train_state.step))
+        tree = _state_tree(train_state, rng)
+        meta = {"step": step, "data_position": int(data_position), "time": time.time(),
+                "fingerprint": _fingerprint_list(tree),
+                "extra": extra or {}}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+        return step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- restoring -----------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, abstract_state, rng_like, step: int | None = None,
+                say=print) -> tuple[Any, Any, dict] | None:
+        """Restore the newest readable checkpoint (or exactly `step`).
+
+        abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with shardings (where to put it).
+        rng_like: the run's key (its type and sharding are reused). Returns (train_state, rng, meta)
+        or None when there is no checkpoint. A checkpoint that fails to load or whose fingerprint
+        does not match is reported through `say` and skipped in favour of the next older one;
+        `NoGoodCheckpoint` if none is left.
+        """
+        candidates = self.steps() if step is None else [step]
+        if not candidates:
+            return None
+        failures = []
+        for candidate in reversed(candidates):
+            try:
+                result = self._restore_step(candidate, abstract_state, rng_like)
+            except Exception as error:  # noqa: BLE001 - any failure means: not a good checkpoint
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                failures.append((candidate, reason))
+                older = [s for s in candidates if s < candidate]
+                where = f"falling back to step {older[-1]}" if older else "no older checkpoint left"
+                say(f"checkpoint at step {candidate} in {self.directory} is unreadable or corrupted "
+                    f"({reason[:300]}); {where}")
+                continue
+            if failures:
+                say(f"resumed from the previous good checkpoint, step {candidate}")
+            return result
+        listing = "; ".join(f"step {s}: {r[:200]}" for s, r in failures)
+        raise NoGoodCheckpoint(f"no checkpoint in {self.directory} could be restored ({listing})")
+
+    def _restore_step(self, step, abstract_state, rng_like):
+        rng_data = jax.random.key_data(rng_like) if _is_typed_key(rng_like) else rng_like
+        abstract = {"train_state": abstract_state,
+                    "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype,
+                                                sharding=getattr(rng_data, "sharding", None))}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        tree, meta = restored["state"], restored["meta"]
+        if meta is None or "fingerprint" not in meta:
+            raise ValueError("metadata missing")
+        if int(meta["step"]) != step:
+            raise ValueError(f"metadata says step {meta['step']}")
+        if not fingerprints_match(_fingerprint_list(tree), meta["fingerprint"]):
+            raise ValueError("fingerprint mismatch: the saved arrays do not match what was written")
+        rng = tree["rng"]
+        if _is_typed_key(rng_like):
+            rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(rng_like))
+        return tree["train_state"], rng, meta
+
+
+def find_checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """Interpret a `--resume PATH`: a run folder (has checkpoints/), a checkpoints folder, or one
+    step's folder (`.../checkpoints/400`). Returns (checkpoints folder, step or None for newest)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--run.resume: {path} is not a folder")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs (with shardings) of `tree`: a restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=s),
+                        tree, shardings)
+
+
+class PreemptionGuard:
+    """SIGTERM -> save and stop at a step all processes agree on.
+
+    Single process: a SIGTERM handler sets a flag that `reached(step)` returns. Several processes:
+    JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM and
+    `multihost_utils.reached_preemption_sync_point` picks the same step on every process.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.requested, self.signal_name = True, "SIGTERM"
+            except RuntimeError:  # preemption service not running: only the local flag
+                pass
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
