@@ -204,7 +204,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
             return jax.lax.pmean(g, sh.BATCH_AXES)
 
         grads = jax.tree.map(average, grads, specs)
-        metrics = jax.lax.pmean(metrics, sh.BATCH_AXES)
+        metrics = jax.lax.pmean(dict(metrics, loss=loss), sh.BATCH_AXES)
         return grads, metrics
 
     per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), sh.BATCH_SPEC, P()),

@@ -1,0 +1,333 @@
+"""Distil a diffusion teacher into a few-step flow map: `python -m flowmap_jax.train`.
+
+    python -m flowmap_jax.train                  # embedded digits teacher, CPU, a few minutes
+    python -m flowmap_jax.train --help           # every field of the configuration
+    python -m flowmap_jax.train --preset sd15 --teacher.path runwayml/stable-diffusion-v1-5 \\
+        --data.source shards --data.path /data/shards      # 8 GPUs: data parallel over all of them
+    COORDINATOR_ADDRESS=host0:1234 NUM_PROCESSES=2 PROCESS_ID=$RANK python -m flowmap_jax.train ...
+
+The story of a run, top to bottom in `run`:
+  1. processes and devices: `jax.distributed` when asked, a (data, fsdp) mesh over every device;
+  2. the run folder: config.json, checkpoints/, samples/, tensorboard/, metrics.jsonl;
+  3. the parts (`assembly.build`): teacher loaded from a diffusers folder and converted, the flow
+     map initialised from it, the objectives, the data, the samplers;
+  4. optimiser, sharded train state and the compiled step;
+  5. resume: newest good checkpoint of this run (or `--resume PATH`), data position included;
+  6. a baseline: the untrained flow map's 1-jump error against the teacher's 50-step ODE solution;
+  7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
+  8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers folder.
+
+Exit codes: 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN loss, bad data,
+missing teacher...), 2 bad command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from flowmap_jax import checkpointing, datasets, distributed, presets, reporting
+from flowmap_jax import sharding as sh
+from flowmap_jax import train_step as ts
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the message names the step."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot start: missing teacher, bad data, a run folder in the way."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `run` returns: the final state (device arrays), the folder and what happened."""
+
+    state: ts.TrainState
+    run_dir: str
+    status: str  # "done", "preempted"
+    step: int
+    quality: list | None = None
+
+
+def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult:
+    """One training run as `config` describes. `build(config, mesh) -> assembly.Parts` makes the
+    teacher, flow map, objectives, data and samplers (default `assembly.build`; tests pass stand-ins)."""
+    # 1. Processes and devices.
+    process = distributed.initialize(config.distributed)
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    run_dir = os.path.abspath(config.run.dir)
+    if process.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(config.to_json())
+    distributed.sync("run folder")
+
+    # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
+    if build is None:
+        from flowmap_jax import assembly
+
+        build = assembly.build
+    parts = build(config, mesh)
+
+    # 4. Optimiser, state, step.
+    optimizer = ts.make_optimizer(config.optim, config.run.steps)
+    specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
+    state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
+    state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
+    teacher = _replicate_arrays(mesh, parts.teacher)
+    rng = jax.device_put(jax.random.key(config.run.seed), sh.replicated(mesh))
+    train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
+                                    state_sharding=state_sharding)
+
+    # 5. Resume.
+    reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
+    checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
+                                              async_save=config.run.async_checkpoints)
+    state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
+    start_step = int(jax.device_get(state.step))
+
+    stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
+                                  process.index, process.count, position=data_position)
+    reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
+                                  progress_bar=config.run.progress_bar)
+    reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
+                     f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
+                     f"steps {start_step} -> {config.run.steps}")
+
+    # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
+    evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
+    if "baseline" not in history and config.run.quality_samples > 0:
+        history["baseline"] = evaluator.one_jump_error(state.ema_params)
+        reporter.message(f"untrained flow map: 1-jump MSE to the teacher's {config.sample.teacher_steps}-step "
+                         f"solution {history['baseline']:.5f}")
+
+    # 7. The loop.
+    guard = checkpointing.PreemptionGuard()
+    status = "done"
+    pending = None  # (step, metrics) of the last step, checked one step late (no pipeline stall)
+    schedule = ts.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.run.steps,
+                                         config.optim.schedule)
+    last_saved = start_step
+    try:
+        for step in range(start_step + 1, config.run.steps + 1):
+            batch = sh.put_batch(mesh, _require_shape(stream.next(), config, step))
+            state, metrics = train_step(state, teacher, batch, rng)
+            _check_finite(pending, last_saved, checkpointer)
+            pending = (step, metrics)
+            reporter.step()
+            if step % config.run.log_every == 0 or step == config.run.steps:
+                _check_finite(pending, last_saved, checkpointer)
+                reporter.scalars(step, jax.device_get(metrics), {"lr": float(schedule(step - 1))})
+            if config.run.sample_every and step % config.run.sample_every == 0 and step < config.run.steps:
+                evaluator.grid(state.ema_params, step)
+            preempted = guard.reached(step)
+            if step % config.run.checkpoint_every == 0 or preempted or step == config.run.steps:
+                _check_finite(pending, last_saved, checkpointer)
+                checkpointer.save(state, rng, stream.position, extra=history, wait=preempted)
+                last_saved = step
+            if preempted:
+                reporter.message(f"{guard.signal_name or 'preemption'}: saved the checkpoint at step {step} in "
+                                 f"{checkpointer.directory}; resume with the same command")
+                status = "preempted"
+                break
+        _check_finite(pending, last_saved, checkpointer)
+    except BaseException:
+        reporter.close()
+        checkpointer.close()
+        raise
+    finally:
+        guard.close()
+
+    # 8. The end: grid, quality table, export (skipped when stopped early).
+    step = int(jax.device_get(state.step))
+    quality = None
+    if status == "done" and (start_step < config.run.steps
+                             or not os.path.exists(os.path.join(run_dir, "quality.json"))):
+        evaluator.grid(state.ema_params, step)
+        if config.run.quality_samples > 0:
+            quality = evaluator.quality_table(state.ema_params, history, step)
+        if config.run.export and parts.export is not None:
+            ema_host = _to_host(state.ema_params)
+            if process.is_main:
+                folder = parts.export(ema_host, os.path.join(run_dir, "export"),
+                                      {"step": step, "config": config.to_dict()})
+                reporter.message(f"exported the flow map (EMA weights) to {folder}")
+    reporter.close()
+    checkpointer.close()
+    distributed.sync("end of run")
+    return RunResult(state=state, run_dir=run_dir, status=status, step=step, quality=quality)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers of the story above.
+
+def _to_host(tree):
+    """Global arrays (possibly sharded over processes) -> numpy on every process."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _replicate_arrays(mesh, tree):
+    """Array leaves -> replicated global arrays; other leaves (static values) stay as they are."""
+    return jax.tree.map(lambda x: sh.put_replicated(mesh, x) if isinstance(x, (np.ndarray, jax.Array)) else x, tree)
+
+
+def _resume(config, checkpointer, state, rng, state_sharding, say):
+    """-> (state, rng, data position, history dict) from a checkpoint, or the fresh ones."""
+    resume = config.run.resume
+    source, step = checkpointer, None
+    if resume not in ("auto", "never"):
+        directory, step = checkpointing.find_checkpoint_dir(resume)
+        if os.path.abspath(directory) != checkpointer.directory:
+            source = checkpointing.Checkpointer(directory, keep=10**9, async_save=False)
+    elif resume == "never" and checkpointer.steps():
+        raise RunError(f"{checkpointer.directory} already has checkpoints {checkpointer.steps()} and "
+                       f"--run.resume is never: choose another --run.dir or resume")
+    abstract = checkpointing.abstract_like(state, state_sharding)
+    restored = source.restore(abstract, rng, step=step, say=say)
+    if restored is None:
+        if resume not in ("auto", "never"):
+            raise RunError(f"--run.resume {resume}: no checkpoint found there")
+        return state, rng, 0, {}
+    state, rng, meta = restored
+    say(f"resumed from step {meta['step']} ({source.directory})")
+    return state, rng, int(meta["data_position"]), dict(meta.get("extra") or {})
+
+
+def _check_finite(pending, last_saved: int, checkpointer) -> None:
+    """Raise NonFiniteLoss if the pending step's loss or gradient norm is not finite."""
+    if pending is None:
+        return
+    step, metrics = pending
+    loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    checkpointer.wait()
+    where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}" if last_saved
+             else "no checkpoint was written")
+    raise NonFiniteLoss(f"the loss became {loss} (gradient norm {grad_norm}) at step {step}; stopped without "
+                        f"saving; {where}. Lower --optim.lr or raise --optim.warmup_steps and resume.")
+
+
+def _require_shape(batch: dict, config, step: int) -> dict:
+    want = tuple(config.data.sample_shape)
+    got = tuple(batch["x0"].shape[1:])
+    if got != want:
+        raise datasets.DataError(f"batch at step {step} has examples of shape {got}, expected {want}")
+    return batch
+
+
+class _Evaluator:
+    """Fixed evaluation noise and conditioning; sample grids, 1-jump error and the quality table.
+
+    The teacher's reference samples (`sample.teacher_steps` DDIM steps) are computed once per run
+    and cached in <run>/eval/teacher_reference.npz.
+    """
+
+    def __init__(self, config, parts, mesh, teacher, run_dir, reporter):
+        self.config, self.parts, self.mesh, self.teacher = config, parts, mesh, teacher
+        self.run_dir, self.reporter = run_dir, reporter
+        self.is_main = jax.process_index() == 0
+        n = max(config.run.quality_samples, config.sample.grid_columns)
+        self.noise, self.cond, self.labels = parts.eval_inputs(n, config.run.seed + 1)
+        self._reference = None
+
+    def _flow(self, params, jumps, n):
+        noise, cond = sh.put_replicated(self.mesh, (self.noise[:n], _head(self.cond, n)))
+        return _to_host(self.parts.sample_flow(params, self.teacher, noise, cond, jumps))
+
+    def reference(self):
+        """Teacher samples for the whole evaluation set, (n, H, W, C) float32."""
+        if self._reference is None:
+            path = os.path.join(self.run_dir, "eval", "teacher_reference.npz")
+            if os.path.exists(path):
+                with np.load(path, allow_pickle=False) as f:
+                    if f["samples"].shape == self.noise.shape:
+                        self._reference = f["samples"]
+            if self._reference is None:
+                t0 = time.perf_counter()
+                noise, cond = sh.put_replicated(self.mesh, (self.noise, self.cond))
+                self._reference = np.asarray(_to_host(self.parts.sample_teacher(
+                    self.teacher, noise, cond, self.config.sample.teacher_steps)))
+                self.reporter.message(f"teacher reference: {len(self.noise)} samples with "
+                                      f"{self.config.sample.teacher_steps} steps in {time.perf_counter() - t0:.1f}s")
+                if self.is_main:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    np.savez(path, samples=self._reference)
+        return self._reference
+
+    def one_jump_error(self, params) -> float:
+        """Mean squared error of 1-jump flow-map samples against the teacher reference."""
+        flow = np.asarray(self._flow(params, 1, len(self.noise)))
+        return float(np.mean((flow - self.reference()) ** 2))
+
+    def grid(self, params, step: int) -> None:
+        n = self.config.sample.grid_columns
+        rows = [(f"{j} jump{'s' if j > 1 else ''}", np.asarray(self._flow(params, j, n)))
+                for j in self.config.sample.jumps]
+        rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
+        if self.is_main:
+            path = reporting.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
+            self.reporter.image("samples", path, step)
+            self.reporter.message(f"sample grid: {path}")
+
+    def quality_table(self, params, history: dict, step: int) -> list:
+        reference = self.reference()
+        guided = self.config.teacher.guidance_scale
+        rows = []
+        teacher_row = {"sampler": f"teacher DDIM {self.config.sample.teacher_steps} steps",
+                       "nfe": self.config.sample.teacher_steps * (2 if guided != 1.0 else 1), "mse_to_teacher": 0.0}
+        teacher_row.update(self.parts.quality(reference, self.labels) or {})
+        rows.append(teacher_row)
+        if "baseline" in history:
+            rows.append({"sampler": "flow map 1 jump, untrained", "nfe": 1, "mse_to_teacher": history["baseline"]})
+        for jumps in self.config.sample.jumps:
+            samples = np.asarray(self._flow(params, jumps, len(self.noise)))
+            row = {"sampler": f"flow map {jumps} jump{'s' if jumps > 1 else ''}", "nfe": jumps,
+                   "mse_to_teacher": float(np.mean((samples - reference) ** 2))}
+            row.update(self.parts.quality(samples, self.labels) or {})
+            rows.append(row)
+        notes = [f"step {step}, {len(self.noise)} samples, the same noise and conditioning in every row",
+                 "mse_to_teacher: mean squared difference to the teacher's samples from the same noise"]
+        if self.is_main:
+            text = reporting.write_quality_table(self.run_dir, rows, notes)
+            self.reporter.message("quality:\n" + text)
+        return rows
+
+
+def _head(cond, n):
+    return None if cond is None else jax.tree.map(lambda x: x[:n], cond)
+
+
+def main(argv=None, build: Callable | None = None) -> int:
+    """The command line: parse flags, run, turn known failures into a message and an exit code."""
+    try:
+        config = presets.parse_args(argv)
+    except presets.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = run(config, build)
+    except (NonFiniteLoss, RunError, datasets.DataError, checkpointing.NoGoodCheckpoint,
+            FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.status == "preempted":
+        print(f"stopped at step {result.step} (checkpoint saved)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Stand-in parts for the training tests: a tiny MLP flow map and an analytic teacher.
+
+The trainer's mechanics (sharding, checkpoints, resume, preemption, NaN, distributed) do not depend
+on the network, so most training tests use this instead of the digits UNet: it compiles in a second.
+Run as a program it is the trainer with these parts:
+
+    python -m tests.train_support --run.dir /tmp/x --run.steps 20 ...   (same flags as flowmap_jax.train)
+
+Extra environment knobs (subprocess tests): STANDIN_STEP_SLEEP (seconds to sleep after each batch is
+drawn, to make a run slow enough to kill), STANDIN_EXPLODE=1 (a loss that overflows after a while).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowmap_jax import assembly, datasets
+
+SHAPE = (4, 4, 1)
+HIDDEN = 64
+
+
+def teacher_map(teacher, x, s, t):
+    """The 'exact' flow map of the stand-in teacher: a linear contraction x -> exp(-(s - t)) A x."""
+    flat = x.reshape(x.shape[0], -1)
+    out = jnp.exp(-(s - t))[:, None] * (flat @ teacher["A"])
+    return out.reshape(x.shape)
+
+
+def network(params, x, s, t):
+    flat = x.reshape(x.shape[0], -1)
+    h = jnp.concatenate([flat, s[:, None], t[:, None]], axis=1)
+    h = jnp.tanh(h @ params["dense1"]["kernel"] + params["dense1"]["bias"])
+    out = flat + h @ params["dense2"]["kernel"]
+    return out.reshape(x.shape)
+
+
+def init_params(seed=0):
+    d = int(np.prod(SHAPE))
+    rng = np.random.default_rng(seed)
+    return {"dense1": {"kernel": (rng.normal(size=(d + 2, HIDDEN)) / np.sqrt(d + 2)).astype(np.float32),
+                       "bias": np.zeros(HIDDEN, np.float32)},
+            "dense2": {"kernel": (rng.normal(size=(HIDDEN, d)) * 0.01).astype(np.float32)}}
+
+
+def make_loss(explode=False):
+    def loss_fn(params, teacher, batch, rng):
+        x0 = batch["x0"]
+        b = x0.shape[0]
+        k_noise, k_s, k_t = jax.random.split(rng, 3)
+        s = jax.random.uniform(k_s, (b,))
+        t = s * jax.random.uniform(k_t, (b,))
+        x_s = x0 + s[:, None, None, None] * jax.random.normal(k_noise, x0.shape)
+        err = network(params, x_s, s, t) - teacher_map(teacher, x_s, s, t)
+        loss = jnp.mean(err ** 2)
+        if explode:
+            loss = loss * jnp.exp(200.0 * jnp.sum(params["dense2"]["kernel"]))
+        return loss, {"mse": jnp.mean(err ** 2)}
+    return loss_fn
+
+
+def dataset(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    centres = np.stack([np.full(SHAPE, v, np.float32) for v in (-0.5, 0.0, 0.5)])
+    x0 = centres[labels] + 0.1 * rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    return datasets.ArrayDataset(x0.astype(np.float32))
+
+
+def build(config, mesh) -> assembly.Parts:
+    del mesh
+    teacher = {"A": (np.eye(int(np.prod(SHAPE))) * 0.9).astype(np.float32)}
+    explode = os.environ.get("STANDIN_EXPLODE") == "1"
+    sleep = float(os.environ.get("STANDIN_STEP_SLEEP", "0"))
+    data = dataset()
+    if sleep:
+        get = data.get
+
+        def slow_get(indices):
+            time.sleep(sleep)
+            return get(indices)
+
+        data.get = slow_get
+
+    def eval_inputs(n, seed):
+        return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32), None, None
+
+    @jax.jit
+    def _jumps(params, noise, grid):
+        x = noise
+        for i in range(grid.shape[0] - 1):
+            s = jnp.full((x.shape[0],), grid[i])
+            t = jnp.full((x.shape[0],), grid[i + 1])
+            x = network(params, x, s, t)
+        return x
+
+    def sample_flow(params, teacher, noise, cond, jumps):
+        return _jumps(params, noise, jnp.linspace(1.0, 0.0, jumps + 1))
+
+    def sample_teacher(teacher, noise, cond, steps):
+        s = jnp.ones((noise.shape[0],))
+        return teacher_map(teacher, noise, s, 0.0 * s)
+
+    def export(params, folder, provenance):
+        os.makedirs(folder, exist_ok=True)
+        from safetensors.numpy import save_file
+
+        flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params)}
+        save_file(flat, os.path.join(folder, "params.safetensors"))
+        return folder
+
+    return assembly.Parts(params=init_params(config.run.seed), teacher=teacher, loss_fn=make_loss(explode),
+                          dataset=data, eval_inputs=eval_inputs, sample_flow=sample_flow,
+                          sample_teacher=sample_teacher, quality=lambda samples, labels: None, export=export)
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+STANDIN_FLAGS = ["--data.sample_shape", "4,4,1", "--objective.names", "standin", "--data.batch_size", "16",
+                 "--optim.lr", "3e-3", "--optim.warmup_steps", "5", "--run.quality_samples", "32",
+                 "--run.progress_bar", "false"]
+"""Flags that describe the stand-in (prepended; later flags override)."""
+
+
+if __name__ == "__main__":
+    from flowmap_jax import train
+
+    sys.exit(train.main(STANDIN_FLAGS + sys.argv[1:], build=build))
