@@ -64,6 +64,9 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     # 1. Processes and devices.
     process = distributed.initialize(config.distributed)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if config.data.batch_size % sh.num_batch_shards(mesh):
+        raise RunError(f"--data.batch_size {config.data.batch_size} is not divisible by the "
+                       f"{sh.num_batch_shards(mesh)} devices of the mesh")
     run_dir = os.path.abspath(config.run.dir)
     if process.is_main:
         os.makedirs(run_dir, exist_ok=True)
