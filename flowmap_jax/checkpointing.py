@@ -106,6 +106,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- restoring -----------------------------------------------------------------------------
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

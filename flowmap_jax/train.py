@@ -199,7 +199,11 @@ def _resume(config, checkpointer, state, rng, state_sharding, say):
         raise RunError(f"{checkpointer.directory} already has checkpoints {checkpointer.steps()} and "
                        f"--run.resume is never: choose another --run.dir or resume")
     abstract = checkpointing.abstract_like(state, state_sharding)
-    restored = source.restore(abstract, rng, step=step, say=say)
+    try:
+        restored = source.restore(abstract, rng, step=step, say=say)
+    finally:
+        if source is not checkpointer:
+            source.close()
     if restored is None:
         if resume not in ("auto", "never"):
             raise RunError(f"--run.resume {resume}: no checkpoint found there")

@@ -7,7 +7,8 @@ Run as a program it is the trainer with these parts:
     python -m tests.train_support --run.dir /tmp/x --run.steps 20 ...   (same flags as flowmap_jax.train)
 
 Extra environment knobs (subprocess tests): STANDIN_STEP_SLEEP (seconds to sleep after each batch is
-drawn, to make a run slow enough to kill), STANDIN_EXPLODE=1 (a loss that overflows after a while).
+drawn, to make a run slow enough to kill), STANDIN_NAN_AFTER=K (batches after the K-th are NaN, so
+the loss of step K + 1 is NaN).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax import assembly, datasets
+from flowmap_jax import assembly, datasets, presets
 
 SHAPE = (4, 4, 1)
 HIDDEN = 64
@@ -49,7 +50,7 @@ def init_params(seed=0):
             "dense2": {"kernel": (rng.normal(size=(HIDDEN, d)) * 0.01).astype(np.float32)}}
 
 
-def make_loss(explode=False):
+def make_loss():
     def loss_fn(params, teacher, batch, rng):
         x0 = batch["x0"]
         b = x0.shape[0]
@@ -59,8 +60,6 @@ def make_loss(explode=False):
         x_s = x0 + s[:, None, None, None] * jax.random.normal(k_noise, x0.shape)
         err = network(params, x_s, s, t) - teacher_map(teacher, x_s, s, t)
         loss = jnp.mean(err ** 2)
-        if explode:
-            loss = loss * jnp.exp(200.0 * jnp.sum(params["dense2"]["kernel"]))
         return loss, {"mse": jnp.mean(err ** 2)}
     return loss_fn
 
@@ -76,9 +75,21 @@ def dataset(n=256, seed=0):
 def build(config, mesh) -> assembly.Parts:
     del mesh
     teacher = {"A": (np.eye(int(np.prod(SHAPE))) * 0.9).astype(np.float32)}
-    explode = os.environ.get("STANDIN_EXPLODE") == "1"
+    nan_after = int(os.environ.get("STANDIN_NAN_AFTER", "0"))
     sleep = float(os.environ.get("STANDIN_STEP_SLEEP", "0"))
     data = dataset()
+    if nan_after:
+        calls = [0]
+        get_finite = data.get
+
+        def get_with_nan(indices):
+            calls[0] += 1
+            batch = get_finite(indices)
+            if calls[0] > nan_after:
+                batch["x0"] = np.full_like(batch["x0"], np.nan)
+            return batch
+
+        data.get = get_with_nan
     if sleep:
         get = data.get
 
@@ -115,7 +126,7 @@ def build(config, mesh) -> assembly.Parts:
         save_file(flat, os.path.join(folder, "params.safetensors"))
         return folder
 
-    return assembly.Parts(params=init_params(config.run.seed), teacher=teacher, loss_fn=make_loss(explode),
+    return assembly.Parts(params=init_params(config.run.seed), teacher=teacher, loss_fn=make_loss(),
                           dataset=data, eval_inputs=eval_inputs, sample_flow=sample_flow,
                           sample_teacher=sample_teacher, quality=lambda samples, labels: None, export=export)
 
@@ -134,7 +145,21 @@ STANDIN_FLAGS = ["--data.sample_shape", "4,4,1", "--objective.names", "standin",
 """Flags that describe the stand-in (prepended; later flags override)."""
 
 
-if __name__ == "__main__":
+def main(argv) -> int:
+    """The trainer with the stand-in parts. STANDIN_DUMP=path.npz ("{process}" is replaced by the
+    process index): also write the final params and EMA ("params/dense1/kernel", ...) of each process."""
     from flowmap_jax import train
 
-    sys.exit(train.main(STANDIN_FLAGS + sys.argv[1:], build=build))
+    dump = os.environ.get("STANDIN_DUMP")
+    if not dump:
+        return train.main(STANDIN_FLAGS + argv, build=build)
+    config = presets.parse_args(STANDIN_FLAGS + argv)
+    result = train.run(config, build)
+    host = train._to_host({"params": result.state.params, "ema": result.state.ema_params})
+    np.savez(dump.replace("{process}", str(jax.process_index())),
+             **{"/".join(k): np.asarray(v) for k, v in _flatten(host)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
