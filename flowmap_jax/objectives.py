@@ -1,0 +1,265 @@
+"""Flow-map objectives in JAX (mirrored by `torch_ref.objectives`): one function each, one registry.
+
+    loss_fn = make_objective(name, flow_map, options)        # options: ObjectiveOptions or a dict
+    loss, metrics = loss_fn(params, teacher, batch, rng)     # pure; jit/grad/vmap it freely
+
+batch: {"x0": (B, ...) data (Flax images (B, H, W, C)), "cond": dict of (B, ...) UNet keyword arguments or
+None}, optionally "step" (() or (B,), for the tangent warm-up) and, to make a loss deterministic (parity
+tests, debugging), "noise" (x0's shape), "t_source", "t_target", "t_mid" ((B,) teacher units) and
+"guidance_scale" ((B,)), each replacing what would otherwise be drawn from `rng` (a jax PRNG key).
+x_s = alpha_s x0 + sigma_s noise is the noised data at the source time.
+
+Objectives (X the flow map, v the guided teacher velocity, tau = t / time_unit normalised time, sg the
+stop-gradient):
+- `pairs`: |X(x_s, s, t) - sg(Phi(x_s, s, t))|^2, Phi the teacher's PF-ODE solution from s to t
+  (`teacher_steps` steps of `teacher_solver`).
+- `lagrangian` (LMD/LSD): r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau.
+- `eulerian` (EMD/ESD, Align Your Flow): r = d/dtau X(x_tau, tau, t) along the teacher's ODE
+  = dX/ds + dX/dx . v(x_s, s), times dt/dtau.
+- `progressive` (PSD/shortcut): |X(x_s, s, t) - sg(X(X(x_s, s, u), u, t))|^2 with u uniform between s and t,
+  plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 dt/dtau, v_X the map's velocity at t = s
+  (d/dt X(x_s, s, t) at t = s, i.e. the velocity of F(x_s, s, s)).
+Residual forms of the JVP objectives (`residual_form`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the
+(normalised) residual signed so that X moves towards its better-anchored neighbour (eulerian: r' =
+sign(s - t) r, the sCM/AYF target X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target
+Phi(X(x_s, s, t + dt), t + dt -> t)); its value is |r'|^2 and it needs no backward pass through the JVP.
+"direct" minimises |r|^2 through the JVP.
+
+Switches (`flow_config.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
+finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
+teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +
+1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
+
+Losses are per-example means over non-batch axes, then means over the batch. Metrics: "loss" and
+"residual_rms" (root mean square of the raw residual, before normalisation or weighting).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from flowmap_jax import predictions as pred_lib
+from flowmap_jax import samplers, schedules, time_pairs
+from flowmap_jax.flow_config import ObjectiveOptions
+from flowmap_jax.flow_map import guidance_scale_embedding
+from flowmap_jax.schedules import expand_time
+
+__all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
+           "finite_difference_jvp"]
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+def register_objective(name: str):
+    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`."""
+    def register(fn):
+        OBJECTIVES[name] = fn
+        return fn
+    return register
+
+
+def make_objective(name: str, flow_map, options=None):
+    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}: expected one of {tuple(OBJECTIVES)}")
+    options = ObjectiveOptions.create(options)
+
+    def loss_fn(params, teacher, batch, rng):
+        return OBJECTIVES[name](flow_map, options, params, teacher, batch, rng)
+
+    functools.update_wrapper(loss_fn, OBJECTIVES[name])
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces.
+
+def _sg(x):
+    return jax.lax.stop_gradient(x)
+
+
+def _per_example_mean(x):
+    return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)
+
+
+def finite_difference_jvp(fn, primals, tangents, eps: float):
+    """(fn(*primals), central difference (fn(p + eps t) - fn(p - eps t)) / (2 eps)): second-order accurate
+    stand-in for `jax.jvp` (three evaluations of fn)."""
+    plus = fn(*[p + eps * d for p, d in zip(primals, tangents)])
+    minus = fn(*[p - eps * d for p, d in zip(primals, tangents)])
+    return fn(*primals), (plus - minus) / (2.0 * eps)
+
+
+def _jvp(fn, primals, tangents, options: ObjectiveOptions):
+    """jvp with tangents given per unit of normalised time tau."""
+    if options.jvp == "finite_difference":
+        return finite_difference_jvp(fn, primals, tangents, options.fd_eps)
+    return jax.jvp(fn, primals, tangents)
+
+
+def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
+    """[lo, hi] where an objective may evaluate the teacher (and, with fd, centre a difference stencil)."""
+    unit = schedule.time_unit
+    margin = options.fd_eps * unit if fd else 0.0
+    lo = max(schedule.t_eval_min, schedule.t_clean + max(1e-3 * unit, margin))
+    return lo, schedule.t_noise - margin
+
+
+def _warmup(options: ObjectiveOptions, batch, batch_size):
+    """The factor on the network's JVP term: 1, or tangent_warmup_max * min(step / steps, 1)."""
+    if options.tangent_warmup_steps <= 0:
+        return jnp.ones((batch_size,), jnp.float32)
+    if "step" not in batch:
+        raise ValueError("tangent_warmup_steps > 0 needs batch['step'] (the optimiser step)")
+    step = jnp.broadcast_to(jnp.asarray(batch["step"], jnp.float32), (batch_size,))
+    return options.tangent_warmup_max * jnp.minimum(step / options.tangent_warmup_steps, 1.0)
+
+
+def _check_batch(batch):
+    if "x0" not in batch:
+        raise ValueError(f"batch needs 'x0' (the data, (B, ...)); got keys {sorted(batch)}")
+    x0 = batch["x0"]
+    if jnp.ndim(x0) < 1:
+        raise ValueError(f"batch['x0'] must have a batch axis, got shape {jnp.shape(x0)}")
+    b = x0.shape[0]
+    for key in ("t_source", "t_target", "t_mid", "guidance_scale"):
+        if key in batch and jnp.shape(batch[key]) != (b,):
+            raise ValueError(f"batch[{key!r}] must have shape ({b},) (the batch of x0), got {jnp.shape(batch[key])}")
+    if "noise" in batch and jnp.shape(batch["noise"]) != x0.shape:
+        raise ValueError(f"batch['noise'] shape {jnp.shape(batch['noise'])} differs from x0 shape {x0.shape}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch.get("cond")):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != b:
+            raise ValueError(f"batch['cond']{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}: its first "
+                             f"axis must be the batch of x0 ({b})")
+    return b
+
+
+def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None, target_range=None):
+    """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces."""
+    schedule = flow_map.schedule
+    b = _check_batch(batch)
+    x0 = batch["x0"]
+    k_times, k_noise, k_mid, k_w = jax.random.split(rng, 4)
+    s, t = time_pairs.sample_time_pairs(k_times, b, schedule, options.time_pairs, source_range, target_range)
+    s = jnp.asarray(batch.get("t_source", s), jnp.float32)
+    t = jnp.asarray(batch.get("t_target", t), jnp.float32)
+    if source_range is not None:  # given times too: the objective cannot evaluate outside
+        s = jnp.clip(s, *source_range)
+    if target_range is not None:
+        t = jnp.clip(t, *target_range)
+    noise = batch["noise"] if "noise" in batch else jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_s = schedules.add_noise(schedule, x0, noise, s)
+    cond = batch.get("cond")
+    w = None
+    if "guidance_scale" in batch:
+        w = jnp.asarray(batch["guidance_scale"], jnp.float32)
+    elif options.guidance_scale_range is not None:
+        lo, hi = options.guidance_scale_range
+        w = lo + (hi - lo) * jax.random.uniform(k_w, (b,))
+    student_cond = cond
+    if options.guidance_embedding_dim is not None:
+        if w is None:
+            raise ValueError("guidance_embedding_dim needs guidance_scale_range or batch['guidance_scale']")
+        student_cond = dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, options.guidance_embedding_dim))
+    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, k_mid=k_mid,
+                unit=schedule.time_unit)
+
+
+def _finish(per_example, options: ObjectiveOptions, raw_residual):
+    if options.adaptive_weight:
+        per_example = per_example / _sg((per_example + options.adaptive_weight_c) ** options.adaptive_weight_p)
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss, "residual_rms": jnp.sqrt(jnp.mean(jnp.square(_sg(raw_residual))))}
+
+
+def _jvp_loss(x_map, residual, direction, options: ObjectiveOptions):
+    """Loss of a JVP objective from X (B, ...) and its residual r (B, ...); direction (B,) signs r for the
+    stop-gradient form."""
+    r = residual
+    if options.tangent_normalization:
+        norm = jnp.sqrt(jnp.sum(jnp.reshape(jnp.square(r), (r.shape[0], -1)), axis=1))
+        r = r / expand_time(_sg(norm) + options.tangent_norm_c, r)
+    if options.residual_form == "stopgrad":
+        r = expand_time(direction, r) * _sg(r)
+        per_example = _per_example_mean(jnp.square(x_map - _sg(x_map - r)))
+    else:
+        per_example = _per_example_mean(jnp.square(r))
+    return _finish(per_example, options, residual)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objectives.
+
+@register_objective("pairs")
+def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2 (see the module docstring)."""
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
+    target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
+                                    options.teacher_solver, p["cond"], p["w"])
+    x_map = flow_map(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+    err = x_map - _sg(target)
+    return _finish(_per_example_mean(jnp.square(err)), options, err)
+
+
+@register_objective("lagrangian")
+def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau (see the module docstring)."""
+    fd = options.jvp == "finite_difference"
+    p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
+    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
+    ones = jnp.full_like(t, unit)
+    net_fn = lambda tt: flow_map.net(params, x_s, s, tt, p["student_cond"])  # noqa: E731
+    prediction, d_prediction = _jvp(net_fn, (t,), (ones,), options)
+    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (ones,))
+    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+    r_factor = _warmup(options, batch, p["b"])
+    d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
+             + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * unit
+    residual = d_map - _sg(v)
+    return _jvp_loss(x_map, residual, -jnp.sign(s - t), options)
+
+
+@register_objective("eulerian")
+def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """r = d/dtau X(x_tau, tau, t) along the teacher's ODE (see the module docstring)."""
+    fd = options.jvp == "finite_difference"
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
+    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
+    v = _sg(teacher.velocity(x_s, s, p["cond"], p["w"])) * unit
+    ones = jnp.full_like(s, unit)
+    net_fn = lambda xx, ss: flow_map.net(params, xx, ss, t, p["student_cond"])  # noqa: E731
+    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ones), options)
+    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ones,))
+    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+    r_factor = _warmup(options, batch, p["b"])
+    residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
+                + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    return _jvp_loss(x_map, residual, jnp.sign(s - t), options)
+
+
+@register_objective("progressive")
+def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor (see the module docstring)."""
+    schedule = flow_map.schedule
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
+    x_s, s, t, cond, unit = p["x_s"], p["s"], p["t"], p["student_cond"], p["unit"]
+    u = batch["t_mid"] if "t_mid" in batch else time_pairs.sample_mid_times(p["k_mid"], s, t)
+    x_u = flow_map(params, x_s, s, u, cond)
+    target = _sg(flow_map(params, x_u, u, t, cond))
+    err = flow_map(params, x_s, s, t, cond) - target
+    # Anchor: the map's velocity at t = s (network told t = s) against the teacher's.
+    alpha, sigma = schedules.alpha_sigma(schedule, s)
+    d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
+    x0_hat, eps_hat = pred_lib.to_x0_eps(flow_map.net(params, x_s, s, s, cond), x_s, alpha, sigma,
+                                         flow_map.prediction_type)
+    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * unit
+    anchor = v_map - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * unit)
+    per_example = (_per_example_mean(jnp.square(err))
+                   + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
+    return _finish(per_example, options, err)
+

@@ -1,0 +1,218 @@
+"""Samplers in JAX (mirrored by `torch_ref.samplers`): the teacher's PF-ODE solvers and flow-map jumps.
+
+Time grids are concrete 1-D sequences of times in teacher units (`flow_config.time_grid`, or any list),
+decreasing towards data (sampling) or increasing towards noise (inversion); `x_init` is the state at
+timesteps[0] (for sampling: noise, as diffusers' DDIM/DPM-Solver pipelines start with init_noise_sigma = 1).
+To reproduce diffusers' schedulers take their `timesteps` and append the clean end (`schedule.t_clean`).
+
+Teacher solvers (`ddim_sample`, `heun_sample`, `dpmpp_2m_sample`; `teacher_sample` picks by name):
+- DDIM (eta = 0): x_t = alpha_t x0_hat + sigma_t eps_hat; Euler in (x / alpha, sigma / alpha) (for
+  rectified flow also Euler in t). Matches diffusers' `DDIMScheduler` with `set_alpha_to_one=True`.
+- Heun (2nd order): EDM's Heun in (x / alpha, sigma / alpha) for VP schedules, in (x, t) with the flow
+  velocity for rectified flow (diffusers' HeunDiscrete / FlowMatchHeunDiscrete); the step into the clean
+  end is Euler (EDM's rule), so the teacher is never evaluated there.
+- DPM-Solver++(2M) (data prediction, midpoint): first step first-order; the last step first-order when
+  landing on clean data, or with `lower_order_final` and fewer than 15 steps (diffusers' rules for
+  `DPMSolverMultistepScheduler` with its defaults).
+The fixed-grid loops run under `jax.lax.scan` (one compiled body whatever the step count).
+
+`teacher_solve` solves from per-example t_source to t_target (B,) on a uniform grid of `num_steps` (the
+`pairs` target). `flow_map_sample` makes N jumps on any grid, with optional stochastic re-noising
+(gamma sampling of consistency models): jump to the time u where sigma_u / alpha_u = sqrt(1 - gamma^2) *
+sigma_t / alpha_t, then re-noise to t with the forward transition (x_t = alpha_t / alpha_u x_u +
+gamma sigma_t z); gamma = 0 is deterministic, gamma = 1 denoises fully at each jump.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowmap_jax import schedules
+from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from flowmap_jax.schedules import expand_time
+
+__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "flow_map_sample",
+           "SOLVERS"]
+
+
+def check_grid(schedule, timesteps) -> np.ndarray:
+    """A concrete 1-D grid of >= 2 times inside the schedule -> (n + 1,) float64. ValueError otherwise."""
+    try:
+        grid = np.asarray(timesteps, dtype=np.float64)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError("timesteps must be a concrete 1-D sequence of times (not traced)") from err
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {grid.shape}")
+    check_time_values(schedule, grid, "timesteps")
+    return grid
+
+
+def _step_times(grid, batch):
+    """(n + 1,) numpy grid -> (n + 1, B) float32."""
+    return jnp.broadcast_to(jnp.asarray(grid, jnp.float32)[:, None], (grid.shape[0], batch))
+
+
+def _check_x(x):
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"x_init must have a batch axis, got shape {jnp.shape(x)}")
+
+
+def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
+    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1]."""
+    schedule = teacher.schedule
+    n = times.shape[0] - 1
+    index = jnp.arange(n)
+
+    def x0_eps(x_cur, t_cur):
+        return teacher.x0_eps(x_cur, t_cur, cond, guidance_scale)
+
+    if solver == "ddim":
+        def body(x_cur, inputs):
+            t_cur, t_next, _ = inputs
+            return teacher.ddim_step(x_cur, t_cur, t_next, cond, guidance_scale), None
+
+        x, _ = jax.lax.scan(body, x, (times[:-1], times[1:], index))
+        return x
+
+    if solver == "heun":
+        rectified = schedule.kind == "rectified_flow"
+
+        def body(x_cur, inputs):
+            t_cur, t_next, _ = inputs
+            a_c, s_c = schedules.alpha_sigma(schedule, t_cur)
+            a_n, s_n = schedules.alpha_sigma(schedule, t_next)
+            x0_1, eps_1 = x0_eps(x_cur, t_cur)
+            x_euler = expand_time(a_n, x_cur) * x0_1 + expand_time(s_n, x_cur) * eps_1
+            if rectified:
+                v_1 = teacher.velocity(x_cur, t_cur, cond, guidance_scale)
+                v_2 = teacher.velocity(x_euler, t_next, cond, guidance_scale)
+                x_heun = x_cur + expand_time(t_next - t_cur, x_cur) * 0.5 * (v_1 + v_2)
+            else:
+                _, eps_2 = x0_eps(x_euler, t_next)
+                d_rho = s_n / a_n - s_c / a_c
+                x_heun = x_euler + expand_time(0.5 * a_n * d_rho, x_cur) * (eps_2 - eps_1)
+            correct = expand_time(s_n > 0, x_cur)
+            return jnp.where(correct, x_heun, x_euler), None
+
+        x, _ = jax.lax.scan(body, x, (times[:-1], times[1:], index))
+        return x
+
+    if solver == "dpmpp_2m":
+        def body(carry, inputs):
+            x_cur, x0_prev, t_prev = carry
+            t_cur, t_next, i = inputs
+            a_c, s_c = schedules.alpha_sigma(schedule, t_cur)
+            a_n, s_n = schedules.alpha_sigma(schedule, t_next)
+            a_p, s_p = schedules.alpha_sigma(schedule, t_prev)
+            x0, eps = x0_eps(x_cur, t_cur)
+            # First order (DPM-Solver++1 = DDIM): a_n x0 + s_n eps = (s_n / s_c) x + a_n (1 - e^{-h}) x0.
+            first = expand_time(a_n, x_cur) * x0 + expand_time(s_n, x_cur) * eps
+            use_second = (i > 0) & (s_n > 0) & (s_c > 0)
+            if lower_order_final and n < 15:
+                use_second = use_second & (i < n - 1)
+            # Second order (midpoint): + 0.5 a_n (1 - e^{-h}) (h / h_0) (x0 - x0_prev), lambda = log(a / s).
+            s_n_safe, s_c_safe = jnp.where(use_second, s_n, 1.0), jnp.where(use_second, s_c, 1.0)
+            lam_n = jnp.log(a_n) - jnp.log(s_n_safe)
+            lam_c = jnp.log(a_c) - jnp.log(s_c_safe)
+            lam_p = jnp.log(a_p) - jnp.log(jnp.where(use_second, s_p, 1.0))
+            h = jnp.where(use_second, lam_n - lam_c, 1.0)
+            h_0 = jnp.where(use_second, lam_c - lam_p, 1.0)
+            exp_neg_h = (s_n_safe * a_c) / (a_n * s_c_safe)
+            d_1 = expand_time(h / h_0, x_cur) * (x0 - x0_prev)
+            second = first + expand_time(0.5 * a_n * (1.0 - exp_neg_h), x_cur) * d_1
+            x_next = jnp.where(expand_time(use_second, x_cur), second, first)
+            return (x_next, x0, t_cur), None
+
+        (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), times[0]), (times[:-1], times[1:], index))
+        return x
+
+    raise ValueError(f"unknown solver {solver!r}: expected one of {TEACHER_SOLVERS}")
+
+
+def ddim_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
+    """DDIM (eta = 0) along `timesteps` (concrete, teacher units) from x_init (B, ...) at timesteps[0]."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init.shape[0]), "ddim", cond, guidance_scale, True)
+
+
+def heun_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
+    """Heun's 2nd-order method (2 teacher evaluations per step, Euler into the clean end)."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init.shape[0]), "heun", cond, guidance_scale, True)
+
+
+def dpmpp_2m_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None, lower_order_final=True):
+    """DPM-Solver++(2M), diffusers' `DPMSolverMultistepScheduler` defaults (see the module docstring)."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init.shape[0]), "dpmpp_2m", cond, guidance_scale,
+                      lower_order_final)
+
+
+SOLVERS = {"ddim": ddim_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}
+
+
+def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidance_scale=None):
+    """The teacher solver named `solver` (one of SOLVERS) along `timesteps`."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: expected one of {tuple(SOLVERS)}")
+    return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
+
+
+def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
+                  guidance_scale=None, lower_order_final=False):
+    """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction) with
+    `num_steps` steps uniform in t per example. x_s (B, ...). Traceable (times may be traced)."""
+    _check_x(x_s)
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    batch = x_s.shape[0]
+    schedules.check_times(teacher.schedule, t_source, "t_source")
+    schedules.check_times(teacher.schedule, t_target, "t_target")
+    s = jnp.broadcast_to(jnp.asarray(t_source, jnp.float32), (batch,))
+    t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
+    frac = jnp.arange(int(num_steps) + 1, dtype=jnp.float32)[:, None] / int(num_steps)
+    times = s[None] + (t - s)[None] * frac
+    times = times.at[-1].set(t)  # land exactly on t_target
+    return _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+
+
+def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):
+    """N = len(timesteps) - 1 flow-map jumps X(x, t_i, t_{i+1}) from x_init (B, ...) at timesteps[0].
+
+    gamma in [0, 1]: stochastic re-noising after every jump but the last (decreasing grids only), with
+    standard normal noise from `rng` (a jax PRNG key; `fold_in(rng, i)` for jump i) or given as `noise`
+    (N - 1 arrays of x's shape). Deterministic given rng/noise.
+    """
+    _check_x(x_init)
+    grid = check_grid(flow_map.schedule, timesteps)
+    gamma = float(gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    n = grid.shape[0] - 1
+    if gamma > 0:
+        if not np.all(np.diff(grid) < 0):
+            raise ValueError("gamma > 0 (re-noising) needs a decreasing grid (towards data)")
+        if noise is None and rng is None:
+            raise ValueError("gamma > 0 needs rng (a jax PRNG key) or noise")
+        if noise is not None and len(noise) != n - 1:
+            raise ValueError(f"noise must hold {n - 1} arrays (one per jump but the last), got {len(noise)}")
+    x = x_init
+    for i in range(n):
+        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        if gamma > 0 and i < n - 1:
+            a_n, s_n = schedules.alpha_sigma(flow_map.schedule, t_next)
+            u = schedules.time_from_rho(flow_map.schedule, jnp.sqrt(1.0 - gamma ** 2) * s_n / a_n)
+            a_u, _ = schedules.alpha_sigma(flow_map.schedule, u)
+            x_u = flow_map(params, x, t_cur, u, cond)
+            z = noise[i] if noise is not None else jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+            if jnp.shape(z) != x.shape:
+                raise ValueError(f"noise[{i}] has shape {jnp.shape(z)}, expected {x.shape}")
+            x = (a_n / a_u) * x_u + gamma * s_n * z
+        else:
+            x = flow_map(params, x, t_cur, t_next, cond)
+    return x

@@ -1,0 +1,49 @@
+"""Training (t_source, t_target) pairs in JAX (mirrored by `torch_ref.time_pairs`).
+
+The distribution (`flow_config.TimePairConfig`, documented there) lives in normalised time tau in [0, 1]
+(0 the clean end, 1 the noise end, t = t_clean + tau (t_noise - t_clean)):
+
+    d ~ density proportional to d^(length_power - 1)  (d = U^(1 / length_power); default 2: long jumps up)
+    tau_s ~ U(d, 1), tau_t = tau_s - d
+    with probability p_clean: tau_t = 0 (the last jump of every sampler)
+    with bidirectional: swap (s, t) with probability 1/2 (jumps towards noise)
+
+then each time is clipped into the range its objective can evaluate (e.g. the teacher is evaluated at the
+source in `eulerian`, at the target in `lagrangian`). All outputs are (B,) float32 in teacher units.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+
+__all__ = ["sample_time_pairs", "sample_mid_times"]
+
+
+def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig = TimePairConfig(),
+                      source_range=None, target_range=None):
+    """(t_source, t_target), each (batch_size,) float32, drawn as the module docstring says.
+    source_range / target_range: optional (lo, hi) the times are clipped into. rng: a jax PRNG key."""
+    k_len, k_src, k_clean, k_swap = jax.random.split(rng, 4)
+    d = jax.random.uniform(k_len, (batch_size,)) ** (1.0 / config.length_power)
+    tau_s = d + (1.0 - d) * jax.random.uniform(k_src, (batch_size,))
+    tau_t = tau_s - d
+    tau_t = jnp.where(jax.random.uniform(k_clean, (batch_size,)) < config.p_clean, 0.0, tau_t)
+    if config.bidirectional:
+        swap = jax.random.uniform(k_swap, (batch_size,)) < 0.5
+        tau_s, tau_t = jnp.where(swap, tau_t, tau_s), jnp.where(swap, tau_s, tau_t)
+    lo, hi = schedule.t_clean, schedule.t_noise
+    s = lo + tau_s * (hi - lo)
+    t = lo + tau_t * (hi - lo)
+    if source_range is not None:
+        s = jnp.clip(s, *source_range)
+    if target_range is not None:
+        t = jnp.clip(t, *target_range)
+    return s.astype(jnp.float32), t.astype(jnp.float32)
+
+
+def sample_mid_times(rng, t_source, t_target):
+    """u = s + U(0, 1) (t - s) between each pair (the `progressive` objective's split point), (B,)."""
+    return t_source + jax.random.uniform(rng, jnp.shape(t_source)) * (t_target - t_source)

@@ -1,0 +1,238 @@
+"""Flow-map objectives in PyTorch, mirroring `flowmap_jax.objectives` (same registry, names, options,
+formulas; see its docstring). Differences of backend only:
+
+- `params`: None (the network's own parameters) or a dict name -> tensor used through
+  `torch.func.functional_call`; differentiate with `torch.autograd.grad` on those tensors or with
+  `torch.func.grad`.
+- `rng`: a torch.Generator or an int seed (draws differ from JAX's; pass batch["noise"], ["t_source"],
+  ["t_target"], ["t_mid"], ["guidance_scale"] to make both backends see the same inputs).
+- Forward mode is `torch.func.jvp`; the stop-gradient is `.detach()`; the teacher runs under no_grad.
+Images are (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from flowmap_jax.flow_config import ObjectiveOptions
+from torch_ref import predictions as pred_lib
+from torch_ref import samplers, schedules, time_pairs
+from torch_ref.flow_map import call_network, guidance_scale_embedding
+from torch_ref.schedules import expand_time
+from torch_ref.teacher import _leaves
+
+__all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
+           "finite_difference_jvp"]
+
+OBJECTIVES: dict[str, Callable] = {}
+
+
+def register_objective(name: str):
+    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`."""
+    def register(fn):
+        OBJECTIVES[name] = fn
+        return fn
+    return register
+
+
+def make_objective(name: str, flow_map, options=None):
+    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}: expected one of {tuple(OBJECTIVES)}")
+    options = ObjectiveOptions.create(options)
+
+    def loss_fn(params, teacher, batch, rng):
+        return OBJECTIVES[name](flow_map, options, params, teacher, batch, rng)
+
+    functools.update_wrapper(loss_fn, OBJECTIVES[name])
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces.
+
+def _per_example_mean(x):
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def finite_difference_jvp(fn, primals, tangents, eps: float):
+    """(fn(*primals), (fn(p + eps t) - fn(p - eps t)) / (2 eps)): the central-difference stand-in for jvp."""
+    plus = fn(*[p + eps * d for p, d in zip(primals, tangents)])
+    minus = fn(*[p - eps * d for p, d in zip(primals, tangents)])
+    return fn(*primals), (plus - minus) / (2.0 * eps)
+
+
+def _jvp(fn, primals, tangents, options: ObjectiveOptions):
+    if options.jvp == "finite_difference":
+        return finite_difference_jvp(fn, primals, tangents, options.fd_eps)
+    return torch.func.jvp(fn, tuple(primals), tuple(tangents))
+
+
+def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
+    unit = schedule.time_unit
+    margin = options.fd_eps * unit if fd else 0.0
+    lo = max(schedule.t_eval_min, schedule.t_clean + max(1e-3 * unit, margin))
+    return lo, schedule.t_noise - margin
+
+
+def _warmup(options: ObjectiveOptions, batch, batch_size, device):
+    if options.tangent_warmup_steps <= 0:
+        return torch.ones(batch_size, device=device)
+    if "step" not in batch:
+        raise ValueError("tangent_warmup_steps > 0 needs batch['step'] (the optimiser step)")
+    step = torch.as_tensor(batch["step"], dtype=torch.float32, device=device).expand(batch_size)
+    return options.tangent_warmup_max * torch.clamp(step / options.tangent_warmup_steps, max=1.0)
+
+
+def _check_batch(batch):
+    if "x0" not in batch:
+        raise ValueError(f"batch needs 'x0' (the data, (B, ...)); got keys {sorted(batch)}")
+    x0 = batch["x0"]
+    if x0.ndim < 1:
+        raise ValueError(f"batch['x0'] must have a batch axis, got shape {tuple(x0.shape)}")
+    b = x0.shape[0]
+    for key in ("t_source", "t_target", "t_mid", "guidance_scale"):
+        if key in batch and tuple(torch.as_tensor(batch[key]).shape) != (b,):
+            raise ValueError(f"batch[{key!r}] must have shape ({b},) (the batch of x0), got "
+                             f"{tuple(torch.as_tensor(batch[key]).shape)}")
+    if "noise" in batch and batch["noise"].shape != x0.shape:
+        raise ValueError(f"batch['noise'] shape {tuple(batch['noise'].shape)} differs from x0 shape {tuple(x0.shape)}")
+    for path, leaf in _leaves(batch.get("cond")):
+        if leaf.ndim == 0 or leaf.shape[0] != b:
+            raise ValueError(f"batch['cond']{path} has shape {tuple(leaf.shape)}: its first axis must be the batch "
+                             f"of x0 ({b})")
+    return b
+
+
+def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None, target_range=None):
+    schedule = flow_map.schedule
+    b = _check_batch(batch)
+    x0 = batch["x0"]
+    device = x0.device
+    rng = time_pairs.as_generator(rng)
+    s, t = time_pairs.sample_time_pairs(rng, b, schedule, options.time_pairs, source_range, target_range)
+    s = torch.as_tensor(batch["t_source"], dtype=torch.float32, device=device) if "t_source" in batch else s.to(device)
+    t = torch.as_tensor(batch["t_target"], dtype=torch.float32, device=device) if "t_target" in batch else t.to(device)
+    if source_range is not None:
+        s = torch.clamp(s, *source_range)
+    if target_range is not None:
+        t = torch.clamp(t, *target_range)
+    noise = batch["noise"] if "noise" in batch else torch.randn(x0.shape, generator=rng, dtype=x0.dtype).to(device)
+    x_s = schedules.add_noise(schedule, x0, noise, s)
+    cond = batch.get("cond")
+    w = None
+    if "guidance_scale" in batch:
+        w = torch.as_tensor(batch["guidance_scale"], dtype=torch.float32, device=device)
+    elif options.guidance_scale_range is not None:
+        lo, hi = options.guidance_scale_range
+        w = lo + (hi - lo) * torch.rand(b, generator=rng).to(device)
+    student_cond = cond
+    if options.guidance_embedding_dim is not None:
+        if w is None:
+            raise ValueError("guidance_embedding_dim needs guidance_scale_range or batch['guidance_scale']")
+        student_cond = dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, options.guidance_embedding_dim))
+    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, rng=rng,
+                unit=schedule.time_unit, device=device)
+
+
+def _finish(per_example, options: ObjectiveOptions, raw_residual):
+    if options.adaptive_weight:
+        per_example = per_example / ((per_example + options.adaptive_weight_c) ** options.adaptive_weight_p).detach()
+    loss = per_example.mean()
+    return loss, {"loss": loss.detach(), "residual_rms": raw_residual.detach().square().mean().sqrt()}
+
+
+def _jvp_loss(x_map, residual, direction, options: ObjectiveOptions):
+    r = residual
+    if options.tangent_normalization:
+        norm = r.reshape(r.shape[0], -1).square().sum(dim=1).sqrt()
+        r = r / expand_time(norm.detach() + options.tangent_norm_c, r)
+    if options.residual_form == "stopgrad":
+        r = expand_time(direction, r) * r.detach()
+        per_example = _per_example_mean((x_map - (x_map - r).detach()).square())
+    else:
+        per_example = _per_example_mean(r.square())
+    return _finish(per_example, options, residual)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objectives.
+
+@register_objective("pairs")
+def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2."""
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
+    with torch.no_grad():
+        target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
+                                        options.teacher_solver, p["cond"], p["w"])
+    x_map = flow_map(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+    err = x_map - target.detach()
+    return _finish(_per_example_mean(err.square()), options, err)
+
+
+@register_objective("lagrangian")
+def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau."""
+    fd = options.jvp == "finite_difference"
+    p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
+    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
+    ones = torch.full_like(t, unit)
+    net_fn = lambda tt: call_network(flow_map.net, params, x_s, s, tt, p["student_cond"])  # noqa: E731
+    prediction, d_prediction = _jvp(net_fn, (t,), (ones,), options)
+    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (ones,))
+    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+    r_factor = _warmup(options, batch, p["b"], p["device"])
+    d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
+             + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    with torch.no_grad():
+        v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * unit
+    residual = d_map - v
+    return _jvp_loss(x_map, residual, -torch.sign(s - t), options)
+
+
+@register_objective("eulerian")
+def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """r = d/dtau X(x_tau, tau, t) along the teacher's ODE."""
+    fd = options.jvp == "finite_difference"
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
+    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
+    with torch.no_grad():
+        v = teacher.velocity(x_s, s, p["cond"], p["w"]) * unit
+    ones = torch.full_like(s, unit)
+    net_fn = lambda xx, ss: call_network(flow_map.net, params, xx, ss, t, p["student_cond"])  # noqa: E731
+    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ones), options)
+    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ones,))
+    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+    r_factor = _warmup(options, batch, p["b"], p["device"])
+    residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
+                + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    return _jvp_loss(x_map, residual, torch.sign(s - t), options)
+
+
+@register_objective("progressive")
+def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+    """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor."""
+    schedule = flow_map.schedule
+    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
+    x_s, s, t, cond, unit = p["x_s"], p["s"], p["t"], p["student_cond"], p["unit"]
+    if "t_mid" in batch:
+        u = torch.as_tensor(batch["t_mid"], dtype=torch.float32, device=p["device"])
+    else:
+        u = time_pairs.sample_mid_times(p["rng"], s, t)
+    x_u = flow_map(params, x_s, s, u, cond)
+    target = flow_map(params, x_u, u, t, cond).detach()
+    err = flow_map(params, x_s, s, t, cond) - target
+    alpha, sigma = schedules.alpha_sigma(schedule, s)
+    d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
+    x0_hat, eps_hat = pred_lib.to_x0_eps(call_network(flow_map.net, params, x_s, s, s, cond), x_s, alpha, sigma,
+                                         flow_map.prediction_type)
+    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * unit
+    with torch.no_grad():
+        v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * unit
+    anchor = v_map - v_teacher
+    per_example = (_per_example_mean(err.square())
+                   + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
+    return _finish(per_example, options, err)

@@ -1,0 +1,181 @@
+"""Samplers in PyTorch, mirroring `flowmap_jax.samplers` (same names, signatures and numerics; see its
+docstring for the solvers, their rules at the clean end, and gamma re-noising). Python loops here where
+JAX uses `lax.scan`. Images are (B, C, H, W). Samplers run under torch.no_grad() unless the caller
+enables gradients (`teacher_solve` inside objectives is wrapped by them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from torch_ref import schedules
+from torch_ref.schedules import expand_time
+
+__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "flow_map_sample",
+           "SOLVERS"]
+
+
+def check_grid(schedule, timesteps) -> np.ndarray:
+    """A concrete 1-D grid of >= 2 times inside the schedule -> (n + 1,) float64. ValueError otherwise."""
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.detach().cpu().numpy()
+    grid = np.asarray(timesteps, dtype=np.float64)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {grid.shape}")
+    check_time_values(schedule, grid, "timesteps")
+    return grid
+
+
+def _step_times(grid, x):
+    """(n + 1,) numpy grid -> (n + 1, B) float32 tensor."""
+    return torch.as_tensor(grid, dtype=torch.float32, device=x.device)[:, None].expand(grid.shape[0], x.shape[0])
+
+
+def _check_x(x):
+    if x.ndim < 1:
+        raise ValueError(f"x_init must have a batch axis, got shape {tuple(x.shape)}")
+
+
+def _where(mask, a, b, x):
+    return torch.where(expand_time(mask.to(torch.float32), x) > 0, a, b)
+
+
+def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
+    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1]."""
+    schedule = teacher.schedule
+    n = times.shape[0] - 1
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: expected one of {TEACHER_SOLVERS}")
+    x0_prev = torch.zeros_like(x)
+    for i in range(n):
+        t_cur, t_next = times[i], times[i + 1]
+        if solver == "ddim":
+            x = teacher.ddim_step(x, t_cur, t_next, cond, guidance_scale)
+            continue
+        a_c, s_c = schedules.alpha_sigma(schedule, t_cur)
+        a_n, s_n = schedules.alpha_sigma(schedule, t_next)
+        x0, eps = teacher.x0_eps(x, t_cur, cond, guidance_scale)
+        first = expand_time(a_n, x) * x0 + expand_time(s_n, x) * eps
+        if solver == "heun":
+            if schedule.kind == "rectified_flow":
+                v_1 = teacher.velocity(x, t_cur, cond, guidance_scale)
+                v_2 = teacher.velocity(first, t_next, cond, guidance_scale)
+                x_heun = x + expand_time(t_next - t_cur, x) * 0.5 * (v_1 + v_2)
+            else:
+                _, eps_2 = teacher.x0_eps(first, t_next, cond, guidance_scale)
+                d_rho = s_n / a_n - s_c / a_c
+                x_heun = first + expand_time(0.5 * a_n * d_rho, x) * (eps_2 - eps)
+            x = _where(s_n > 0, x_heun, first, x)
+            continue
+        # dpmpp_2m
+        t_prev = times[i - 1] if i > 0 else times[0]
+        a_p, s_p = schedules.alpha_sigma(schedule, t_prev)
+        use_second = (s_n > 0) & (s_c > 0) & torch.full_like(s_n, i > 0, dtype=torch.bool)
+        if lower_order_final and n < 15 and i == n - 1:
+            use_second = torch.zeros_like(use_second)
+        one = torch.ones_like(s_n)
+        s_n_safe, s_c_safe = torch.where(use_second, s_n, one), torch.where(use_second, s_c, one)
+        lam_n = torch.log(a_n) - torch.log(s_n_safe)
+        lam_c = torch.log(a_c) - torch.log(s_c_safe)
+        lam_p = torch.log(a_p) - torch.log(torch.where(use_second, s_p, one))
+        h = torch.where(use_second, lam_n - lam_c, one)
+        h_0 = torch.where(use_second, lam_c - lam_p, one)
+        exp_neg_h = (s_n_safe * a_c) / (a_n * s_c_safe)
+        d_1 = expand_time(h / h_0, x) * (x0 - x0_prev)
+        second = first + expand_time(0.5 * a_n * (1.0 - exp_neg_h), x) * d_1
+        x0_prev = x0
+        x = _where(use_second, second, first, x)
+    return x
+
+
+def ddim_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
+    """DDIM (eta = 0) along `timesteps` (teacher units) from x_init (B, ...) at timesteps[0]."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init), "ddim", cond, guidance_scale, True)
+
+
+def heun_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
+    """Heun's 2nd-order method (2 teacher evaluations per step, Euler into the clean end)."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init), "heun", cond, guidance_scale, True)
+
+
+def dpmpp_2m_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None, lower_order_final=True):
+    """DPM-Solver++(2M), diffusers' `DPMSolverMultistepScheduler` defaults."""
+    _check_x(x_init)
+    grid = check_grid(teacher.schedule, timesteps)
+    return _integrate(teacher, x_init, _step_times(grid, x_init), "dpmpp_2m", cond, guidance_scale,
+                      lower_order_final)
+
+
+SOLVERS = {"ddim": ddim_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}
+
+
+def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidance_scale=None):
+    """The teacher solver named `solver` (one of SOLVERS) along `timesteps`."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: expected one of {tuple(SOLVERS)}")
+    return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
+
+
+def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
+                  guidance_scale=None, lower_order_final=False):
+    """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction) with
+    `num_steps` steps uniform in t per example. x_s (B, ...)."""
+    _check_x(x_s)
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    batch = x_s.shape[0]
+    schedules.check_times(teacher.schedule, t_source, "t_source")
+    schedules.check_times(teacher.schedule, t_target, "t_target")
+    s = torch.as_tensor(t_source, dtype=torch.float32, device=x_s.device).expand(batch)
+    t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
+    frac = torch.arange(int(num_steps) + 1, dtype=torch.float32, device=x_s.device)[:, None] / int(num_steps)
+    times = s[None] + (t - s)[None] * frac
+    times = torch.cat([times[:-1], t[None]], 0)  # land exactly on t_target
+    return _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+
+
+def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):
+    """N = len(timesteps) - 1 flow-map jumps X(x, t_i, t_{i+1}) from x_init (B, ...) at timesteps[0].
+
+    gamma in [0, 1]: stochastic re-noising after every jump but the last (decreasing grids only), with
+    standard normal noise drawn from `rng` (a torch.Generator, or an int seed) or given as `noise`
+    (N - 1 tensors of x's shape). params: None (the network's own) or a dict for functional_call.
+    """
+    _check_x(x_init)
+    grid = check_grid(flow_map.schedule, timesteps)
+    gamma = float(gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    n = grid.shape[0] - 1
+    if gamma > 0:
+        if not np.all(np.diff(grid) < 0):
+            raise ValueError("gamma > 0 (re-noising) needs a decreasing grid (towards data)")
+        if noise is None and rng is None:
+            raise ValueError("gamma > 0 needs rng (a torch.Generator or seed) or noise")
+        if noise is not None and len(noise) != n - 1:
+            raise ValueError(f"noise must hold {n - 1} tensors (one per jump but the last), got {len(noise)}")
+        if isinstance(rng, int):
+            rng = torch.Generator(device=x_init.device).manual_seed(rng)
+    x = x_init
+    for i in range(n):
+        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        if gamma > 0 and i < n - 1:
+            a_n, s_n = schedules.alpha_sigma(flow_map.schedule, t_next)
+            u = schedules.time_from_rho(flow_map.schedule, (1.0 - gamma ** 2) ** 0.5 * s_n / a_n)
+            a_u, _ = schedules.alpha_sigma(flow_map.schedule, u)
+            x_u = flow_map(params, x, t_cur, u, cond)
+            if noise is not None:
+                z = torch.as_tensor(noise[i], dtype=x.dtype, device=x.device)
+            else:
+                z = torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device)
+            if z.shape != x.shape:
+                raise ValueError(f"noise[{i}] has shape {tuple(z.shape)}, expected {tuple(x.shape)}")
+            x = (a_n / a_u) * x_u + gamma * s_n * z
+        else:
+            x = flow_map(params, x, t_cur, t_next, cond)
+    return x
