@@ -46,14 +46,28 @@ def run_both(unet, flax_model, params, sample_nchw, timesteps, context=None, cla
         ref = unet(torch.as_tensor(sample_nchw), t_torch,
                    encoder_hidden_states=None if context is None else torch.as_tensor(context),
                    **torch_kwargs).sample.numpy()
-    out = flax_model.apply(
-        {"params": params}, jnp.asarray(nchw_to_nhwc(sample_nchw)), timesteps,
+    out = jitted_apply(flax_model)(
+        params, jnp.asarray(nchw_to_nhwc(sample_nchw)), timesteps,
         encoder_hidden_states=None if context is None else jnp.asarray(context),
         class_labels=None if class_labels is None else jnp.asarray(class_labels),
         timestep_cond=None if timestep_cond is None else jnp.asarray(timestep_cond),
         added_cond_kwargs=None if added_cond_kwargs is None else {k: jnp.asarray(v) for k, v in added_cond_kwargs.items()},
     )
     return ref, nhwc_to_nchw(np.asarray(out))
+
+
+_JITTED = {}
+
+
+def jitted_apply(flax_model):
+    """One jitted `apply` per model (compiled once per input shape): eager Flax is far slower."""
+    import jax
+
+    key = id(flax_model)
+    if key not in _JITTED:
+        fn = jax.jit(lambda params, *args, **kwargs: flax_model.apply({"params": params}, *args, **kwargs))
+        _JITTED[key] = (flax_model, fn)  # keeps the model alive, so its id stays unique
+    return _JITTED[key][1]
 
 
 def rel_error(ref, out):

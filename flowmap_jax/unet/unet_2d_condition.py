@@ -233,7 +233,8 @@ def dummy_inputs(config: UNetConfig, batch: int = 1, height: int | None = None, 
 def init_unet_params(config: UNetConfig, rng, dtype=jnp.float32, **shape_kwargs):
     """Randomly initialised parameters (flax defaults; not diffusers' init) as a plain nested dict."""
     model = FlaxUNet2DConditionModel(config, dtype=dtype)
-    return model.init(rng, **dummy_inputs(config, **shape_kwargs))["params"]
+    inputs = dummy_inputs(config, **shape_kwargs)
+    return jax.jit(lambda key: model.init(key, **inputs)["params"])(rng)
 
 
 def abstract_unet_params(config: UNetConfig):

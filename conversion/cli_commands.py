@@ -1,0 +1,61 @@
+"""The subcommands of `python -m conversion`, one small class each (name, help, arguments, run)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class ToFlax:
+    name = "to-flax"
+    help = "diffusers UNet (folder or hub id) -> Flax params folder"
+
+    @classmethod
+    def add_parser(cls, sub):
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
+        p.add_argument("source", help="diffusers UNet folder, pipeline folder (with --subfolder) or hub id")
+        p.add_argument("out", help="output folder: config.json + flax_params.safetensors")
+        p.add_argument("--subfolder", default=None, help="e.g. 'unet' for a pipeline folder")
+        p.add_argument("--variant", default=None, help="weights variant, e.g. 'fp16'")
+        p.add_argument("--dtype", default="float32", choices=["float32", "keep"],
+                       help="cast weights to float32 (default) or keep the stored dtype")
+        p.add_argument("--allow-torch-bin", action="store_true",
+                       help="read legacy .bin weights with torch.load(weights_only=True)")
+        p.set_defaults(run=cls.run)
+
+    @staticmethod
+    def run(args):
+        from conversion.diffusers_io import load_diffusers_unet
+        from conversion.flax_io import save_flax_params
+
+        start = time.perf_counter()
+        config, params = load_diffusers_unet(args.source, args.subfolder, args.variant,
+                                             dtype=None if args.dtype == "keep" else np.float32,
+                                             allow_torch_bin=args.allow_torch_bin)
+        save_flax_params(params, config, args.out)
+        print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
+
+
+class ToDiffusers:
+    name = "to-diffusers"
+    help = "Flax params folder -> diffusers UNet folder (safetensors) that from_pretrained loads"
+
+    @classmethod
+    def add_parser(cls, sub):
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
+        p.add_argument("source", help="folder with config.json + flax_params.safetensors")
+        p.add_argument("out", help="output diffusers UNet folder")
+        p.set_defaults(run=cls.run)
+
+    @staticmethod
+    def run(args):
+        from conversion.diffusers_io import save_diffusers_unet
+        from conversion.flax_io import load_flax_params
+
+        config, params = load_flax_params(args.source)
+        save_diffusers_unet(params, config, args.out)
+        print(f"wrote {args.out}")
+
+
+COMMANDS = [ToFlax, ToDiffusers]
