@@ -57,7 +57,7 @@ def state_dict_to_flax(state_dict: dict, config, dtype=None, source: str = "stat
     for key, (path, _) in expected.items():
         array = torch_to_flax_layout(arrays[key], path[-1])
         if dtype is not None:
-            array = array.astype(dtype)
+            array = array.astype(dtype, copy=False)
         node = params
         for segment in path[:-1]:
             node = node.setdefault(segment, {})
