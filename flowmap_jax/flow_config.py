@@ -144,8 +144,7 @@ class ScheduleConfig:
             raise ValueError("scheduler config key 'rescale_betas_zero_snr'=True is not supported (zero terminal "
                              "SNR puts alpha = 0 at the last training step)")
         n = int(config.get("num_train_timesteps", 1000))
-        name = str(config.get("_class_name", ""))
-        if name.startswith("FlowMatch"):
+        if _is_flow_match(config):
             return cls.rectified_flow(time_scale=float(n))
         beta_schedule = config.get("beta_schedule", "linear")
         trained = config.get("trained_betas")
@@ -220,10 +219,18 @@ def read_scheduler_config(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def _is_flow_match(config: dict) -> bool:
+    """A FlowMatch* scheduler config: by `_class_name` (saved json) or, for a live `scheduler.config`
+    (which has no `_class_name`), by its `shift` key without DDPM betas."""
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return True
+    return "shift" in config and "beta_schedule" not in config and "trained_betas" not in config
+
+
 def prediction_type_from_diffusers(config: dict) -> str:
     """The teacher's prediction type from a diffusers scheduler config: `prediction_type` (default
     "epsilon", as diffusers); FlowMatch* schedulers predict the flow velocity ("flow")."""
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+    if _is_flow_match(config):
         return "flow"
     value = config.get("prediction_type", "epsilon")
     if value not in PREDICTION_TYPES:
@@ -248,7 +255,7 @@ def check_time_values(schedule: ScheduleConfig, values, name: str = "t") -> None
     tol = 1e-4 * max(1.0, schedule.time_unit / 1000.0)
     bad = ~np.isfinite(v) | (v < lo - tol) | (v > hi + tol)
     if np.any(bad):
-        value = v[bad].flat[0]
+        value = float(v[bad].flat[0])
         raise ValueError(f"{name}={value!r} is outside the schedule's time range [{lo}, {hi}] "
                          f"({schedule.kind}; clean end {lo}, noise end {hi})")
 
@@ -389,4 +396,8 @@ def add_target_time_hook_config(unet_config: dict) -> dict:
     if config.get("class_embeddings_concat", False):
         raise ValueError("UNet config key 'class_embeddings_concat'=True is not supported by the target-time hook")
     config["class_embed_type"] = "timestep"
+    # diffusers' `from_config` re-applies class defaults to the keys listed in `_use_default_values`
+    # (set on a live model's config): the hook's key must not be listed there.
+    if "_use_default_values" in config:
+        config["_use_default_values"] = [k for k in config["_use_default_values"] if k != "class_embed_type"]
     return config

@@ -62,9 +62,9 @@ def alpha_sigma(schedule: ScheduleConfig, t):
         return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
     if schedule.kind == "vp_cosine":
         theta = _cosine_theta(schedule, t)
-        if schedule.cosine_s == 0.0:
-            return jnp.cos(theta), jnp.sin(theta)
-        alpha = jnp.cos(theta) / math.cos(_cosine_theta(schedule, 0.0))
+        if schedule.cosine_s == 0.0:  # cos(pi/2) is -4e-8 in float32: clamp the noise end to alpha = 0
+            return jnp.maximum(jnp.cos(theta), 0.0), jnp.sin(theta)
+        alpha = jnp.maximum(jnp.cos(theta), 0.0) / math.cos(_cosine_theta(schedule, 0.0))
         return alpha, jnp.sqrt(jnp.maximum(1.0 - alpha * alpha, 0.0))
     tau = t / schedule.time_scale
     return 1.0 - tau, tau
@@ -116,7 +116,8 @@ def time_from_rho(schedule: ScheduleConfig, rho):
             theta = jnp.arccos(jnp.clip(alpha * math.cos(_cosine_theta(schedule, 0.0)), -1.0, 1.0))
         t = (theta * 2 / math.pi * (1.0 + s) - s) * big_t
         return jnp.clip(t, schedule.t_clean, schedule.t_noise)
-    return jnp.clip(rho / (1.0 + rho) * schedule.time_scale, schedule.t_clean, schedule.t_noise)
+    tau = jnp.where(jnp.isinf(rho), 1.0, rho / (1.0 + rho))
+    return jnp.clip(tau * schedule.time_scale, schedule.t_clean, schedule.t_noise)
 
 
 def expand_time(values, x):

@@ -89,6 +89,8 @@ class Teacher(flax.struct.PyTreeNode):
         guidance = "cfg" if uncond is not None else "autoguidance" if weak_params is not None else "none"
         if guidance == "autoguidance" and weak_apply_fn is None:
             weak_apply_fn = apply_fn
+        # A float32 array leaf: changing the scale never retraces (a Python float would be weakly typed).
+        guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
         return cls(params=params, guidance_scale=guidance_scale, uncond=uncond, weak_params=weak_params,
                    apply_fn=apply_fn, weak_apply_fn=weak_apply_fn, schedule=schedule,
                    prediction_type=prediction_type, guidance=guidance)

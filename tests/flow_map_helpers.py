@@ -17,6 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+# One intra-op thread: with XLA's threads in the same process on a small shared CPU, torch's default
+# thread pool spins against them (a 10 ms tiny-UNet call took 2.5 s). Tests that import this module run
+# torch single-threaded.
+torch.set_num_threads(1)
+
 N_FREQ = 4
 TIME_FEATURES = 4 * N_FREQ
 

@@ -61,9 +61,9 @@ def alpha_sigma(schedule: ScheduleConfig, t):
         return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
     if schedule.kind == "vp_cosine":
         theta = _cosine_theta(schedule, t)
-        if schedule.cosine_s == 0.0:
-            return torch.cos(theta), torch.sin(theta)
-        alpha = torch.cos(theta) / math.cos(_cosine_theta(schedule, 0.0))
+        if schedule.cosine_s == 0.0:  # cos(pi/2) is -4e-8 in float32: clamp the noise end to alpha = 0
+            return torch.clamp(torch.cos(theta), min=0.0), torch.sin(theta)
+        alpha = torch.clamp(torch.cos(theta), min=0.0) / math.cos(_cosine_theta(schedule, 0.0))
         return alpha, torch.sqrt(torch.clamp(1.0 - alpha * alpha, min=0.0))
     tau = t / schedule.time_scale
     return 1.0 - tau, tau
@@ -120,7 +120,8 @@ def time_from_rho(schedule: ScheduleConfig, rho):
             theta = torch.acos(torch.clamp(alpha * math.cos(_cosine_theta(schedule, 0.0)), -1.0, 1.0))
         t = (theta * 2 / math.pi * (1.0 + s) - s) * big_t
         return torch.clamp(t, schedule.t_clean, schedule.t_noise)
-    return torch.clamp(rho / (1.0 + rho) * schedule.time_scale, schedule.t_clean, schedule.t_noise)
+    tau = torch.where(torch.isinf(rho), torch.ones_like(rho), rho / (1.0 + rho))
+    return torch.clamp(tau * schedule.time_scale, schedule.t_clean, schedule.t_noise)
 
 
 def expand_time(values, x):

@@ -1,0 +1,176 @@
+"""Schedules and the time convention, both backends, against diffusers' schedulers running live and
+against closed forms (fp32 CPU). See flowmap_jax/flow_config.py for the convention under test."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+from flowmap_jax import schedules as js
+from flowmap_jax.flow_config import (ObjectiveOptions, ScheduleConfig, TimePairConfig, load_scheduler,
+                                     prediction_type_from_diffusers, time_grid)
+from torch_ref import schedules as ts
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+DDPM_CASES = {"linear": {}, "scaled_linear": SD, "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2")}
+ALL = [ScheduleConfig.ddpm(), ScheduleConfig.ddpm(**SD), ScheduleConfig.ddpm("squaredcos_cap_v2"),
+       ScheduleConfig.vp_cosine(), ScheduleConfig.vp_cosine(time_scale=1000.0, cosine_s=0.008, t_max=994.6),
+       ScheduleConfig.rectified_flow(), ScheduleConfig.rectified_flow(1000.0)]
+
+
+@pytest.mark.parametrize("case", sorted(DDPM_CASES))
+def test_ddpm_alphas_match_diffusers(case):
+    """alpha_t^2 = diffusers' alphas_cumprod[t] at every integer t, in both backends; t = -1 is clean."""
+    reference = DDIMScheduler(**DDPM_CASES[case])
+    schedule = ScheduleConfig.from_diffusers(dict(reference.config))
+    ac = reference.alphas_cumprod.double().numpy()
+    np.testing.assert_allclose(schedule.alphas_cumprod, ac, rtol=2e-5)
+    t = np.arange(-1, 1000, dtype=np.float32)
+    for alpha, sigma in (js.alpha_sigma(schedule, jnp.asarray(t)), ts.alpha_sigma(schedule, torch.from_numpy(t))):
+        alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+        assert alpha[0] == 1.0 and sigma[0] == 0.0
+        np.testing.assert_allclose(alpha[1:] ** 2, ac, rtol=3e-5)
+        # sigma^2 = 1 - alphas_cumprod, to float32 accuracy of the (small) difference.
+        np.testing.assert_allclose(sigma[1:] ** 2, 1.0 - ac, rtol=3e-4, atol=1e-7)
+
+
+def test_ddpm_log_alpha_piecewise_linear():
+    schedule = ScheduleConfig.ddpm(**SD)
+    t = jnp.asarray([-0.75, -0.5, 10.25, 500.5, 998.9])
+    alpha, _ = js.alpha_sigma(schedule, t)
+    table = schedule.log_alpha_table
+    lo = np.floor(np.asarray(t)).astype(int)
+    frac = np.asarray(t) - lo
+    expected = table[lo + 1] + frac * (table[lo + 2] - table[lo + 1])
+    np.testing.assert_allclose(np.log(np.asarray(alpha)), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: f"{s.kind}-{s.beta_schedule}-{s.time_scale}-{s.cosine_s}")
+def test_derivatives_match_autodiff_and_torch(schedule):
+    """Explicit d alpha/dt, d sigma/dt = jax.jvp of alpha_sigma = torch; alpha^2 + sigma^2 = 1 for VP."""
+    lo, hi = schedule.t_clean, schedule.t_noise
+    t = np.linspace(lo + 0.013 * (hi - lo), hi - 0.011 * (hi - lo), 37).astype(np.float32)
+    d_alpha, d_sigma = js.alpha_sigma_derivatives(schedule, jnp.asarray(t))
+    _, (ja, jsig) = jax.jvp(lambda x: js.alpha_sigma(schedule, x), (jnp.asarray(t),), (jnp.ones_like(jnp.asarray(t)),))
+    np.testing.assert_allclose(d_alpha, ja, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(d_sigma, jsig, rtol=1e-4, atol=1e-9)
+    ta, tsig = ts.alpha_sigma_derivatives(schedule, torch.from_numpy(t))
+    np.testing.assert_allclose(ta.numpy(), d_alpha, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(tsig.numpy(), d_sigma, rtol=1e-5, atol=1e-9)
+    alpha, sigma = js.alpha_sigma(schedule, jnp.asarray(t))
+    t_alpha, t_sigma = ts.alpha_sigma(schedule, torch.from_numpy(t))
+    np.testing.assert_allclose(t_alpha.numpy(), alpha, rtol=1e-5)
+    np.testing.assert_allclose(t_sigma.numpy(), sigma, rtol=1e-5)
+    if schedule.kind != "rectified_flow":
+        np.testing.assert_allclose(np.asarray(alpha) ** 2 + np.asarray(sigma) ** 2, 1.0, atol=2e-6)
+    if schedule.kind == "ddpm":  # piecewise linear log(alpha): the slope of t's segment, in numpy float64
+        table = schedule.log_alpha_table
+        k = np.floor(t.astype(np.float64)).astype(int) + 1
+        slope = table[k + 1] - table[k]
+        alpha64 = np.exp(table[k] + (t - k + 1) * slope)
+        np.testing.assert_allclose(d_alpha, alpha64 * slope, rtol=1e-4)
+        np.testing.assert_allclose(d_sigma, -alpha64 ** 2 * slope / np.sqrt(1 - alpha64 ** 2), rtol=2e-3)
+    else:  # central differences of the closed forms
+        h = 1e-3 * (hi - lo)
+        a_p, s_p = js.alpha_sigma(schedule, jnp.asarray(t + h))
+        a_m, s_m = js.alpha_sigma(schedule, jnp.asarray(t - h))
+        for plus, minus, exact in ((a_p, a_m, d_alpha), (s_p, s_m, d_sigma)):
+            fd = (np.asarray(plus, np.float64) - np.asarray(minus, np.float64)) / (2 * h)
+            np.testing.assert_allclose(fd, exact, atol=2e-3 * np.max(np.abs(np.asarray(exact))))
+
+
+def test_continuous_closed_forms():
+    t = np.linspace(0.0, 1.0, 11).astype(np.float32)
+    a, s = js.alpha_sigma(ScheduleConfig.vp_cosine(), jnp.asarray(t))
+    np.testing.assert_allclose(a, np.cos(np.pi * t / 2), atol=1e-6)
+    np.testing.assert_allclose(s, np.sin(np.pi * t / 2), atol=1e-6)
+    a, s = ts.alpha_sigma(ScheduleConfig.rectified_flow(1000.0), torch.from_numpy(1000 * t))
+    np.testing.assert_allclose(a.numpy(), 1 - t, atol=1e-6)
+    np.testing.assert_allclose(s.numpy(), t, atol=1e-6)
+    # iDDPM cosine with s = 0.008: alpha^2 = cos^2((tau+s)/(1+s) pi/2) / cos^2(s/(1+s) pi/2).
+    sched = ScheduleConfig.vp_cosine(cosine_s=0.008, t_max=0.9946)
+    a, _ = js.alpha_sigma(sched, jnp.asarray(t[:-1]))
+    f = lambda x: np.cos((x + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    np.testing.assert_allclose(np.asarray(a) ** 2, f(t[:-1]) / f(0.0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: f"{s.kind}-{s.beta_schedule}-{s.time_scale}-{s.cosine_s}")
+def test_time_from_rho_inverts(schedule):
+    lo, hi = schedule.t_clean, schedule.t_noise
+    t = np.linspace(lo, hi, 23).astype(np.float32)
+    a, s = js.alpha_sigma(schedule, jnp.asarray(t))
+    back = js.time_from_rho(schedule, s / a)
+    np.testing.assert_allclose(back, t, atol=2e-4 * (hi - lo))
+    a_t, s_t = ts.alpha_sigma(schedule, torch.from_numpy(t))
+    np.testing.assert_allclose(ts.time_from_rho(schedule, s_t / a_t).numpy(), t, atol=2e-4 * (hi - lo))
+
+
+def test_from_diffusers_configs(tmp_path):
+    """Configs as diffusers writes them: DDIM/DDPM/DPM-Solver, FlowMatch, json file and folder."""
+    ddim = DDIMScheduler(**SD, prediction_type="v_prediction", steps_offset=1, clip_sample=False)
+    ddim.save_config(tmp_path)
+    schedule, prediction_type = load_scheduler(tmp_path)
+    assert prediction_type == "v_prediction"
+    assert schedule == ScheduleConfig.ddpm(**SD)
+    assert ScheduleConfig.from_json_file(tmp_path / "scheduler_config.json") == schedule
+    assert hash(schedule) == hash(ScheduleConfig.ddpm(**SD))  # static jit argument
+    for cls in (DDPMScheduler, DPMSolverMultistepScheduler):
+        config = dict(cls(beta_schedule="squaredcos_cap_v2").config)
+        assert ScheduleConfig.from_diffusers(config).beta_schedule == "squaredcos_cap_v2"
+        assert prediction_type_from_diffusers(config) == "epsilon"
+    flow = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert ScheduleConfig.from_diffusers(flow) == ScheduleConfig.rectified_flow(1000.0)
+    assert prediction_type_from_diffusers(flow) == "flow"
+    betas = DDPMScheduler(**SD).betas.numpy()
+    trained = ScheduleConfig.from_diffusers({"trained_betas": betas.tolist(), "num_train_timesteps": 1000})
+    np.testing.assert_allclose(trained.alphas_cumprod, DDPMScheduler(**SD).alphas_cumprod.numpy(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"beta_schedule": "sigmoid"}, "'beta_schedule'='sigmoid'"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"prediction_type": "velocity"}, "'prediction_type'='velocity'"),
+    ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 3}, "trained_betas has 2 entries"),
+])
+def test_bad_scheduler_configs(config, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig.from_diffusers(config)
+
+
+def test_bad_schedule_values():
+    with pytest.raises(ValueError, match="unknown schedule kind 'vp'"):
+        ScheduleConfig(kind="vp")
+    with pytest.raises(ValueError, match="unsupported beta_schedule 'cosine'"):
+        ScheduleConfig.ddpm("cosine")
+    with pytest.raises(ValueError, match="t_max"):
+        ScheduleConfig.vp_cosine(t_max=2.0)
+    schedule = ScheduleConfig.ddpm()
+    for check in (js.check_times, ts.check_times):
+        with pytest.raises(ValueError, match=r"t_source=1000\.0 is outside .*\[-1\.0, 999\.0\]"):
+            check(schedule, np.array([3.0, 1000.0]), "t_source")
+        with pytest.raises(ValueError, match=r"t=-1\.5"):
+            check(schedule, -1.5)
+        with pytest.raises(ValueError, match=r"t=nan"):
+            check(schedule, float("nan"))
+        check(schedule, np.array([-1.0, 999.0]))
+
+
+def test_time_grid_and_options():
+    schedule = ScheduleConfig.ddpm()
+    np.testing.assert_array_equal(time_grid(schedule, 4), [999, 749, 499, 249, -1])
+    np.testing.assert_array_equal(time_grid(ScheduleConfig.rectified_flow(), 2), [1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        time_grid(schedule, 0)
+    with pytest.raises(ValueError, match="time_grid end=1500"):
+        time_grid(schedule, 2, t_start=1500)
+    with pytest.raises(ValueError, match=r"unknown objective option\(s\) \['tangent_norm'\]"):
+        ObjectiveOptions.create({"tangent_norm": True})
+    assert ObjectiveOptions.create(json.loads('{"time_pairs": {"p_clean": 0.5}}')).time_pairs == TimePairConfig(p_clean=0.5)
+    with pytest.raises(ValueError, match="unknown teacher_solver 'rk4'"):
+        ObjectiveOptions(teacher_solver="rk4")
+    assert math.isclose(schedule.time_unit, 1000.0)
