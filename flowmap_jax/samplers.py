@@ -1,6 +1,7 @@
 """Samplers in JAX (mirrored by `torch_ref.samplers`): the teacher's PF-ODE solvers and flow-map jumps.
 
-Time grids are concrete 1-D sequences of times in teacher units (`flow_config.time_grid`, or any list),
+Time grids are 1-D sequences of times in teacher units (`flow_config.time_grid`, or any list; a traced
+jax array works too, unchecked, so one compiled sampler serves every grid of a length),
 decreasing towards data (sampling) or increasing towards noise (inversion); `x_init` is the state at
 timesteps[0] (for sampling: noise, as diffusers' DDIM/DPM-Solver pipelines start with init_noise_sigma = 1).
 To reproduce diffusers' schedulers take their `timesteps` and append the clean end (`schedule.t_clean`).
@@ -37,12 +38,14 @@ __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "t
            "SOLVERS"]
 
 
-def check_grid(schedule, timesteps) -> np.ndarray:
-    """A concrete 1-D grid of >= 2 times inside the schedule -> (n + 1,) float64. ValueError otherwise."""
-    try:
-        grid = np.asarray(timesteps, dtype=np.float64)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError("timesteps must be a concrete 1-D sequence of times (not traced)") from err
+def check_grid(schedule, timesteps):
+    """A 1-D grid of >= 2 times -> (n + 1,) float64 numpy (concrete grids, range-checked) or float32 jax
+    array (traced grids, e.g. a jit argument: unchecked). ValueError otherwise."""
+    if isinstance(timesteps, jax.core.Tracer):
+        if timesteps.ndim != 1 or timesteps.shape[0] < 2:
+            raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {timesteps.shape}")
+        return timesteps.astype(jnp.float32)
+    grid = np.asarray(timesteps, dtype=np.float64)
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {grid.shape}")
     check_time_values(schedule, grid, "timesteps")
@@ -50,7 +53,7 @@ def check_grid(schedule, timesteps) -> np.ndarray:
 
 
 def _step_times(grid, batch):
-    """(n + 1,) numpy grid -> (n + 1, B) float32."""
+    """(n + 1,) grid -> (n + 1, B) float32."""
     return jnp.broadcast_to(jnp.asarray(grid, jnp.float32)[:, None], (grid.shape[0], batch))
 
 
@@ -194,8 +197,9 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     n = grid.shape[0] - 1
+    concrete = isinstance(grid, np.ndarray)
     if gamma > 0:
-        if not np.all(np.diff(grid) < 0):
+        if concrete and not np.all(np.diff(grid) < 0):
             raise ValueError("gamma > 0 (re-noising) needs a decreasing grid (towards data)")
         if noise is None and rng is None:
             raise ValueError("gamma > 0 needs rng (a jax PRNG key) or noise")
@@ -203,7 +207,7 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
             raise ValueError(f"noise must hold {n - 1} arrays (one per jump but the last), got {len(noise)}")
     x = x_init
     for i in range(n):
-        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        t_cur, t_next = (float(grid[i]), float(grid[i + 1])) if concrete else (grid[i], grid[i + 1])
         if gamma > 0 and i < n - 1:
             a_n, s_n = schedules.alpha_sigma(flow_map.schedule, t_next)
             u = schedules.time_from_rho(flow_map.schedule, jnp.sqrt(1.0 - gamma ** 2) * s_n / a_n)

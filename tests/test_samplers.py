@@ -1,0 +1,265 @@
+"""Samplers: against diffusers' DDIMScheduler and DPMSolverMultistepScheduler running live (torch_ref, tiny
+diffusers UNet; the JAX side with the Flax UNet is in test_unet_flow_map_parity.py and JAX = torch in
+test_core_parity.py), and against the exact flow of Gaussian data (orders of convergence, both jump
+directions, flow-map jumps). fp32 CPU.
+
+The exact map is computed here in numpy float64, independently of the code under test: for x0 ~ N(m, v)
+the PF-ODE keeps z = (x - alpha m) / sqrt(alpha^2 v + sigma^2) constant.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+from flowmap_jax import flow_map as jf
+from flowmap_jax import samplers as js
+from flowmap_jax import teacher as jt
+from flowmap_jax.flow_config import ScheduleConfig, time_grid
+from tests import flow_map_helpers as H
+from torch_ref import samplers as ts
+from torch_ref import teacher as tt
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+TINY_UNET = dict(block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=8, attention_head_dim=2,
+                 in_channels=4, out_channels=4, layers_per_block=1, sample_size=8)
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # perturb every weight (random but not degenerate outputs)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 3, 8, generator=gen)
+    return unet, noise, context
+
+
+def _diffusers_loop(scheduler, unet, noise, context):
+    x = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=context).sample
+            x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_ddim_matches_diffusers(tiny_unet, num_steps, prediction_type):
+    """SD's DDIM settings (leading spacing, steps_offset=1, set_alpha_to_one): our grid is diffusers'
+    timesteps plus the clean end -1."""
+    unet, noise, context = tiny_unet
+    scheduler = DDIMScheduler(**SD, prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True,
+                              steps_offset=1)
+    scheduler.set_timesteps(num_steps)
+    reference = _diffusers_loop(scheduler, unet, noise, context)
+    schedule = ScheduleConfig.from_diffusers(dict(scheduler.config))
+    teacher = tt.Teacher.create(tt.unet_teacher_fn(unet), schedule, prediction_type)
+    grid = list(scheduler.timesteps.numpy()) + [schedule.t_clean]
+    with torch.no_grad():
+        ours = ts.ddim_sample(teacher, noise, grid, cond={"encoder_hidden_states": context})
+    assert H.max_scaled_err(ours.numpy(), reference.numpy()) < TOL
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("num_steps", [10, 20])
+def test_dpmpp_2m_matches_diffusers(tiny_unet, num_steps, prediction_type):
+    """DPMSolverMultistepScheduler defaults (dpmsolver++, order 2, midpoint, linspace spacing, final sigma
+    zero, lower_order_final); 20 steps exercises the >= 15-step rule."""
+    unet, noise, context = tiny_unet
+    scheduler = DPMSolverMultistepScheduler(**SD, prediction_type=prediction_type)
+    scheduler.set_timesteps(num_steps)
+    reference = _diffusers_loop(scheduler, unet, noise, context)
+    schedule = ScheduleConfig.from_diffusers(dict(scheduler.config))
+    teacher = tt.Teacher.create(tt.unet_teacher_fn(unet), schedule, prediction_type)
+    grid = list(scheduler.timesteps.numpy()) + [schedule.t_clean]
+    with torch.no_grad():
+        ours = ts.dpmpp_2m_sample(teacher, noise, grid, cond={"encoder_hidden_states": context})
+    assert H.max_scaled_err(ours.numpy(), reference.numpy()) < TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed form: Gaussian data.
+
+MEAN = np.linspace(-1.0, 1.5, 8).reshape(2, 2, 2).astype(np.float32)
+VAR = np.linspace(0.05, 2.0, 8).reshape(2, 2, 2).astype(np.float32)
+
+
+def _alpha_sigma_np(schedule, t):
+    """Independent float64 alpha, sigma: diffusers' alphas_cumprod at integer DDPM times, closed forms else."""
+    t = np.asarray(t, np.float64)
+    if schedule.kind == "ddpm":
+        ac = DDIMScheduler(**SD).alphas_cumprod.double().numpy() if schedule.beta_schedule == "scaled_linear" else \
+            DDIMScheduler().alphas_cumprod.double().numpy()
+        assert np.all(t == np.round(t)), "independent DDPM values only at integer times"
+        a2 = np.where(t < 0, 1.0, ac[np.maximum(t, 0).astype(int)])
+        return np.sqrt(a2), np.sqrt(1 - a2)
+    tau = t / schedule.time_scale
+    if schedule.kind == "vp_cosine":
+        return np.cos(np.pi * tau / 2), np.sin(np.pi * tau / 2)
+    return 1 - tau, tau
+
+
+def _exact_np(schedule, x, s, t):
+    a_s, s_s = _alpha_sigma_np(schedule, s)
+    a_t, s_t = _alpha_sigma_np(schedule, t)
+    m, v = MEAN.astype(np.float64), VAR.astype(np.float64)
+    return a_t * m + np.sqrt(a_t ** 2 * v + s_t ** 2) * (x - a_s * m) / np.sqrt(a_s ** 2 * v + s_s ** 2)
+
+
+CLOSED_FORM = {
+    "ddpm-epsilon": (ScheduleConfig.ddpm(**SD), "epsilon"),
+    "cosine-v": (ScheduleConfig.vp_cosine(time_scale=1000.0), "v_prediction"),
+    "rf-flow": (ScheduleConfig.rectified_flow(1000.0), "flow"),
+}
+
+
+def _gaussian_teacher(schedule, prediction_type):
+    params = {"mean": jnp.asarray(MEAN), "var": jnp.asarray(VAR)}
+    return jt.Teacher.create(jt.gaussian_teacher_fn(schedule, prediction_type), params, schedule, prediction_type)
+
+
+def _noise(batch=6, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch,) + MEAN.shape).astype(np.float32)
+
+
+def test_exact_map_properties():
+    """The exact map: X(x,s,s) = x, semigroup, inversion (numpy); the library's gaussian_exact_flow agrees."""
+    schedule = CLOSED_FORM["ddpm-epsilon"][0]
+    x = _noise().astype(np.float64)
+    s, u, t = 999, 400, -1
+    np.testing.assert_allclose(_exact_np(schedule, x, s, s), x, atol=1e-12)
+    np.testing.assert_allclose(_exact_np(schedule, _exact_np(schedule, x, s, u), u, t), _exact_np(schedule, x, s, t),
+                               atol=1e-10)
+    np.testing.assert_allclose(_exact_np(schedule, _exact_np(schedule, x, s, t), t, s), x, atol=1e-10)
+    ours = jt.gaussian_exact_flow(schedule, MEAN, VAR, jnp.asarray(x, jnp.float32), float(s), float(u))
+    np.testing.assert_allclose(ours, _exact_np(schedule, x, s, u), rtol=1e-4, atol=1e-5)
+    ours_t = tt.gaussian_exact_flow(schedule, torch.from_numpy(MEAN), torch.from_numpy(VAR), torch.from_numpy(x).float(),
+                                    float(s), float(u))
+    np.testing.assert_allclose(ours_t.numpy(), _exact_np(schedule, x, s, u), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CLOSED_FORM))
+def test_teacher_solvers_converge_at_their_order(case):
+    """Error against the exact map halves (DDIM) or quarters (Heun, DPM-Solver++(2M)) as the steps double,
+    from the noise end to 5% of the range (where the solver's own order shows); the solvers also land on
+    the clean end accurately (there the last step is first-order by design). DDIM's order is checked on the
+    DDPM case (SD's setting), the 2nd-order solvers on every schedule."""
+    schedule, prediction_type = CLOSED_FORM[case]
+    teacher = _gaussian_teacher(schedule, prediction_type)
+    lo, hi = schedule.t_clean, schedule.t_noise
+    t_start = hi if schedule.kind == "ddpm" else 0.98 * hi
+    t_end = lo + round(0.05 * (hi - lo))
+    x = _noise()
+    solvers = (("ddim", 1), ("heun", 2), ("dpmpp_2m", 2)) if schedule.kind == "ddpm" else (("heun", 2), ("dpmpp_2m", 2))
+    for solver, order in solvers:
+        run = jax.jit(lambda tch, x, grid: js.teacher_sample(tch, x, grid, solver))  # noqa: B023 (one solver per jit)
+        errors = []
+        for n in (32, 64, 128) if order == 1 else (64, 128):
+            sample = np.asarray(run(teacher, jnp.asarray(x), jnp.linspace(t_start, t_end, n + 1)), np.float64)
+            errors.append(np.sqrt(np.mean((sample - _exact_np(schedule, x.astype(np.float64), t_start, t_end)) ** 2)))
+        measured = np.log2(errors[-2] / errors[-1])
+        assert order - 0.3 < measured < order + 0.6, (solver, errors)
+        clean = np.asarray(run(teacher, jnp.asarray(x), jnp.linspace(t_start, lo, 129)), np.float64)
+        clean_error = np.sqrt(np.mean((clean - _exact_np(schedule, x.astype(np.float64), t_start, lo)) ** 2))
+        assert clean_error < (0.05 if order == 1 else 5e-3), (solver, clean_error)
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
+def test_teacher_solve_both_ways(solver):
+    """teacher_solve (the `pairs` target) matches the exact map per example, towards data and towards noise,
+    and solving back returns the start to solver accuracy."""
+    schedule, prediction_type = CLOSED_FORM["ddpm-epsilon"]
+    teacher = _gaussian_teacher(schedule, prediction_type)
+    x = _noise()
+    s = np.array([999, 700, 300, 50, 100, 600], np.float32)
+    t = np.array([-1, 100, 0, 900, 999, 650], np.float32)  # the last three go towards noise
+    solve = jax.jit(lambda tch, x, s, t: js.teacher_solve(tch, x, s, t, 64, solver))
+    x_s = _exact_np(schedule, x.astype(np.float64), 999, s[:, None, None, None])  # points on the data's ODE paths
+    forward = np.asarray(solve(teacher, jnp.asarray(x_s, jnp.float32), s, t))
+    exact = _exact_np(schedule, x_s, s[:, None, None, None], t[:, None, None, None])
+    error = np.max(np.abs(forward - exact), axis=(1, 2, 3))
+    # Into the clean end the last step is first order, and its error grows as the data variance shrinks
+    # (0.05 here): a looser bound for that example.
+    assert error[0] < 1e-2 and np.all(error[1:] < 5e-3), error
+    keep = t > -1  # inverting from the clean end evaluates the teacher at t = 0 for t in [-1, 0)
+    back = np.asarray(solve(teacher, jnp.asarray(forward), t, s))
+    assert np.max(np.abs(back - x_s)[keep]) < 5e-3
+
+
+def _exact_network(schedule, prediction_type):
+    """A network whose flow map is the exact map (for s != t): F = (X_exact - c_x x) / c_pred."""
+    def net(params, x, s, t, cond):
+        fmap = jf.FlowMap(lambda *a: x, schedule, prediction_type)
+        c_x, c_pred = fmap.coefficients(s, t)
+        target = jt.gaussian_exact_flow(schedule, params["mean"], params["var"], x, s, t)
+        c_x, c_pred = c_x[:, None, None, None], c_pred[:, None, None, None]
+        return (target - c_x * x) / jnp.where(c_pred == 0, 1.0, c_pred)
+    return net
+
+
+@pytest.mark.parametrize("jumps", [1, 2, 4])
+def test_flow_map_sample_with_the_exact_map(jumps):
+    """N jumps of the exact map give the exact sample for any N (semigroup); jumping back up the same grid
+    (t > s, inversion) returns the noise."""
+    schedule, prediction_type = CLOSED_FORM["ddpm-epsilon"]
+    fmap = jf.FlowMap(_exact_network(schedule, prediction_type), schedule, prediction_type)
+    params = {"mean": jnp.asarray(MEAN), "var": jnp.asarray(VAR)}
+    x = _noise()
+    grid = time_grid(schedule, jumps, t_end=0.0)  # stop at t = 0: the exact network is singular at the clean end
+    sample = js.flow_map_sample(fmap, params, jnp.asarray(x), grid)
+    np.testing.assert_allclose(sample, _exact_np(schedule, x.astype(np.float64), 999, 0), atol=2e-4)
+    back = js.flow_map_sample(fmap, params, sample, grid[::-1])
+    np.testing.assert_allclose(back, x, atol=2e-3)
+
+
+def test_flow_map_sample_stochastic_is_seeded():
+    schedule = ScheduleConfig.ddpm(**SD)
+    module = H.TorchConv(2, unit=1000.0, seed=4)
+    fmap = jf.FlowMap(H.jax_conv(1000.0), schedule, "epsilon")
+    params = H.conv_params_to_jax(module)
+    x = jnp.asarray(_noise())
+    grid = time_grid(schedule, 4)
+    sample = jax.jit(lambda p, x, k: js.flow_map_sample(fmap, p, x, grid, gamma=0.5, rng=k))
+    a, b = sample(params, x, jax.random.key(1)), sample(params, x, jax.random.key(1))
+    c = sample(params, x, jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    det = js.flow_map_sample(fmap, params, x, grid)
+    assert not np.allclose(a, det)
+    np.testing.assert_allclose(js.flow_map_sample(fmap, params, x, grid, gamma=0.0, rng=jax.random.key(1)), det)
+    tmap = __import__("torch_ref.flow_map", fromlist=["FlowMap"]).FlowMap(module, schedule, "epsilon")
+    with torch.no_grad():
+        ta = ts.flow_map_sample(tmap, None, H.nchw(x), grid, gamma=0.5, rng=3)
+        tb = ts.flow_map_sample(tmap, None, H.nchw(x), grid, gamma=0.5, rng=3)
+    np.testing.assert_array_equal(ta.numpy(), tb.numpy())
+
+
+def test_sampler_bad_inputs():
+    schedule, prediction_type = CLOSED_FORM["ddpm-epsilon"]
+    teacher = _gaussian_teacher(schedule, prediction_type)
+    x = jnp.asarray(_noise())
+    with pytest.raises(ValueError, match=r"timesteps=1500\.0 is outside"):
+        js.ddim_sample(teacher, x, [1500, 500, -1])
+    with pytest.raises(ValueError, match="at least 2 times"):
+        js.heun_sample(teacher, x, [500])
+    with pytest.raises(ValueError, match="unknown solver 'euler_a'"):
+        js.teacher_sample(teacher, x, [999, -1], solver="euler_a")
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        js.teacher_solve(teacher, x, 999.0, -1.0, 0)
+    fmap = jf.FlowMap(_exact_network(schedule, prediction_type), schedule, prediction_type)
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\], got 1.5"):
+        js.flow_map_sample(fmap, None, x, [999, 500, -1], gamma=1.5, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="decreasing grid"):
+        js.flow_map_sample(fmap, None, x, [-1, 500, 999], gamma=0.5, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="needs rng"):
+        js.flow_map_sample(fmap, None, x, [999, 500, -1], gamma=0.5)
