@@ -1,13 +1,43 @@
 """The parts of a run, built from its configuration: teacher, flow map, objectives, data, samplers.
 
 `build(config, mesh) -> Parts` is the one place where the trainer meets the flow-map core
-(`schedules`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`.
+(`flow_config`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
+
+- Teacher: a diffusers folder (or hub id) `--teacher.path` with the UNet in `--teacher.subfolder`
+  and `scheduler_config.json` in `--teacher.scheduler_subfolder`, read by
+  `conversion.load_diffusers_unet` (safetensors, no torch). The embedded digits teacher
+  (`presets.EMBEDDED_DIGITS_TEACHER`) is just such a folder inside the package. An optional
+  `label_embeddings.safetensors` ("weight" (K + 1, D), row K the null label) in the teacher folder
+  turns class labels into `encoder_hidden_states` (B, 1, D) (the digits teacher's "text encoder").
+  Guidance: classifier-free with the data's unconditional embedding (`dataset.uncond`), or
+  autoguidance with `--teacher.weak_path` (a second folder of the same layout).
+- Flow map: the teacher's UNet plus the target-time hook (`flow_map.add_target_time_hook`: class
+  embedding with a zero last layer), so at step 0 the flow map is exactly the teacher's DDIM step.
+- Objectives: `objectives.make_objective(name, flow_map, options)` for each `--objective.names`,
+  summed with `--objective.weights` (`train_step.combine_objectives`); the batch also carries
+  "step" (the optimiser step, for the tangent warm-up).
+- Samplers: flow map with N jumps on `flow_config.time_grid(schedule, N)` (uniform in teacher time
+  from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
+- Export: the EMA weights as a diffusers folder (`conversion.save_diffusers_unet`) with the
+  target-time hook in its config.json, plus `flowmap.json` (schedule, prediction type, what the hooks
+  mean, provenance). Issue 5's export command, once it lands, should be the one place that writes
+  this; `export_flow_map` below is the hook to switch over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable
+
+import numpy as np
+
+FLOWMAP_JSON = "flowmap.json"
+
+
+class TeacherNotFound(FileNotFoundError):
+    """The teacher folder, its UNet or its scheduler cannot be found or read."""
 
 
 @dataclasses.dataclass
@@ -24,6 +54,7 @@ class Parts:
     sample_teacher: `(teacher, noise, cond, steps: int) -> (n, H, W, C)` teacher ODE samples.
     quality: `(samples, labels) -> dict of floats or None` (the digits metrics where they apply).
     export: `(params (numpy), folder, provenance dict) -> folder`, or None when not available.
+    info: free-form description (teacher folder, UNet size...), logged and written to the run.
     """
 
     params: Any
@@ -38,5 +69,200 @@ class Parts:
     info: dict = dataclasses.field(default_factory=dict)
 
 
+def embedded_teacher_folder() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_teacher")
+
+
+def resolve_teacher_path(path: str) -> str:
+    """`presets.EMBEDDED_DIGITS_TEACHER` -> the package's folder; anything else unchanged."""
+    from flowmap_jax.presets import EMBEDDED_DIGITS_TEACHER
+
+    return embedded_teacher_folder() if path == EMBEDDED_DIGITS_TEACHER else path
+
+
+def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
+    """(diffusers config dict, Flax params) of the UNet at path/subfolder; TeacherNotFound if absent."""
+    from conversion import load_diffusers_unet
+
+    local = os.path.isdir(path)
+    if not local and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        raise TeacherNotFound(f"--teacher.path: no teacher folder at {path}")
+    try:
+        return load_diffusers_unet(path, subfolder=subfolder or None)
+    except (FileNotFoundError, OSError) as error:
+        where = os.path.join(path, subfolder) if subfolder else path
+        raise TeacherNotFound(f"--teacher.path: cannot load a diffusers UNet from {where}: {error}") from None
+
+
+def load_schedule(path: str, scheduler_subfolder: str):
+    """(ScheduleConfig, prediction_type) from the teacher's scheduler_config.json."""
+    from flowmap_jax.flow_config import load_scheduler
+
+    folder = os.path.join(path, scheduler_subfolder) if scheduler_subfolder else path
+    if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        if not os.path.isdir(path):  # a hub id: fetch the scheduler config through the hub cache
+            try:
+                from huggingface_hub import hf_hub_download
+
+                file = hf_hub_download(path, "scheduler_config.json", subfolder=scheduler_subfolder or None)
+                return load_scheduler(file)
+            except Exception as error:  # noqa: BLE001
+                raise TeacherNotFound(f"--teacher.path {path}: no scheduler_config.json ({error})") from None
+        raise TeacherNotFound(f"--teacher.scheduler_subfolder: no scheduler_config.json in {folder}")
+    return load_scheduler(folder)
+
+
+def _label_conditioner(path: str):
+    from flowmap_jax.datasets import LabelConditioner
+
+    file = os.path.join(path, "label_embeddings.safetensors") if os.path.isdir(path) else ""
+    return LabelConditioner.from_file(file) if file and os.path.isfile(file) else None
+
+
 def build(config, mesh) -> Parts:
-    raise NotImplementedError("the flow-map core is not integrated yet")
+    """The parts of the run `config` (a `presets.TrainConfig`) describes. `mesh` is unused here (the
+    trainer places everything), kept so stand-ins can use it."""
+    del mesh
+    import jax
+    import jax.numpy as jnp
+
+    from flowmap_jax import datasets, flow_map, objectives, samplers, train_step
+    from flowmap_jax.flow_config import time_grid
+    from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
+
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    path = resolve_teacher_path(config.teacher.path)
+
+    # Teacher: UNet, schedule, conditioning, guidance.
+    unet_config, teacher_params = load_teacher_unet(path, config.teacher.subfolder)
+    schedule, prediction_type = load_schedule(path, config.teacher.scheduler_subfolder)
+    teacher_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, remat=config.model.remat)
+    conditioner = _label_conditioner(path)
+    dataset = datasets.make_dataset(config.data, conditioner)
+    channels = int(unet_config.get("in_channels", 4))
+    if config.data.sample_shape[-1] != channels:
+        raise datasets.DataError(f"--data.sample_shape {tuple(config.data.sample_shape)} has {config.data.sample_shape[-1]} "
+                                 f"channels but the teacher UNet takes in_channels={channels}")
+    guidance_scale = float(config.teacher.guidance_scale)
+    uncond, weak_kwargs = None, {}
+    if config.teacher.weak_path:
+        weak_config, weak_params = load_teacher_unet(resolve_teacher_path(config.teacher.weak_path),
+                                                     config.teacher.subfolder)
+        weak_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(weak_config), dtype=dtype, remat=config.model.remat)
+        weak_kwargs = {"weak_apply_fn": unet_teacher_fn(weak_unet), "weak_params": weak_params}
+    elif guidance_scale != 1.0:
+        if dataset.uncond is None:
+            raise datasets.DataError(
+                f"--teacher.guidance_scale {guidance_scale}: classifier-free guidance needs the unconditional "
+                f"conditioning, and --data.source {config.data.source} provides none (label embeddings in the "
+                f"teacher folder, or uncond.safetensors in the shards); use --teacher.guidance_scale 1")
+        uncond = jax.tree.map(jnp.asarray, dataset.uncond)
+    teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params, schedule, prediction_type,
+                             guidance_scale=jnp.float32(guidance_scale), uncond=uncond, **weak_kwargs)
+
+    # Flow map: the teacher's UNet plus the zero-initialised target-time hook.
+    flow_config, params = flow_map.add_target_time_hook(unet_config, teacher_params,
+                                                        jax.random.key(config.run.seed))
+    params = jax.tree.map(np.asarray, params)
+    student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
+    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
+
+    # Objectives.
+    options = json.loads(config.objective.options)
+    named = []
+    for name, weight in zip(config.objective.names, config.objective.weights):
+        try:
+            named.append((name, float(weight), objectives.make_objective(name, fmap, options)))
+        except (ValueError, TypeError) as error:
+            from flowmap_jax.presets import ConfigError
+
+            raise ConfigError(f"--objective.names / --objective.options: {error}") from None
+    combined = train_step.combine_objectives(named)
+
+    def loss_fn(params, teacher, batch, rng):
+        return combined(params, teacher, batch, rng)
+
+    # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` (gamma = 0) written as a
+    # loop over one compiled jump with traced times, so 1, 2 and 4 jumps share one compilation.
+    jump = jax.jit(lambda p, x, s, t, c: fmap(p, x, s, t, c))
+    teacher_cache = {}
+
+    def sample_flow(params, teacher, noise, cond, jumps):
+        del teacher  # the flow map alone
+        x = noise
+        grid = time_grid(schedule, int(jumps))
+        for t_source, t_target in zip(grid[:-1], grid[1:]):
+            batch = np.shape(noise)[0]
+            x = jump(params, x, np.full((batch,), t_source, np.float32), np.full((batch,), t_target, np.float32),
+                     cond)
+        return x
+
+    def sample_teacher(teacher, noise, cond, steps):
+        steps = int(steps)
+        if steps not in teacher_cache:
+            grid = time_grid(schedule, steps)
+            teacher_cache[steps] = jax.jit(lambda tch, x, c: samplers.ddim_sample(tch, x, grid, cond=c))
+        return teacher_cache[steps](teacher, noise, cond)
+
+    sample_shape = tuple(config.data.sample_shape)
+
+    def eval_inputs(n, seed):
+        noise = np.random.default_rng(seed).standard_normal((n, *sample_shape)).astype(np.float32)
+        if conditioner is not None:
+            labels = np.arange(n) % conditioner.null_label
+            return noise, conditioner(labels), labels
+        if getattr(dataset, "cond_names", None):
+            return noise, dataset.get(np.arange(n) % dataset.num_examples)["cond"], None
+        return noise, None, None
+
+    quality = _quality_function(config, conditioner)
+
+    def export(params, folder, provenance):
+        return export_flow_map(params, flow_config, folder, schedule, prediction_type, dict(
+            provenance, teacher=config.teacher.path, teacher_subfolder=config.teacher.subfolder,
+            guidance_scale=guidance_scale, objectives=list(config.objective.names),
+            objective_weights=list(config.objective.weights)))
+
+    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+    info = {"teacher": path, "unet_parameters": n_params, "schedule": schedule.kind,
+            "prediction_type": prediction_type, "guidance": teacher.guidance, "examples": dataset.num_examples}
+    return Parts(params=params, teacher=teacher, loss_fn=loss_fn, dataset=dataset, eval_inputs=eval_inputs,
+                 sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info)
+
+
+def _quality_function(config, conditioner):
+    """The digits quality report where the data are the digits, else a no-op."""
+    if config.data.source != "digits" or tuple(config.data.sample_shape) != (16, 16, 1):
+        return lambda samples, labels: None
+    try:
+        from flowmap_jax.digits.quality import digits_quality_report
+    except ImportError:  # the digits quality metrics are not available in this checkout
+        return lambda samples, labels: None
+
+    def quality(samples, labels):
+        report = digits_quality_report(np.asarray(samples), None if labels is None else np.asarray(labels))
+        return {k: float(v) for k, v in dict(report).items() if isinstance(v, (int, float, np.floating))}
+
+    return quality
+
+
+def export_flow_map(params, unet_config: dict, folder: str, schedule, prediction_type: str,
+                    provenance: dict) -> str:
+    """Write the flow map as a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors`
+    (a stock UNet2DConditionModel with class_embed_type="timestep") and `flowmap.json`."""
+    from conversion import save_diffusers_unet
+
+    save_diffusers_unet(params, unet_config, folder)
+    meta = {
+        "format": "flowmap-jax/1",
+        "schedule": schedule.to_dict(),
+        "prediction_type": prediction_type,
+        "target_time": "class_labels (class_embed_type='timestep'): the jump's target time t, in the teacher's "
+                       "timestep units; the UNet's timestep is the source time s",
+        "map": "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat from the UNet's prediction at (x_s, s) told t",
+        "provenance": provenance,
+    }
+    with open(os.path.join(folder, FLOWMAP_JSON), "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    return folder

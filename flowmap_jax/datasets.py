@@ -177,9 +177,15 @@ def _safetensors_memmaps(path: str) -> dict[str, np.ndarray]:
     """name -> read-only np.memmap of each tensor in a safetensors file (F16/F32/I32/I64/U8)."""
     dtypes = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32,
               "I64": np.int64, "U8": np.uint8}
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not a readable safetensors file (truncated or malformed: {error})") from None
     start = 8 + header_len
     out = {}
     for name, info in header.items():
@@ -189,7 +195,8 @@ def _safetensors_memmaps(path: str) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: tensor {name} has dtype {info['dtype']}; shards must be F16 or F32")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtypes[info["dtype"]]).itemsize:
+        if (end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtypes[info["dtype"]]).itemsize
+                or start + end > size):
             raise DataError(f"{path}: tensor {name} is truncated or malformed")
         out[name] = np.memmap(path, dtype=dtypes[info["dtype"]], mode="r", offset=start + begin, shape=shape)
     return out

@@ -327,6 +327,9 @@ def main(argv=None, build: Callable | None = None) -> int:
         return 2
     try:
         result = run(config, build)
+    except presets.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (NonFiniteLoss, RunError, datasets.DataError, checkpointing.NoGoodCheckpoint,
             FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,8 @@ one). So the result does not depend on how the batch is split over devices or pr
 and 1 device with the same global batch give the same parameters up to float reassociation.
 
 Shapes: batch leaves are (B, ...) with B the global batch (divisible by the device count); "x0" is
-(B, H, W, C) float32, "cond" a dict of (B, ...) arrays or None, "example_id" (B,) int32.
+(B, H, W, C) float32, "cond" a dict of (B, ...) arrays or None, "example_id" (B,) int32. The step
+adds "step" (B,) int32, the optimiser step (the objectives' tangent warm-up reads it).
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 
     def step(state: TrainState, teacher, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
+        batch = dict(batch, step=jnp.full(batch["example_id"].shape, state.step, jnp.int32))
         grads, metrics = per_device(state.params, teacher, batch, step_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

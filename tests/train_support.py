@@ -163,3 +163,39 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny diffusers teacher folder (same layout as the embedded digits teacher), random weights.
+
+TINY_UNET_CONFIG = dict(
+    sample_size=16, in_channels=1, out_channels=1,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[8, 16], layers_per_block=1,
+    cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
+TINY_SCHEDULER_CONFIG = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_schedule="linear",
+                             beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=False,
+                             timestep_spacing="trailing", steps_offset=0)
+
+
+def make_tiny_teacher(folder, seed=0, label_embeddings=True):
+    """Write a random tiny class-conditional UNet teacher as a diffusers folder: unet/, scheduler/,
+    label_embeddings.safetensors ((11, 8), row 10 the null label). Returns the folder."""
+    import json as _json
+
+    from safetensors.numpy import save_file
+
+    from conversion import save_diffusers_unet
+    from flowmap_jax.unet import UNetConfig, init_unet_params
+
+    folder = str(folder)
+    config = dict(TINY_UNET_CONFIG, _class_name="UNet2DConditionModel")
+    params = init_unet_params(UNetConfig.from_dict(config), jax.random.key(seed))
+    save_diffusers_unet(jax.tree.map(np.asarray, params), config, os.path.join(folder, "unet"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        _json.dump(TINY_SCHEDULER_CONFIG, f)
+    if label_embeddings:
+        table = np.random.default_rng(seed).normal(size=(11, 8)).astype(np.float32)
+        save_file({"weight": table}, os.path.join(folder, "label_embeddings.safetensors"))
+    return folder
