@@ -52,12 +52,14 @@ def _silu_jax(x):
 # MLP on the flattened NHWC image (+ time features + optional context).
 
 class TorchMLP(nn.Module):
-    def __init__(self, shape_hwc, hidden=32, context_dim=0, unit=1.0, seed=0):
+    """cond: {"context": (B, context_dim)} and, with guidance_dim, {"timestep_cond": (B, guidance_dim)}."""
+
+    def __init__(self, shape_hwc, hidden=32, context_dim=0, unit=1.0, seed=0, guidance_dim=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.shape_hwc, self.unit, self.context_dim = tuple(shape_hwc), unit, context_dim
+        self.shape_hwc, self.unit, self.context_dim, self.guidance_dim = tuple(shape_hwc), unit, context_dim, guidance_dim
         d = int(np.prod(shape_hwc))
-        self.l1 = nn.Linear(d + TIME_FEATURES + context_dim, hidden)
+        self.l1 = nn.Linear(d + TIME_FEATURES + context_dim + guidance_dim, hidden)
         self.l2 = nn.Linear(hidden, hidden)
         self.l3 = nn.Linear(hidden, d)
 
@@ -67,23 +69,37 @@ class TorchMLP(nn.Module):
         parts = [h, time_features_torch(t_source, t_target, self.unit)]
         if self.context_dim:
             parts.append(cond["context"])
+        if self.guidance_dim:
+            parts.append(cond["timestep_cond"])
         h = nn.functional.silu(self.l1(torch.cat(parts, 1)))
         h = nn.functional.silu(self.l2(h))
         out = self.l3(h).reshape((b,) + self.shape_hwc)
         return out.permute(0, 3, 1, 2)
 
 
-def jax_mlp(unit, context_dim=0):
+def jax_mlp(unit, context_dim=0, guidance_dim=0):
     def net(params, x, t_source, t_target, cond):
         b = x.shape[0]
         parts = [x.reshape(b, -1), time_features_jax(t_source, t_target, unit)]
         if context_dim:
             parts.append(cond["context"])
+        if guidance_dim:
+            parts.append(cond["timestep_cond"])
         h = jnp.concatenate(parts, 1)
         h = _silu_jax(h @ params["l1"]["w"] + params["l1"]["b"])
         h = _silu_jax(h @ params["l2"]["w"] + params["l2"]["b"])
         return (h @ params["l3"]["w"] + params["l3"]["b"]).reshape(x.shape)
     return net
+
+
+def torch_grads_to_jax_layout(named_grads: dict):
+    """{"l1.weight": (out, in), "l1.bias": ...} torch gradients -> the JAX MLP/affine param tree (numpy)."""
+    tree = {}
+    for name, g in named_grads.items():
+        layer, kind = name.split(".")
+        g = g.detach().numpy()
+        tree.setdefault(layer, {})["w" if kind == "weight" else "b"] = g.T if kind == "weight" else g
+    return tree
 
 
 def mlp_params_to_jax(module: TorchMLP):
