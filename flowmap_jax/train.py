@@ -87,7 +87,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
     state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
     teacher = _replicate_arrays(mesh, parts.teacher)
-    rng = jax.device_put(jax.random.key(config.run.seed), sh.replicated(mesh))
+    rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
     train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
                                     state_sharding=state_sharding)
 
