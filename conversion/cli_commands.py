@@ -59,3 +59,37 @@ class ToDiffusers:
 
 
 COMMANDS = [ToFlax, ToDiffusers]
+
+
+class Export:
+    name = "export"
+    help = ("training run / Orbax checkpoint (EMA weights by default) -> flow-map diffusers folder "
+            "(UNet2DConditionModel + flowmap.json)")
+
+    @classmethod
+    def add_parser(cls, sub):
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help + ". See conversion/export.py.")
+        p.add_argument("source", help="run folder, its checkpoints/ folder, one step's folder "
+                                      "(run/checkpoints/400), or an existing flow-map export (re-export)")
+        p.add_argument("out", help="output folder (replaced atomically if it is a previous export)")
+        p.add_argument("--weights", default="ema", choices=["ema", "params"],
+                       help="EMA weights (default) or the raw trained parameters")
+        p.add_argument("--step", type=int, default=None,
+                       help="checkpoint step (default: the newest readable one)")
+        p.add_argument("--teacher", default=None,
+                       help="teacher folder or hub id (default: the run config's teacher.path)")
+        p.add_argument("--run-config", default=None,
+                       help="the run's config.json (default: next to the checkpoints folder)")
+        p.set_defaults(run=cls.run)
+
+    @staticmethod
+    def run(args):
+        from conversion.export import export_checkpoint
+
+        start = time.perf_counter()
+        folder = export_checkpoint(args.source, args.out, weights=args.weights, step=args.step,
+                                   teacher=args.teacher, run_config=args.run_config)
+        print(f"wrote {folder} in {time.perf_counter() - start:.1f}s")
+
+
+COMMANDS.append(Export)

@@ -1,0 +1,459 @@
+"""The exported flow map on disk: a stock diffusers UNet folder plus `flowmap.json`. Pure Python (numpy
+only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX sampler
+(`flowmap_jax.sample`) and the PyTorch loader (`torch_ref.export_loading`).
+
+Folder layout (written by `conversion.export.export_flow_map`, atomically as a whole)::
+
+    <folder>/config.json                          diffusers UNet2DConditionModel config, class_embed_type="timestep"
+                                                  (and time_cond_proj_dim where guidance was distilled as an input)
+    <folder>/diffusion_pytorch_model.safetensors  the weights, diffusers keys and layouts (float32)
+    <folder>/flowmap.json                         what the network means (below)
+    <folder>/label_embeddings.safetensors         optional: "weight" (K + 1, D) float32, row K the null label
+
+`UNet2DConditionModel.from_pretrained(folder)` loads it with no custom code. A stock pipeline cannot misuse
+it: it calls the UNet without `class_labels` and diffusers raises "class_labels should be provided".
+
+flowmap.json (format "flowmap-jax/flow-map", format_version 1)::
+
+    format, format_version, flowmap_jax_version
+    network:     {"class": "UNet2DConditionModel", "config": "config.json", "weights": "...safetensors"}
+    flow_map:    "X(x_s, s, t) = ..." (the parameterisation, in words)
+    prediction_type: "epsilon" | "v_prediction" | "sample" | "flow"
+    schedule:    ScheduleConfig fields (kind, num_train_timesteps, betas..., time_scale, ...); authoritative
+    scheduler_config: the teacher's full diffusers scheduler config, or null (checked against `schedule`)
+    time:        {"units", "t_clean", "t_noise", "time_unit", "convention"}
+    hooks:       {"timestep": source time s, "class_labels": target time t,
+                  "timestep_cond": null, or the guidance-scale embedding {"embedding", "dim", "argument"}}
+    guidance:    {"teacher_guidance": "none" | "cfg" | "autoguidance", "scale": w the map reproduces
+                  (baked in unless embedded), "embedded": bool, "scale_range": [lo, hi] or null}
+    conditioning: {"encoder_hidden_states": ..., "label_embeddings": file name or null, "num_labels",
+                   "null_label", "added_cond_kwargs": ...}
+    sample_shape: [H, W, C] the flow map was trained on (channels last), or null
+    provenance:  free-form: teacher, objectives, steps, date, checkpoint, ...
+
+Time convention: floats in the teacher's own timestep units (`flowmap_jax.flow_config`): DDPM t in
+[-1, N - 1] with t = -1 the clean end; VP cosine and rectified flow t in [0, T] with t = 0 clean. The UNet's
+`timestep` argument is the source time s, `class_labels` the target time t, both (B,) float32. The map is
+X(x_s, s, t) = c_x(s, t) x_s + c_pred(s, t) F(x_s, s, t) with F the UNet's output in `prediction_type`
+(`predictions.jump_coefficients`), i.e. the teacher's own first-order (DDIM) step from s to t with the
+network's prediction.
+
+Errors (`ExportFormatError`, a ValueError) name the file and the key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowmap_jax.flow_config import (
+    ScheduleConfig,
+    check_prediction_type,
+    prediction_type_from_diffusers,
+)
+
+FORMAT_NAME = "flowmap-jax/flow-map"
+FORMAT_VERSION = 1
+FLOWMAP_JSON = "flowmap.json"
+UNET_CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LABEL_EMBEDDINGS_NAME = "label_embeddings.safetensors"
+GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
+GUIDANCE_EMBEDDING = "lcm_guidance_scale_embedding"
+
+MAP_DESCRIPTION = (
+    "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat, (x0_hat, eps_hat) from the UNet's prediction F in "
+    "`prediction_type` at (x_s, timestep=s, class_labels=t): the teacher's first-order (DDIM) step from s to t "
+    "with F (rectified flow: x_s + (t - s) / time_unit * F). X(x, s, s) = x.")
+TIME_CONVENTION = (
+    "floats in the teacher's own timestep units. ddpm: t in [-1, N - 1], alpha_t^2 = alphas_cumprod[t] at integers, "
+    "log(alpha) linear in between, t = -1 clean (alpha = 1). vp_cosine and rectified_flow: t in [0, T], t = 0 "
+    "clean. Sampling goes from t_noise to t_clean (decreasing times).")
+
+
+class ExportFormatError(ValueError):
+    """A folder is not a (valid) flow-map export; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMapConfig:
+    """Everything besides the network weights that defines an exported flow map.
+
+    schedule, prediction_type: the teacher's (the map's parameterisation).
+    scheduler_config: the teacher's full diffusers scheduler config (dict), or None for a schedule not read
+        from diffusers; when given it must agree with `schedule` and `prediction_type`.
+    guidance: how the teacher was guided when distilled: "none", "cfg" (classifier-free) or "autoguidance".
+    guidance_scale: the teacher's guidance scale w. Without `guidance_embedding_dim` it is baked into the
+        map (the map samples the guided teacher at w, with no guidance input); with it, it is the default w.
+    guidance_embedding_dim: the UNet's `time_cond_proj_dim` when the scale is an input: `timestep_cond` =
+        LCM's guidance-scale embedding of (w - 1), (B, dim) float32. None when baked in.
+    guidance_scale_range: (lo, hi) the scales drawn in training when embedded, else None.
+    label_embeddings: path of a safetensors file with "weight" (K + 1, D) float32 (row K the null label) that
+        turns class labels into `encoder_hidden_states` (B, 1, D), or None. Exporting copies it into the
+        folder; loading points it at the copy.
+    sample_shape: (H, W, C) (channels last) of the training samples, or None (the UNet's sample_size then).
+    """
+
+    schedule: ScheduleConfig
+    prediction_type: str
+    scheduler_config: dict | None = None
+    guidance: str = "none"
+    guidance_scale: float = 1.0
+    guidance_embedding_dim: int | None = None
+    guidance_scale_range: tuple[float, float] | None = None
+    label_embeddings: str | None = None
+    sample_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.schedule, ScheduleConfig):
+            raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
+        check_prediction_type(self.prediction_type)
+        if self.guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance!r}")
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {self.guidance_scale}")
+        if self.guidance_embedding_dim is not None:
+            object.__setattr__(self, "guidance_embedding_dim", int(self.guidance_embedding_dim))
+            if self.guidance_embedding_dim < 2:
+                raise ValueError(f"guidance_embedding_dim must be >= 2, got {self.guidance_embedding_dim}")
+        if self.guidance_scale_range is not None:
+            lo, hi = (float(v) for v in self.guidance_scale_range)
+            object.__setattr__(self, "guidance_scale_range", (lo, hi))
+        if self.sample_shape is not None:
+            shape = tuple(int(v) for v in self.sample_shape)
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"sample_shape must be (H, W, C), got {self.sample_shape}")
+            object.__setattr__(self, "sample_shape", shape)
+        if self.label_embeddings is not None:
+            object.__setattr__(self, "label_embeddings", os.fspath(self.label_embeddings))
+        if self.scheduler_config is not None:
+            check_scheduler_agrees(self.scheduler_config, self.schedule, self.prediction_type, "scheduler_config")
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """True when the guidance scale is a network input (timestep_cond)."""
+        return self.guidance_embedding_dim is not None
+
+    def replace(self, **changes) -> "FlowMapConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def check_scheduler_agrees(scheduler_config: dict, schedule: ScheduleConfig, prediction_type: str,
+                           where: str) -> None:
+    """ExportFormatError naming `where` if a diffusers scheduler config implies another schedule or
+    prediction type than (schedule, prediction_type)."""
+    if not isinstance(scheduler_config, dict):
+        raise ExportFormatError(f"{where} must be a JSON object (a diffusers scheduler config), got "
+                                f"{type(scheduler_config).__name__}")
+    try:
+        implied = ScheduleConfig.from_diffusers(scheduler_config)
+        implied_prediction = prediction_type_from_diffusers(scheduler_config)
+    except ValueError as err:
+        raise ExportFormatError(f"{where}: {err}") from None
+    if implied != schedule:
+        diff = {k: (v, getattr(schedule, k)) for k, v in implied.to_dict().items() if v != getattr(schedule, k)}
+        raise ExportFormatError(f"{where} describes another schedule than 'schedule' (scheduler config vs "
+                                f"schedule: {diff})")
+    if implied_prediction != prediction_type:
+        raise ExportFormatError(f"{where} has prediction_type {implied_prediction!r} but 'prediction_type' is "
+                                f"{prediction_type!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# flowmap.json <-> FlowMapConfig
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def schedule_to_json(schedule: ScheduleConfig) -> dict:
+    """The ScheduleConfig fields as JSON (trained_betas as a list)."""
+    return _jsonable(schedule.to_dict())
+
+
+def schedule_from_json(data: Any, where: str) -> ScheduleConfig:
+    """ScheduleConfig from its JSON fields; ExportFormatError naming `where` and the key otherwise."""
+    if not isinstance(data, dict):
+        raise ExportFormatError(f"{where} must be a JSON object of ScheduleConfig fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ExportFormatError(f"{where} has unknown key(s) {unknown}; known: {sorted(known)}")
+    if "kind" not in data:
+        raise ExportFormatError(f"{where}.kind is missing")
+    values = dict(data)
+    if values.get("trained_betas") is not None:
+        values["trained_betas"] = tuple(values["trained_betas"])
+    try:
+        return ScheduleConfig(**values)
+    except (ValueError, TypeError) as err:  # ScheduleConfig's messages name the field
+        raise ExportFormatError(f"{where}: {err}") from None
+
+
+def flow_map_metadata(config: FlowMapConfig, unet_config: dict, provenance: dict | None,
+                      label_info: dict | None = None, version: str | None = None) -> dict:
+    """The flowmap.json document for `config` (label file name relative to the folder)."""
+    schedule = config.schedule
+    timestep_cond = None
+    if config.guidance_embedded:
+        timestep_cond = {
+            "meaning": "guidance scale w of the distilled teacher, as an input",
+            "embedding": GUIDANCE_EMBEDDING,
+            "dim": config.guidance_embedding_dim,
+            "argument": "w - 1",
+            "description": "timestep_cond = get_guidance_scale_embedding(w - 1, dim): [sin, cos] of 1000 (w - 1) "
+                           "times geometric frequencies (diffusers' LCM convention), (B, dim) float32",
+        }
+    conditioning = {
+        "encoder_hidden_states": (None if unet_config.get("cross_attention_dim") is None else
+                                  f"(B, L, {unet_config.get('cross_attention_dim')}) as for the teacher UNet"),
+        "label_embeddings": LABEL_EMBEDDINGS_NAME if config.label_embeddings else None,
+        "added_cond_kwargs": ({"text_embeds": "(B, D)", "time_ids": "(B, 6)"}
+                              if unet_config.get("addition_embed_type") == "text_time" else None),
+    }
+    if label_info:
+        conditioning.update(label_info)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "flowmap_jax_version": version,
+        "network": {"class": "UNet2DConditionModel", "config": UNET_CONFIG_NAME, "weights": WEIGHTS_NAME,
+                    "layout": "PyTorch (B, C, H, W); the Flax port takes (B, H, W, C)"},
+        "flow_map": MAP_DESCRIPTION,
+        "prediction_type": config.prediction_type,
+        "schedule": schedule_to_json(schedule),
+        "scheduler_config": None if config.scheduler_config is None else _jsonable(config.scheduler_config),
+        "time": {"units": "teacher timesteps", "t_clean": schedule.t_clean, "t_noise": schedule.t_noise,
+                 "time_unit": schedule.time_unit, "convention": TIME_CONVENTION},
+        "hooks": {
+            "timestep": "the source time s of the jump (teacher units, (B,) float)",
+            "class_labels": {"meaning": "the target time t of the jump (teacher units, (B,) float)",
+                             "class_embed_type": "timestep",
+                             "description": "same sinusoidal projection as the timestep, into class_embedding "
+                                            "(a TimestepEmbedding) added to the time embedding"},
+            "timestep_cond": timestep_cond,
+        },
+        "guidance": {"teacher_guidance": config.guidance, "scale": config.guidance_scale,
+                     "embedded": config.guidance_embedded,
+                     "scale_range": None if config.guidance_scale_range is None else list(config.guidance_scale_range),
+                     "description": ("the guidance scale is an input (hooks.timestep_cond); 'scale' is the default"
+                                     if config.guidance_embedded else
+                                     "baked in: the map reproduces the teacher guided at 'scale'; no guidance input")},
+        "conditioning": conditioning,
+        "sample_shape": None if config.sample_shape is None else list(config.sample_shape),
+        "provenance": _jsonable(provenance or {}),
+    }
+
+
+def _get(data: dict, key: str, where: str, types=None):
+    if key not in data:
+        raise ExportFormatError(f"{where}: key '{key}' is missing")
+    value = data[key]
+    if types is not None and not isinstance(value, types):
+        raise ExportFormatError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def config_from_metadata(meta: dict, folder: Path | None = None, where: str = FLOWMAP_JSON) -> FlowMapConfig:
+    """FlowMapConfig from a flowmap.json document; ExportFormatError naming the key if invalid."""
+    if not isinstance(meta, dict):
+        raise ExportFormatError(f"{where} must hold a JSON object")
+    fmt = meta.get("format")
+    if fmt != FORMAT_NAME:
+        raise ExportFormatError(f"{where}: key 'format' is {fmt!r}, expected {FORMAT_NAME!r} (not a flow-map export)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+        raise ExportFormatError(f"{where}: key 'format_version' is {version!r}; this flowmap-jax reads versions "
+                                f"1..{FORMAT_VERSION}")
+    prediction_type = _get(meta, "prediction_type", where, str)
+    try:
+        check_prediction_type(prediction_type)
+    except ValueError as err:
+        raise ExportFormatError(f"{where}: key 'prediction_type': {err}") from None
+    schedule = schedule_from_json(_get(meta, "schedule", where), f"{where}: schedule")
+    scheduler_config = meta.get("scheduler_config")
+    if scheduler_config is not None:
+        check_scheduler_agrees(scheduler_config, schedule, prediction_type, f"{where}: scheduler_config")
+    hooks = _get(meta, "hooks", where, dict)
+    class_hook = _get(hooks, "class_labels", f"{where}: hooks", dict)
+    if class_hook.get("class_embed_type") != "timestep":
+        raise ExportFormatError(f"{where}: hooks.class_labels.class_embed_type is "
+                                f"{class_hook.get('class_embed_type')!r}, expected 'timestep'")
+    guidance = _get(meta, "guidance", where, dict)
+    timestep_cond = hooks.get("timestep_cond")
+    embedding_dim = None
+    if timestep_cond is not None:
+        if not isinstance(timestep_cond, dict) or timestep_cond.get("embedding") != GUIDANCE_EMBEDDING:
+            raise ExportFormatError(f"{where}: hooks.timestep_cond must be null or a {GUIDANCE_EMBEDDING!r} "
+                                    f"description, got {timestep_cond!r}")
+        embedding_dim = _get(timestep_cond, "dim", f"{where}: hooks.timestep_cond", int)
+    conditioning = meta.get("conditioning") or {}
+    label_name = conditioning.get("label_embeddings")
+    label_path = None
+    if label_name:
+        if os.path.basename(label_name) != label_name:
+            raise ExportFormatError(f"{where}: conditioning.label_embeddings must be a file name in the folder, got "
+                                    f"{label_name!r}")
+        label_path = str(Path(folder) / label_name) if folder is not None else label_name
+        if folder is not None and not os.path.isfile(label_path):
+            raise ExportFormatError(f"{where}: conditioning.label_embeddings names {label_name}, which is not in "
+                                    f"{folder}")
+    shape = meta.get("sample_shape")
+    try:
+        return FlowMapConfig(
+            schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config,
+            guidance=guidance.get("teacher_guidance", "none"), guidance_scale=guidance.get("scale", 1.0),
+            guidance_embedding_dim=embedding_dim, guidance_scale_range=guidance.get("scale_range"),
+            label_embeddings=label_path, sample_shape=None if shape is None else tuple(shape))
+    except (ValueError, TypeError) as err:
+        raise ExportFormatError(f"{where}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """What `read_export` finds in a folder (no weights read). unet_config: the diffusers config dict;
+    metadata: flowmap.json as read."""
+
+    folder: Path
+    unet_config: dict
+    config: FlowMapConfig
+    metadata: dict
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / WEIGHTS_NAME
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {path.name} in {path.parent} ({what})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ExportFormatError(f"{path} is not valid JSON: {err}") from None
+
+
+def check_unet_hooks(unet_config: dict, config: FlowMapConfig, where: str) -> None:
+    """The UNet config carries the target-time hook and the guidance input flowmap.json describes."""
+    hook = unet_config.get("class_embed_type")
+    if hook != "timestep":
+        raise ExportFormatError(
+            f"{where}: key 'class_embed_type' is {hook!r}, expected 'timestep' (the flow map's target-time hook); "
+            "a plain teacher UNet is not a flow map")
+    for key in ("num_class_embeds",):
+        if unet_config.get(key) is not None:
+            raise ExportFormatError(f"{where}: key {key!r}={unet_config[key]!r} conflicts with the target-time hook")
+    proj = unet_config.get("time_cond_proj_dim")
+    if config.guidance_embedding_dim is not None and proj != config.guidance_embedding_dim:
+        raise ExportFormatError(f"{where}: key 'time_cond_proj_dim' is {proj!r} but flowmap.json's guidance "
+                                f"embedding has dim {config.guidance_embedding_dim}")
+
+
+def read_export(folder: str | os.PathLike) -> ExportInfo:
+    """Reads and checks config.json and flowmap.json of an exported flow map (weights are not read).
+
+    FileNotFoundError for a missing folder, config.json or weights file; ExportFormatError (naming the file
+    and the key) for a folder that is not a flow-map export: no flowmap.json, a UNet without the target-time
+    hook, an unknown format, a bad or inconsistent schedule, a missing label file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no flow-map export folder at {folder}")
+    config_path = folder / UNET_CONFIG_NAME
+    unet_config = _read_json(config_path, "the diffusers UNet config of a flow-map export")
+    meta_path = folder / FLOWMAP_JSON
+    if not meta_path.is_file():
+        hook = unet_config.get("class_embed_type") if isinstance(unet_config, dict) else None
+        detail = (" and its config.json has no target-time hook (class_embed_type is "
+                  f"{hook!r}, not 'timestep'): a plain diffusers UNet" if hook != "timestep" else "")
+        raise ExportFormatError(f"{meta_path} is missing: {folder} is not a flow-map export{detail}. Export one with "
+                                "`python -m conversion export RUN_FOLDER OUT`")
+    meta = _read_json(meta_path, "flow-map metadata")
+    config = config_from_metadata(meta, folder, str(meta_path))
+    check_unet_hooks(unet_config, config, str(config_path))
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (the flow map's weights)")
+    return ExportInfo(folder=folder, unet_config=unet_config, config=config, metadata=meta)
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds a flowmap.json (without validating it)."""
+    return (Path(folder) / FLOWMAP_JSON).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend-independent pieces of sampling (the same numbers in JAX and PyTorch).
+
+def default_sample_shape(info: ExportInfo) -> tuple[int, int, int]:
+    """(H, W, C): flowmap.json's sample_shape, else the UNet's sample_size and in_channels."""
+    if info.config.sample_shape is not None:
+        return info.config.sample_shape
+    size = info.unet_config.get("sample_size") or 64
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h), int(w), int(info.unet_config.get("in_channels", 4))
+
+
+def resolve_guidance(config: FlowMapConfig, guidance_scale: float | None) -> float | None:
+    """The guidance scale to feed as `timestep_cond`, or None when the map has no guidance input.
+
+    Embedded guidance: `guidance_scale` (default: the recorded scale). Baked-in guidance: None, and a
+    `guidance_scale` other than the baked one is a ValueError (there is no input to change it)."""
+    if config.guidance_embedded:
+        return config.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if guidance_scale is not None and not math.isclose(float(guidance_scale), config.guidance_scale,
+                                                       rel_tol=1e-6, abs_tol=1e-6):
+        raise ValueError(
+            f"this flow map has no guidance input (config.json has no time_cond_proj_dim): it reproduces the teacher "
+            f"guided at scale {config.guidance_scale} ({config.guidance}); --guidance {guidance_scale} cannot change it")
+    return None
+
+
+def initial_noise(seed: int, batch: int, shape_hwc, gamma_jumps: int = 0):
+    """(noise (B, H, W, C) float32, renoise list of `gamma_jumps` arrays of the same shape) from numpy's
+    PCG64 `default_rng(seed)`, so both backends start from the same numbers. Layout channels last (the Flax
+    one); PyTorch flips with `flowmap_jax.layout.nhwc_to_nchw`."""
+    rng = np.random.default_rng(int(seed))
+    shape = (int(batch), *(int(v) for v in shape_hwc))
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    renoise = [rng.standard_normal(shape, dtype=np.float32) for _ in range(int(gamma_jumps))]
+    return noise, renoise
+
+
+def read_label_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """The (K + 1, D) float32 "weight" table of a label-embeddings file (row K the null label)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.fspath(path))
+    if "weight" not in tensors or np.ndim(tensors["weight"]) != 2:
+        raise ExportFormatError(f"{path}: expected a tensor 'weight' of shape (K + 1, D), found "
+                                f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+    return np.asarray(tensors["weight"], np.float32)
+
+
+def labels_to_encoder_hidden_states(table: np.ndarray, labels) -> np.ndarray:
+    """(B,) int labels in 0..K-1 -> (B, 1, D) float32 rows of the (K + 1, D) table (the digits teacher's
+    "text encoder"); label K (the null label) is allowed: the unconditional embedding."""
+    labels = np.asarray(labels, np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > table.shape[0] - 1):
+        raise ValueError(f"labels must lie in 0..{table.shape[0] - 2} (or {table.shape[0] - 1} for the null label), "
+                         f"got {labels.min()}..{labels.max()}")
+    return table[labels][:, None, :]

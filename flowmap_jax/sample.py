@@ -1,0 +1,123 @@
+"""Few-step sampling from an exported flow map in JAX: `python -m flowmap_jax.sample --help`.
+
+    python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
+
+The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.sample_cli`); in fp32
+the two agree to float rounding. API (mirrored by `torch_ref.sample`):
+
+- `load_flow_map(folder, dtype="fp32", device="auto") -> LoadedFlowMap` (flow_map, params, export);
+- `sample(loaded, noise, timesteps, cond=None, guidance_scale=None, gamma=0.0, renoise=None)`: N jumps
+  `samplers.flow_map_sample` on the time grid `timesteps` (teacher units, noise -> data), x (B, H, W, C)
+  float32; the network computes in `dtype`, the state and the jump coefficients stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from flowmap_jax import sample_cli
+
+__all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclasses.dataclass
+class LoadedFlowMap:
+    """flow_map: `flowmap_jax.flow_map.FlowMap` (jitted network); params: its Flax params (on `device`);
+    export: the `conversion.export.FlowMapExport` it came from; device: a jax.Device."""
+
+    flow_map: object
+    params: dict
+    export: object
+    device: object
+
+
+def _device(name: str):
+    import jax
+
+    if name == "auto":
+        return jax.devices()[0]
+    platform = "gpu" if name in ("cuda", "gpu") else name
+    try:
+        return jax.devices(platform)[0]
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: no {platform} device for JAX ({err})") from None
+
+
+def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFlowMap:
+    """An exported flow map ready to sample in JAX: params float32 on `device`, compute in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    from conversion.export import jax_flow_map, load_flow_map_export
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+    exported = load_flow_map_export(folder, dtype=np.float32)
+    dev = _device(device)
+    params = jax.device_put(exported.params, dev)
+    return LoadedFlowMap(flow_map=jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype])), params=params,
+                         export=exported, device=dev)
+
+
+def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
+    import jax
+    import jax.numpy as jnp
+
+    from flowmap_jax.flow_map import guidance_scale_embedding
+
+    out = None if cond is None else jax.tree.map(lambda v: jax.device_put(jnp.asarray(v, jnp.float32),
+                                                                           loaded.device), dict(cond))
+    dim = loaded.export.config.guidance_embedding_dim
+    if dim is not None:
+        if guidance_scale is None:
+            guidance_scale = loaded.export.config.guidance_scale
+        w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
+        out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
+    elif guidance_scale is not None:
+        from flowmap_jax.export_format import resolve_guidance
+
+        resolve_guidance(loaded.export.config, guidance_scale)  # raises unless it is the baked-in scale
+    return out
+
+
+def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=None, gamma: float = 0.0,
+           renoise=None) -> np.ndarray:
+    """N = len(timesteps) - 1 jumps from `noise` (B, H, W, C) at timesteps[0]; returns (B, H, W, C) float32
+    numpy. cond: dict of numpy/jax arrays (encoder_hidden_states (B, L, D), added_cond_kwargs) or None.
+    guidance_scale: fed as timestep_cond where the export has a guidance input. renoise: N - 1 arrays of
+    standard normal noise for gamma > 0 (required then: the CLI draws them with numpy)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flowmap_jax import samplers
+
+    x = jax.device_put(jnp.asarray(noise, jnp.float32), loaded.device)
+    c = _cond_arrays(loaded, cond, guidance_scale, x.shape[0])
+    if gamma > 0 and renoise is None:
+        raise ValueError("gamma > 0 needs `renoise` (N - 1 arrays of standard normal noise)")
+    z = None if renoise is None else [jax.device_put(jnp.asarray(r, jnp.float32), loaded.device) for r in renoise]
+    with jax.default_device(loaded.device):
+        out = samplers.flow_map_sample(loaded.flow_map, loaded.params, x, np.asarray(timesteps, np.float64), c,
+                                       gamma=gamma, noise=z)
+    return np.asarray(jax.device_get(out), np.float32)
+
+
+def _run(request: sample_cli.SampleRequest):
+    loaded = load_flow_map(request.info.folder, request.dtype, request.device)
+    samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
+                     request.renoise)
+    return samples, f"{loaded.device.platform}:{loaded.device.id}"
+
+
+def main(argv=None) -> int:
+    return sample_cli.main(sys.argv[1:] if argv is None else argv, backend="jax", prog="python -m flowmap_jax.sample",
+                           run=_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

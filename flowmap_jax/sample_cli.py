@@ -1,0 +1,265 @@
+"""The few-step sampling command line, shared by `python -m flowmap_jax.sample` and
+`python -m torch_ref.sample` (the same flags, the same inputs, the same output files). Pure Python (numpy,
+pillow; no jax, no torch): each backend passes its own `run(request) -> samples` to `main`.
+
+    python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_jax
+    python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
+    python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
+
+Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
+backends sample from the same noise and, in fp32, agree to float rounding.
+
+Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
+both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
+3-channel samples in [-1, 1] are shown as images, other channel counts (latents) per-channel rescaled),
+and sample_info.json (the flags, the time grid, backend, device, dtype, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flowmap_jax.export_format import (
+    ExportInfo,
+    default_sample_shape,
+    initial_noise,
+    labels_to_encoder_hidden_states,
+    read_export,
+    read_label_embeddings,
+    resolve_guidance,
+)
+from flowmap_jax.flow_config import check_time_values, time_grid
+
+DTYPES = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "gpu")
+COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
+def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
+    """The flags of both sampling commands (`backend` only changes the help text)."""
+    p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
+                                f"flow map (python -m conversion export).", epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
+    p.add_argument("--steps", type=int, default=4, help="number of jumps, on a uniform grid in teacher time from "
+                   "the noise end to the clean end (default 4)")
+    p.add_argument("--timesteps", default=None, help="explicit time grid instead of --steps, comma-separated "
+                   "teacher times from noise to data, e.g. 999,749,499,249,-1")
+    p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noising) noise (default 0)")
+    p.add_argument("--labels", default=None, help="class labels where the export has label embeddings: 'all' "
+                   "(0, 1, ..., K-1 repeated; the default), one label, a comma-separated list (repeated to the "
+                   "batch), or 'null' (unconditional)")
+    p.add_argument("--cond", default=None, help="conditioning file (.safetensors or .npz; .npy = "
+                   "encoder_hidden_states) with encoder_hidden_states (1 or B, L, D), and text_embeds / time_ids "
+                   "for SDXL-style UNets")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale where it was distilled as an input "
+                   "(time_cond_proj_dim); a map with guidance baked in accepts only its own scale")
+    p.add_argument("--gamma", type=float, default=0.0, help="stochastic re-noising in [0, 1] after every jump but "
+                   "the last (0: deterministic)")
+    p.add_argument("--height", type=int, default=None, help="sample height (default: the training shape)")
+    p.add_argument("--width", type=int, default=None, help="sample width (default: the training shape)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="network compute dtype (the sampler's state "
+                   "and the jump coefficients stay float32)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto, cpu, or cuda/gpu (the same)")
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--grid-columns", type=int, default=8, help="images per row of grid.png (default 8)")
+    return p
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """Backend-independent inputs of one sampling call (numpy, channels last).
+
+    noise: (B, H, W, C) float32 at timesteps[0]; renoise: N - 1 arrays like noise (gamma > 0) or None;
+    timesteps: (N + 1,) float64 teacher times; cond: {"encoder_hidden_states": (B, L, D),
+    "added_cond_kwargs": {"text_embeds", "time_ids"}} (float32) or None; guidance_scale: the scale to embed
+    as timestep_cond, or None (no guidance input); labels: (B,) int64 or None.
+    """
+
+    info: ExportInfo
+    noise: np.ndarray
+    renoise: list | None
+    timesteps: np.ndarray
+    gamma: float
+    cond: dict | None
+    guidance_scale: float | None
+    labels: np.ndarray | None
+    dtype: str
+    device: str
+    out: Path
+    grid_columns: int
+    args: dict
+
+
+def parse_timesteps(text: str) -> np.ndarray:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--timesteps must be comma-separated numbers, got {text!r}") from None
+    if len(values) < 2:
+        raise ValueError(f"--timesteps needs at least 2 times (one jump), got {text!r}")
+    return np.asarray(values, np.float64)
+
+
+def needs_encoder_hidden_states(unet_config: dict) -> bool:
+    """True if the UNet has cross-attention blocks (it then needs encoder_hidden_states)."""
+    blocks = list(unet_config.get("down_block_types") or []) + list(unet_config.get("up_block_types") or [])
+    blocks.append(unet_config.get("mid_block_type") or "")
+    return any("CrossAttn" in b for b in blocks)
+
+
+def parse_labels(text: str | None, batch: int, num_labels: int) -> np.ndarray:
+    """--labels -> (B,) int64 (see build_parser); num_labels K (label K is the null label)."""
+    if text is None or text == "all":
+        return np.arange(batch, dtype=np.int64) % num_labels
+    if text == "null":
+        return np.full((batch,), num_labels, np.int64)
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--labels must be 'all', 'null' or comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError("--labels is empty")
+    bad = [v for v in values if not 0 <= v < num_labels]
+    if bad:
+        raise ValueError(f"--labels {bad} outside 0..{num_labels - 1} (this export has {num_labels} labels)")
+    return np.resize(np.asarray(values, np.int64), batch)
+
+
+def _broadcast(name: str, array: np.ndarray, batch: int, ndim: int) -> np.ndarray:
+    array = np.asarray(array, np.float32)
+    if array.ndim != ndim or array.shape[0] not in (1, batch):
+        raise ValueError(f"--cond: {name} has shape {array.shape}; expected {ndim} axes with a leading 1 or the "
+                         f"batch {batch}")
+    return np.ascontiguousarray(np.broadcast_to(array, (batch,) + array.shape[1:]))
+
+
+def read_cond_file(path: str, batch: int) -> dict:
+    """{"encoder_hidden_states": (B, L, D)[, "added_cond_kwargs": {...}]} from a conditioning file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--cond: no file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            tensors = {k: f[k] for k in f.files}
+    elif path.endswith(".npy"):
+        tensors = {"encoder_hidden_states": np.load(path, allow_pickle=False)}
+    else:
+        raise ValueError(f"--cond: {path} must be .safetensors, .npz or .npy")
+    unknown = sorted(set(tensors) - set(COND_KEYS))
+    if unknown:
+        raise ValueError(f"--cond: {path} has unknown tensors {unknown}; expected some of {COND_KEYS}")
+    cond = {}
+    if "encoder_hidden_states" in tensors:
+        cond["encoder_hidden_states"] = _broadcast("encoder_hidden_states", tensors["encoder_hidden_states"], batch, 3)
+    if "text_embeds" in tensors or "time_ids" in tensors:
+        if not ("text_embeds" in tensors and "time_ids" in tensors):
+            raise ValueError(f"--cond: {path} must hold both text_embeds and time_ids, or neither")
+        cond["added_cond_kwargs"] = {"text_embeds": _broadcast("text_embeds", tensors["text_embeds"], batch, 2),
+                                     "time_ids": _broadcast("time_ids", tensors["time_ids"], batch, 2)}
+    return cond
+
+
+def prepare(args: argparse.Namespace) -> SampleRequest:
+    """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning."""
+    info = read_export(args.model)
+    config = info.config
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.timesteps is not None:
+        grid = parse_timesteps(args.timesteps)
+        check_time_values(config.schedule, grid, "--timesteps")
+    else:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        grid = time_grid(config.schedule, args.steps)
+    if not 0.0 <= args.gamma <= 1.0:
+        raise ValueError(f"--gamma must lie in [0, 1], got {args.gamma}")
+    if args.gamma > 0 and not np.all(np.diff(grid) < 0):
+        raise ValueError("--gamma > 0 needs a decreasing time grid (from noise to data)")
+    h, w, c = default_sample_shape(info)
+    shape = (args.height or h, args.width or w, c)
+    jumps = grid.shape[0] - 1
+    noise, renoise = initial_noise(args.seed, args.batch, shape, jumps - 1 if args.gamma > 0 else 0)
+
+    cond, labels = {}, None
+    if args.cond is not None:
+        cond.update(read_cond_file(args.cond, args.batch))
+    if config.label_embeddings is not None and "encoder_hidden_states" not in cond:
+        table = read_label_embeddings(config.label_embeddings)
+        labels = parse_labels(args.labels, args.batch, table.shape[0] - 1)
+        cond["encoder_hidden_states"] = labels_to_encoder_hidden_states(table, labels)
+    elif args.labels is not None:
+        raise ValueError("--labels needs an export with label embeddings (label_embeddings.safetensors); this one "
+                         "has none" + (" (or --cond already gives encoder_hidden_states)" if args.cond else ""))
+    if needs_encoder_hidden_states(info.unet_config) and "encoder_hidden_states" not in cond:
+        raise ValueError(f"{info.folder} is a cross-attention UNet: give encoder_hidden_states with --cond FILE "
+                         "(it has no label embeddings)")
+    if info.unet_config.get("addition_embed_type") == "text_time" and "added_cond_kwargs" not in cond:
+        raise ValueError(f"{info.folder} is an SDXL-style UNet: --cond must hold text_embeds and time_ids")
+    guidance = resolve_guidance(config, args.guidance)
+    return SampleRequest(info=info, noise=noise, renoise=renoise if args.gamma > 0 else None, timesteps=grid,
+                         gamma=float(args.gamma), cond=cond or None, guidance_scale=guidance, labels=labels,
+                         dtype=args.dtype, device=args.device, out=Path(args.out),
+                         grid_columns=max(1, int(args.grid_columns)), args=vars(args))
+
+
+def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
+    """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
+    from flowmap_jax.reporting import save_grid
+
+    samples = np.asarray(samples, np.float32)
+    out = request.out
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"samples": out / "samples.npy", "noise": out / "noise.npy", "grid": out / "grid.png",
+             "info": out / "sample_info.json"}
+    np.save(paths["samples"], samples)
+    np.save(paths["noise"], request.noise)
+    if request.labels is not None:
+        paths["labels"] = out / "labels.npy"
+        np.save(paths["labels"], request.labels)
+    jumps = request.timesteps.shape[0] - 1
+    cols = request.grid_columns
+    rows = []
+    for r, start in enumerate(range(0, samples.shape[0], cols)):
+        name = f"{jumps} jump{'s' if jumps > 1 else ''}" if r == 0 else ""
+        rows.append((name, samples[start:start + cols]))
+    save_grid(str(paths["grid"]), rows)
+    info = {"backend": backend, "device": device, "dtype": request.dtype, "seconds": round(seconds, 3),
+            "model": str(request.info.folder), "timesteps": [float(t) for t in request.timesteps],
+            "gamma": request.gamma, "guidance_scale": request.guidance_scale,
+            "labels": None if request.labels is None else request.labels.tolist(),
+            "shape": list(samples.shape), "layout": "(B, H, W, C)", "flags": request.args}
+    paths["info"].write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return paths
+
+
+def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
+    """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
+    Exit codes: 0 done, 2 bad flags or a folder that is not a flow-map export."""
+    args = build_parser(prog, backend).parse_args(argv)
+    try:
+        request = prepare(args)
+        start = time.perf_counter()
+        samples, device = run(request)
+        seconds = time.perf_counter() - start
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = write_outputs(request, samples, backend, seconds, device)
+    print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
+          f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
+    return 0
