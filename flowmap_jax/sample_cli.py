@@ -53,7 +53,8 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="number of jumps, on a uniform grid in teacher time from "
                    "the noise end to the clean end (default 4)")
     p.add_argument("--timesteps", default=None, help="explicit time grid instead of --steps, comma-separated "
-                   "teacher times from noise to data, e.g. 999,749,499,249,-1")
+                   "teacher times from noise to data, e.g. 999,749,499,249,-1 (a grid that starts with a minus sign "
+                   "needs the = form: --timesteps=-1,999)")
     p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noising) noise (default 0)")
     p.add_argument("--labels", default=None, help="class labels where the export has label embeddings: 'all' "

@@ -234,3 +234,23 @@ def test_jax_bf16_close_to_fp32(run, loaded):
     ref = jax_sample.sample(loaded_jax, noise, grid, cond)
     out = jax_sample.sample(low, noise, grid, cond)
     assert float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))) < 0.1
+
+
+def test_corrupted_newest_checkpoint_falls_back(run, tmp_path, capsys):
+    """Like the trainer's resume: a newest checkpoint whose arrays do not match their fingerprint is
+    skipped (said on stdout) for the previous one; asked for by step, it is an error."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run["run"], copy)
+    meta_path = copy / "checkpoints" / "7" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprint"] = meta["fingerprint"][:2] + [v * 1.5 + 1.0 for v in meta["fingerprint"][2:]]
+    meta_path.write_text(json.dumps(meta))
+    assert conversion_main(["export", str(copy), str(tmp_path / "out")]) == 0
+    assert "checkpoint at step 7 is unusable" in capsys.readouterr().out
+    assert read_export(tmp_path / "out").metadata["provenance"]["step"] == 5
+    assert conversion_main(["export", str(copy), str(tmp_path / "out7"), "--step", "7"]) == 2
+    assert "do not match the fingerprint" in capsys.readouterr().err
+    assert conversion_main(["export", str(copy), str(tmp_path / "out9"), "--step", "9"]) == 2
+    assert "no checkpoint for step 9" in capsys.readouterr().err
