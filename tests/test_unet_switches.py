@@ -50,7 +50,7 @@ def test_bf16_compute_keeps_fp32_parameters_and_stays_close(setup):
     assert bf16.dtype == jnp.float32  # output follows the input sample's dtype
     rel = float(jnp.max(jnp.abs(bf16 - fp32)) / jnp.max(jnp.abs(fp32)))
     assert 0 < rel < 5e-2, rel
-    fresh = init_unet_params(CONFIG, jax.random.key(0), dtype=jnp.bfloat16)
+    fresh = jax.eval_shape(lambda: bf16_model.init(jax.random.key(0), **dummy_inputs(CONFIG)))
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(fresh)} == {jnp.dtype(jnp.float32)}
 
 
