@@ -86,7 +86,11 @@ def _write_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Pa
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp create private (0700/0600) entries
+        for entry in tmp.iterdir():
+            os.chmod(entry, 0o666 & ~umask)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out_dir, old)
@@ -125,7 +129,8 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
         scale is an input.
     flow_map_config: schedule, prediction type, guidance, conditioning (`export_format.FlowMapConfig`).
     provenance: free-form JSON-able dict (teacher, objectives, steps, ...; `run_provenance` builds the
-        trainer's); "date" (UTC, ISO 8601, or `exported_at`) and "flowmap_jax_version" are added.
+        trainer's); "date" (of this export: UTC, ISO 8601, or `exported_at`) and "flowmap_jax_version" are
+        set.
     Returns the folder (absolute). Atomic: see `_write_folder_atomically`.
     """
     if not isinstance(flow_map_config, FlowMapConfig):
@@ -144,9 +149,8 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
                       "labels_to_encoder_hidden_states": "weight[labels][:, None, :] -> (B, 1, D); row K (the "
                                                          "null label) is the unconditional embedding"}
     provenance = dict(provenance or {})
-    provenance.setdefault("date", exported_at or datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"))
-    provenance.setdefault("flowmap_jax_version", __version__)
+    provenance["date"] = exported_at or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    provenance["flowmap_jax_version"] = __version__
     meta = flow_map_metadata(flow_map_config, config_dict, provenance, label_info, version=__version__)
     meta_bytes = (json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n").encode()
 
@@ -257,8 +261,6 @@ def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
     import jax
     import orbax.checkpoint as ocp
 
-    from flowmap_jax import checkpointing
-
     meta_path = step_dir / "meta" / "metadata"
     try:
         meta = json.loads(meta_path.read_text())
@@ -284,17 +286,34 @@ def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
                                   f"{str(err).splitlines()[0] if str(err) else ''}") from None
     params = restored["train_state"][name]
     # The checkpoint's fingerprint: (sum, sum of squares) per leaf of TrainState(step, params, ema_params, ...).
-    n = len(jax.tree.leaves(params))
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    n = len(leaves)
     offset = 2 * (1 + (n if weights == "ema" else 0))
     saved = list(meta.get("fingerprint") or [])
     if len(saved) < 2 * (1 + 2 * n):
         raise CheckpointError(f"{meta_path}: its fingerprint has {len(saved)} values, too few for "
                               f"{n} parameter arrays (not a checkpoint of this flow map?)")
-    ours = np.asarray(jax.device_get(checkpointing.fingerprint(params)), np.float64)
-    if not checkpointing.fingerprints_match(ours, saved[offset:offset + 2 * n]):
-        raise CheckpointError(f"{state_dir}: the {name} arrays do not match the fingerprint written with them "
-                              "(a corrupted checkpoint)")
+    bad = [jax.tree_util.keystr(path) for i, (path, leaf) in enumerate(leaves)
+           if not _leaf_matches_fingerprint(leaf, saved[offset + 2 * i], saved[offset + 2 * i + 1])]
+    if bad:
+        raise CheckpointError(f"{state_dir}: the {name} arrays {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
+                              "match the fingerprint written with them (a corrupted checkpoint)")
     return jax.tree.map(np.asarray, params), meta
+
+
+def _leaf_matches_fingerprint(leaf, saved_sum: float, saved_sumsq: float) -> bool:
+    """Compares one array with the (sum, sum of squares) the trainer saved (`checkpointing.fingerprint`,
+    float32 reductions on whatever device trained). Ours are float64, so the tolerance covers float32
+    accumulation error, which grows with the size n: |sum| within 1e-4 relative plus 1e-5 * sqrt(n * sumsq)
+    (about 100 float32 epsilons times n * rms), the sum of squares within 1e-3 relative. A corrupted
+    block of more than about 1e-3 of an array's entries (or any non-finite value) fails."""
+    x = np.asarray(leaf, np.float64)
+    total, sumsq = float(x.sum()), float(np.square(x).sum())
+    if not (np.isfinite(total) and np.isfinite(sumsq)):
+        return False
+    ok_sum = abs(saved_sum - total) <= 1e-4 * abs(total) + 1e-5 * np.sqrt(x.size * sumsq) + 1e-6
+    ok_sumsq = abs(saved_sumsq - sumsq) <= 1e-3 * sumsq + 1e-6
+    return bool(ok_sum and ok_sumsq)
 
 
 def read_checkpoint_params(source, weights: str = "ema", step: int | None = None,
@@ -444,7 +463,8 @@ def run_provenance(config, step: int | None = None, **extra) -> dict:
         "teacher": {"path": config.teacher.path, "subfolder": config.teacher.subfolder,
                     "scheduler_subfolder": config.teacher.scheduler_subfolder,
                     "guidance_scale": config.teacher.guidance_scale, "weak_path": config.teacher.weak_path or None},
-        "objectives": [{"name": n, "weight": float(w)} for n, w in zip(config.objective.names, config.objective.weights)],
+        "objectives": [{"name": n, "weight": float(w)}
+                       for n, w in zip(config.objective.names, config.objective.weights)],
         "objective_options": options,
         "step": step,
         "total_steps": config.run.steps,

@@ -423,7 +423,8 @@ def resolve_guidance(config: FlowMapConfig, guidance_scale: float | None) -> flo
                                                        rel_tol=1e-6, abs_tol=1e-6):
         raise ValueError(
             f"this flow map has no guidance input (config.json has no time_cond_proj_dim): it reproduces the teacher "
-            f"guided at scale {config.guidance_scale} ({config.guidance}); --guidance {guidance_scale} cannot change it")
+            f"guided at scale {config.guidance_scale} ({config.guidance}); --guidance {guidance_scale} cannot "
+            "change it")
     return None
 
 

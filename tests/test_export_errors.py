@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from conversion import ConversionError, save_diffusers_unet
@@ -192,3 +191,27 @@ def test_sample_flag_errors(good, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (flags, err)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_trainers_export_call(good, tmp_path):
+    """What `assembly.build`'s export hook calls at the end of a run (digits-style: CFG baked in at 2.0)."""
+    import json as _json
+
+    from conversion.export import flow_map_config_from_train_config, run_provenance
+    from flowmap_jax import presets
+    from flowmap_jax.flow_config import add_target_time_hook_config
+
+    teacher = os.path.join(good["root"], "teacher")
+    config = presets.TrainConfig(teacher=presets.TeacherConfig(path=teacher, guidance_scale=2.0),
+                                 data=presets.DataConfig(sample_shape=eh.SAMPLE_SHAPE))
+    flow_config = add_target_time_hook_config(eh.TEACHER_UNET_CONFIG)  # assembly's student config
+    params = eh.random_params(flow_config)
+    folder = export_flow_map(params, flow_config, flow_map_config_from_train_config(config), tmp_path / "export",
+                             run_provenance(config, 1200, weights="ema"))
+    info = read_export(folder)
+    assert info.config.guidance == "cfg" and not info.config.guidance_embedded and info.config.guidance_scale == 2.0
+    assert info.metadata["provenance"]["step"] == 1200 and info.metadata["provenance"]["objectives"][0]["name"]
+    assert _json.loads(open(os.path.join(folder, "config.json")).read()).get("time_cond_proj_dim") is None
+    with pytest.raises(FileNotFoundError, match="no scheduler_config.json in"):
+        flow_map_config_from_train_config(presets.TrainConfig(teacher=presets.TeacherConfig(
+            path=str(tmp_path), scheduler_subfolder="scheduler")))
