@@ -50,6 +50,7 @@ class RunConfig:
     progress_bar: bool = True  # tqdm bar with loss, steps/s and ETA (process 0 only)
     export: bool = True  # write the trained flow map (EMA weights) as a diffusers folder at the end
     quality_samples: int = 500  # samples per row of the final quality table (0: skip the table)
+    compilation_cache: str = "auto"  # persistent XLA cache folder; auto: $JAX_COMPILATION_CACHE_DIR or ~/.cache/flowmap_jax/xla; "": off
 
 
 @dataclass

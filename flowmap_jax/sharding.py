@@ -30,8 +30,8 @@ BATCH_SPEC = P(BATCH_AXES)
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     """A (data, fsdp) mesh over `devices` (default: all devices of all processes).
 
-    data == -1 takes all devices not used by fsdp. Raises ValueError when the sizes do not
-    multiply to the device count.
+    data == -1 takes all devices not used by fsdp. A single process may use its first data * fsdp
+    devices; otherwise the sizes must multiply to the device count (ValueError).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -39,6 +39,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
         raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} available devices")
     if data == -1:
         data = n // fsdp
+    if data * fsdp < n and jax.process_count() == 1:
+        devices, n = devices[:data * fsdp], data * fsdp  # a subset of one process's devices
     if data * fsdp != n:
         raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} but {n} devices are available "
                          f"(use --mesh.data -1 to take all)")

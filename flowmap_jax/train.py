@@ -15,7 +15,8 @@ The story of a run, top to bottom in `run`:
   5. resume: newest good checkpoint of this run (or `--resume PATH`), data position included;
   6. a baseline: the untrained flow map's 1-jump error against the teacher's 50-step ODE solution;
   7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
-  8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers folder.
+  8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
+     folder, and finished.json (a rerun of a finished run does nothing).
 
 Exit codes: 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN loss, bad data,
 missing teacher...), 2 bad command-line flags.
@@ -61,7 +62,8 @@ class RunResult:
 def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult:
     """One training run as `config` describes. `build(config, mesh) -> assembly.Parts` makes the
     teacher, flow map, objectives, data and samplers (default `assembly.build`; tests pass stand-ins)."""
-    # 1. Processes and devices.
+    # 1. Processes and devices (and the persistent compilation cache: a rerun skips compiling).
+    _use_compilation_cache(config.run.compilation_cache)
     process = distributed.initialize(config.distributed)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
     if config.data.batch_size % sh.num_batch_shards(mesh):
@@ -153,8 +155,8 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     # 8. The end: grid, quality table, export (skipped when stopped early).
     step = int(jax.device_get(state.step))
     quality = None
-    if status == "done" and (start_step < config.run.steps
-                             or not os.path.exists(os.path.join(run_dir, "quality.json"))):
+    finished_marker = os.path.join(run_dir, "finished.json")
+    if status == "done" and (start_step < config.run.steps or not os.path.exists(finished_marker)):
         evaluator.grid(state.ema_params, step)
         if config.run.quality_samples > 0:
             quality = evaluator.quality_table(state.ema_params, history, step)
@@ -164,6 +166,12 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
                 folder = parts.export(ema_host, os.path.join(run_dir, "export"),
                                       {"step": step, "config": config.to_dict()})
                 reporter.message(f"exported the flow map (EMA weights) to {folder}")
+        if process.is_main:
+            with open(finished_marker, "w") as f:
+                json.dump({"step": step, "time": time.time(), "info": parts.info}, f, indent=2, default=str)
+    elif status == "done":
+        reporter.message(f"the run in {run_dir} is already finished at step {step} (finished.json); "
+                         f"raise --run.steps to train on")
     reporter.close()
     checkpointer.close()
     distributed.sync("end of run")
@@ -172,6 +180,23 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
 
 # --------------------------------------------------------------------------------------------------
 # Helpers of the story above.
+
+def _use_compilation_cache(setting: str) -> None:
+    """Persist compiled programs across runs: "auto" uses $JAX_COMPILATION_CACHE_DIR if set, else
+    ~/.cache/flowmap_jax/xla (or $XDG_CACHE_HOME/flowmap_jax/xla); "" leaves JAX's default (off)."""
+    if not setting:
+        return
+    if setting == "auto":
+        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            return  # JAX reads it itself
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        setting = os.path.join(base, "flowmap_jax", "xla")
+    try:
+        os.makedirs(setting, exist_ok=True)
+    except OSError:
+        return  # a read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", setting)
+
 
 def _to_host(tree):
     """Global arrays (possibly sharded over processes) -> numpy on every process."""

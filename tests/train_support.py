@@ -186,12 +186,23 @@ def make_tiny_teacher(folder, seed=0, label_embeddings=True):
     from safetensors.numpy import save_file
 
     from conversion import save_diffusers_unet
-    from flowmap_jax.unet import UNetConfig, init_unet_params
+    from flowmap_jax.unet import UNetConfig, abstract_unet_params
 
     folder = str(folder)
     config = dict(TINY_UNET_CONFIG, _class_name="UNet2DConditionModel")
-    params = init_unet_params(UNetConfig.from_dict(config), jax.random.key(seed))
-    save_diffusers_unet(jax.tree.map(np.asarray, params), config, os.path.join(folder, "unet"))
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):  # LeCun-normal kernels, zero biases, unit norm scales (no compilation)
+        name = str(path[-1].key)
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if len(leaf.shape) < 2:
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(init, abstract_unet_params(UNetConfig.from_dict(config)))
+    save_diffusers_unet(params, config, os.path.join(folder, "unet"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         _json.dump(TINY_SCHEDULER_CONFIG, f)

@@ -1,0 +1,95 @@
+"""End to end: the trainer on a real diffusers teacher folder (the embedded digits teacher, or a tiny
+random one), from the command line's entry point, and its clear errors.
+
+`test_default_preset_short_run` is the default job with fewer steps and samples: training lowers the
+1-jump error against the teacher's 50-step DDIM solution compared with the untrained flow map (which
+is the teacher's own DDIM step), and the run folder holds what it should.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flowmap_jax import assembly, train
+from tests import train_support
+
+EMBEDDED = os.path.isdir(os.path.join(assembly.embedded_teacher_folder(), "unet"))
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    return train_support.make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def _quality(run_dir):
+    with open(os.path.join(run_dir, "quality.json")) as f:
+        return {row["sampler"]: row for row in json.load(f)["rows"]}
+
+
+def _short(run_dir, *flags):
+    return ["--run.dir", str(run_dir), "--mesh.data", "1", "--run.progress_bar", "false", *flags]
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="the embedded digits teacher is not in this checkout")
+def test_default_preset_short_run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert train.main(_short(run_dir, "--run.steps", "60", "--run.quality_samples", "40",
+                             "--run.checkpoint_every", "30")) == 0
+    rows = _quality(run_dir)
+    assert rows["flow map 1 jump"]["mse_to_teacher"] < rows["flow map 1 jump, untrained"]["mse_to_teacher"]
+    for name in ("checkpoints/30", "checkpoints/60", "samples/step_000060.png", "quality.md",
+                 "export/config.json", "export/diffusion_pytorch_model.safetensors", "metrics.jsonl",
+                 "config.json"):
+        assert (run_dir / name).exists(), name
+    assert "frechet_distance" in rows["flow map 2 jumps"]
+
+
+def test_tiny_teacher_folder_run_writes_the_run_folder(tmp_path, tiny_teacher):
+    """The whole job on a user's diffusers folder (a tiny random UNet: mechanics only, no learning)."""
+    run_dir = tmp_path / "run"
+    flags = _short(run_dir, "--teacher", tiny_teacher, "--run.steps", "4", "--data.batch_size", "8",
+                   "--run.quality_samples", "0", "--run.checkpoint_every", "2", "--sample.teacher_steps", "2",
+                   "--sample.grid_columns", "4", "--sample.jumps", "1,2")
+    assert train.main(flags) == 0
+    export = run_dir / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["class_embed_type"] == "timestep"
+    assert (export / "diffusion_pytorch_model.safetensors").exists()
+    assert (run_dir / "samples" / "step_000004.png").exists()
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [4] and np.isfinite(records[0]["loss"])
+    # Running again finds the finished run: nothing to train, nothing rewritten.
+    mtime = (export / "config.json").stat().st_mtime
+    assert train.main(flags) == 0
+    assert (export / "config.json").stat().st_mtime == mtime
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    assert train.main(_short(tmp_path / "run", "--teacher", str(tmp_path / "no_such_teacher"))) == 1
+    err = capsys.readouterr().err
+    assert "error: --teacher.path" in err and "no_such_teacher" in err
+
+
+def test_wrong_data_shape_is_a_clear_error(tmp_path, tiny_teacher, capsys):
+    assert train.main(_short(tmp_path / "run", "--teacher", tiny_teacher, "--data.sample_shape", "8,8,1")) == 1
+    err = capsys.readouterr().err
+    assert "(16, 16, 1)" in err and "(8, 8, 1)" in err and "--data.sample_shape" in err
+
+
+def test_guidance_without_unconditional_embedding_is_a_clear_error(tmp_path, capsys):
+    folder = train_support.make_tiny_teacher(tmp_path / "teacher", label_embeddings=False)
+    assert train.main(_short(tmp_path / "run", "--teacher", folder, "--teacher.guidance_scale", "3")) == 1
+    assert "--teacher.guidance_scale" in capsys.readouterr().err
+
+
+def test_unknown_objective_is_a_flag_error(tmp_path, tiny_teacher, capsys):
+    assert train.main(_short(tmp_path / "run", "--teacher", tiny_teacher, "--objective.names", "eulerain")) == 2
+    assert "eulerain" in capsys.readouterr().err
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, capsys):
+    assert train.main(["--run.dir", str(tmp_path / "run"), "--data.batch_size", "12"]) == 1
+    assert "--data.batch_size 12" in capsys.readouterr().err
