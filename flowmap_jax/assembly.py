@@ -18,10 +18,9 @@
   "step" (the optimiser step, for the tangent warm-up).
 - Samplers: flow map with N jumps on `flow_config.time_grid(schedule, N)` (uniform in teacher time
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
-- Export: the EMA weights as a diffusers folder (`conversion.save_diffusers_unet`) with the
-  target-time hook in its config.json, plus `flowmap.json` (schedule, prediction type, what the hooks
-  mean, provenance). Issue 5's export command, once it lands, should be the one place that writes
-  this; `export_flow_map` below is the hook to switch over.
+- Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
+  with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
+  `python -m conversion export RUN_DIR OUT`.
 """
 
 from __future__ import annotations
@@ -32,9 +31,6 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-
-FLOWMAP_JSON = "flowmap.json"
-
 
 class TeacherNotFound(FileNotFoundError):
     """The teacher folder, its UNet or its scheduler cannot be found or read."""
@@ -219,10 +215,11 @@ def build(config, mesh) -> Parts:
     quality = _quality_function(config, conditioner)
 
     def export(params, folder, provenance):
-        return export_flow_map(params, flow_config, folder, schedule, prediction_type, dict(
-            provenance, teacher=config.teacher.path, teacher_subfolder=config.teacher.subfolder,
-            guidance_scale=guidance_scale, objectives=list(config.objective.names),
-            objective_weights=list(config.objective.weights)))
+        from conversion.export import export_flow_map, flow_map_config_from_train_config, run_provenance
+
+        provenance = run_provenance(config, provenance.get("step"), weights="ema")
+        return str(export_flow_map(params, flow_config, flow_map_config_from_train_config(config), folder,
+                                   provenance))
 
     n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
     info = {"teacher": path, "unet_parameters": n_params, "schedule": schedule.kind,
@@ -245,24 +242,3 @@ def _quality_function(config, conditioner):
         return {k: float(v) for k, v in dict(report).items() if isinstance(v, (int, float, np.floating))}
 
     return quality
-
-
-def export_flow_map(params, unet_config: dict, folder: str, schedule, prediction_type: str,
-                    provenance: dict) -> str:
-    """Write the flow map as a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors`
-    (a stock UNet2DConditionModel with class_embed_type="timestep") and `flowmap.json`."""
-    from conversion import save_diffusers_unet
-
-    save_diffusers_unet(params, unet_config, folder)
-    meta = {
-        "format": "flowmap-jax/1",
-        "schedule": schedule.to_dict(),
-        "prediction_type": prediction_type,
-        "target_time": "class_labels (class_embed_type='timestep'): the jump's target time t, in the teacher's "
-                       "timestep units; the UNet's timestep is the source time s",
-        "map": "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat from the UNet's prediction at (x_s, s) told t",
-        "provenance": provenance,
-    }
-    with open(os.path.join(folder, FLOWMAP_JSON), "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    return folder
