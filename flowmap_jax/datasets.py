@@ -340,3 +340,46 @@ class BatchStream:
 
     def __next__(self) -> dict:
         return self.next()
+
+
+class Prefetcher:
+    """Draws the next `depth` batches of a `BatchStream` in a background thread (data loading overlaps
+    the device's step). `position` counts the batches handed out (what a checkpoint must record),
+    not the ones drawn ahead. Errors in the thread are raised by `next`."""
+
+    def __init__(self, stream: BatchStream, depth: int = 2):
+        import queue
+        import threading
+
+        self.position = stream.position
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+
+        def work():
+            while not self._stop.is_set():
+                try:
+                    item = (stream.next(), None)
+                except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                    item = (None, error)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item[1] is not None:
+                    return
+
+        self._thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def next(self) -> dict:
+        batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        self.position += 1
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -102,15 +102,16 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
 
     stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
                                   process.index, process.count, position=data_position)
+    batches = datasets.Prefetcher(stream, depth=2)
     reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
                                   progress_bar=config.run.progress_bar)
     reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
                      f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
-                     f"steps {start_step} -> {config.run.steps}")
+                     f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
 
     # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
     evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
-    if "baseline" not in history and config.run.quality_samples > 0:
+    if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
         history["baseline"] = evaluator.one_jump_error(state.ema_params)
         reporter.message(f"untrained flow map: 1-jump MSE to the teacher's {config.sample.teacher_steps}-step "
                          f"solution {history['baseline']:.5f}")
@@ -124,7 +125,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     last_saved = start_step
     try:
         for step in range(start_step + 1, config.run.steps + 1):
-            batch = sh.put_batch(mesh, _require_shape(stream.next(), config, step))
+            batch = sh.put_batch(mesh, _require_shape(batches.next(), config, step))
             state, metrics = train_step(state, teacher, batch, rng)
             _check_finite(pending, last_saved, checkpointer)
             pending = (step, metrics)
@@ -137,7 +138,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
             preempted = guard.reached(step)
             if step % config.run.checkpoint_every == 0 or preempted or step == config.run.steps:
                 _check_finite(pending, last_saved, checkpointer)
-                checkpointer.save(state, rng, stream.position, extra=history, wait=preempted)
+                checkpointer.save(state, rng, batches.position, extra=history, wait=preempted)
                 last_saved = step
             if preempted:
                 reporter.message(f"{guard.signal_name or 'preemption'}: saved the checkpoint at step {step} in "
@@ -151,6 +152,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         raise
     finally:
         guard.close()
+        batches.close()
 
     # 8. The end: grid, quality table, export (skipped when stopped early).
     step = int(jax.device_get(state.step))

@@ -113,3 +113,26 @@ def test_image_folder_with_class_subfolders(tmp_path):
     np.testing.assert_allclose(batch["x0"][0], -1.0)
     np.testing.assert_allclose(batch["x0"][1], 80 / 127.5 - 1, atol=1e-6)
     np.testing.assert_array_equal(batch["cond"]["encoder_hidden_states"][:, 0], table[[0, 1]])
+
+
+def test_prefetcher_keeps_order_and_counts_what_it_hands_out():
+    data = _dataset()
+    reference = datasets.BatchStream(data, 4, seed=1, position=3)
+    prefetch = datasets.Prefetcher(datasets.BatchStream(data, 4, seed=1, position=3), depth=2)
+    try:
+        for _ in range(5):
+            np.testing.assert_array_equal(prefetch.next()["x0"], reference.next()["x0"])
+        assert prefetch.position == 8
+    finally:
+        prefetch.close()
+
+    class Broken:
+        position = 0
+
+        def next(self):
+            raise datasets.DataError("bad batch")
+
+    failing = datasets.Prefetcher(Broken())
+    with pytest.raises(datasets.DataError, match="bad batch"):
+        failing.next()
+    failing.close()
