@@ -1,7 +1,7 @@
 """Training configuration: typed dataclasses, the presets as data, and the command-line overrides.
 
     python -m flowmap_jax.train                                 # the `digits` preset (default)
-    python -m flowmap_jax.train --preset sd15 --teacher.path runwayml/stable-diffusion-v1-5 \\
+    python -m flowmap_jax.train --preset sd15 --teacher.path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --data.source shards --data.path /data/laion_shards --mesh.fsdp 8
     python -m flowmap_jax.train --optim.lr 3e-4 --run.steps 2000   # any field, `--section.field value`
     python -m flowmap_jax.train --lr 3e-4 --steps 2000             # short form where the name is unique
@@ -195,7 +195,7 @@ def sd15() -> TrainConfig:
         preset="sd15",
         run=RunConfig(dir="runs/sd15", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
                       keep_checkpoints=3, quality_samples=0),
-        teacher=TeacherConfig(path="runwayml/stable-diffusion-v1-5", subfolder="unet",
+        teacher=TeacherConfig(path="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet",
                               scheduler_subfolder="scheduler", guidance_scale=4.5),
         model=ModelConfig(dtype="bfloat16", remat=True),
         data=DataConfig(source="shards", path="", batch_size=256, image_size=512,

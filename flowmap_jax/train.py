@@ -2,7 +2,7 @@
 
     python -m flowmap_jax.train                  # embedded digits teacher, CPU, a few minutes
     python -m flowmap_jax.train --help           # every field of the configuration
-    python -m flowmap_jax.train --preset sd15 --teacher.path runwayml/stable-diffusion-v1-5 \\
+    python -m flowmap_jax.train --preset sd15 --teacher.path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --data.source shards --data.path /data/shards      # 8 GPUs: data parallel over all of them
     COORDINATOR_ADDRESS=host0:1234 NUM_PROCESSES=2 PROCESS_ID=$RANK python -m flowmap_jax.train ...
 

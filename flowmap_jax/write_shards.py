@@ -11,7 +11,7 @@ examples plus their conditioning, so training reads arrays and runs no VAE or te
     # an image folder through a diffusers VAE, captions (<image>.txt) through a CLIP text encoder
     # (needs the [torch] extra, and `transformers` for captions)
     python -m flowmap_jax.write_shards --out /data/sd_shards --source folder --images /data/images \\
-        --vae runwayml/stable-diffusion-v1-5 --text-encoder runwayml/stable-diffusion-v1-5 --image-size 512
+        --vae stable-diffusion-v1-5/stable-diffusion-v1-5 --text-encoder stable-diffusion-v1-5/stable-diffusion-v1-5 --image-size 512
 
 Then: `python -m flowmap_jax.train --data.source shards --data.path /data/sd_shards ...`.
 Latents are NHWC and already multiplied by the VAE's `scaling_factor` (what the UNet sees).
