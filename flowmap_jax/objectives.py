@@ -9,21 +9,26 @@ tests, debugging), "noise" (x0's shape), "t_source", "t_target", "t_mid" ((B,) t
 "guidance_scale" ((B,)), each replacing what would otherwise be drawn from `rng` (a jax PRNG key).
 x_s = alpha_s x0 + sigma_s noise is the noised data at the source time.
 
-Objectives (X the flow map, v the guided teacher velocity, tau = t / time_unit normalised time, sg the
-stop-gradient):
+Objectives (X the flow map, v the guided teacher velocity, sg the stop-gradient). Derivatives are taken
+with respect to the angle theta_t = arctan(sigma_t / alpha_t) in [0, pi/2] (`schedules.angle`; alpha =
+cos theta, sigma = sin theta for VP schedules, TrigFlow's time): unit-free, so loss weights do not depend on
+the teacher's units (0..999 or [0, 1]), and the PF-ODE velocity dx/dtheta is bounded at both ends, where
+dx/dt is not (DDPM's sigma grows like sqrt(t + 1) at the clean end; in t units the residuals near t = 0
+swamp the rest and training stalls). d/dtheta = (dt/dtheta) d/dt, with dt/dtheta = 1 / `schedules.dtheta_dt`.
 - `pairs`: |X(x_s, s, t) - sg(Phi(x_s, s, t))|^2, Phi the teacher's PF-ODE solution from s to t
-  (`teacher_steps` steps of `teacher_solver`).
-- `lagrangian` (LMD/LSD): r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau.
-- `eulerian` (EMD/ESD, Align Your Flow): r = d/dtau X(x_tau, tau, t) along the teacher's ODE
-  = dX/ds + dX/dx . v(x_s, s), times dt/dtau.
+  (`teacher_steps` steps of `teacher_solver`, `samplers.teacher_solve`).
+- `lagrangian` (LMD/LSD): r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta.
+- `eulerian` (EMD/ESD, Align Your Flow): r = d/dtheta_s X(x_s, s, t) along the teacher's ODE
+  = (dX/ds + dX/dx . v(x_s, s)) ds/dtheta.
 - `progressive` (PSD/shortcut): |X(x_s, s, t) - sg(X(X(x_s, s, u), u, t))|^2 with u uniform between s and t,
-  plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 dt/dtau, v_X the map's velocity at t = s
+  plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 ds/dtheta, v_X the map's velocity at t = s
   (d/dt X(x_s, s, t) at t = s, i.e. the velocity of F(x_s, s, s)).
-Residual forms of the JVP objectives (`residual_form`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the
-(normalised) residual signed so that X moves towards its better-anchored neighbour (eulerian: r' =
-sign(s - t) r, the sCM/AYF target X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target
-Phi(X(x_s, s, t + dt), t + dt -> t)); its value is |r'|^2 and it needs no backward pass through the JVP.
-"direct" minimises |r|^2 through the JVP.
+Residual forms of the JVP objectives (`residual_form`, default "auto": stopgrad for eulerian, direct for
+lagrangian): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised) residual signed so that X
+moves towards its better-anchored neighbour (eulerian: r' = sign(s - t) r, the sCM/AYF target
+X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s, t + dt), t + dt -> t)); its
+value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
+The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`).
 
 Switches (`flow_config.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
@@ -31,7 +36,8 @@ teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [ma
 1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
 
 Losses are per-example means over non-batch axes, then means over the batch. Metrics: "loss" and
-"residual_rms" (root mean square of the raw residual, before normalisation or weighting).
+"residual_rms" (root mean square of the residual or error, after the jump-scale normalisation and before
+tangent normalisation or adaptive weighting).
 """
 
 from __future__ import annotations
@@ -95,18 +101,23 @@ def finite_difference_jvp(fn, primals, tangents, eps: float):
 
 
 def _jvp(fn, primals, tangents, options: ObjectiveOptions):
-    """jvp with tangents given per unit of normalised time tau."""
+    """jax.jvp, or its central-difference stand-in (options.jvp)."""
     if options.jvp == "finite_difference":
         return finite_difference_jvp(fn, primals, tangents, options.fd_eps)
     return jax.jvp(fn, primals, tangents)
 
 
 def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
-    """[lo, hi] where an objective may evaluate the teacher (and, with fd, centre a difference stencil)."""
-    unit = schedule.time_unit
-    margin = options.fd_eps * unit if fd else 0.0
-    lo = max(schedule.t_eval_min, schedule.t_clean + max(1e-3 * unit, margin))
-    return lo, schedule.t_noise - margin
+    """[lo, hi] (floats) where an objective may evaluate the teacher and, with fd, centre a difference
+    stencil t +- fd_eps dt/dtheta (kept inside the schedule with a factor-2 margin)."""
+    lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)
+    hi = schedule.t_noise
+    if fd:
+        with jax.ensure_compile_time_eval():
+            rates = schedules.dtheta_dt(schedule, jnp.asarray([lo, hi], jnp.float32))
+            lo_margin, hi_margin = (2.0 * options.fd_eps / float(r) for r in rates)
+        lo, hi = lo + lo_margin, hi - hi_margin
+    return lo, hi
 
 
 def _warmup(options: ObjectiveOptions, batch, batch_size):
@@ -165,8 +176,7 @@ def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None,
         if w is None:
             raise ValueError("guidance_embedding_dim needs guidance_scale_range or batch['guidance_scale']")
         student_cond = dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, options.guidance_embedding_dim))
-    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, k_mid=k_mid,
-                unit=schedule.time_unit)
+    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, k_mid=k_mid)
 
 
 def _finish(per_example, options: ObjectiveOptions, raw_residual):
@@ -176,14 +186,23 @@ def _finish(per_example, options: ObjectiveOptions, raw_residual):
     return loss, {"loss": loss, "residual_rms": jnp.sqrt(jnp.mean(jnp.square(_sg(raw_residual))))}
 
 
-def _jvp_loss(x_map, residual, direction, options: ObjectiveOptions):
-    """Loss of a JVP objective from X (B, ...) and its residual r (B, ...); direction (B,) signs r for the
-    stop-gradient form."""
+def _jump_weight(c_x, options: ObjectiveOptions):
+    """(B,) per-example scale 1 / max(1, |c_x(s, t)|) (or ones with jump_scale_normalization off)."""
+    if not options.jump_scale_normalization:
+        return jnp.ones_like(c_x)
+    return _sg(1.0 / jnp.maximum(jnp.abs(c_x), 1.0))
+
+
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
+    """Loss of a JVP objective from X (B, ...), its residual r (B, ...) and the jump weight (B,);
+    direction (B,) signs r for the stop-gradient form."""
+    x_map = expand_time(weight, x_map) * x_map
+    residual = expand_time(weight, residual) * residual
     r = residual
     if options.tangent_normalization:
         norm = jnp.sqrt(jnp.sum(jnp.reshape(jnp.square(r), (r.shape[0], -1)), axis=1))
         r = r / expand_time(_sg(norm) + options.tangent_norm_c, r)
-    if options.residual_form == "stopgrad":
+    if options.residual_form_for(objective) == "stopgrad":
         r = expand_time(direction, r) * _sg(r)
         per_example = _per_example_mean(jnp.square(x_map - _sg(x_map - r)))
     else:
@@ -207,39 +226,39 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
 
 @register_objective("lagrangian")
 def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
-    """r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau (see the module docstring)."""
+    """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
-    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
-    ones = jnp.full_like(t, unit)
+    x_s, s, t = p["x_s"], p["s"], p["t"]
+    dt = 1.0 / schedules.dtheta_dt(flow_map.schedule, t)  # d/dtheta = (dt/dtheta) d/dt
     net_fn = lambda tt: flow_map.net(params, x_s, s, tt, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (t,), (ones,), options)
-    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (ones,))
+    prediction, d_prediction = _jvp(net_fn, (t,), (dt,), options)
+    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (dt,))
     x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
     r_factor = _warmup(options, batch, p["b"])
     d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
              + expand_time(r_factor * c_pred, x_s) * d_prediction)
-    v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * unit
+    v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - _sg(v)
-    return _jvp_loss(x_map, residual, -jnp.sign(s - t), options)
+    return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options))
 
 
 @register_objective("eulerian")
 def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
-    """r = d/dtau X(x_tau, tau, t) along the teacher's ODE (see the module docstring)."""
+    """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
-    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
-    v = _sg(teacher.velocity(x_s, s, p["cond"], p["w"])) * unit
-    ones = jnp.full_like(s, unit)
+    x_s, s, t = p["x_s"], p["s"], p["t"]
+    ds = 1.0 / schedules.dtheta_dt(flow_map.schedule, s)  # d/dtheta = (ds/dtheta) d/ds
+    v = _sg(teacher.velocity(x_s, s, p["cond"], p["w"])) * expand_time(ds, x_s)
     net_fn = lambda xx, ss: flow_map.net(params, xx, ss, t, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ones), options)
-    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ones,))
+    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ds), options)
+    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ds,))
     x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
     r_factor = _warmup(options, batch, p["b"])
     residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
                 + expand_time(r_factor * c_pred, x_s) * d_prediction)
-    return _jvp_loss(x_map, residual, jnp.sign(s - t), options)
+    return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options))
 
 
 @register_objective("progressive")
@@ -247,7 +266,8 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor (see the module docstring)."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
-    x_s, s, t, cond, unit = p["x_s"], p["s"], p["t"], p["student_cond"], p["unit"]
+    x_s, s, t, cond = p["x_s"], p["s"], p["t"], p["student_cond"]
+    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
     u = batch["t_mid"] if "t_mid" in batch else time_pairs.sample_mid_times(p["k_mid"], s, t)
     x_u = flow_map(params, x_s, s, u, cond)
     target = _sg(flow_map(params, x_u, u, t, cond))
@@ -257,8 +277,8 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
     x0_hat, eps_hat = pred_lib.to_x0_eps(flow_map.net(params, x_s, s, s, cond), x_s, alpha, sigma,
                                          flow_map.prediction_type)
-    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * unit
-    anchor = v_map - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * unit)
+    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * ds
+    anchor = v_map - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
     per_example = (_per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)

@@ -34,8 +34,8 @@ from flowmap_jax import schedules
 from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
 from flowmap_jax.schedules import expand_time
 
-__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "flow_map_sample",
-           "SOLVERS"]
+__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
+           "flow_map_sample", "SOLVERS"]
 
 
 def check_grid(schedule, timesteps):
@@ -166,10 +166,37 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
+def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "karras"):
+    """(num_steps + 1, B) per-example time grids from t_source to t_target ((B,) each), either direction.
+
+    "uniform": uniform in t. "karras" (default for VP schedules; EDM's rho = 7 spacing of the noise level
+    sigma / alpha, dense near the clean end where the ODE is stiffest): sigma/alpha^(1/7) uniform between the
+    ends, mapped back with `schedules.time_from_rho`; the ends are clipped to t_eval_min (the teacher's
+    last trained time, DDPM t = 0; the final jump to the clean end is then `teacher_solve`'s DDIM step).
+    Rectified flow always uses "uniform" (its noise end has sigma / alpha = inf).
+    """
+    frac = jnp.arange(int(num_steps) + 1, dtype=jnp.float32)[:, None] / int(num_steps)
+    if spacing == "uniform" or schedule.kind == "rectified_flow":
+        times = t_source[None] + (t_target - t_source)[None] * frac
+    elif spacing == "karras":
+        def rho_root(t):
+            alpha, sigma = schedules.alpha_sigma(schedule, jnp.maximum(t, schedule.t_eval_min))
+            return (sigma / alpha) ** (1.0 / 7.0)
+        r_s, r_t = rho_root(t_source), rho_root(t_target)
+        times = schedules.time_from_rho(schedule, (r_s[None] + (r_t - r_s)[None] * frac) ** 7)
+        times = times.at[0].set(t_source)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}: expected 'karras' or 'uniform'")
+    return times.at[-1].set(jnp.maximum(t_target, schedule.t_eval_min) if spacing == "karras" and
+                            schedule.kind != "rectified_flow" else t_target)
+
+
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False):
+                  guidance_scale=None, lower_order_final=False, spacing="karras"):
     """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction) with
-    `num_steps` steps uniform in t per example. x_s (B, ...). Traceable (times may be traced)."""
+    `num_steps` steps of `solver` on the per-example grid `solve_grid(..., spacing)`, then the teacher's
+    DDIM step from max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in DDPM's
+    [-1, 0), where it is DDIM's own last step into the clean end). x_s (B, ...). Traceable."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -178,10 +205,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     schedules.check_times(teacher.schedule, t_target, "t_target")
     s = jnp.broadcast_to(jnp.asarray(t_source, jnp.float32), (batch,))
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
-    frac = jnp.arange(int(num_steps) + 1, dtype=jnp.float32)[:, None] / int(num_steps)
-    times = s[None] + (t - s)[None] * frac
-    times = times.at[-1].set(t)  # land exactly on t_target
-    return _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
+    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):

@@ -20,7 +20,7 @@ import numpy as np
 
 from flowmap_jax.flow_config import ScheduleConfig, check_time_values, time_grid  # noqa: F401 (re-export)
 
-__all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "time_from_rho", "add_noise",
+__all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
            "check_times", "expand_time", "time_grid"]
 
 
@@ -96,6 +96,21 @@ def alpha_sigma_derivatives(schedule: ScheduleConfig, t):
         return d_alpha, -alpha * d_alpha / sigma
     rate = jnp.full_like(t, 1.0 / schedule.time_scale)
     return -rate, rate
+
+
+def angle(schedule: ScheduleConfig, t):
+    """theta_t = arctan(sigma_t / alpha_t) in [0, pi/2]: the TrigFlow angle (alpha = cos theta, sigma = sin
+    theta for VP schedules). The objectives differentiate with respect to theta: unit-free, and the
+    PF-ODE velocity dx/dtheta stays bounded at both ends (dx/dt does not: DDPM's sigma ~ sqrt(t + 1))."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    return jnp.arctan2(sigma, alpha)
+
+
+def dtheta_dt(schedule: ScheduleConfig, t):
+    """d theta/dt = (alpha sigma' - sigma alpha') / (alpha^2 + sigma^2) > 0, teacher time units."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    d_alpha, d_sigma = alpha_sigma_derivatives(schedule, t)
+    return (alpha * d_sigma - sigma * d_alpha) / (alpha * alpha + sigma * sigma)
 
 
 def time_from_rho(schedule: ScheduleConfig, rho):

@@ -72,10 +72,13 @@ def _jvp(fn, primals, tangents, options: ObjectiveOptions):
 
 
 def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
-    unit = schedule.time_unit
-    margin = options.fd_eps * unit if fd else 0.0
-    lo = max(schedule.t_eval_min, schedule.t_clean + max(1e-3 * unit, margin))
-    return lo, schedule.t_noise - margin
+    lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)
+    hi = schedule.t_noise
+    if fd:
+        rates = schedules.dtheta_dt(schedule, torch.tensor([lo, hi], dtype=torch.float32))
+        lo_margin, hi_margin = (2.0 * options.fd_eps / float(r) for r in rates)
+        lo, hi = lo + lo_margin, hi - hi_margin
+    return lo, hi
 
 
 def _warmup(options: ObjectiveOptions, batch, batch_size, device):
@@ -134,8 +137,7 @@ def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None,
         if w is None:
             raise ValueError("guidance_embedding_dim needs guidance_scale_range or batch['guidance_scale']")
         student_cond = dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, options.guidance_embedding_dim))
-    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, rng=rng,
-                unit=schedule.time_unit, device=device)
+    return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, rng=rng, device=device)
 
 
 def _finish(per_example, options: ObjectiveOptions, raw_residual):
@@ -145,12 +147,20 @@ def _finish(per_example, options: ObjectiveOptions, raw_residual):
     return loss, {"loss": loss.detach(), "residual_rms": raw_residual.detach().square().mean().sqrt()}
 
 
-def _jvp_loss(x_map, residual, direction, options: ObjectiveOptions):
+def _jump_weight(c_x, options: ObjectiveOptions):
+    if not options.jump_scale_normalization:
+        return torch.ones_like(c_x)
+    return (1.0 / torch.clamp(c_x.abs(), min=1.0)).detach()
+
+
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
+    x_map = expand_time(weight, x_map) * x_map
+    residual = expand_time(weight, residual) * residual
     r = residual
     if options.tangent_normalization:
         norm = r.reshape(r.shape[0], -1).square().sum(dim=1).sqrt()
         r = r / expand_time(norm.detach() + options.tangent_norm_c, r)
-    if options.residual_form == "stopgrad":
+    if options.residual_form_for(objective) == "stopgrad":
         r = expand_time(direction, r) * r.detach()
         per_example = _per_example_mean((x_map - (x_map - r).detach()).square())
     else:
@@ -175,41 +185,41 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
 
 @register_objective("lagrangian")
 def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
-    """r = dX/dtau(x_s, s, t) - v(sg(X), t) dt/dtau."""
+    """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
-    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
-    ones = torch.full_like(t, unit)
+    x_s, s, t = p["x_s"], p["s"], p["t"]
+    dt = 1.0 / schedules.dtheta_dt(flow_map.schedule, t)  # d/dtheta = (dt/dtheta) d/dt
     net_fn = lambda tt: call_network(flow_map.net, params, x_s, s, tt, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (t,), (ones,), options)
-    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (ones,))
+    prediction, d_prediction = _jvp(net_fn, (t,), (dt,), options)
+    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (dt,))
     x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
     r_factor = _warmup(options, batch, p["b"], p["device"])
     d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
              + expand_time(r_factor * c_pred, x_s) * d_prediction)
     with torch.no_grad():
-        v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * unit
+        v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - v
-    return _jvp_loss(x_map, residual, -torch.sign(s - t), options)
+    return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options))
 
 
 @register_objective("eulerian")
 def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
-    """r = d/dtau X(x_tau, tau, t) along the teacher's ODE."""
+    """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
-    x_s, s, t, unit = p["x_s"], p["s"], p["t"], p["unit"]
+    x_s, s, t = p["x_s"], p["s"], p["t"]
+    ds = 1.0 / schedules.dtheta_dt(flow_map.schedule, s)  # d/dtheta = (ds/dtheta) d/ds
     with torch.no_grad():
-        v = teacher.velocity(x_s, s, p["cond"], p["w"]) * unit
-    ones = torch.full_like(s, unit)
+        v = teacher.velocity(x_s, s, p["cond"], p["w"]) * expand_time(ds, x_s)
     net_fn = lambda xx, ss: call_network(flow_map.net, params, xx, ss, t, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ones), options)
-    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ones,))
+    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ds), options)
+    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ds,))
     x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
     r_factor = _warmup(options, batch, p["b"], p["device"])
     residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
                 + expand_time(r_factor * c_pred, x_s) * d_prediction)
-    return _jvp_loss(x_map, residual, torch.sign(s - t), options)
+    return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options))
 
 
 @register_objective("progressive")
@@ -217,7 +227,8 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
-    x_s, s, t, cond, unit = p["x_s"], p["s"], p["t"], p["student_cond"], p["unit"]
+    x_s, s, t, cond = p["x_s"], p["s"], p["t"], p["student_cond"]
+    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
     if "t_mid" in batch:
         u = torch.as_tensor(batch["t_mid"], dtype=torch.float32, device=p["device"])
     else:
@@ -229,9 +240,9 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
     x0_hat, eps_hat = pred_lib.to_x0_eps(call_network(flow_map.net, params, x_s, s, s, cond), x_s, alpha, sigma,
                                          flow_map.prediction_type)
-    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * unit
+    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * ds
     with torch.no_grad():
-        v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * unit
+        v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
     anchor = v_map - v_teacher
     per_example = (_per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))

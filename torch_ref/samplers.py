@@ -12,8 +12,8 @@ from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
 
-__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "flow_map_sample",
-           "SOLVERS"]
+__all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
+           "flow_map_sample", "SOLVERS"]
 
 
 def check_grid(schedule, timesteps) -> np.ndarray:
@@ -121,10 +121,30 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
+def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "karras"):
+    """(num_steps + 1, B) per-example time grids (see `flowmap_jax.samplers.solve_grid`)."""
+    frac = torch.arange(int(num_steps) + 1, dtype=torch.float32, device=t_source.device)[:, None] / int(num_steps)
+    karras = spacing == "karras" and schedule.kind != "rectified_flow"
+    if spacing == "uniform" or schedule.kind == "rectified_flow":
+        times = t_source[None] + (t_target - t_source)[None] * frac
+    elif spacing == "karras":
+        def rho_root(t):
+            alpha, sigma = schedules.alpha_sigma(schedule, torch.clamp(t, min=schedule.t_eval_min))
+            return (sigma / alpha) ** (1.0 / 7.0)
+        r_s, r_t = rho_root(t_source), rho_root(t_target)
+        times = schedules.time_from_rho(schedule, (r_s[None] + (r_t - r_s)[None] * frac) ** 7)
+        times = torch.cat([t_source[None], times[1:]], 0)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}: expected 'karras' or 'uniform'")
+    last = torch.clamp(t_target, min=schedule.t_eval_min) if karras else t_target
+    return torch.cat([times[:-1], last[None]], 0)
+
+
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False):
-    """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction) with
-    `num_steps` steps uniform in t per example. x_s (B, ...)."""
+                  guidance_scale=None, lower_order_final=False, spacing="karras"):
+    """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): `num_steps`
+    steps on `solve_grid(..., spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
+    `flowmap_jax.samplers.teacher_solve`). x_s (B, ...)."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -133,10 +153,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     schedules.check_times(teacher.schedule, t_target, "t_target")
     s = torch.as_tensor(t_source, dtype=torch.float32, device=x_s.device).expand(batch)
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
-    frac = torch.arange(int(num_steps) + 1, dtype=torch.float32, device=x_s.device)[:, None] / int(num_steps)
-    times = s[None] + (t - s)[None] * frac
-    times = torch.cat([times[:-1], t[None]], 0)  # land exactly on t_target
-    return _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
+    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):

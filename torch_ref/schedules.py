@@ -15,7 +15,7 @@ import torch
 
 from flowmap_jax.flow_config import ScheduleConfig, check_time_values, time_grid  # noqa: F401 (re-export)
 
-__all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "time_from_rho", "add_noise",
+__all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
            "check_times", "expand_time", "time_grid"]
 
 
@@ -98,6 +98,19 @@ def _interp(x, xp, fp):
     x_lo, x_hi = xp[index], xp[index + 1]
     frac = (x - x_lo) / (x_hi - x_lo)
     return fp[index] + frac * (fp[index + 1] - fp[index])
+
+
+def angle(schedule: ScheduleConfig, t):
+    """theta_t = arctan(sigma_t / alpha_t) in [0, pi/2] (see `flowmap_jax.schedules.angle`)."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    return torch.atan2(sigma, alpha)
+
+
+def dtheta_dt(schedule: ScheduleConfig, t):
+    """d theta/dt = (alpha sigma' - sigma alpha') / (alpha^2 + sigma^2) > 0, teacher time units."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    d_alpha, d_sigma = alpha_sigma_derivatives(schedule, t)
+    return (alpha * d_sigma - sigma * d_alpha) / (alpha * alpha + sigma * sigma)
 
 
 def time_from_rho(schedule: ScheduleConfig, rho):
