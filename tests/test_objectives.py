@@ -1,0 +1,258 @@
+"""Objectives on the Gaussian closed form (JAX): their residuals vanish at the exact flow map, and each one,
+minimised with a small network, drives the 1-jump error against the exact map down from the untrained
+(teacher-initialised) value. Also: the finite-difference JVP's order, the (s, t) sampler in both backends,
+jit/vmap use as the trainer makes it, and bad inputs. Parity with torch_ref is in test_core_parity.py.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from flowmap_jax import flow_map as jf
+from flowmap_jax import objectives as jo
+from flowmap_jax import schedules, time_pairs
+from flowmap_jax import teacher as jt
+from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+from tests import flow_map_helpers as H
+from torch_ref import time_pairs as tp_torch
+
+SD = ScheduleConfig.ddpm("scaled_linear", 0.00085, 0.012)
+MEAN = np.linspace(-1.0, 1.5, 8).reshape(2, 2, 2).astype(np.float32)
+VAR = np.linspace(0.05, 2.0, 8).reshape(2, 2, 2).astype(np.float32)
+GAUSS = {"mean": jnp.asarray(MEAN), "var": jnp.asarray(VAR)}
+
+
+def _teacher(schedule=SD, prediction_type="epsilon"):
+    return jt.Teacher.create(jt.gaussian_teacher_fn(schedule, prediction_type), GAUSS, schedule, prediction_type)
+
+
+def _x0(key, n):
+    return GAUSS["mean"] + jnp.sqrt(GAUSS["var"]) * jax.random.normal(key, (n,) + MEAN.shape)
+
+
+def _exact_network(schedule, prediction_type):
+    """F = (X_exact - c_x x) / c_pred: a network whose flow map is the exact one (away from s = t)."""
+    def net(params, x, s, t, cond):
+        c_x, c_pred = jf.FlowMap(net, schedule, prediction_type).coefficients(s, t)
+        target = jt.gaussian_exact_flow(schedule, params["mean"], params["var"], x, s, t)
+        c_x, c_pred = c_x[:, None, None, None], c_pred[:, None, None, None]
+        return (target - c_x * x) / jnp.where(c_pred == 0, 1.0, c_pred)
+    return net
+
+
+@pytest.mark.parametrize("schedule, prediction_type", [(SD, "epsilon"), (ScheduleConfig.rectified_flow(), "flow")])
+def test_jvp_residuals_vanish_at_the_exact_map(schedule, prediction_type):
+    """The Lagrangian and Eulerian residuals of the exact flow map are zero (to float32), and so is the
+    semigroup error of `progressive` (the `pairs` target's accuracy is test_samplers' teacher_solve test)."""
+    fmap = jf.FlowMap(_exact_network(schedule, prediction_type), schedule, prediction_type)
+    teacher = _teacher(schedule, prediction_type)
+    batch = {"x0": _x0(jax.random.key(1), 32), "cond": None}
+
+    @jax.jit
+    def metrics(key):
+        out = {}
+        for name in ("lagrangian", "eulerian"):
+            out[name] = jo.make_objective(name, fmap)(GAUSS, teacher, batch, key)[1]
+        out["progressive"] = jo.make_objective("progressive", fmap, {"progressive_anchor_weight": 0.0})(
+            GAUSS, teacher, batch, key)[1]
+        return out
+
+    out = metrics(jax.random.key(0))
+    assert out["lagrangian"]["residual_rms"] < 1e-4
+    assert out["eulerian"]["residual_rms"] < 1e-4
+    assert out["progressive"]["residual_rms"] < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on the closed form.
+
+def _train(loss, params, steps, lr, batch=64, seed=7):
+    """Adam with cosine decay, `steps` steps in one jitted scan."""
+    opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    teacher = _teacher()
+
+    @jax.jit
+    def run(params, key):
+        def body(carry, k):
+            p, state = carry
+            x0 = _x0(jax.random.fold_in(k, 1), batch)
+            (value, _), grads = jax.value_and_grad(loss, has_aux=True)(p, teacher, {"x0": x0, "cond": None}, k)
+            updates, state = opt.update(grads, state, p)
+            return (optax.apply_updates(p, updates), state), value
+        (params, _), values = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
+        return params, values
+
+    return run(params, jax.random.key(seed))
+
+
+@pytest.fixture(scope="module")
+def teacher_initialised():
+    """An affine-in-x network regressed onto the teacher's prediction at (x_s, s) for every target t: the
+    flow map starts as the teacher's DDIM step, as one initialised from a converted teacher does."""
+    net = H.jax_affine(SD.time_unit)
+    teacher = _teacher()
+
+    def regression(params, _, batch, key):
+        x0 = batch["x0"]
+        k_s, k_t, k_n = jax.random.split(key, 3)
+        s = jax.random.uniform(k_s, (x0.shape[0],), minval=0.0, maxval=999.0)
+        t = jax.random.uniform(k_t, (x0.shape[0],), minval=-1.0, maxval=999.0)
+        x_s = schedules.add_noise(SD, x0, jax.random.normal(k_n, x0.shape), s)
+        return jnp.mean((net(params, x_s, s, t, None) - teacher.prediction(x_s, s)) ** 2), {}
+
+    params, _ = _train(regression, H.init_affine_params(jax.random.key(0), 8), 300, 3e-3, batch=128)
+    fmap = jf.FlowMap(net, SD, "epsilon")
+    x_T = jnp.asarray(np.random.default_rng(0).normal(size=(256,) + MEAN.shape).astype(np.float32))
+    exact = jt.gaussian_exact_flow(SD, GAUSS["mean"], GAUSS["var"], x_T, 999.0, -1.0)
+
+    def one_jump_error(p):
+        return float(jnp.sqrt(jnp.mean((fmap(p, x_T, 999.0, -1.0) - exact) ** 2)))
+
+    return fmap, params, one_jump_error
+
+
+# (objective, options, learning rate, steps, required error ratio trained / untrained)
+TRAINING = [
+    ("pairs", {}, 1e-3, 200, 0.5),
+    ("lagrangian", {"adaptive_weight": True}, 1e-3, 300, 0.85),
+    ("eulerian", {}, 3e-4, 300, 0.6),
+    pytest.param("eulerian", {"tangent_normalization": True, "adaptive_weight": True, "jvp": "finite_difference"},
+                 1e-4, 300, 0.6, marks=pytest.mark.slow),
+    ("progressive", {}, 1e-3, 300, 0.6),
+]
+
+
+@pytest.mark.parametrize("name, options, lr, steps, ratio", TRAINING,
+                         ids=["pairs", "lagrangian-adaptive", "eulerian", "eulerian-fd-stabilised", "progressive"])
+def test_objective_reduces_one_jump_error(teacher_initialised, name, options, lr, steps, ratio):
+    """SD's schedule, an epsilon teacher of Gaussian data, the 1-jump map from t = 999 to the clean end.
+    (The Lagrangian is the weakest here: its targets never reach t < 0, and it plateaus near 0.75.)"""
+    fmap, params, one_jump_error = teacher_initialised
+    before = one_jump_error(params)
+    trained, values = _train(jo.make_objective(name, fmap, options), params, steps, lr)
+    after = one_jump_error(trained)
+    assert np.all(np.isfinite(np.asarray(values)))
+    assert after < ratio * before, (name, before, after)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_finite_difference_jvp_is_second_order():
+    """Central differences: the error against jax.jvp falls 4x per halving of the step (smooth MLP)."""
+    module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3)
+    net, params = H.jax_mlp(1000.0), H.mlp_params_to_jax(module)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 2, 2)).astype(np.float32))
+    s, t = jnp.full((4,), 700.0), jnp.asarray([100.0, 300.0, 500.0, 650.0])
+    fn = lambda tt: net(params, x, s, tt, None)  # noqa: E731
+
+    @jax.jit
+    def errors_of(t):
+        _, exact = jax.jvp(fn, (t,), (jnp.ones_like(t),))
+        return [jnp.max(jnp.abs(jo.finite_difference_jvp(fn, (t,), (jnp.ones_like(t),), eps)[1] - exact))
+                for eps in (40.0, 20.0, 10.0)]
+
+    errors = [float(e) for e in errors_of(t)]
+    ratios = np.array(errors[:-1]) / np.array(errors[1:])
+    assert np.all((ratios > 3.3) & (ratios < 4.7)), errors
+    # At the objective level, the default finite-difference step changes the Eulerian loss by < 1%.
+    teacher = _teacher()
+    fmap = jf.FlowMap(net, SD, "epsilon")
+    batch = {"x0": _x0(jax.random.key(2), 4), "cond": None, "t_source": jnp.asarray([900.0, 600.0, 300.0, 80.0]),
+             "t_target": jnp.asarray([-1.0, 100.0, 0.0, 20.0])}
+    exact_loss, fd_loss = jax.jit(lambda p: [
+        jo.make_objective("eulerian", fmap, options)(p, teacher, batch, jax.random.key(0))[0]
+        for options in ({}, {"jvp": "finite_difference"})])(params)
+    assert abs(float(fd_loss) / float(exact_loss) - 1) < 1e-2
+
+
+def test_time_pairs_distribution_both_backends():
+    n = 20000
+    config = TimePairConfig()
+    s, t = time_pairs.sample_time_pairs(jax.random.key(0), n, SD, config)
+    s_t, t_t = tp_torch.sample_time_pairs(0, n, SD, config)
+    for s, t in ((np.asarray(s), np.asarray(t)), (s_t.numpy(), t_t.numpy())):
+        assert s.min() >= -1 and s.max() <= 999 and np.all(s >= t)
+        clean = t == -1.0
+        assert abs(clean.mean() - config.p_clean) < 0.015
+        tau = (s[~clean] - t[~clean]) / 1000.0
+        assert abs(tau.mean() - 2 / 3) < 0.01  # length density 2d: long jumps weighted up (two uniforms: 1/3)
+        assert np.mean(tau > 0.9) > 0.15  # near-full jumps are common (density 2d -> 19%)
+    s, t = time_pairs.sample_time_pairs(jax.random.key(1), n, SD, TimePairConfig(bidirectional=True),
+                                        source_range=(0.0, 999.0))
+    assert abs(np.mean(np.asarray(s) < np.asarray(t)) - 0.5) < 0.02 and float(jnp.min(s)) >= 0.0
+    u = time_pairs.sample_mid_times(jax.random.key(2), s, t)
+    assert np.all((np.asarray(u) - np.minimum(s, t) >= -1e-3) & (np.maximum(s, t) - np.asarray(u) >= -1e-3))
+    with pytest.raises(ValueError, match="p_clean must lie in"):
+        TimePairConfig(p_clean=1.5)
+
+
+def test_objectives_jit_vmap_and_no_retrace():
+    """As the trainer calls them: jitted, vmapped over single examples, teacher as an argument."""
+    module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3, context_dim=3)
+    net, params = H.jax_mlp(1000.0, context_dim=3), H.mlp_params_to_jax(module)
+    fmap = jf.FlowMap(net, SD, "epsilon")
+    teacher = jt.Teacher.create(lambda p, x, t, c: net(p, x, t, t, c), params, SD, "epsilon", guidance_scale=2.0,
+                                uncond={"context": jnp.zeros((1, 3))})
+    for name in ("pairs", "eulerian"):  # a solver scan and a JVP under vmap (the others share their parts)
+        loss = jo.make_objective(name, fmap, {"teacher_steps": 2})
+        chex.clear_trace_counter()
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def mean_loss(params, teacher, batch, key):
+            def one(example, k):
+                return loss(params, teacher, jax.tree.map(lambda v: v[None], example), k)[0]
+            return jnp.mean(jax.vmap(one)(batch, jax.random.split(key, batch["x0"].shape[0])))
+
+        batch = {"x0": _x0(jax.random.key(3), 4), "cond": {"context": jnp.ones((4, 3))}}
+        first = mean_loss(params, teacher, batch, jax.random.key(0))
+        second = mean_loss(params, teacher.replace(guidance_scale=jnp.float32(3.0)), batch, jax.random.key(0))
+        assert np.isfinite(float(first)) and np.isfinite(float(second))
+
+
+def test_warmup_and_options():
+    module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3)
+    net, params = H.jax_mlp(1000.0), H.mlp_params_to_jax(module)
+    fmap = jf.FlowMap(net, SD, "epsilon")
+    teacher = _teacher()
+    batch = {"x0": _x0(jax.random.key(2), 4), "cond": None}
+    plain_loss = jo.make_objective("eulerian", fmap)
+    warm = jo.make_objective("eulerian", fmap, {"tangent_warmup_steps": 100})
+    plain, late, early = jax.jit(lambda p: (
+        plain_loss(p, teacher, batch, jax.random.key(0))[0],
+        warm(p, teacher, dict(batch, step=jnp.float32(200)), jax.random.key(0))[0],
+        warm(p, teacher, dict(batch, step=jnp.float32(0)), jax.random.key(0))[0]))(params)
+    assert float(late) == pytest.approx(float(plain), rel=1e-6)
+    assert float(early) != pytest.approx(float(plain), rel=1e-3)
+    with pytest.raises(ValueError, match=r"needs batch\['step'\]"):
+        warm(params, teacher, batch, jax.random.key(0))
+
+
+def test_objective_bad_inputs():
+    module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3)
+    fmap = jf.FlowMap(H.jax_mlp(1000.0), SD, "epsilon")
+    params, teacher = H.mlp_params_to_jax(module), _teacher()
+    with pytest.raises(ValueError, match="unknown objective 'consistency'"):
+        jo.make_objective("consistency", fmap)
+    with pytest.raises(ValueError, match=r"unknown objective option\(s\) \['tangent_norm'\]"):
+        jo.make_objective("eulerian", fmap, {"tangent_norm": True})
+    with pytest.raises(ValueError, match="unknown residual_form 'sg'"):
+        jo.make_objective("eulerian", fmap, {"residual_form": "sg"})
+    loss = jo.make_objective("pairs", fmap)
+    x0 = _x0(jax.random.key(0), 4)
+    with pytest.raises(ValueError, match="batch needs 'x0'"):
+        loss(params, teacher, {"data": x0}, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batch\['t_source'\] must have shape \(4,\).*\(3,\)"):
+        loss(params, teacher, {"x0": x0, "t_source": jnp.zeros(3)}, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"batch\['cond'\]\['context'\] has shape \(2, 3\)"):
+        loss(params, teacher, {"x0": x0, "cond": {"context": jnp.zeros((2, 3))}}, jax.random.key(0))
+    with pytest.raises(ValueError, match="noise.*differs from x0 shape"):
+        loss(params, teacher, {"x0": x0, "noise": jnp.zeros((4, 8))}, jax.random.key(0))
+    torch_loss = __import__("torch_ref.objectives", fromlist=["make_objective"]).make_objective(
+        "pairs", __import__("torch_ref.flow_map", fromlist=["FlowMap"]).FlowMap(module, SD, "epsilon"))
+    with pytest.raises(ValueError, match=r"batch\['t_target'\] must have shape \(4,\)"):
+        torch_loss(None, None, {"x0": torch.zeros(4, 2, 2, 2), "t_target": torch.zeros(2)}, 0)
