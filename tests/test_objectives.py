@@ -34,37 +34,39 @@ def _x0(key, n):
     return GAUSS["mean"] + jnp.sqrt(GAUSS["var"]) * jax.random.normal(key, (n,) + MEAN.shape)
 
 
-def _exact_network(schedule, prediction_type):
-    """F = (X_exact - c_x x) / c_pred: a network whose flow map is the exact one (away from s = t)."""
-    def net(params, x, s, t, cond):
-        c_x, c_pred = jf.FlowMap(net, schedule, prediction_type).coefficients(s, t)
-        target = jt.gaussian_exact_flow(schedule, params["mean"], params["var"], x, s, t)
-        c_x, c_pred = c_x[:, None, None, None], c_pred[:, None, None, None]
-        return (target - c_x * x) / jnp.where(c_pred == 0, 1.0, c_pred)
-    return net
+def _exact_network_torch(schedule, prediction_type):
+    from torch_ref import flow_map as tf
+    from torch_ref import teacher as tt
+
+    class Exact(torch.nn.Module):
+        """F = (X_exact - c_x x) / c_pred: the exact flow map of the Gaussian data (away from s = t)."""
+
+        def forward(self, x, s, t, cond=None):
+            c_x, c_pred = tf.FlowMap(self, schedule, prediction_type).coefficients(s, t)
+            target = tt.gaussian_exact_flow(schedule, torch.from_numpy(MEAN), torch.from_numpy(VAR), x, s, t)
+            c_x, c_pred = c_x[:, None, None, None], c_pred[:, None, None, None]
+            return (target - c_x * x) / torch.where(c_pred == 0, torch.ones_like(c_pred), c_pred)
+
+    return Exact()
 
 
 @pytest.mark.parametrize("schedule, prediction_type", [(SD, "epsilon"), (ScheduleConfig.rectified_flow(), "flow")])
 def test_jvp_residuals_vanish_at_the_exact_map(schedule, prediction_type):
     """The Lagrangian and Eulerian residuals of the exact flow map are zero (to float32), and so is the
-    semigroup error of `progressive` (the `pairs` target's accuracy is test_samplers' teacher_solve test)."""
-    fmap = jf.FlowMap(_exact_network(schedule, prediction_type), schedule, prediction_type)
-    teacher = _teacher(schedule, prediction_type)
-    batch = {"x0": _x0(jax.random.key(1), 32), "cond": None}
+    semigroup error of `progressive`. Run in torch_ref (eager, fast); JAX = torch is test_core_parity's."""
+    from torch_ref import flow_map as tf
+    from torch_ref import objectives as to
+    from torch_ref import teacher as tt
 
-    @jax.jit
-    def metrics(key):
-        out = {}
-        for name in ("lagrangian", "eulerian"):
-            out[name] = jo.make_objective(name, fmap)(GAUSS, teacher, batch, key)[1]
-        out["progressive"] = jo.make_objective("progressive", fmap, {"progressive_anchor_weight": 0.0})(
-            GAUSS, teacher, batch, key)[1]
-        return out
-
-    out = metrics(jax.random.key(0))
-    assert out["lagrangian"]["residual_rms"] < 1e-4
-    assert out["eulerian"]["residual_rms"] < 1e-4
-    assert out["progressive"]["residual_rms"] < 1e-4
+    fmap = tf.FlowMap(_exact_network_torch(schedule, prediction_type), schedule, prediction_type)
+    model = tt.gaussian_teacher_fn(torch.from_numpy(MEAN), torch.from_numpy(VAR), schedule, prediction_type)
+    teacher = tt.Teacher.create(model, schedule, prediction_type)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"x0": torch.from_numpy(MEAN) + torch.from_numpy(VAR).sqrt() * torch.randn((32,) + MEAN.shape, generator=gen),
+             "cond": None}
+    for name, options in (("lagrangian", {}), ("eulerian", {}), ("progressive", {"progressive_anchor_weight": 0.0})):
+        metrics = to.make_objective(name, fmap, options)(None, teacher, batch, 0)[1]
+        assert metrics["residual_rms"] < 1e-4, (name, metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def teacher_initialised():
 
 # (objective, options, learning rate, steps, required error ratio trained / untrained)
 TRAINING = [
-    ("pairs", {}, 1e-3, 200, 0.5),
+    ("pairs", {"teacher_steps": 8}, 1e-3, 200, 0.5),
     ("lagrangian", {"adaptive_weight": True}, 1e-3, 300, 0.85),
     ("eulerian", {}, 3e-4, 300, 0.6),
     pytest.param("eulerian", {"tangent_normalization": True, "adaptive_weight": True, "jvp": "finite_difference"},
@@ -158,14 +160,20 @@ def test_finite_difference_jvp_is_second_order():
     errors = [float(e) for e in errors_of(t)]
     ratios = np.array(errors[:-1]) / np.array(errors[1:])
     assert np.all((ratios > 3.3) & (ratios < 4.7)), errors
-    # At the objective level, the default finite-difference step changes the Eulerian loss by < 1%.
-    teacher = _teacher()
-    fmap = jf.FlowMap(net, SD, "epsilon")
-    batch = {"x0": _x0(jax.random.key(2), 4), "cond": None, "t_source": jnp.asarray([900.0, 600.0, 300.0, 80.0]),
-             "t_target": jnp.asarray([-1.0, 100.0, 0.0, 20.0])}
-    exact_loss, fd_loss = jax.jit(lambda p: [
-        jo.make_objective("eulerian", fmap, options)(p, teacher, batch, jax.random.key(0))[0]
-        for options in ({}, {"jvp": "finite_difference"})])(params)
+    # At the objective level (torch_ref, eager), the default finite-difference step changes the Eulerian
+    # loss by < 1%.
+    from torch_ref import flow_map as tf
+    from torch_ref import objectives as to
+    from torch_ref import teacher as tt
+
+    teacher = tt.Teacher.create(tt.gaussian_teacher_fn(torch.from_numpy(MEAN), torch.from_numpy(VAR), SD, "epsilon"),
+                                SD, "epsilon")
+    batch = {"x0": torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(2)), "cond": None,
+             "t_source": torch.tensor([900.0, 600.0, 300.0, 80.0]), "t_target": torch.tensor([-1.0, 100.0, 0.0, 20.0])}
+    fmap = tf.FlowMap(module, SD, "epsilon")
+    with torch.no_grad():
+        exact_loss = to.make_objective("eulerian", fmap)(None, teacher, batch, 0)[0]
+        fd_loss = to.make_objective("eulerian", fmap, {"jvp": "finite_difference"})(None, teacher, batch, 0)[0]
     assert abs(float(fd_loss) / float(exact_loss) - 1) < 1e-2
 
 
@@ -197,8 +205,8 @@ def test_objectives_jit_vmap_and_no_retrace():
     fmap = jf.FlowMap(net, SD, "epsilon")
     teacher = jt.Teacher.create(lambda p, x, t, c: net(p, x, t, t, c), params, SD, "epsilon", guidance_scale=2.0,
                                 uncond={"context": jnp.zeros((1, 3))})
-    for name in ("pairs", "eulerian"):  # a solver scan and a JVP under vmap (the others share their parts)
-        loss = jo.make_objective(name, fmap, {"teacher_steps": 2})
+    for name in ("eulerian",):  # a JVP under vmap, a guided teacher as an argument
+        loss = jo.make_objective(name, fmap)
         chex.clear_trace_counter()
 
         @jax.jit
@@ -215,21 +223,26 @@ def test_objectives_jit_vmap_and_no_retrace():
 
 
 def test_warmup_and_options():
+    """Tangent warm-up: full weight after the ramp, a different loss at step 0 (torch_ref; the JAX twin is
+    parity-tested with a warm-up in test_core_parity)."""
+    from torch_ref import flow_map as tf
+    from torch_ref import objectives as to
+    from torch_ref import teacher as tt
+
     module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3)
-    net, params = H.jax_mlp(1000.0), H.mlp_params_to_jax(module)
-    fmap = jf.FlowMap(net, SD, "epsilon")
-    teacher = _teacher()
-    batch = {"x0": _x0(jax.random.key(2), 4), "cond": None}
-    plain_loss = jo.make_objective("eulerian", fmap)
-    warm = jo.make_objective("eulerian", fmap, {"tangent_warmup_steps": 100})
-    plain, late, early = jax.jit(lambda p: (
-        plain_loss(p, teacher, batch, jax.random.key(0))[0],
-        warm(p, teacher, dict(batch, step=jnp.float32(200)), jax.random.key(0))[0],
-        warm(p, teacher, dict(batch, step=jnp.float32(0)), jax.random.key(0))[0]))(params)
+    fmap = tf.FlowMap(module, SD, "epsilon")
+    teacher = tt.Teacher.create(tt.gaussian_teacher_fn(torch.from_numpy(MEAN), torch.from_numpy(VAR), SD, "epsilon"),
+                                SD, "epsilon")
+    batch = {"x0": torch.randn(4, 2, 2, 2, generator=torch.Generator().manual_seed(2)), "cond": None}
+    with torch.no_grad():
+        plain = to.make_objective("eulerian", fmap)(None, teacher, batch, 0)[0]
+        warm = to.make_objective("eulerian", fmap, {"tangent_warmup_steps": 100})
+        late = warm(None, teacher, dict(batch, step=torch.tensor(200.0)), 0)[0]
+        early = warm(None, teacher, dict(batch, step=torch.tensor(0.0)), 0)[0]
     assert float(late) == pytest.approx(float(plain), rel=1e-6)
     assert float(early) != pytest.approx(float(plain), rel=1e-3)
     with pytest.raises(ValueError, match=r"needs batch\['step'\]"):
-        warm(params, teacher, batch, jax.random.key(0))
+        warm(None, teacher, batch, 0)
 
 
 def test_objective_bad_inputs():

@@ -108,9 +108,11 @@ def _diffusers_loop(scheduler, unet, noise, context):
     return x
 
 
-@pytest.mark.parametrize("solver, num_steps", [("ddim", 10), ("ddim", 50), ("dpmpp_2m", 10)])
+@pytest.mark.parametrize("solver, num_steps", [("ddim", 10), pytest.param("ddim", 50, marks=pytest.mark.slow),
+                                               ("dpmpp_2m", 10)])
 def test_jax_solvers_match_diffusers_schedulers(unets, solver, num_steps):
-    """flowmap_jax samplers with the Flax UNet vs diffusers' schedulers with the torch UNet (live)."""
+    """flowmap_jax samplers with the Flax UNet vs diffusers' schedulers with the torch UNet (live). 50 DDIM
+    steps against diffusers run in test_samplers (torch_ref) and here with -m slow."""
     if solver == "ddim":
         scheduler = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, steps_offset=1)
     else:
@@ -125,6 +127,7 @@ def test_jax_solvers_match_diffusers_schedulers(unets, solver, num_steps):
     assert H.max_scaled_err(H.nchw(ours).numpy(), reference.numpy()) < TOL
 
 
+@pytest.mark.slow  # one large compile (~30 s on 2 shared cores)
 def test_eulerian_through_the_unet(unets):
     """The Eulerian objective's loss with forward mode through the UNet (class_labels included): Flax
     jax.jvp vs diffusers torch.func.jvp with the plain attention processor."""
