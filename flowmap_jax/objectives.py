@@ -95,8 +95,8 @@ def _per_example_mean(x):
 def finite_difference_jvp(fn, primals, tangents, eps: float):
     """(fn(*primals), central difference (fn(p + eps t) - fn(p - eps t)) / (2 eps)): second-order accurate
     stand-in for `jax.jvp` (three evaluations of fn)."""
-    plus = fn(*[p + eps * d for p, d in zip(primals, tangents)])
-    minus = fn(*[p - eps * d for p, d in zip(primals, tangents)])
+    plus = fn(*[p + eps * d for p, d in zip(primals, tangents, strict=True)])
+    minus = fn(*[p - eps * d for p, d in zip(primals, tangents, strict=True)])
     return fn(*primals), (plus - minus) / (2.0 * eps)
 
 

@@ -13,8 +13,6 @@ derivatives: scalars, (B,) per example (reshaped here to (B, 1, ..., 1)), or alr
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from flowmap_jax.flow_config import PREDICTION_TYPES, check_prediction_type
 from flowmap_jax.schedules import expand_time
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
 from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
 from flowmap_jax.schedules import expand_time
@@ -89,7 +90,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
             x0_1, eps_1 = x0_eps(x_cur, t_cur)
             x_euler = expand_time(a_n, x_cur) * x0_1 + expand_time(s_n, x_cur) * eps_1
             if rectified:
-                v_1 = teacher.velocity(x_cur, t_cur, cond, guidance_scale)
+                v_1 = pred_lib.velocity(x0_1, eps_1, *schedules.alpha_sigma_derivatives(schedule, t_cur))
                 v_2 = teacher.velocity(x_euler, t_next, cond, guidance_scale)
                 x_heun = x_cur + expand_time(t_next - t_cur, x_cur) * 0.5 * (v_1 + v_2)
             else:
@@ -207,6 +208,8 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
+        return x
     return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
 
 

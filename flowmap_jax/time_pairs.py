@@ -22,10 +22,11 @@ from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
 __all__ = ["sample_time_pairs", "sample_mid_times"]
 
 
-def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig = TimePairConfig(),
+def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig | None = None,
                       source_range=None, target_range=None):
     """(t_source, t_target), each (batch_size,) float32, drawn as the module docstring says.
     source_range / target_range: optional (lo, hi) the times are clipped into. rng: a jax PRNG key."""
+    config = TimePairConfig() if config is None else config
     k_len, k_src, k_clean, k_swap = jax.random.split(rng, 4)
     d = jax.random.uniform(k_len, (batch_size,)) ** (1.0 / config.length_power)
     tau_s = d + (1.0 - d) * jax.random.uniform(k_src, (batch_size,))

@@ -150,7 +150,6 @@ def conv_params_to_jax(module: TorchConv):
 
 def jax_affine(unit, hidden=64):
     def net(params, x, t_source, t_target, cond):
-        b = x.shape[0]
         h = time_features_jax(t_source, t_target, unit)
         h = _silu_jax(h @ params["l1"]["w"] + params["l1"]["b"])
         h = _silu_jax(h @ params["l2"]["w"] + params["l2"]["b"])

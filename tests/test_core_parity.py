@@ -189,7 +189,7 @@ def test_objective_loss_and_gradient(name, guidance, options):
     loss_t = to.make_objective(name, tf.FlowMap(module, schedule, "epsilon"), options)
     tparams = {k: v.detach().clone().requires_grad_(True) for k, v in module.named_parameters()}
     value_t, metrics_t = loss_t(tparams, teacher_t, batch_t, 0)
-    grads_t = dict(zip(tparams, torch.autograd.grad(value_t, list(tparams.values()))))
+    grads_t = dict(zip(tparams, torch.autograd.grad(value_t, list(tparams.values())), strict=True))
     assert np.isfinite(float(value_j)) and float(value_j) > 0
     assert H.rel_err(value_j, value_t.detach().numpy()) < TOL
     assert H.rel_err(metrics_j["residual_rms"], metrics_t["residual_rms"].numpy()) < TOL

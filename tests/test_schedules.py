@@ -9,11 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from flowmap_jax import schedules as js
-from flowmap_jax.flow_config import (ObjectiveOptions, ScheduleConfig, TimePairConfig, load_scheduler,
-                                     prediction_type_from_diffusers, time_grid)
+from flowmap_jax.flow_config import (
+    ObjectiveOptions,
+    ScheduleConfig,
+    TimePairConfig,
+    load_scheduler,
+    prediction_type_from_diffusers,
+    time_grid,
+)
 from torch_ref import schedules as ts
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

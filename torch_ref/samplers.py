@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
 
@@ -59,7 +60,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         first = expand_time(a_n, x) * x0 + expand_time(s_n, x) * eps
         if solver == "heun":
             if schedule.kind == "rectified_flow":
-                v_1 = teacher.velocity(x, t_cur, cond, guidance_scale)
+                v_1 = pred_lib.velocity(x0, eps, *schedules.alpha_sigma_derivatives(schedule, t_cur))
                 v_2 = teacher.velocity(first, t_next, cond, guidance_scale)
                 x_heun = x + expand_time(t_next - t_cur, x) * 0.5 * (v_1 + v_2)
             else:
@@ -155,6 +156,8 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
+        return x
     return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
 
 

@@ -20,9 +20,10 @@ def as_generator(rng, device=None):
     raise TypeError(f"rng must be a torch.Generator or an int seed, got {type(rng).__name__}")
 
 
-def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig = TimePairConfig(),
+def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig | None = None,
                       source_range=None, target_range=None):
     """(t_source, t_target), each (batch_size,) float32 (see `flowmap_jax.time_pairs.sample_time_pairs`)."""
+    config = TimePairConfig() if config is None else config
     rng = as_generator(rng)
     d = torch.rand(batch_size, generator=rng) ** (1.0 / config.length_power)
     tau_s = d + (1.0 - d) * torch.rand(batch_size, generator=rng)
