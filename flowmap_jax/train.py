@@ -13,7 +13,8 @@ The story of a run, top to bottom in `run`:
      map initialised from it, the objectives, the data, the samplers;
   4. optimiser, sharded train state and the compiled step;
   5. resume: newest good checkpoint of this run (or `--resume PATH`), data position included;
-  6. a baseline: the untrained flow map's 1-jump error against the teacher's 50-step ODE solution;
+  6. a baseline: the untrained flow map (the teacher's DDIM step) with 1, 2, 4 jumps against the
+     teacher's 50-step ODE solution from the same noise, and its quality numbers;
   7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
   8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
      folder, and finished.json (a rerun of a finished run does nothing).
@@ -63,6 +64,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     """One training run as `config` describes. `build(config, mesh) -> assembly.Parts` makes the
     teacher, flow map, objectives, data and samplers (default `assembly.build`; tests pass stand-ins)."""
     # 1. Processes and devices (and the persistent compilation cache: a rerun skips compiling).
+    t_start = time.perf_counter()
     _use_compilation_cache(config.run.compilation_cache)
     process = distributed.initialize(config.distributed)
     mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -112,9 +114,10 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
     evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
     if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
-        history["baseline"] = evaluator.one_jump_error(state.ema_params)
-        reporter.message(f"untrained flow map: 1-jump MSE to the teacher's {config.sample.teacher_steps}-step "
-                         f"solution {history['baseline']:.5f}")
+        history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
+        reporter.message("untrained flow map (the teacher's DDIM step), MSE to the teacher's "
+                         f"{config.sample.teacher_steps}-step solution: "
+                         + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
 
     # 7. The loop.
     guard = checkpointing.PreemptionGuard()
@@ -123,10 +126,14 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     schedule = ts.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps, config.run.steps,
                                          config.optim.schedule)
     last_saved = start_step
+    t_loop = time.perf_counter()
     try:
         for step in range(start_step + 1, config.run.steps + 1):
             batch = sh.put_batch(mesh, _require_shape(batches.next(), config, step))
             state, metrics = train_step(state, teacher, batch, rng)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                reporter.message(f"first step (compiling the train step) took {time.perf_counter() - t_loop:.1f}s")
             _check_finite(pending, last_saved, checkpointer)
             pending = (step, metrics)
             reporter.step()
@@ -174,6 +181,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     elif status == "done":
         reporter.message(f"the run in {run_dir} is already finished at step {step} (finished.json); "
                          f"raise --run.steps to train on")
+    reporter.message(f"{status} at step {step} in {time.perf_counter() - t_start:.0f}s; run folder {run_dir}")
     reporter.close()
     checkpointer.close()
     distributed.sync("end of run")
@@ -302,10 +310,17 @@ class _Evaluator:
                     np.savez(path, samples=self._reference)
         return self._reference
 
-    def one_jump_error(self, params) -> float:
-        """Mean squared error of 1-jump flow-map samples against the teacher reference."""
-        flow = np.asarray(self._flow(params, 1, len(self.noise)))
-        return float(np.mean((flow - self.reference()) ** 2))
+    def flow_rows(self, params, suffix: str = "") -> list[dict]:
+        """One quality-table row per `sample.jumps`: NFE, MSE to the teacher reference, quality numbers."""
+        reference = self.reference()
+        rows = []
+        for jumps in self.config.sample.jumps:
+            samples = np.asarray(self._flow(params, jumps, len(self.noise)))
+            name = f"flow map {jumps} jump{'s' if jumps > 1 else ''}" + (f", {suffix}" if suffix else "")
+            row = {"sampler": name, "nfe": jumps, "mse_to_teacher": float(np.mean((samples - reference) ** 2))}
+            row.update(self.parts.quality(samples, self.labels) or {})
+            rows.append(row)
+        return rows
 
     def grid(self, params, step: int) -> None:
         n = self.config.sample.grid_columns
@@ -325,14 +340,8 @@ class _Evaluator:
                        "nfe": self.config.sample.teacher_steps * (2 if guided != 1.0 else 1), "mse_to_teacher": 0.0}
         teacher_row.update(self.parts.quality(reference, self.labels) or {})
         rows.append(teacher_row)
-        if "baseline" in history:
-            rows.append({"sampler": "flow map 1 jump, untrained", "nfe": 1, "mse_to_teacher": history["baseline"]})
-        for jumps in self.config.sample.jumps:
-            samples = np.asarray(self._flow(params, jumps, len(self.noise)))
-            row = {"sampler": f"flow map {jumps} jump{'s' if jumps > 1 else ''}", "nfe": jumps,
-                   "mse_to_teacher": float(np.mean((samples - reference) ** 2))}
-            row.update(self.parts.quality(samples, self.labels) or {})
-            rows.append(row)
+        rows += list(history.get("baseline", []))
+        rows += self.flow_rows(params)
         notes = [f"step {step}, {len(self.noise)} samples, the same noise and conditioning in every row",
                  "mse_to_teacher: mean squared difference to the teacher's samples from the same noise"]
         if self.is_main:
