@@ -3,8 +3,10 @@
 Layout: `<run>/checkpoints/<step>/` with two items,
   state: {"train_state": TrainState (params, ema_params, opt_state, step), "rng": (2,) uint32 key data}
          (Orbax StandardSave: sharded arrays, restored directly onto the current mesh)
-  meta:  JSON {"step", "data_position" (global batches consumed), "fingerprint" (per-leaf sum and sum
-         of squares of the state, float32, to detect silently corrupted data), "time", "extra"}.
+  meta:  JSON {"step", "data_position" (global batches consumed), "fingerprint", "time", "extra"}.
+         fingerprint: [sum, sum of squares] (float32 reductions) of every TrainState leaf in pytree
+         order (step, then params, ema_params, opt_state), followed by the rng's key words; it detects
+         silently corrupted data. `conversion.export` relies on this order to check the EMA weights.
 The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are copied to host before
 `save` returns, so the next step may overwrite the device buffers).
 

@@ -196,7 +196,7 @@ def sd15() -> TrainConfig:
         run=RunConfig(dir="runs/sd15", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
                       keep_checkpoints=3, quality_samples=0),
         teacher=TeacherConfig(path="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet",
-                              scheduler_subfolder="scheduler", guidance_scale=4.5),
+                              scheduler_subfolder="scheduler", guidance_scale=7.5),
         model=ModelConfig(dtype="bfloat16", remat=True),
         data=DataConfig(source="shards", path="", batch_size=256, image_size=512,
                         sample_shape=(64, 64, 4)),
