@@ -320,18 +320,18 @@ class ObjectiveOptions:
         closed form; the direct one trains).
     tangent_normalization, tangent_norm_c: r <- r / (|r| + c), |r| the per-example L2 norm (sCM, c = 0.1).
     tangent_warmup_steps, tangent_warmup_max: the network's JVP term is multiplied by
-        tangent_warmup_max * min(step / tangent_warmup_steps, 1) (sCM's linear ramp over 10k steps; 0 = off,
-        factor 1). `step` comes from batch["step"].
+        tangent_warmup_max * min(step / tangent_warmup_steps, 1) (sCM's linear ramp, 10k steps there; 0 = off,
+        factor 1). `step` comes from batch["step"] (() or (B,)), which the trainer must then provide.
     adaptive_weight, adaptive_weight_p, adaptive_weight_c: per-example loss l <- l / sg((l + c)^p)
         (MeanFlow; l is the per-example mean squared error).
     jvp: "exact" (jax.jvp / torch.func.jvp) or "finite_difference" (central difference with step fd_eps
         in theta, the angle the objectives differentiate by; for kernels or shardings without forward-mode AD).
     jump_scale_normalization: JVP objectives: X and the residual of a jump (s, t) are multiplied by
-        1 / max(1, |c_x(s, t)|),
-        c_x the factor by which X(x_s, s, t) = c_x x_s + c_pred F amplifies x_s (alpha_t / alpha_s for an epsilon
-        teacher: about 15 for SD's jump from t = 999 to clean data). Without it, the long jumps of epsilon
-        teachers from the noise end dominate the gradients of the JVP objectives and they stall (measured on
-        the Gaussian closed form, tests/test_objectives.py); v, flow and sample teachers have |c_x| <= ~1.4.
+        1 / max(1, |c_x(s, t)|), c_x the factor by which X(x_s, s, t) = c_x x_s + c_pred F amplifies x_s
+        (alpha_t / alpha_s for an epsilon teacher: about 15 for SD's jump from t = 999 to clean data). Without
+        it, the long jumps of epsilon teachers from the noise end dominate the gradients of the JVP objectives
+        and training stalls (measured on the Gaussian closed form); v, flow and sample teachers have
+        |c_x| <= ~1.4, so it barely changes them.
     progressive_anchor_weight: weight of the `progressive` objective's anchor term, which matches the map's
         velocity at t = s to the teacher's (without it the semigroup condition alone has trivial solutions).
     guidance_scale_range: (lo, hi) to draw a per-example guidance scale w ~ U(lo, hi) for the teacher (guidance
