@@ -312,10 +312,11 @@ class TorchCase:
 
     unet: the diffusers flow-map UNet (copied here, the caller's is left alone). autocast: a torch dtype
     for torch.autocast (bf16 on GPU) or None (fp32). compile_mode: None (eager) or a torch.compile mode for
-    the network (forward, sample) and, with compile_train, for the whole train step."""
+    the network (forward, sample) and, with compile_train, for the whole train step. train=False skips the
+    train step's copies of the UNet (student with plain attention, teacher) and optimiser."""
 
     def __init__(self, spec, unet, inputs, device="cpu", compile_mode=None, autocast=None, lr=1e-4,
-                 compile_train=True):
+                 compile_train=True, train=True):
         import torch
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -330,19 +331,11 @@ class TorchCase:
         self.autocast = autocast
         tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         schedule = schedule_config(spec)
-        fwd_unet = copy.deepcopy(unet).to(self.device).eval()
-        train_unet = copy.deepcopy(unet).to(self.device).train(False)
-        train_unet.set_attn_processor(AttnProcessor())  # forward-mode AD needs the plain attention
-        teacher_unet = copy.deepcopy(unet).to(self.device).eval().requires_grad_(False)
-        fwd_net, train_net = tf.unet_network(fwd_unet), tf.unet_network(train_unet)
+        fwd_net = tf.unet_network(copy.deepcopy(unet).to(self.device).eval())
         self.compiled = compile_mode is not None
         if self.compiled:
             fwd_net = torch.compile(fwd_net, mode=compile_mode)
         self.fmap = tf.FlowMap(fwd_net, schedule, "epsilon")
-        train_map = tf.FlowMap(train_net, schedule, "epsilon")
-        self.teacher = Teacher.create(unet_teacher_fn(teacher_unet), schedule, "epsilon",
-                                      guidance_scale=GUIDANCE_SCALE,
-                                      uncond={"encoder_hidden_states": tensor(inputs["uncond"])})
         self.cond = {"encoder_hidden_states": tensor(inputs["context"])}
         self.noise = tensor(nhwc_to_nchw(inputs["noise"]).copy())
         self.batch = {"x0": tensor(nhwc_to_nchw(inputs["x0"]).copy()), "noise": self.noise, "cond": self.cond,
@@ -353,6 +346,18 @@ class TorchCase:
         self.s_full = torch.full((b,), 999.0, device=self.device)
         self.t_full = torch.full((b,), 499.0, device=self.device)
 
+        self.last_loss = None
+        self._step = None
+        if not train:
+            return
+        train_unet = copy.deepcopy(unet).to(self.device).train(False)
+        train_unet.set_attn_processor(AttnProcessor())  # forward-mode AD needs the plain attention
+        teacher_unet = copy.deepcopy(unet).to(self.device).eval().requires_grad_(False)
+        train_net = tf.unet_network(train_unet)
+        train_map = tf.FlowMap(train_net, schedule, "epsilon")
+        self.teacher = Teacher.create(unet_teacher_fn(teacher_unet), schedule, "epsilon",
+                                      guidance_scale=GUIDANCE_SCALE,
+                                      uncond={"encoder_hidden_states": tensor(inputs["uncond"])})
         loss_fn = to.make_objective("eulerian", train_map)
         self.train_params = dict(train_net.named_parameters())
         self.optimizer = torch.optim.AdamW(self.train_params.values(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
@@ -367,7 +372,6 @@ class TorchCase:
             return loss.detach()
 
         self._step = torch.compile(step, mode=compile_mode) if self.compiled and compile_train else step
-        self.last_loss = None
 
     def _autocast(self):
         import contextlib

@@ -263,7 +263,7 @@ class Sampler:
 
 METRICS = (("frechet_distance", "Frechet distance (classifier features)", "frechet", True),
            ("label_accuracy", "label accuracy", "accuracy", False),
-           ("mse_to_reference", "MSE to the teacher's 100-step ODE solution", "mse", True))
+           ("mse_to_reference", "MSE to the teacher's {ref}-step ODE solution", "mse", True))
 STYLES = {"ddim": ("tab:blue", "o"), "heun": ("tab:orange", "s"), "dpmpp_2m": ("tab:green", "^"),
           "flow map": ("tab:red", "D")}
 
@@ -293,7 +293,7 @@ def _plot_metric(ax, rows, metric, label, log_y, real=None):
     ax.grid(True, which="both", alpha=0.3)
 
 
-def write_plots(rows, real, out: Path, subtitle: str) -> list[Path]:
+def write_plots(rows, real, out: Path, subtitle: str, reference_steps: int = 100) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +302,7 @@ def write_plots(rows, real, out: Path, subtitle: str) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
     for ax, (metric, label, _, log_y) in zip(axes, METRICS):
-        _plot_metric(ax, rows, metric, label, log_y, real)
+        _plot_metric(ax, rows, metric, label.format(ref=reference_steps), log_y, real)
     axes[0].legend(fontsize=7)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
@@ -311,7 +311,7 @@ def write_plots(rows, real, out: Path, subtitle: str) -> list[Path]:
     plt.close(fig)
     for metric, label, short, log_y in METRICS:
         fig, ax = plt.subplots(figsize=(5, 3.6), dpi=80)
-        _plot_metric(ax, rows, metric, label, log_y, real)
+        _plot_metric(ax, rows, metric, label.format(ref=reference_steps), log_y, real)
         ax.legend(fontsize=7)
         fig.suptitle(subtitle, fontsize=8)
         fig.tight_layout()
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     subtitle = (f"digits teacher (CFG {guidance:g}) vs flow map, {n} samples each, same noise and labels")
-    plots = write_plots(rows, real, out, subtitle)
+    plots = write_plots(rows, real, out, subtitle, args.reference_steps)
     grid_rows = []
     if flow_map is not None:
         for jumps, name in GRID_ROWS:
