@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -161,14 +162,28 @@ def _empty_cache():
         torch.cuda.empty_cache()
 
 
+def _ensure_weights(work: Path, spec) -> Path:
+    """work/WEIGHTS: the flow-map UNet's random weights (torch.manual_seed(0)), written by the parity stage,
+    or here when that stage was skipped."""
+    path = work / WEIGHTS
+    if not path.is_file():
+        from safetensors.numpy import save_file
+
+        import backend_speed as bs
+
+        save_file(bs.state_dict_numpy(bs.make_torch_unet(spec)), str(path))
+    return path
+
+
 def _load_unet(work: Path, spec):
-    """The stage-2 SD 1.5 flow-map UNet (diffusers, fp32 CPU) from work/sd15.safetensors."""
+    """The flow-map UNet (diffusers, fp32 CPU) from work/WEIGHTS."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
     from flowmap_jax.flow_config import add_target_time_hook_config
 
+    _ensure_weights(work, spec)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**add_target_time_hook_config(spec["unet"]))
     unet.load_state_dict(load_file(str(work / WEIGHTS)), assign=True)
@@ -322,11 +337,12 @@ def objective_parity(device="cuda"):
     return loss_rel, grad_rel
 
 
-def _speed_rows(case, backend, batch, flops, repeats, rec, key, peak, train=True):
-    """Times forward, 4-jump sample and (with train) train step of `case`; rows saved to rec[key] one by one."""
+def _speed_rows(case, backend, batch, flops, repeats, rec, peak, train=True, rows=None):
+    """Times forward, 4-jump sample and (with train) train step of `case`; appends to `rows` and saves them
+    as rec["rows"] one by one (a stage cut off by its cap keeps what it measured)."""
     import backend_speed as bs
 
-    rows = []
+    rows = [] if rows is None else rows
     ops = (("forward", case.forward), ("4-jump sample", case.sample), ("train step", case.train_step))
     for op, fn in ops if train else ops[:2]:
         log(f"{backend}: {op}")
@@ -341,7 +357,7 @@ def _speed_rows(case, backend, batch, flops, repeats, rec, key, peak, train=True
         if op == "train step":
             row["loss"] = case.last_loss
         rows.append(row)
-        rec[key] = rows
+        rec["rows"] = rows
     return rows
 
 
@@ -356,19 +372,19 @@ def stage_jax(args, work: Path, rec: Recorder):
     peak = env.get("bf16_peak_tflops")
     from safetensors.numpy import load_file
 
-    state = load_file(str(work / WEIGHTS))
+    state = load_file(str(_ensure_weights(work, spec)))
     inputs = bs.make_inputs(spec)
     case = bs.JaxCase(spec, state, inputs, dtype="bfloat16", remat=args.remat)
     del state
     log("jax: bf16 jump (compiles)")
     out = nhwc_to_nchw(np.asarray(case.forward(), np.float32))
-    reference = np.load(work / "jax_fp32_forward.npy")
     rec["bf16_finite"] = bool(np.all(np.isfinite(out)))
-    rec["bf16_rel_rms"] = _rel_rms(out, reference)
+    if (work / "jax_fp32_forward.npy").is_file():  # from the parity stage
+        rec["bf16_rel_rms"] = _rel_rms(out, np.load(work / "jax_fp32_forward.npy"))
     log("jax: counting model FLOPs")
     flops = case.flops()
     rec["flops"] = flops
-    _speed_rows(case, "JAX jit (bf16)", spec["batch"], flops, args.repeats, rec, "rows", peak)
+    _speed_rows(case, "JAX jit (bf16)", spec["batch"], flops, args.repeats, rec, peak)
     rec["bf16_train_loss_finite"] = bool(np.isfinite(case.last_loss)) if case.last_loss is not None else None
 
 
@@ -388,10 +404,10 @@ def stage_torch(args, work: Path, rec: Recorder):
     inputs = bs.make_inputs(spec)
     case = bs.TorchCase(spec, unet, inputs, device=_device(args), autocast=torch.bfloat16)
     out = case.forward().float().cpu().numpy()
-    reference = np.load(work / "torch_fp32_forward.npy")
     rec["bf16_finite"] = bool(np.all(np.isfinite(out)))
-    rec["bf16_rel_rms"] = _rel_rms(out, reference)
-    rows = _speed_rows(case, "torch eager (bf16)", spec["batch"], jax_flops, args.repeats, rec, "rows", peak)
+    if (work / "torch_fp32_forward.npy").is_file():  # from the parity stage
+        rec["bf16_rel_rms"] = _rel_rms(out, np.load(work / "torch_fp32_forward.npy"))
+    rows = _speed_rows(case, "torch eager (bf16)", spec["batch"], jax_flops, args.repeats, rec, peak)
     rec["bf16_train_loss_finite"] = bool(np.isfinite(case.last_loss)) if case.last_loss is not None else None
     del case
     _empty_cache()
@@ -399,10 +415,8 @@ def stage_torch(args, work: Path, rec: Recorder):
         case = bs.TorchCase(spec, unet, inputs, device=_device(args), autocast=torch.bfloat16, compile_mode="default",
                             train=args.torch_compile == "all")
         name = "torch.compile (bf16)" if args.torch_compile == "all" else "torch.compile net (bf16)"
-        rec["rows_eager"] = rows
-        more = _speed_rows(case, name, spec["batch"], jax_flops, args.repeats, rec, "rows_compiled", peak,
-                           train=args.torch_compile == "all")
-        rec["rows"] = rows + more
+        _speed_rows(case, name, spec["batch"], jax_flops, args.repeats, rec, peak, train=args.torch_compile == "all",
+                    rows=rows)
 
 
 def stage_pytest(args, work: Path, rec: Recorder, timeout: float):
@@ -438,10 +452,14 @@ def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float) -> di
     log_path = out_dir / "logs" / f"{stage}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
+        # Its own process group: a stage cut off by its cap takes its helpers (compile workers) with it.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}, see logs/{stage}.log)"
+            code = proc.wait(timeout=timeout)
+            status = "ok" if code == 0 else f"failed (exit {code}, see logs/{stage}.log)"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             status = f"cut off at its {timeout:.0f}s cap (partial results)"
     saved = work / f"{stage}.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -526,6 +544,8 @@ def main(argv=None) -> int:
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     work.mkdir(exist_ok=True)
+    for stale in list(work.glob("*.json")) + list(work.glob("*.npy")):  # results of an earlier check
+        stale.unlink()
     log(f"GPU(s): {text}")
     skip = set(filter(None, args.skip.split(",")))
     deadline = started + args.budget
