@@ -101,7 +101,7 @@ def test_half_written_checkpoint_is_ignored_and_nothing_good_is_an_error(tmp_pat
 # Whole runs in subprocesses.
 
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
                PYTHONPATH=ROOT)
     env.pop("STANDIN_STEP_SLEEP", None)
     env.update({k: str(v) for k, v in extra.items()})

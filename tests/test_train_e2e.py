@@ -35,11 +35,12 @@ def _short(run_dir, *flags):
 @pytest.mark.skipif(not EMBEDDED, reason="the embedded digits teacher is not in this checkout")
 def test_default_preset_short_run(tmp_path):
     run_dir = tmp_path / "run"
-    assert train.main(_short(run_dir, "--run.steps", "60", "--run.quality_samples", "40",
-                             "--run.checkpoint_every", "30")) == 0
+    assert train.main(_short(run_dir, "--run.steps", "40", "--data.batch_size", "16", "--optim.lr", "2e-4",
+                             "--optim.warmup_steps", "10", "--run.quality_samples", "16", "--sample.jumps", "1,2",
+                             "--run.checkpoint_every", "20", "--sample.grid_columns", "8")) == 0
     rows = _quality(run_dir)
     assert rows["flow map 1 jump"]["mse_to_teacher"] < rows["flow map 1 jump, untrained"]["mse_to_teacher"]
-    for name in ("checkpoints/30", "checkpoints/60", "samples/step_000060.png", "quality.md",
+    for name in ("checkpoints/20", "checkpoints/40", "samples/step_000040.png", "quality.md",
                  "export/config.json", "export/diffusion_pytorch_model.safetensors", "metrics.jsonl",
                  "config.json"):
         assert (run_dir / name).exists(), name
