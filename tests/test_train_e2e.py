@@ -94,3 +94,29 @@ def test_unknown_objective_is_a_flag_error(tmp_path, tiny_teacher, capsys):
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, capsys):
     assert train.main(["--run.dir", str(tmp_path / "run"), "--data.batch_size", "12"]) == 1
     assert "--data.batch_size 12" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EMBEDDED, reason="the embedded digits teacher is not in this checkout")
+def test_default_job_reaches_teacher_quality_with_two_jumps(tmp_path):
+    """The default job exactly as a newcomer runs it (`python -m flowmap_jax.train`, no arguments, in
+    an empty folder). Target (issue 4): under 10 minutes on an idle 2-core CPU, and 2-jump samples
+    within 10% of the teacher's 50-step Frechet distance (100 samples: a small, noisy estimate)."""
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the job as a user runs it: one CPU device, all threads
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--run.compilation_cache", ""],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+    elapsed = time.time() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _quality(tmp_path / "runs" / "digits")
+    teacher = rows["teacher DDIM 50 steps"]["frechet_distance"]
+    two = rows["flow map 2 jumps"]["frechet_distance"]
+    print(f"default job: {elapsed:.0f}s wall; FD teacher {teacher:.1f}, 2 jumps {two:.1f}")
+    assert two <= 1.1 * teacher
+    assert rows["flow map 1 jump"]["mse_to_teacher"] < rows["flow map 1 jump, untrained"]["mse_to_teacher"]
