@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
 
 class TeacherNotFound(FileNotFoundError):
     """The teacher folder, its UNet or its scheduler cannot be found or read."""

@@ -108,7 +108,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -205,7 +205,7 @@ class PreemptionGuard:
         if not self._multi:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):  # noqa: ARG002
+    def _handle(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

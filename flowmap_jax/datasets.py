@@ -65,7 +65,7 @@ class LabelConditioner:
         self.null_label = self.table.shape[0] - 1
 
     @classmethod
-    def from_file(cls, path: str) -> "LabelConditioner":
+    def from_file(cls, path: str) -> LabelConditioner:
         from safetensors.numpy import load_file
 
         tensors = load_file(path)

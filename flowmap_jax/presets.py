@@ -161,7 +161,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:

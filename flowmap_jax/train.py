@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

@@ -25,7 +25,8 @@ adds "step" (B,) int32, the optimiser step (the objectives' tangent warm-up read
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -74,7 +75,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     """AdamW (weight decay on matrices and kernels only, not on biases and norm scales) after
     global-norm clipping. `optim` is a `presets.OptimConfig`."""
     schedule = learning_rate_schedule(optim.lr, optim.warmup_steps, total_steps, optim.schedule)
-    decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) > 1, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
     parts = []
     if optim.grad_clip and optim.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip))

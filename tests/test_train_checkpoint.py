@@ -100,8 +100,14 @@ def test_half_written_checkpoint_is_ignored_and_nothing_good_is_an_error(tmp_pat
 # ---------------------------------------------------------------------------------------------------
 # Whole runs in subprocesses.
 
+def _xla_flags(devices):
+    """The test process's XLA flags (tests/conftest.py: single-threaded kernels) with `devices` devices."""
+    return (f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false "
+            "intra_op_parallelism_threads=1")
+
+
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(2),
                PYTHONPATH=ROOT)
     env.pop("STANDIN_STEP_SLEEP", None)
     env.update({k: str(v) for k, v in extra.items()})

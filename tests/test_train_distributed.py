@@ -31,6 +31,11 @@ def test_resolve_from_flags_and_environment():
         distributed.resolve(none, dict(env, PROCESS_ID="4"))
 
 
+def _xla_flags(devices):
+    return (f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false "
+            "intra_op_parallelism_threads=1")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +50,7 @@ def _command(run_dir):
 
 def test_two_processes_on_loopback_agree(tmp_path):
     port = _free_port()
-    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(2),
                 PYTHONPATH=ROOT)
     procs = []
     for rank in range(2):
@@ -53,7 +58,7 @@ def test_two_processes_on_loopback_agree(tmp_path):
                    STANDIN_DUMP=str(tmp_path / "multi_{process}.npz"), STANDIN_DUMP_ALL="1")
         procs.append(subprocess.Popen(_command(tmp_path / "multi"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    single_env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    single_env = dict(base, XLA_FLAGS=_xla_flags(4),
                       STANDIN_DUMP=str(tmp_path / "single.npz"))
     single = subprocess.run(_command(tmp_path / "single"), cwd=ROOT, env=single_env, capture_output=True,
                             text=True, timeout=300)
