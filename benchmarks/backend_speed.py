@@ -24,7 +24,9 @@ JAX: `jax.jit` of each function, XLA's attention (`jax.nn.dot_product_attention`
 `jax.jvp`). PyTorch eager: diffusers' default attention (SDPA) for forward and sampling; the train step's
 student uses the plain `AttnProcessor`, because the fused SDPA kernels have no forward-mode AD on CPU
 (shared/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
-for the train step; a failure is caught and reported in the table.
+for the train step; a failure is caught and reported in the table. The compiled train step is tried
+first in a child process, because a torch.compile failure inside `torch.func.jvp` leaves the process's
+autograd state broken (seen with torch 2.13: later eager JVPs fail an internal assert in `_make_dual`).
 
 Timing: warm-up calls first (JAX compiles, torch.compile traces), then `--repeats` rounds in which every
 variant runs once in turn (round robin, so load changes on a shared machine hit all variants alike); the
@@ -514,11 +516,18 @@ def run_config(name: str, repeats: int, warmup: int, use_compile: bool, batch: i
     variants = {"jax": {"forward": jcase.forward, "train step": jcase.train_step, "4-jump sample": jcase.sample},
                 "torch eager": {"forward": eager.forward, "train step": eager.train_step,
                                 "4-jump sample": eager.sample}}
-    compiled = None
+    probe = None
     if use_compile:
-        compiled = TorchCase(spec, unet, inputs, compile_mode="default")
-        variants["torch.compile"] = {"forward": compiled.forward, "train step": compiled.train_step,
-                                     "4-jump sample": compiled.sample}
+        # The compiled train step is first tried in a child process: when torch.compile fails on
+        # torch.func.jvp it leaves this process's autograd state broken (every later eager JVP then fails
+        # an internal assert), which would take the eager row down with it.
+        log(f"[{name}] torch.compile of the train step: trying it in a child process")
+        probe = probe_compiled_train_step(name, batch)
+        log(f"[{name}] torch.compile train step: " + ("works" if probe["ok"] else probe["error"]))
+        compiled = TorchCase(spec, unet, inputs, compile_mode="default", train=probe["ok"])
+        variants["torch.compile"] = {"forward": compiled.forward, "4-jump sample": compiled.sample}
+        if probe["ok"]:
+            variants["torch.compile"]["train step"] = compiled.train_step
     # Same network, same numbers: the forward outputs and the first training loss of both backends.
     from flowmap_jax.layout import nhwc_to_nchw
 
@@ -531,11 +540,49 @@ def run_config(name: str, repeats: int, warmup: int, use_compile: bool, batch: i
     flops = jcase.flops()
     log(f"[{name}] timing: {repeats} rounds after {warmup} warm-up call(s)")
     timings = time_round_robin(variants, repeats, warmup, log=log)
+    if probe is not None and not probe["ok"]:
+        timings["torch.compile"]["train step"] = {"error": probe["error"]}
     return {"config": name, "unet": spec["unet"], "unet_source": spec["unet_source"], "batch": spec["batch"],
             "sample_hw": list(spec["hw"]), "context_len": spec["context_len"], "unet_parameters": int(n_params),
             "forward_rel_diff": forward_rel, "first_loss": {"jax": loss_j, "torch": loss_t},
             "loss_rel_diff": abs(loss_j - loss_t) / max(abs(loss_t), 1e-12), "flops": flops,
             "timings": timings, "jax_device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads()}
+
+
+def probe_compiled_train_step(name: str, batch: int | None, timeout: float = 1200.0) -> dict:
+    """{"ok": bool, "error": str, "first_s": float}: torch.compile of the train step, tried in a child
+    process (same CPUs, same environment)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe-train-compile", name]
+    if batch:
+        cmd += ["--batch", str(batch)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"compiling took over {timeout:.0f}s (child process stopped)"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"ok": False, "error": f"child process failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def _probe_main(name: str, batch: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    spec = case_spec(name, batch)
+    case = TorchCase(spec, make_torch_unet(spec), make_inputs(spec), compile_mode="default")
+    start = time.perf_counter()
+    try:
+        case.train_step()
+        first = time.perf_counter() - start
+        case.train_step()
+        result = {"ok": True, "first_s": first}
+    except Exception as error:  # noqa: BLE001 - the failure is the result
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        result = {"ok": False, "error": f"{type(error).__name__}: {text}"}
+    print(json.dumps(result))
 
 
 def threads_setup(threads: int | None) -> int:
@@ -586,7 +633,12 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", default=str(RESULTS / "backend_speed_cpu.json"))
     parser.add_argument("--png", default=str(RESULTS / "backend_speed_cpu.png"))
+    parser.add_argument("--_probe-train-compile", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._probe_train_compile:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _probe_main(args._probe_train_compile, args.batch)
+        return
     names = [n for n in args.configs.split(",") if n]
     for n in names:
         case_spec(n)

@@ -423,14 +423,15 @@ def main(argv=None) -> int:
     sampler = Sampler(teacher, table, flow_map, flow_params, noise, labels, args.batch, cache_dir)
     from flowmap_jax.digits.quality import digits_quality_report
 
-    done = {"passes": 0, "seconds": 0.0}
+    done = {"passes": 0, "seconds": 0.0, "left": total_passes}
 
     def progress(run, start, stop, seconds):
         done["passes"] += run["unet_passes"] * (stop - start)
+        done["left"] -= run["unet_passes"] * (stop - start)
         done["seconds"] += seconds
         rate = done["passes"] / max(done["seconds"], 1e-9)
-        log(f"  {run['key']}: {stop}/{n} samples, {seconds:.1f}s (incl. compilation on first chunks); "
-            f"{rate:.0f} UNet passes/s so far")
+        log(f"  {run['key']}: {stop}/{n} samples, {seconds:.1f}s; {rate:.0f} UNet passes/s so far (compilation "
+            f"included), about {done['left'] / rate / 60:.0f} min left")
 
     samples, seconds = {}, {}
     # The reference first (MSE needs it), then the rest in plan order.
@@ -439,6 +440,7 @@ def main(argv=None) -> int:
     for run in order:
         t0 = time.perf_counter()
         samples[run["key"]], seconds[run["key"]], cached = sampler.run(run, progress)
+        done["left"] -= run["unet_passes"] * min(cached * args.batch, n)
         log(f"{run['key']}: {time.perf_counter() - t0:.1f}s ({cached} chunk(s) from the cache)")
     reference = samples[ref_key]
     rows = []
