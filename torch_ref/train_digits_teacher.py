@@ -285,7 +285,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of the null label")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for reproducibility)")
     parser.add_argument("--log-every", type=int, default=100)

@@ -6,6 +6,8 @@
   (`flowmap_jax.digits.data.load_digits("heldout")`), which neither the teacher nor the classifier
   saw in training. Numbers are comparable only for the same sample count (the estimator is biased
   upwards for small sets; use a few thousand samples for benchmarks), and only with this classifier.
+  Real-data floor: the 1297 real train-split digits score 8.3; random 500-image subsets of them
+  14.7 +- 2.0 (mean +- std over 10 draws); standard Gaussian noise clipped to [-1, 1] about 1350.
 - **Label accuracy** (`label_accuracy`): the classifier's argmax against the conditioning label.
 - **MSE to a reference** (`mse_to_reference`): mean squared pixel difference to paired reference
   images, e.g. the teacher's 100-step ODE solution from the same noise.
