@@ -40,22 +40,24 @@ def test_teacher_folder_is_stock_diffusers(info):
     assert size < 10e6, size
 
 
-def test_teacher_ddim50_cfg_samples_have_their_label(info):
-    """100 samples (10 per class), DDIM 50 steps at the recommended CFG scale: the classifier reads
-    them as their label far above chance (0.1)."""
+@pytest.mark.parametrize("num_samples", [40, pytest.param(200, marks=pytest.mark.slow)])
+def test_teacher_ddim50_cfg_samples_have_their_label(info, num_samples):
+    """DDIM 50 steps at the recommended CFG scale, labels cycling 0..9: the classifier reads the
+    samples as their label far above chance (0.1); the shipped teacher scores 100% on 500 samples.
+    40 samples by default (~15 s of one CPU core; 163 MFLOP per sample per network call, 100 calls)."""
     from flowmap_jax.digits.quality import label_accuracy
     from flowmap_jax.layout import nchw_to_nhwc
     from torch_ref.train_digits_teacher import load_teacher, sample_ddim
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # fastest on a small shared CPU
+    torch.set_num_threads(1)  # the fastest on a small shared CPU
     try:
         unet, table, scheduler = load_teacher(TEACHER_DIR)
-        labels = torch.arange(100) % 10
+        labels = torch.arange(num_samples) % 10
         samples = sample_ddim(unet, table, scheduler.config, labels, info["recommended_guidance_scale"], 50,
                               generator=torch.Generator().manual_seed(0))
     finally:
         torch.set_num_threads(threads)
     samples = nchw_to_nhwc(samples.numpy())
     assert np.all(np.isfinite(samples)) and np.abs(samples).max() < 3.0
-    assert label_accuracy(samples, labels.numpy()) >= 0.8
+    assert label_accuracy(samples, labels.numpy()) >= 0.85

@@ -1,12 +1,15 @@
 """Train the embedded digits teacher: a small class-conditional diffusers `UNet2DConditionModel`.
 
-Command that produced the shipped `flowmap_jax/assets/digits_teacher/` (CPU, 1 thread):
+Commands that produced the shipped `flowmap_jax/assets/digits_teacher/` (CPU, 1 thread; 3000 steps
+at about 0.55 s each on an idle core, ~28 minutes; the defaults are these values):
 
-    python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --seed 0
+    python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --seed 0 \
+        --steps 3000 --ema-decay 0.999 --no-eval
+    python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --eval-only \
+        --guidance-scale 1.5
 
-and, to (re)measure sample quality and write the sample grids into the folder's `teacher_info.json`:
-
-    python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --eval-only
+The second samples DDIM-50 at several CFG scales, writes grids into the folder and the quality
+numbers and guidance recommendation into its `teacher_info.json` (about 10 CPU-minutes).
 
 The teacher (see `UNET_CONFIG`, `SCHEDULER_CONFIG`):
 - data: `flowmap_jax.digits.data.load_digits("train")`, 16x16x1 in [-1, 1] (PyTorch layout
@@ -42,35 +45,41 @@ import numpy as np
 import torch
 
 from flowmap_jax.digits import TEACHER_DIR
-from flowmap_jax.digits.data import IMAGE_SIZE, NULL_LABEL, NUM_CLASSES, load_digits, make_grid
+from flowmap_jax.digits.data import (
+    IMAGE_SIZE,
+    NULL_LABEL,
+    NUM_CLASSES,
+    load_digits,
+    make_grid,
+)
 from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
 
 LABEL_DIM = 32
-UNET_CONFIG = dict(
-    sample_size=IMAGE_SIZE,
-    in_channels=1,
-    out_channels=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    cross_attention_dim=LABEL_DIM,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    class_embed_type=None,
-    addition_embed_type=None,
-)
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="linear",
-    beta_start=1e-4,
-    beta_end=0.02,
-    prediction_type="epsilon",
-    clip_sample=False,
-    timestep_spacing="trailing",
-    steps_offset=0,
-)
+UNET_CONFIG = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": LABEL_DIM,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "timestep_spacing": "trailing",
+    "steps_offset": 0,
+}
 LABEL_EMBEDDINGS_FILE = "label_embeddings.safetensors"
 INFO_FILE = "teacher_info.json"
 EVAL_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)

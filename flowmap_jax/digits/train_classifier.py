@@ -98,11 +98,13 @@ def train(seed=0, steps=1500, batch_size=128, lr=2e-3, weight_decay=1e-4, max_sh
     params = jax.tree.map(np.asarray, params)
     heldout_acc = float(np.mean(np.asarray(predict(params, heldout_images)) == heldout_labels))
     train_acc = float(np.mean(np.asarray(predict(params, images)) == labels))
-    info = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                max_shift=max_shift, max_noise=max_noise, heldout_accuracy=round(heldout_acc, 4),
-                train_accuracy=round(train_acc, 4), num_heldout=len(heldout_labels), num_train=n,
-                train_seconds=round(time.time() - start, 1), jax_version=jax.__version__,
-                features="penultimate dense layer (64-d) before its GELU")
+    info = {
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "max_shift": max_shift, "max_noise": max_noise, "heldout_accuracy": round(heldout_acc, 4),
+        "train_accuracy": round(train_acc, 4), "num_heldout": len(heldout_labels), "num_train": n,
+        "train_seconds": round(time.time() - start, 1), "jax_version": jax.__version__,
+        "features": "penultimate dense layer (64-d) before its GELU",
+    }
     return config, params, info
 
 
