@@ -60,7 +60,7 @@ class TeacherConfig:
     path: str = EMBEDDED_DIGITS_TEACHER  # diffusers folder (or hub id) holding the UNet and its scheduler
     subfolder: str = "unet"  # the UNet's subfolder ("" if `path` is the UNet folder itself)
     scheduler_subfolder: str = "scheduler"  # scheduler_config.json's subfolder ("" for none: use defaults)
-    guidance_scale: float = 2.0  # classifier-free guidance of the teacher (1.0: no guidance)
+    guidance_scale: float = 1.5  # classifier-free guidance of the teacher (1.0: none); 1.5: the digits teacher's recommendation
     weak_path: str = ""  # autoguidance: a weaker teacher folder (empty: use classifier-free guidance)
 
 
