@@ -35,7 +35,8 @@ Cost: the full sweep is ~640 guided teacher evaluations (~1280 UNet passes) per 
 CPU cores runs at roughly 40-200 UNet passes per second for this 1.7M-parameter UNet: hours for the default
 2000 samples, minutes for 200 (on a GPU, minutes for the default). Samples are cached per sampler and chunk
 under `--cache` (default ~/.cache/flowmap_jax/quality_vs_steps), so an interrupted run resumes where it
-stopped; the cache key covers the teacher and flow-map weights, the guidance scale and the seed. JAX's
+stopped; the keys cover the teacher's files, guidance scale and seed (teacher samples), the flow map's files and the
+seed (flow-map samples), so a new flow map reuses the teacher's samples. JAX's
 persistent compilation cache is on (as in the trainer). The script prints its plan and an ETA.
 """
 
@@ -190,7 +191,7 @@ def load_teacher(folder: Path, guidance_scale: float):
 class Sampler:
     """Jitted samplers over fixed noise and labels; results cached per (run, chunk) as .npy files."""
 
-    def __init__(self, teacher, table, flow_map, flow_params, noise, labels, batch, cache_dir: Path | None):
+    def __init__(self, teacher, table, flow_map, flow_params, noise, labels, batch, cache_dirs: dict | None):
         import jax
         import jax.numpy as jnp
 
@@ -199,7 +200,7 @@ class Sampler:
         self.jax, self.jnp = jax, jnp
         self.teacher, self.table, self.noise, self.labels, self.batch = teacher, table, noise, labels, batch
         self.flow_map, self.flow_params = flow_map, flow_params
-        self.cache_dir = cache_dir
+        self.cache_dirs = cache_dirs  # {"teacher": folder, "flow_map": folder} or None
         self._teacher_fns = {}
         self.samplers = samplers
         if flow_map is not None:
@@ -240,7 +241,7 @@ class Sampler:
         n = len(self.noise)
         for start in range(0, n, self.batch):
             stop = min(start + self.batch, n)
-            path = None if self.cache_dir is None else self.cache_dir / f"{run['key']}_{start}_{stop}.npy"
+            path = None if not self.cache_dirs else self.cache_dirs[run["kind"]] / f"{run['key']}_{start}_{stop}.npy"
             if path is not None and path.is_file():
                 parts.append(np.load(path))
                 cached += 1
@@ -342,7 +343,8 @@ def build_parser():
     p.add_argument("--guidance-scale", type=float, default=None, help="the teacher's CFG scale (default: the flow "
                    "map's distilled scale, else 2.0, the digits preset's)")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per sampler (default 2000)")
-    p.add_argument("--batch", type=int, default=250, help="samples per jitted call (default 250)")
+    p.add_argument("--batch", type=int, default=100, help="samples per jitted call (default 100, about the "
+                   "fastest on 2 CPU cores; larger on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--nfe", type=parse_int_list, default=DEFAULT_NFE, help="teacher NFE budgets (default "
                    + ",".join(map(str, DEFAULT_NFE)) + ")")
@@ -409,18 +411,21 @@ def main(argv=None) -> int:
     sample_shape = (size, size, int(unet_config.get("in_channels", 1)))
     noise = np.random.default_rng(args.seed).standard_normal((n, *sample_shape)).astype(np.float32)
     labels = np.arange(n) % (table.shape[0] - 1)
-    cache_dir = None
+    cache_dirs = None
     if (args.cache or "").lower() != "none":
-        base = Path(args.cache) if args.cache else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-            / "flowmap_jax" / "quality_vs_steps"
-        key = folder_fingerprint(teacher_dir, model_dir) + f"_w{guidance:g}_seed{args.seed}"
-        cache_dir = base / key
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        base = Path(args.cache) if args.cache else (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowmap_jax" / "quality_vs_steps")
+        # Teacher samples depend on the teacher, its guidance and the noise only: a new flow map reuses them.
+        cache_dirs = {"teacher": base / f"teacher_{folder_fingerprint(teacher_dir)}_w{guidance:g}_seed{args.seed}"}
+        if model_dir is not None:
+            cache_dirs["flow_map"] = base / f"flow_map_{folder_fingerprint(model_dir)}_seed{args.seed}"
+        for folder in cache_dirs.values():
+            folder.mkdir(parents=True, exist_ok=True)
     total_passes = sum(r["unet_passes"] for r in runs) * n
     log(f"plan: {len(runs)} samplers x {n} samples = {total_passes / 1e6:.2f}M UNet passes (batch {args.batch}); "
-        f"teacher {teacher_dir} (CFG {guidance:g}); flow map {model_dir}; cache {cache_dir}")
+        f"teacher {teacher_dir} (CFG {guidance:g}); flow map {model_dir}; cache {cache_dirs and base}")
 
-    sampler = Sampler(teacher, table, flow_map, flow_params, noise, labels, args.batch, cache_dir)
+    sampler = Sampler(teacher, table, flow_map, flow_params, noise, labels, args.batch, cache_dirs)
     from flowmap_jax.digits.quality import digits_quality_report
 
     done = {"passes": 0, "seconds": 0.0, "left": total_passes}
