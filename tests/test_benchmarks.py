@@ -193,3 +193,40 @@ def test_gpu_check_report_renders_partial_results():
     assert "2.00e-05 (pass, <= 0.001)" in text and "5.00e-03 (FAIL, <= 0.001)" in text
     assert "| JAX jit (bf16) | forward | 50.0 | 80.0 | 64 | 6.5% | 40.0 |" in text
     assert "torch eager (bf16) / JAX, forward: 1.20" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Training throughput (benchmarks/train_throughput.py): window selection, table, trainer flags.
+
+tt = _load("train_throughput")
+
+
+def test_throughput_leaves_out_the_compilation_window():
+    records = [{"step": 10, "steps_per_s": 0.05}, {"step": 20, "steps_per_s": 1.0},
+               {"step": 30, "steps_per_s": 3.0}, {"step": 40, "steps_per_s": 2.0}]
+    assert tt.steady_rate(records) == (2.0, 3)
+    with pytest.raises(ValueError, match="too few"):
+        tt.steady_rate(records[:1])
+
+
+def test_throughput_table_and_counts():
+    rows = [{"devices": 1, "steps_per_s": 2.0, "examples_per_s": 64.0, "global_batch": 32},
+            {"devices": 8, "steps_per_s": 1.0, "examples_per_s": 32.0, "global_batch": 32},
+            {"devices": 4, "error": "trainer exit 1: boom"}]
+    table = tt.markdown(rows)
+    assert "| 8 | 32 | 4 | 1.000 | 32.0 | 0.50 |" in table
+    assert "boom" in table
+    assert tt.parse_counts("1,8") == (1, 8)
+    with pytest.raises(Exception):
+        tt.parse_counts("0,2")
+
+
+def test_throughput_trainer_flags_parse():
+    from flowmap_jax import presets
+
+    cmd = tt.trainer_command("/tmp/x", 60, 10, ["--objective.names", "eulerian"])
+    flags = cmd[cmd.index("flowmap_jax.train") + 1:]
+    config = presets.parse_args(flags)
+    assert config.run.steps == 60 and config.run.quality_samples == 0 and not config.run.export
+    assert config.run.compilation_cache == "" and config.objective.names == ("eulerian",)
+    assert config.run.checkpoint_every > config.run.steps
