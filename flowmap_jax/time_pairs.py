@@ -5,6 +5,7 @@ The distribution (`flow_config.TimePairConfig`, documented there) lives in norma
 
     d ~ density proportional to d^(length_power - 1)  (d = U^(1 / length_power); default 2: long jumps up)
     tau_s ~ U(d, 1), tau_t = tau_s - d
+    with probability p_noise: tau_s = 1, tau_t = 1 - d (the first jump of every sampler)
     with probability p_clean: tau_t = 0 (the last jump of every sampler)
     with bidirectional: swap (s, t) with probability 1/2 (jumps towards noise)
 
@@ -31,6 +32,9 @@ def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: Ti
     d = jax.random.uniform(k_len, (batch_size,)) ** (1.0 / config.length_power)
     tau_s = d + (1.0 - d) * jax.random.uniform(k_src, (batch_size,))
     tau_t = tau_s - d
+    if config.p_noise > 0:  # its own key, so the draws with p_noise = 0 are unchanged
+        at_noise = jax.random.uniform(jax.random.fold_in(rng, 1), (batch_size,)) < config.p_noise
+        tau_s, tau_t = jnp.where(at_noise, 1.0, tau_s), jnp.where(at_noise, 1.0 - d, tau_t)
     tau_t = jnp.where(jax.random.uniform(k_clean, (batch_size,)) < config.p_clean, 0.0, tau_t)
     if config.bidirectional:
         swap = jax.random.uniform(k_swap, (batch_size,)) < 0.5

@@ -199,6 +199,28 @@ def test_time_pairs_distribution_both_backends():
         TimePairConfig(p_clean=1.5)
 
 
+def test_time_pairs_p_noise_both_backends():
+    n = 20000
+    config = TimePairConfig(p_noise=0.3, p_clean=0.2)
+    s_j, t_j = time_pairs.sample_time_pairs(jax.random.key(0), n, SD, config)
+    s_t, t_t = tp_torch.sample_time_pairs(0, n, SD, config)
+    for s, t in ((np.asarray(s_j), np.asarray(t_j)), (s_t.numpy(), t_t.numpy())):
+        assert np.all(s >= t) and s.max() <= 999
+        at_noise = s == 999.0
+        # p_noise of the pairs start at the noise end, plus the few uniform draws that land there
+        assert abs(at_noise.mean() - config.p_noise) < 0.015
+        # the length keeps its density 2d there: targets spread over the whole range, not one point
+        tau_t = (t[at_noise & (t > -1.0)] + 1.0) / 1000.0
+        assert abs(tau_t.mean() - 1 / 3) < 0.02  # tau_t = 1 - d, E[d] = 2/3
+        assert abs(np.mean(t == -1.0) - config.p_clean) < 0.015
+    # p_noise = 0 leaves the draws exactly as they were (its random numbers come from their own key)
+    base = time_pairs.sample_time_pairs(jax.random.key(3), 64, SD, TimePairConfig())
+    again = time_pairs.sample_time_pairs(jax.random.key(3), 64, SD, TimePairConfig(p_noise=0.0))
+    np.testing.assert_array_equal(np.asarray(base[0]), np.asarray(again[0]))
+    with pytest.raises(ValueError, match="p_noise must lie in"):
+        TimePairConfig(p_noise=-0.1)
+
+
 def test_objectives_jit_vmap_and_no_retrace():
     """As the trainer calls them: jitted, vmapped over single examples, teacher as an argument."""
     module = H.TorchMLP((2, 2, 2), unit=1000.0, seed=3, context_dim=3)

@@ -28,6 +28,9 @@ def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: Ti
     d = torch.rand(batch_size, generator=rng) ** (1.0 / config.length_power)
     tau_s = d + (1.0 - d) * torch.rand(batch_size, generator=rng)
     tau_t = tau_s - d
+    if config.p_noise > 0:
+        at_noise = torch.rand(batch_size, generator=rng) < config.p_noise
+        tau_s, tau_t = torch.where(at_noise, torch.ones_like(tau_s), tau_s), torch.where(at_noise, 1.0 - d, tau_t)
     tau_t = torch.where(torch.rand(batch_size, generator=rng) < config.p_clean, torch.zeros_like(tau_t), tau_t)
     if config.bidirectional:
         swap = torch.rand(batch_size, generator=rng) < 0.5
