@@ -9,7 +9,7 @@ with the flow map's target-time hook, random init from `torch.manual_seed(0)`, c
 `conversion.state_dict_to_flax`) and the same inputs:
 
 - **forward**: one flow-map jump X(x_s, s, t) (the UNet plus the jump coefficients), batch B, no gradient.
-- **train step**: the `eulerian` objective of the flow-map core (the trainer's default; `objectives.py` in
+- **train step**: the `eulerian` objective of the flow-map core (the JVP objective; `objectives.py` in
   both backends, default options, stop-gradient residual form, forward-mode JVP through the UNet), its
   gradient and one AdamW step (optax.adamw / torch.optim.AdamW, lr 1e-4, no weight decay). The teacher is
   a frozen copy of the same UNet with classifier-free guidance (scale 2, zero unconditional context), so a

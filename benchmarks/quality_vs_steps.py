@@ -15,7 +15,9 @@ Samplers, all from the same initial noise and labels (sample i has label i % 10;
   (`flow_config.time_grid`: 999 ... -1, the clean end) at `--nfe` network evaluations: DDIM and DPM-Solver++
   take that many steps; Heun takes k = (n + 1) // 2 steps = 2k - 1 evaluations (its last step, into the
   clean end, is Euler), so it lands on 1, 3, 7, 15, 31, 49, 99 (n = 2 repeats 1 and is dropped);
-- the flow map with `--jumps` jumps on the same kind of grid (one jitted jump, looped).
+- the flow map with `--jumps` jumps on the same kind of grid (one jitted jump, looped), and with
+  `--flow-map-grids uniform,logsnr` also on the log-SNR grid (`flow_config.time_grid(spacing="logsnr")`:
+  times uniform in log(sigma / alpha), 2 jumps -> [999, ~302, -1]), a second flow-map curve.
 One network evaluation (NFE) is one guided teacher evaluation (the conditional and unconditional UNet
 passes, batched as one call of batch 2B) or one flow-map jump (one pass of the distilled, guidance-baked
 UNet). The JSON also gives `unet_passes` per sample.
@@ -77,9 +79,17 @@ def solver_steps(solver: str, nfe: int) -> tuple[int, int]:
     raise ValueError(f"unknown solver {solver!r}: expected one of {SOLVERS}")
 
 
-def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_map: bool) -> list[dict]:
+FLOW_MAP_SOLVER = {"uniform": "flow map", "logsnr": "flow map (log-SNR grid)"}
+
+
+def flow_map_key(jumps: int, spacing: str = "uniform") -> str:
+    return f"flow_map_{jumps}" if spacing == "uniform" else f"flow_map_{spacing}_{jumps}"
+
+
+def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_map: bool,
+              flow_map_grids=("uniform",)) -> list[dict]:
     """The sampler runs: dicts with key (unique id), kind ("teacher"/"flow_map"), solver, steps, nfe, name,
-    unet_passes (per sample). Teacher runs of the same solver and step count appear once; the MSE reference
+    unet_passes (per sample), spacing (the time grid's). Teacher runs of the same solver and step count appear once; the MSE reference
     (DPM-Solver++(2M), `reference_steps`) is always in the plan (key "dpmpp_2m_<steps>")."""
     runs, seen = [], set()
     for solver in solvers:
@@ -95,9 +105,13 @@ def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_
         runs.append(dict(key=ref_key, kind="teacher", solver="dpmpp_2m", steps=reference_steps, nfe=reference_steps,
                          name=SOLVER_NAMES["dpmpp_2m"] + " (reference)", unet_passes=2 * reference_steps))
     if include_flow_map:
-        for jumps in jumps_list:
-            runs.append(dict(key=f"flow_map_{jumps}", kind="flow_map", solver="flow map", steps=int(jumps),
-                             nfe=int(jumps), name="flow map", unet_passes=int(jumps)))
+        for spacing in flow_map_grids:
+            if spacing not in FLOW_MAP_SOLVER:
+                raise ValueError(f"unknown flow-map grid {spacing!r}: expected some of {tuple(FLOW_MAP_SOLVER)}")
+            for jumps in jumps_list:
+                runs.append(dict(key=flow_map_key(jumps, spacing), kind="flow_map", solver=FLOW_MAP_SOLVER[spacing],
+                                 steps=int(jumps), nfe=int(jumps), name=FLOW_MAP_SOLVER[spacing],
+                                 unet_passes=int(jumps), spacing=spacing))
     return runs
 
 
@@ -119,13 +133,14 @@ def target_checks(rows: list[dict]) -> list[str]:
     lines = []
     if not teacher:
         return lines
-    for jumps, tolerance in ((2, 0.10), (4, 0.05)):
-        row = by_key.get(f"flow_map_{jumps}")
+    for spacing, (jumps, tolerance) in ((g, jt) for g in FLOW_MAP_SOLVER for jt in ((2, 0.10), (4, 0.05))):
+        row = by_key.get(flow_map_key(jumps, spacing))
         if row is None:
             continue
         excess = row["frechet_distance"] / teacher["frechet_distance"] - 1.0
         verdict = "met" if excess <= tolerance else "missed"
-        lines.append(f"flow map {jumps} jumps: Frechet {row['frechet_distance']:.4g} vs teacher DDIM 50 "
+        grid = "" if spacing == "uniform" else f" ({spacing} grid)"
+        lines.append(f"flow map {jumps} jumps{grid}: Frechet {row['frechet_distance']:.4g} vs teacher DDIM 50 "
                      f"{teacher['frechet_distance']:.4g} ({excess * 100:+.1f}%; target <= +{tolerance * 100:.0f}%: "
                      f"{verdict})")
     return lines
@@ -223,7 +238,7 @@ class Sampler:
 
         x = self.jnp.asarray(self.noise[start:stop])
         cond = self._cond(self.labels[start:stop])
-        grid = time_grid(self.teacher.schedule, run["steps"])
+        grid = time_grid(self.teacher.schedule, run["steps"], spacing=run.get("spacing", "uniform"))
         if run["kind"] == "teacher":
             out = self._teacher_fn(run["solver"])(self.teacher, x, cond, self.jnp.asarray(grid, self.jnp.float32))
         else:
@@ -266,7 +281,7 @@ METRICS = (("frechet_distance", "Frechet distance (classifier features)", "frech
            ("label_accuracy", "label accuracy", "accuracy", False),
            ("mse_to_reference", "MSE to the teacher's {ref}-step ODE solution", "mse", True))
 STYLES = {"ddim": ("tab:blue", "o"), "heun": ("tab:orange", "s"), "dpmpp_2m": ("tab:green", "^"),
-          "flow map": ("tab:red", "D")}
+          "flow map": ("tab:red", "D"), "flow map (log-SNR grid)": ("tab:purple", "v")}
 
 
 def curves(rows):
@@ -282,7 +297,7 @@ def _plot_metric(ax, rows, metric, label, log_y, real=None):
         color, marker = STYLES.get(solver, ("gray", "x"))
         xs = [r["nfe"] for r in group if r.get(metric) is not None and (not log_y or r[metric] > 0)]
         ys = [r[metric] for r in group if r.get(metric) is not None and (not log_y or r[metric] > 0)]
-        name = "flow map (jumps)" if solver == "flow map" else SOLVER_NAMES.get(solver, solver)
+        name = f"{solver} (jumps)" if solver.startswith("flow map") else SOLVER_NAMES.get(solver, solver)
         ax.plot(xs, ys, marker=marker, color=color, label=name, linewidth=1.2, markersize=4)
     if real is not None and metric in real:
         ax.axhline(real[metric], color="gray", linestyle=":", linewidth=1, label="real training digits")
@@ -325,7 +340,7 @@ def write_plots(rows, real, out: Path, subtitle: str, reference_steps: int = 100
 def markdown_table(rows) -> str:
     lines = ["| sampler | steps | NFE | UNet passes | Frechet distance | label accuracy | MSE to reference |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["solver"] == "flow map", r["solver"], r["nfe"])):
+    for r in sorted(rows, key=lambda r: (r["solver"].startswith("flow map"), r["solver"], r["nfe"])):
         lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['unet_passes']} | {r['frechet_distance']:.4g} | "
                      f"{r['label_accuracy']:.4f} | {r['mse_to_reference']:.4g} |")
     return "\n".join(lines)
@@ -349,6 +364,8 @@ def build_parser():
     p.add_argument("--nfe", type=parse_int_list, default=DEFAULT_NFE, help="teacher NFE budgets (default "
                    + ",".join(map(str, DEFAULT_NFE)) + ")")
     p.add_argument("--solvers", default=",".join(SOLVERS), help="teacher solvers (default ddim,heun,dpmpp_2m)")
+    p.add_argument("--flow-map-grids", default="uniform", help="flow-map time grids, comma-separated: uniform "
+                   "(default), logsnr")
     p.add_argument("--jumps", type=parse_int_list, default=DEFAULT_JUMPS, help="flow-map jumps (default 1,2,4,8)")
     p.add_argument("--reference-steps", type=int, default=100, help="DPM-Solver++(2M) steps of the MSE reference")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNGs (default benchmarks/results)")
@@ -405,7 +422,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"the flow map's schedule ({flow_map.schedule.kind}) differs from the teacher's at "
                          f"{teacher_dir}: pass the teacher it was distilled from with --teacher")
 
-    runs = plan_runs(solvers, args.nfe, args.jumps, args.reference_steps, flow_map is not None)
+    try:
+        runs = plan_runs(solvers, args.nfe, args.jumps, args.reference_steps, flow_map is not None,
+                         tuple(g for g in args.flow_map_grids.split(",") if g))
+    except ValueError as error:
+        raise SystemExit(f"--flow-map-grids: {error}") from None
     n = args.num_samples
     size = int(unet_config.get("sample_size", 16))
     sample_shape = (size, size, int(unet_config.get("in_channels", 1)))

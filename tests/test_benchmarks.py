@@ -129,6 +129,19 @@ def test_target_checks():
     lines = qs.target_checks(rows)
     assert "(+5.0%; target <= +10%: met)" in lines[0] and "(+10.0%; target <= +5%: missed)" in lines[1]
     assert qs.target_checks(rows[1:]) == []
+    rows.append({"key": "flow_map_logsnr_2", "frechet_distance": 12.0})
+    assert "flow map 2 jumps (logsnr grid): Frechet 12 vs teacher DDIM 50 10 (+20.0%; target <= +10%: missed)" \
+        in qs.target_checks(rows)
+
+
+def test_plan_runs_flow_map_grids():
+    runs = qs.plan_runs(("ddim",), (50,), (2, 4), 100, True, ("uniform", "logsnr"))
+    fm = [(r["key"], r["spacing"], r["solver"]) for r in runs if r["kind"] == "flow_map"]
+    assert fm == [("flow_map_2", "uniform", "flow map"), ("flow_map_4", "uniform", "flow map"),
+                  ("flow_map_logsnr_2", "logsnr", "flow map (log-SNR grid)"),
+                  ("flow_map_logsnr_4", "logsnr", "flow map (log-SNR grid)")]
+    with pytest.raises(ValueError, match="unknown flow-map grid 'karras'"):
+        qs.plan_runs(("ddim",), (50,), (2,), 100, True, ("karras",))
 
 
 def test_resolve_model_errors(tmp_path):

@@ -185,3 +185,29 @@ def test_time_grid_and_options():
     with pytest.raises(ValueError, match="unknown teacher_solver 'rk4'"):
         ObjectiveOptions(teacher_solver="rk4")
     assert math.isclose(schedule.time_unit, 1000.0)
+
+
+def test_time_grid_logsnr_spacing():
+    """Interior times uniform in log(sigma / alpha), computed here from diffusers' own alphas_cumprod."""
+    from diffusers import DDPMScheduler
+
+    for betas in ({"beta_schedule": "linear"},
+                  {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}):
+        abar = DDPMScheduler(num_train_timesteps=1000, **betas).alphas_cumprod.double().numpy()
+        log_rho = 0.5 * np.log((1 - abar) / abar)  # at t = 0 .. 999
+        schedule = ScheduleConfig.ddpm(**betas)
+        for n in (2, 4, 8):
+            grid = time_grid(schedule, n, spacing="logsnr")
+            assert grid[0] == 999 and grid[-1] == -1 and np.all(np.diff(grid) < 0)
+            inner = np.interp(grid[1:-1], np.arange(1000), log_rho)
+            expected = np.linspace(log_rho[-1], log_rho[0], n + 1)[1:-1]
+            np.testing.assert_allclose(inner, expected, atol=5e-3)  # interpolation: log alpha vs log rho
+        up = time_grid(schedule, 3, t_start=-1, t_end=999, spacing="logsnr")  # towards noise: the same times
+        np.testing.assert_allclose(up[::-1], time_grid(schedule, 3, spacing="logsnr"))
+    np.testing.assert_array_equal(time_grid(ScheduleConfig.ddpm(), 1, spacing="logsnr"), [999, -1])
+    cosine = time_grid(ScheduleConfig.vp_cosine(t_max=0.99), 2, spacing="logsnr")
+    assert 0.0 < cosine[1] < 0.99 and cosine[-1] == 0.0
+    with pytest.raises(ValueError, match="needs a finite"):
+        time_grid(ScheduleConfig.rectified_flow(), 2, spacing="logsnr")
+    with pytest.raises(ValueError, match="unknown grid spacing 'karras'"):
+        time_grid(ScheduleConfig.ddpm(), 2, spacing="karras")
