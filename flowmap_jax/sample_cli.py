@@ -23,8 +23,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from flowmap_jax.export_format import (
     read_label_embeddings,
     resolve_guidance,
 )
-from flowmap_jax.flow_config import check_time_values, time_grid
+from flowmap_jax.flow_config import GRID_SPACINGS, check_time_values, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
@@ -52,6 +52,8 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
     p.add_argument("--steps", type=int, default=4, help="number of jumps, on a uniform grid in teacher time from "
                    "the noise end to the clean end (default 4)")
+    p.add_argument("--spacing", choices=GRID_SPACINGS, default="uniform", help="the --steps grid: uniform in "
+                   "teacher time (default) or logsnr (uniform in log(sigma / alpha); DDPM 2 jumps: 999, ~302, -1)")
     p.add_argument("--timesteps", default=None, help="explicit time grid instead of --steps, comma-separated "
                    "teacher times from noise to data, e.g. 999,749,499,249,-1 (a grid that starts with a minus sign "
                    "needs the = form: --timesteps=-1,999)")
@@ -186,7 +188,7 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
     else:
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        grid = time_grid(config.schedule, args.steps)
+        grid = time_grid(config.schedule, args.steps, spacing=args.spacing)
     if not 0.0 <= args.gamma <= 1.0:
         raise ValueError(f"--gamma must lie in [0, 1], got {args.gamma}")
     if args.gamma > 0 and not np.all(np.diff(grid) < 0):

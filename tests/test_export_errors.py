@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from conversion import ConversionError, save_diffusers_unet
@@ -191,6 +192,19 @@ def test_sample_flag_errors(good, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (flags, err)
     assert not (tmp_path / "s").exists()
+
+
+def test_sample_spacing_flag(good, tmp_path):
+    from flowmap_jax import sample as jax_sample
+    from flowmap_jax.flow_config import time_grid
+
+    out = tmp_path / "logsnr"
+    flags = ["--model", good["export"], "--out", str(out), "--steps", "2", "--spacing", "logsnr", "--batch", "2"]
+    assert jax_sample.main(flags) == 0
+    info = json.loads((out / "sample_info.json").read_text())
+    expected = time_grid(good["config"].schedule, 2, spacing="logsnr")
+    np.testing.assert_allclose(info["timesteps"], expected)
+    assert info["timesteps"] != time_grid(good["config"].schedule, 2).tolist()
 
 
 def test_the_trainers_export_call(good, tmp_path):
