@@ -189,7 +189,7 @@ def build(config, mesh) -> Parts:
     def sample_flow(params, teacher, noise, cond, jumps):
         del teacher  # the flow map alone
         x = noise
-        grid = time_grid(schedule, int(jumps))
+        grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
         for t_source, t_target in zip(grid[:-1], grid[1:]):
             batch = np.shape(noise)[0]
             x = jump(params, x, np.full((batch,), t_source, np.float32), np.full((batch,), t_target, np.float32),

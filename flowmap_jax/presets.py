@@ -137,6 +137,7 @@ class SampleConfig:
     jumps: tuple[int, ...] = (1, 2, 4)  # flow-map rows of the grid (number of jumps)
     teacher_steps: int = 50  # the teacher's row: DDIM steps
     grid_columns: int = 10  # samples per row of the PNG grid
+    spacing: str = "uniform"  # the flow map's time grid: uniform (in teacher time) or logsnr (flow_config.time_grid)
 
 
 @dataclass
@@ -432,3 +433,5 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--mesh.data must be -1 or >= 1 and --mesh.fsdp >= 1, got {c.mesh.data}, {c.mesh.fsdp}")
     if any(j < 1 for j in c.sample.jumps):
         raise ConfigError(f"--sample.jumps must be positive, got {c.sample.jumps}")
+    if c.sample.spacing not in ("uniform", "logsnr"):
+        raise ConfigError(f"--sample.spacing must be uniform or logsnr, got {c.sample.spacing!r}")

@@ -47,6 +47,7 @@ def test_preset_applies_before_overrides_whatever_the_order():
     (["--objective.options", "{not json"], ["--objective.options"]),
     (["--data.source", "tfds"], ["--data.source"]),
     (["--data.source", "shards"], ["--data.path"]),
+    (["--sample.spacing", "karras"], ["--sample.spacing", "karras"]),
     (["positional"], ["positional"]),
 ])
 def test_bad_flags_name_the_flag(argv, words):
