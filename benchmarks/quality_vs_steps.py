@@ -89,8 +89,9 @@ def flow_map_key(jumps: int, spacing: str = "uniform") -> str:
 def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_map: bool,
               flow_map_grids=("uniform",)) -> list[dict]:
     """The sampler runs: dicts with key (unique id), kind ("teacher"/"flow_map"), solver, steps, nfe, name,
-    unet_passes (per sample), spacing (the time grid's). Teacher runs of the same solver and step count appear once; the MSE reference
-    (DPM-Solver++(2M), `reference_steps`) is always in the plan (key "dpmpp_2m_<steps>")."""
+    unet_passes (per sample), spacing (the time grid's). Teacher runs of the same solver and step count
+    appear once; the MSE reference (DPM-Solver++(2M), `reference_steps`) is always in the plan (key
+    "dpmpp_2m_<steps>")."""
     runs, seen = [], set()
     for solver in solvers:
         for nfe in nfe_list:
@@ -356,7 +357,7 @@ def build_parser():
     p.add_argument("--teacher-only", action="store_true", help="no flow map: only the teacher's curves")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the shipped digits teacher)")
     p.add_argument("--guidance-scale", type=float, default=None, help="the teacher's CFG scale (default: the flow "
-                   "map's distilled scale, else 2.0, the digits preset's)")
+                   "map's distilled scale, else the digits preset's)")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per sampler (default 2000)")
     p.add_argument("--batch", type=int, default=100, help="samples per jitted call (default 100, about the "
                    "fastest on 2 CPU cores; larger on a GPU)")
@@ -411,12 +412,15 @@ def main(argv=None) -> int:
         if exported.config.guidance_embedded:
             raise SystemExit(f"{model_dir}: a flow map with the guidance scale as an input is not supported here")
         if guidance is None:
-            guidance = baked if baked is not None else 2.0
+            guidance = baked
         elif baked is not None and guidance != baked:
             notes.append(f"the teacher uses --guidance-scale {guidance}, the flow map was distilled at {baked}")
         flow_map = jax_flow_map(exported, jit=False)
         flow_params = jax.device_put(exported.params)
-    guidance = 2.0 if guidance is None else guidance
+    if guidance is None:
+        from flowmap_jax.presets import TeacherConfig
+
+        guidance = TeacherConfig().guidance_scale
     teacher, table, schedule, unet_config = load_teacher(teacher_dir, guidance)
     if flow_map is not None and flow_map.schedule != schedule:
         raise SystemExit(f"the flow map's schedule ({flow_map.schedule.kind}) differs from the teacher's at "

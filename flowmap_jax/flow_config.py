@@ -274,8 +274,9 @@ def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = 
     "trailing" spacing plus the clean end: N = 1000, 4 steps -> [999, 749, 499, 249, -1].
     spacing "logsnr": the interior times uniform in log(sigma_t / alpha_t) (DPM-Solver's log-SNR spacing),
     the clean end taken at the teacher's last trained time (DDPM t = 0, sigma / alpha ~ 0.01; other
-    schedules 1e-3 of the range) for the spacing only; the ends are exact. DDPM, 2 steps: [999, ~304, -1]. Needs a finite sigma / alpha at both
-    ends of the spacing (not rectified flow, nor VP cosine up to alpha = 0: give those `t_max` or "uniform").
+    schedules 1e-3 of the range) for the spacing only; the ends are exact. DDPM with linear betas, 2 steps:
+    [999, ~302, -1]. Needs a finite sigma / alpha at both ends of the spacing (not rectified flow, nor VP
+    cosine up to alpha = 0: give those `t_max` or "uniform").
     """
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -433,5 +433,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--mesh.data must be -1 or >= 1 and --mesh.fsdp >= 1, got {c.mesh.data}, {c.mesh.fsdp}")
     if any(j < 1 for j in c.sample.jumps):
         raise ConfigError(f"--sample.jumps must be positive, got {c.sample.jumps}")
-    if c.sample.spacing not in ("uniform", "logsnr"):
-        raise ConfigError(f"--sample.spacing must be uniform or logsnr, got {c.sample.spacing!r}")
+    from flowmap_jax.flow_config import GRID_SPACINGS
+
+    if c.sample.spacing not in GRID_SPACINGS:
+        raise ConfigError(f"--sample.spacing must be one of {', '.join(GRID_SPACINGS)}, got {c.sample.spacing!r}")
