@@ -20,8 +20,9 @@ with the flow map's target-time hook, random init from `torch.manual_seed(0)`, c
 - **4-jump sample**: `samplers.flow_map_sample` on the uniform grid [999, 749, 499, 249, -1]. JAX jits one
   jump (traced times) and loops in Python, as the trainer's sampler does; PyTorch loops over the module.
 
-JAX: `jax.jit` of each function, XLA's attention (`jax.nn.dot_product_attention`, which supports
-`jax.jvp`). PyTorch eager: diffusers' default attention (SDPA) for forward and sampling; the train step's
+JAX: `jax.jit` of each function, the UNet's default attention (`flowmap_jax.unet.attention_kernels`: plain
+jnp, queries in cache-sized blocks where the logits are large, e.g. the mid config's 32x32 self-attention;
+supports `jax.jvp`). PyTorch eager: diffusers' default attention (SDPA) for forward and sampling; the train step's
 student uses the plain `AttnProcessor`, because the fused SDPA kernels have no forward-mode AD on CPU
 (shared/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
 for the train step; a failure is caught and reported in the table. The compiled train step is tried

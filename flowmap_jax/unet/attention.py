@@ -1,14 +1,15 @@
 """Transformer2DModel (continuous input), BasicTransformerBlock, Attention and GEGLU of diffusers, in Flax.
 
-Attention runs through `jax.nn.dot_product_attention`. Its XLA implementation (the default here) is
-plain jnp, so forward-mode AD (`jax.jvp`) works through it; a fused implementation ("cudnn") can be
-selected for speed where the objective needs no JVP.
+Attention runs through `flowmap_jax.unet.attention_kernels.dot_product_attention`: by default plain jnp
+with the queries in blocks for long sequences (exact, less memory, faster on CPU), so forward-mode AD
+(`jax.jvp`) works through it; "xla" (unblocked) and "cudnn" (fused, no JVP) can be selected.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flowmap_jax.unet.attention_kernels import dot_product_attention
 from flowmap_jax.unet.resnet import group_norm
 
 
@@ -39,9 +40,7 @@ class Attention(nn.Module):
         out_dtype = q.dtype
         if self.upcast_attention and q.dtype != jnp.float32:
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-        out = jax.nn.dot_product_attention(
-            q, k, v, scale=self.dim_head**-0.5, implementation=self.attention_implementation
-        )
+        out = dot_product_attention(q, k, v, scale=self.dim_head**-0.5, implementation=self.attention_implementation)
         out = out.astype(out_dtype).reshape(batch, t_len, inner)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 

@@ -9,8 +9,9 @@ target-time hook); `timestep_cond` (B, time_cond_proj_dim) is the guidance-scale
 The network knows nothing of flow maps (see `flowmap_jax.flow_map`).
 
 Switches: `dtype` is the compute dtype (bfloat16 for speed; parameters stay float32), `remat`
-rematerialises each down/mid/up block in the backward pass, `attention_implementation` is passed to
-`jax.nn.dot_product_attention` (None/"xla" supports jax.jvp; "cudnn" may not).
+rematerialises each down/mid/up block in the backward pass, `attention_implementation` picks the attention
+kernel (`flowmap_jax.unet.attention_kernels`): None (query blocks for long sequences, else one block),
+"chunked", "xla" (all support jax.jvp) or "cudnn" (fused, no jax.jvp).
 """
 
 from __future__ import annotations
