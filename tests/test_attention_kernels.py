@@ -19,7 +19,7 @@ def _qkv(rng, batch, t_len, s_len, heads, dim):
 
 
 def _torch_sdpa(q, k, v, scale):
-    to_t = lambda a: torch.from_numpy(a).transpose(1, 2)  # noqa: E731  (B, H, T, D)
+    to_t = lambda a: torch.from_numpy(a).transpose(1, 2)
     out = torch.nn.functional.scaled_dot_product_attention(to_t(q), to_t(k), to_t(v), scale=scale)
     return out.transpose(1, 2).numpy()
 
@@ -38,7 +38,7 @@ def test_matches_torch_sdpa(implementation, query_chunk):
 
 def test_bf16_inputs_keep_their_dtype_and_stay_close():
     q, k, v = _qkv(np.random.default_rng(1), batch=2, t_len=33, s_len=20, heads=2, dim=16)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
     out = ak.dot_product_attention(bf(q), bf(k), bf(v), 0.25, "chunked", 8)
     assert out.dtype == jnp.bfloat16
     ref = _torch_sdpa(q, k, v, 0.25)
@@ -59,8 +59,8 @@ def test_chunked_jvp_and_gradient_match_jax_attention():
             return jnp.sum(out * probe) + jnp.sum(tangent**2)
         return loss
 
-    ours = lambda q, k, v: ak.dot_product_attention(q, k, v, 0.3, "chunked", 8)  # noqa: E731
-    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)  # noqa: E731
+    ours = lambda q, k, v: ak.dot_product_attention(q, k, v, 0.3, "chunked", 8)
+    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)
     _, t_ours = jax.jvp(ours, (q, k, v), (tq, tk, tv))
     _, t_ref = jax.jvp(reference, (q, k, v), (tq, tk, tv))
     np.testing.assert_allclose(t_ours, t_ref, rtol=1e-4, atol=1e-5)

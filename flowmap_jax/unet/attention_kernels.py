@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IMPLEMENTATIONS", "CHUNK_WHEN_BLOCKS", "block_elements", "query_chunk_size", "dot_product_attention"]
+__all__ = ["CHUNK_WHEN_BLOCKS", "IMPLEMENTATIONS", "block_elements", "dot_product_attention", "query_chunk_size"]
 
 IMPLEMENTATIONS = (None, "chunked", "xla", "cudnn")
 CHUNK_WHEN_BLOCKS = 4  # the default implementation chunks when the logits fill more blocks than this
