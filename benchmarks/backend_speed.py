@@ -226,9 +226,11 @@ def make_inputs(spec, seed: int = 0) -> dict:
 class JaxCase:
     """Jitted forward, train step and 4-jump sampler of the flow map in JAX.
 
-    dtype: compute dtype (parameters stay float32); device: a jax.Device (default the first)."""
+    dtype: compute dtype (parameters stay float32); device: a jax.Device (default the first); attention: the
+    UNet's `attention_implementation` (None: its default, see `flowmap_jax.unet.attention_kernels`)."""
 
-    def __init__(self, spec, state_dict_np, inputs, dtype="float32", remat=False, device=None, lr=1e-4):
+    def __init__(self, spec, state_dict_np, inputs, dtype="float32", remat=False, device=None, lr=1e-4,
+                 attention=None):
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -246,7 +248,8 @@ class JaxCase:
         put = lambda tree: jax.device_put(jax.tree.map(jnp.asarray, tree), device)  # noqa: E731
         config = add_target_time_hook_config(spec["unet"])
         params = state_dict_to_flax(state_dict_np, config, dtype=np.float32)
-        unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(config), dtype=getattr(jnp, dtype), remat=remat)
+        unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(config), dtype=getattr(jnp, dtype), remat=remat,
+                                        attention_implementation=attention)
         schedule = schedule_config(spec)
         fmap = jf.FlowMap(jf.unet_network(unet), schedule, "epsilon")
         self.params = put(params)

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-compile", choices=("none", "forward", "all"), default="forward",
                    help="torch.compile the network (forward), also the train step (all), or nothing")
     p.add_argument("--remat", action="store_true", help="JAX: rematerialise each UNet block (less memory)")
+    p.add_argument("--attention", choices=("default", "chunked", "xla", "cudnn"), default="default",
+                   help="JAX speed rows: the UNet's attention kernel (flowmap_jax/unet/attention_kernels.py; "
+                        "default: query blocks when the logits are large; cudnn has no JVP, so no train step)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
     p.add_argument("--pytest", action="store_true", help="also run the parity test files with JAX on the GPU "
                    "in the time left")
@@ -374,7 +377,9 @@ def stage_jax(args, work: Path, rec: Recorder):
 
     state = load_file(str(_ensure_weights(work, spec)))
     inputs = bs.make_inputs(spec)
-    case = bs.JaxCase(spec, state, inputs, dtype="bfloat16", remat=args.remat)
+    case = bs.JaxCase(spec, state, inputs, dtype="bfloat16", remat=args.remat,
+                      attention=None if args.attention == "default" else args.attention)
+    rec["attention"] = args.attention
     del state
     log("jax: bf16 jump (compiles)")
     out = nhwc_to_nchw(np.asarray(case.forward(), np.float32))
@@ -382,9 +387,14 @@ def stage_jax(args, work: Path, rec: Recorder):
     if (work / "jax_fp32_forward.npy").is_file():  # from the parity stage
         rec["bf16_rel_rms"] = _rel_rms(out, np.load(work / "jax_fp32_forward.npy"))
     log("jax: counting model FLOPs")
-    flops = case.flops()
+    try:
+        flops = case.flops()
+    except Exception as err:  # e.g. --attention cudnn: no JVP for the train step's count
+        flops = None
+        rec["flops_error"] = f"{type(err).__name__}: {err}"[:300]
     rec["flops"] = flops
-    _speed_rows(case, "JAX jit (bf16)", spec["batch"], flops, args.repeats, rec, peak)
+    backend = "JAX jit (bf16)" if args.attention == "default" else f"JAX jit (bf16, {args.attention} attention)"
+    _speed_rows(case, backend, spec["batch"], flops, args.repeats, rec, peak)
     rec["bf16_train_loss_finite"] = bool(np.isfinite(case.last_loss)) if case.last_loss is not None else None
 
 
@@ -446,6 +456,7 @@ def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float) -> di
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.remat:
         cmd.append("--remat")
+    cmd += ["--attention", args.attention]
     if args._cpu_dry_run:
         cmd.append("--_cpu-dry-run")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=str(ROOT))

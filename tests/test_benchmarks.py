@@ -174,6 +174,10 @@ def test_gpu_check_arguments():
             gc.check_args(gc.build_parser().parse_args(bad))
     with pytest.raises(SystemExit):  # argparse: bad choice
         gc.build_parser().parse_args(["out", "--torch-compile", "maybe"])
+    assert args.attention == "default"
+    assert gc.build_parser().parse_args(["out", "--attention", "xla"]).attention == "xla"
+    with pytest.raises(SystemExit):
+        gc.build_parser().parse_args(["out", "--attention", "flash"])
 
 
 @pytest.mark.parametrize("name, peak", [
