@@ -298,7 +298,7 @@ def _plot_metric(ax, rows, metric, label, log_y, real=None):
         color, marker = STYLES.get(solver, ("gray", "x"))
         xs = [r["nfe"] for r in group if r.get(metric) is not None and (not log_y or r[metric] > 0)]
         ys = [r[metric] for r in group if r.get(metric) is not None and (not log_y or r[metric] > 0)]
-        name = f"{solver} (jumps)" if solver.startswith("flow map") else SOLVER_NAMES.get(solver, solver)
+        name = f"{solver} (jumps)" if group[0]["kind"] == "flow_map" else SOLVER_NAMES.get(solver, solver)
         ax.plot(xs, ys, marker=marker, color=color, label=name, linewidth=1.2, markersize=4)
     if real is not None and metric in real:
         ax.axhline(real[metric], color="gray", linestyle=":", linewidth=1, label="real training digits")
@@ -341,7 +341,7 @@ def write_plots(rows, real, out: Path, subtitle: str, reference_steps: int = 100
 def markdown_table(rows) -> str:
     lines = ["| sampler | steps | NFE | UNet passes | Frechet distance | label accuracy | MSE to reference |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["solver"].startswith("flow map"), r["solver"], r["nfe"])):
+    for r in sorted(rows, key=lambda r: (r["kind"] == "flow_map", r["solver"], r["nfe"])):
         lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['unet_passes']} | {r['frechet_distance']:.4g} | "
                      f"{r['label_accuracy']:.4f} | {r['mse_to_reference']:.4g} |")
     return "\n".join(lines)
@@ -490,8 +490,8 @@ def main(argv=None) -> int:
     grid_rows = []
     if flow_map is not None:
         for jumps, name in GRID_ROWS:
-            if f"flow_map_{jumps}" in samples:
-                grid_rows.append((name, samples[f"flow_map_{jumps}"][:10]))
+            if flow_map_key(jumps) in samples:
+                grid_rows.append((name, samples[flow_map_key(jumps)][:10]))
     if "ddim_50" in samples:
         grid_rows.append(("teacher DDIM 50", samples["ddim_50"][:10]))
     if grid_rows:
