@@ -4,7 +4,7 @@
     python -m conversion export runs/digits/checkpoints/400 out --weights params
     python -m conversion export OLD_EXPORT NEW_EXPORT                        # re-export a flow-map folder
 
-The folder format is `flowmap_jax.export_format` (a stock diffusers UNet2DConditionModel with
+The folder format is `flowmap_jax.spec.export_format` (a stock diffusers UNet2DConditionModel with
 class_embed_type="timestep", safetensors, plus flowmap.json). API:
 
 - `export_flow_map(params, unet_config, flow_map_config, out_dir, provenance)`: Flax params (nested dict of
@@ -40,7 +40,7 @@ import numpy as np
 from conversion.diffusers_io import atomic_write_bytes, read_state_dict, save_state_dict
 from conversion.state_dict import flax_to_state_dict, state_dict_to_flax
 from flowmap_jax import __version__
-from flowmap_jax.export_format import (
+from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     LABEL_EMBEDDINGS_NAME,
     UNET_CONFIG_NAME,
@@ -50,9 +50,10 @@ from flowmap_jax.export_format import (
     flow_map_metadata,
     is_export,
     read_export,
-    read_label_embeddings,
 )
-from flowmap_jax.flow_config import add_target_time_hook_config, load_scheduler, read_scheduler_config
+from flowmap_jax.spec.label_table import read_label_embeddings
+from flowmap_jax.spec.schedule import load_scheduler, read_scheduler_config
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 from flowmap_jax.unet import UNetConfig
 
 __all__ = ["FlowMapExport", "CheckpointParams", "export_flow_map", "export_checkpoint", "load_flow_map_export",
@@ -125,16 +126,16 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
     params: the flow-map UNet's Flax parameters (nested dict of numpy or jax arrays, e.g. a TrainState's
         `ema_params` on host), stored in their own dtype (float32 from training).
     unet_config: the flow-map UNet's diffusers config (dict or UNetConfig) with class_embed_type="timestep"
-        (`flow_config.add_target_time_hook_config` of the teacher's) and time_cond_proj_dim where the guidance
+        (`spec.target_time_hook.add_target_time_hook_config` of the teacher's) and time_cond_proj_dim where the guidance
         scale is an input.
-    flow_map_config: schedule, prediction type, guidance, conditioning (`export_format.FlowMapConfig`).
+    flow_map_config: schedule, prediction type, guidance, conditioning (`spec.export_format.FlowMapConfig`).
     provenance: free-form JSON-able dict (teacher, objectives, steps, ...; `run_provenance` builds the
         trainer's); "date" (of this export: UTC, ISO 8601, or `exported_at`) and "flowmap_jax_version" are
         set.
     Returns the folder (absolute). Atomic: see `_write_folder_atomically`.
     """
     if not isinstance(flow_map_config, FlowMapConfig):
-        raise TypeError(f"flow_map_config must be an export_format.FlowMapConfig, got {type(flow_map_config).__name__}")
+        raise TypeError(f"flow_map_config must be a spec.export_format.FlowMapConfig, got {type(flow_map_config).__name__}")
     config = _as_unet_config(unet_config)
     config_dict = config.to_dict()
     check_unet_hooks(config_dict, flow_map_config, "unet_config")

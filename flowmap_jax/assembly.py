@@ -1,7 +1,7 @@
 """The parts of a run, built from its configuration: teacher, flow map, objectives, data, samplers.
 
 `build(config, mesh) -> Parts` is the one place where the trainer meets the flow-map core
-(`flow_config`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
+(`spec`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
 
 - Teacher: a diffusers folder (or hub id) `--teacher.path` with the UNet in `--teacher.subfolder`
   and `scheduler_config.json` in `--teacher.scheduler_subfolder`, read by
@@ -16,7 +16,7 @@
 - Objectives: `objectives.make_objective(name, flow_map, options)` for each `--objective.names`,
   summed with `--objective.weights` (`train_step.combine_objectives`); the batch also carries
   "step" (the optimiser step, for the tangent warm-up).
-- Samplers: flow map with N jumps on `flow_config.time_grid(schedule, N)` (uniform in teacher time
+- Samplers: flow map with N jumps on `spec.time_grid.time_grid(schedule, N)` (uniform in teacher time
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
 - Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
@@ -94,7 +94,7 @@ def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
 
 def load_schedule(path: str, scheduler_subfolder: str):
     """(ScheduleConfig, prediction_type) from the teacher's scheduler_config.json."""
-    from flowmap_jax.flow_config import load_scheduler
+    from flowmap_jax.spec.schedule import load_scheduler
 
     folder = os.path.join(path, scheduler_subfolder) if scheduler_subfolder else path
     if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
@@ -125,7 +125,7 @@ def build(config, mesh) -> Parts:
     import jax.numpy as jnp
 
     from flowmap_jax import datasets, flow_map, objectives, samplers, train_step
-    from flowmap_jax.flow_config import time_grid
+    from flowmap_jax.spec.time_grid import time_grid
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
@@ -217,7 +217,11 @@ def build(config, mesh) -> Parts:
     quality = _quality_function(config, conditioner)
 
     def export(params, folder, provenance):
-        from conversion.export import export_flow_map, flow_map_config_from_train_config, run_provenance
+        from conversion.export import (
+            export_flow_map,
+            flow_map_config_from_train_config,
+            run_provenance,
+        )
 
         provenance = run_provenance(config, provenance.get("step"), weights="ema")
         return str(export_flow_map(params, flow_config, flow_map_config_from_train_config(config), folder,

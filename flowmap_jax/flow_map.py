@@ -28,8 +28,10 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import ScheduleConfig, add_target_time_hook_config, check_prediction_type
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
 __all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times"]
 
@@ -122,7 +124,7 @@ def unet_network(unet):
 def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, dict]:
     """(config, params) of a flow-map UNet from a teacher's diffusers config dict and Flax parameters.
 
-    Adds `class_embed_type="timestep"` (`flow_config.add_target_time_hook_config`) and the parameters of
+    Adds `class_embed_type="timestep"` (`spec.target_time_hook.add_target_time_hook_config`) and the parameters of
     `class_embedding`: linear_1 initialised as torch's nn.Linear default (uniform(+-1/sqrt(fan_in)), weight
     and bias), linear_2 zero (kernel and bias), so the new UNet reproduces the teacher exactly and only the
     last layer is zero (gradients reach linear_2 from the first step). Shapes follow the teacher's

@@ -30,7 +30,7 @@ X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s
 value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
 The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`).
 
-Switches (`flow_config.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
+Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
 teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +
 1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
@@ -50,9 +50,9 @@ import jax.numpy as jnp
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import samplers, schedules, time_pairs
-from flowmap_jax.flow_config import ObjectiveOptions
 from flowmap_jax.flow_map import guidance_scale_embedding
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
            "finite_difference_jvp"]

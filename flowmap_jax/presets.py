@@ -91,7 +91,7 @@ class ObjectiveConfig:
 
     names: tuple[str, ...] = ("pairs",)  # objectives by name: pairs, lagrangian, eulerian, progressive
     weights: tuple[float, ...] = (1.0,)  # one weight per name
-    options: str = '{"teacher_steps": 4}'  # JSON object of options for every objective (flow_config.ObjectiveOptions)
+    options: str = '{"teacher_steps": 4}'  # JSON object of options for every objective (spec.objective_options.ObjectiveOptions)
 
 
 @dataclass
@@ -137,7 +137,7 @@ class SampleConfig:
     jumps: tuple[int, ...] = (1, 2, 4)  # flow-map rows of the grid (number of jumps)
     teacher_steps: int = 50  # the teacher's row: DDIM steps
     grid_columns: int = 10  # samples per row of the PNG grid
-    spacing: str = "uniform"  # the flow map's time grid: uniform (in teacher time) or logsnr (flow_config.time_grid)
+    spacing: str = "uniform"  # the flow map's time grid: uniform (in teacher time) or logsnr (spec.time_grid.time_grid)
 
 
 @dataclass
@@ -433,7 +433,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--mesh.data must be -1 or >= 1 and --mesh.fsdp >= 1, got {c.mesh.data}, {c.mesh.fsdp}")
     if any(j < 1 for j in c.sample.jumps):
         raise ConfigError(f"--sample.jumps must be positive, got {c.sample.jumps}")
-    from flowmap_jax.flow_config import GRID_SPACINGS
+    from flowmap_jax.spec.time_grid import GRID_SPACINGS
 
     if c.sample.spacing not in GRID_SPACINGS:
         raise ConfigError(f"--sample.spacing must be one of {', '.join(GRID_SPACINGS)}, got {c.sample.spacing!r}")

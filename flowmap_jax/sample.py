@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from flowmap_jax import sample_cli
+from flowmap_jax.spec import sample_cli
 
 __all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
 
@@ -79,7 +79,7 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
         w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
         out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
     elif guidance_scale is not None:
-        from flowmap_jax.export_format import resolve_guidance
+        from flowmap_jax.spec.sampling_inputs import resolve_guidance
 
         resolve_guidance(loaded.export.config, guidance_scale)  # raises unless it is the baked-in scale
     return out

@@ -12,7 +12,7 @@ Guidance (part of the teacher, so it is distilled):
 Guidance on predictions equals guidance on (x0_hat, eps_hat) and on the PF-ODE velocity (all are affine in
 the prediction at fixed x_t). w = 1 is the plain conditional teacher.
 
-Time: teacher time units (see `flowmap_jax.flow_config`). The network is evaluated at
+Time: teacher time units (see `flowmap_jax.spec.schedule`). The network is evaluated at
 max(t, schedule.t_eval_min): for DDPM the segment [-1, 0) was never trained, and there the teacher uses its
 prediction at t = 0, exactly as DDIM's last step does.
 
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import ScheduleConfig, check_prediction_type
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
 
 __all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow"]
 

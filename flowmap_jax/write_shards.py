@@ -83,7 +83,7 @@ def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_
         from diffusers import AutoencoderKL
     except ImportError as error:
         raise DataError(f"encoding with a VAE needs the [torch] extra (torch, diffusers): {error}") from None
-    from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+    from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
     model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder or None).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"

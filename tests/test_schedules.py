@@ -1,5 +1,5 @@
 """Schedules and the time convention, both backends, against diffusers' schedulers running live and
-against closed forms (fp32 CPU). See flowmap_jax/flow_config.py for the convention under test."""
+against closed forms (fp32 CPU). See flowmap_jax/spec/schedule.py for the convention under test."""
 
 import json
 import math
@@ -17,14 +17,14 @@ from diffusers import (
 )
 
 from flowmap_jax import schedules as js
-from flowmap_jax.flow_config import (
-    ObjectiveOptions,
+from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.spec.schedule import (
     ScheduleConfig,
-    TimePairConfig,
     load_scheduler,
     prediction_type_from_diffusers,
-    time_grid,
 )
+from flowmap_jax.spec.time_grid import time_grid
+from flowmap_jax.spec.time_pairs import TimePairConfig
 from torch_ref import schedules as ts
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

@@ -1,7 +1,7 @@
 """Load an exported flow map (`python -m conversion export`) in PyTorch, with no jax.
 
 The folder is a stock diffusers `UNet2DConditionModel` (class_embed_type="timestep": `class_labels` is the
-target time t) plus flowmap.json (`flowmap_jax.export_format`: schedule, prediction type, guidance,
+target time t) plus flowmap.json (`flowmap_jax.spec.export_format`: schedule, prediction type, guidance,
 conditioning). `load_flow_map_export(folder, device, dtype)` builds the UNet from config.json, loads the
 safetensors strictly (every key, every shape), checks flowmap.json, and wraps it as a
 `torch_ref.flow_map.FlowMap`: X(x_s, s, t) in the teacher's own parameterisation, images (B, C, H, W).
@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap_jax.export_format import (
-    ExportFormatError,
-    FlowMapConfig,
-    read_export,
-    read_label_embeddings,
-    resolve_guidance,
-)
+from flowmap_jax.spec.export_format import ExportFormatError, FlowMapConfig, read_export
+from flowmap_jax.spec.label_table import read_label_embeddings
+from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
 
 __all__ = ["ExportedUNetNetwork", "TorchFlowMapExport", "load_flow_map_export", "load_unet", "DTYPES"]

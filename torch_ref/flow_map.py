@@ -18,7 +18,9 @@ import math
 import torch
 from torch import nn
 
-from flowmap_jax.flow_config import ScheduleConfig, add_target_time_hook_config, check_prediction_type
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time

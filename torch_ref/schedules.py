@@ -1,6 +1,6 @@
 """Noise schedules in PyTorch, mirroring `flowmap_jax.schedules` (same names, same signatures).
 
-The schedule is the shared pure-Python `flowmap_jax.flow_config.ScheduleConfig` (its module docstring fixes
+The schedule is the shared pure-Python `flowmap_jax.spec.schedule.ScheduleConfig` (its module docstring fixes
 the time convention: teacher units; DDPM t in [-1, N - 1] with t = -1 clean and log(alpha) piecewise linear;
 VP cosine and rectified flow t in [0, T] with t = 0 clean). Tensors are float32 on t's device; every
 function takes `t` as a number or a tensor of any shape and returns tensors of t's shape.
@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from flowmap_jax.flow_config import ScheduleConfig, check_time_values, time_grid  # noqa: F401 (re-export)
+from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa: F401 (re-export)
+from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
            "check_times", "expand_time", "time_grid"]

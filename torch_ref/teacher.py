@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from flowmap_jax.flow_config import ScheduleConfig, check_prediction_type
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time

@@ -52,7 +52,7 @@ from flowmap_jax.digits.data import (
     load_digits,
     make_grid,
 )
-from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
 LABEL_DIM = 32
 UNET_CONFIG = {

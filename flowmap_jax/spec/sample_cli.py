@@ -6,7 +6,7 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
 
-Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
+Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
@@ -28,16 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax.export_format import (
-    ExportInfo,
-    default_sample_shape,
-    initial_noise,
-    labels_to_encoder_hidden_states,
-    read_export,
-    read_label_embeddings,
-    resolve_guidance,
-)
-from flowmap_jax.flow_config import GRID_SPACINGS, check_time_values, time_grid
+from flowmap_jax.spec.export_format import ExportInfo, read_export
+from flowmap_jax.spec.label_table import labels_to_encoder_hidden_states, read_label_embeddings
+from flowmap_jax.spec.sampling_inputs import default_sample_shape, initial_noise, resolve_guidance
+from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
@@ -222,7 +217,7 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
 
 def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
     """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
-    from flowmap_jax.reporting import save_grid
+    from flowmap_jax.spec.image_grid import save_grid
 
     samples = np.asarray(samples, np.float32)
     out = request.out
