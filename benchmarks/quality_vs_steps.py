@@ -186,9 +186,9 @@ def load_teacher(folder: Path, guidance_scale: float):
     (UNet in unet/, scheduler/, label_embeddings.safetensors), through the same loaders as the trainer."""
     import jax.numpy as jnp
 
-    from flowmap_jax.assembly import load_schedule, load_teacher_unet
     from flowmap_jax.spec.label_table import read_label_embeddings
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.teacher_folder import load_schedule, load_teacher_unet
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     unet_config, params = load_teacher_unet(str(folder), "unet")
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     guidance = args.guidance_scale
     notes = []
     if model_dir is not None:
-        from conversion.export import jax_flow_map, load_flow_map_export
+        from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
 
         exported = load_flow_map_export(model_dir, dtype=np.float32)
         baked = exported.config.guidance_scale if exported.config.guidance == "cfg" else None

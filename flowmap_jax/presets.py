@@ -25,9 +25,8 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-EMBEDDED_DIGITS_TEACHER = "embedded:digits_teacher"
-"""Marker for the digits teacher that ships in `flowmap_jax/assets/digits_teacher/` (a diffusers
-folder); the trainer resolves it to that folder and then loads it exactly like a user's folder."""
+from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
 
 class ConfigError(ValueError):
@@ -91,7 +90,15 @@ class ObjectiveConfig:
 
     names: tuple[str, ...] = ("pairs",)  # objectives by name: pairs, lagrangian, eulerian, progressive
     weights: tuple[float, ...] = (1.0,)  # one weight per name
-    options: str = '{"teacher_steps": 4}'  # JSON object of options for every objective (spec.objective_options.ObjectiveOptions)
+    options: ObjectiveOptions = ObjectiveOptions(teacher_steps=4)  # options of every objective (spec.objective_options.ObjectiveOptions), a JSON object on the command line
+
+    def __post_init__(self):
+        if not isinstance(self.options, ObjectiveOptions):  # a JSON string (the flag, an old config.json) or a dict
+            try:
+                self.options = (ObjectiveOptions.from_json(self.options) if isinstance(self.options, str)
+                                else ObjectiveOptions.create(self.options))
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"--objective.options: {error}") from None
 
 
 @dataclass
@@ -210,7 +217,7 @@ def sd15() -> TrainConfig:
         model=ModelConfig(dtype="bfloat16", remat=True),
         data=DataConfig(source="shards", path="", batch_size=256, image_size=512,
                         sample_shape=(64, 64, 4)),
-        objective=ObjectiveConfig(names=("eulerian",), weights=(1.0,), options="{}"),
+        objective=ObjectiveConfig(names=("eulerian",), weights=(1.0,), options=ObjectiveOptions()),
         optim=OptimConfig(lr=1e-5, warmup_steps=500, schedule="cosine", weight_decay=0.01, grad_clip=1.0,
                           ema_decay=0.9999),
         mesh=MeshConfig(data=-1, fsdp=1),
@@ -286,6 +293,11 @@ def _parse_value(flag: str, text: str, hint):
             return float(text)
         except ValueError:
             raise ConfigError(f"flag --{flag} expects a number, got {text!r}") from None
+    if hint is ObjectiveOptions:
+        try:
+            return ObjectiveOptions.from_json(text)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"flag --{flag}: {error}") from None
     return text
 
 
@@ -293,6 +305,8 @@ def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
     if origin is tuple:
         return f"{_type_name(typing.get_args(hint)[0])},..."
+    if hint is ObjectiveOptions:
+        return "json"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -317,6 +331,8 @@ def help_text() -> str:
             doc = (_section_types()[sec].__doc__ or "").strip().splitlines()[0]
             lines += ["", f"{sec}: {doc}"]
         default_text = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        if isinstance(default, ObjectiveOptions):
+            default_text = default.to_json()
         comment = comments.get(dotted, "")
         lines.append(f"  --{dotted:<30} {_type_name(hint):<10} default {default_text!s:<24} {comment}")
     return "\n".join(lines)
@@ -417,12 +433,8 @@ def validate(config: TrainConfig) -> None:
     if len(c.objective.weights) != len(c.objective.names):
         raise ConfigError(f"--objective.weights has {len(c.objective.weights)} values for "
                           f"{len(c.objective.names)} objective names {c.objective.names}")
-    try:
-        options = json.loads(c.objective.options)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--objective.options is not valid JSON: {e}") from None
-    if not isinstance(options, dict):
-        raise ConfigError("--objective.options must be a JSON object")
+    if not isinstance(c.objective.options, ObjectiveOptions):
+        raise ConfigError(f"--objective.options must be ObjectiveOptions, got {type(c.objective.options).__name__}")
     if c.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--model.dtype must be float32 or bfloat16, got {c.model.dtype!r}")
     if c.optim.schedule not in ("constant", "cosine"):

@@ -28,7 +28,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 @dataclasses.dataclass
 class LoadedFlowMap:
     """flow_map: `flowmap_jax.flow_map.FlowMap` (jitted network); params: its Flax params (on `device`);
-    export: the `conversion.export.FlowMapExport` it came from; device: a jax.Device."""
+    export: the `flowmap_jax.export_loading.FlowMapExport` it came from; device: a jax.Device."""
 
     flow_map: object
     params: dict
@@ -53,7 +53,7 @@ def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFl
     import jax
     import jax.numpy as jnp
 
-    from conversion.export import jax_flow_map, load_flow_map_export
+    from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")

@@ -39,6 +39,7 @@ import numpy as np
 from flowmap_jax import checkpointing, datasets, distributed, presets, reporting
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.spec import image_grid
 
 
 class NonFiniteLoss(RuntimeError):
@@ -328,7 +329,7 @@ class _Evaluator:
                 for j in self.config.sample.jumps]
         rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
         if self.is_main:
-            path = reporting.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
+            path = image_grid.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
             self.reporter.image("samples", path, step)
             self.reporter.message(f"sample grid: {path}")
 

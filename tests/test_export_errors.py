@@ -10,7 +10,8 @@ import pytest
 
 from conversion import ConversionError, save_diffusers_unet
 from conversion.__main__ import main as conversion_main
-from conversion.export import export_flow_map, load_flow_map_export
+from conversion.export import export_flow_map
+from flowmap_jax.export_loading import load_flow_map_export
 from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     ExportFormatError,
@@ -211,8 +212,11 @@ def test_the_trainers_export_call(good, tmp_path):
     """What `assembly.build`'s export hook calls at the end of a run (digits-style: CFG baked in at 2.0)."""
     import json as _json
 
-    from conversion.export import flow_map_config_from_train_config, run_provenance
     from flowmap_jax import presets
+    from flowmap_jax.run_provenance import (
+        flow_map_config_from_train_config,
+        run_provenance,
+    )
     from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
     teacher = os.path.join(good["root"], "teacher")

@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from flowmap_jax import assembly, train
+from flowmap_jax import teacher_folder, train
 from tests import train_support
 
-EMBEDDED = os.path.isdir(os.path.join(assembly.embedded_teacher_folder(), "unet"))
+EMBEDDED = os.path.isdir(os.path.join(teacher_folder.embedded_teacher_folder(), "unet"))
 
 
 @pytest.fixture(scope="module")

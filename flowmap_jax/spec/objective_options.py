@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from flowmap_jax.spec.time_pairs import TimePairConfig
 
@@ -101,3 +102,24 @@ class ObjectiveOptions:
                 raise ValueError(f"unknown objective option(s) {unknown}: known options are {sorted(known)}")
             return cls(**options)
         raise TypeError(f"objective options must be a dict or ObjectiveOptions, got {type(options).__name__}")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ObjectiveOptions":
+        """From a JSON object (the `--objective.options` flag, an old run's config.json); ValueError naming
+        the problem (not JSON, not an object, an unknown option, a bad value)."""
+        try:
+            data = json.loads(text or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"must be a JSON object of options, got {type(data).__name__}")
+        return cls.create(data)
+
+    def to_json(self) -> str:
+        """The options that differ from the defaults, as a compact JSON object (`from_json` reads it back)."""
+        default = type(self)()
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name)}
+        if "time_pairs" in changed:
+            changed["time_pairs"] = dataclasses.asdict(self.time_pairs)
+        return json.dumps(changed, separators=(", ", ": "))
