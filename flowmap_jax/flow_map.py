@@ -28,22 +28,12 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.schedules import batch_times, expand_time
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
 __all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times"]
-
-
-def batch_times(t, batch: int, name: str):
-    """Scalar or (B,) times -> (B,) float32; any other shape raises ValueError naming `name`."""
-    t = jnp.asarray(t, jnp.float32)
-    if t.ndim == 0:
-        return jnp.broadcast_to(t, (batch,))
-    if t.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch of x), got shape {t.shape}")
-    return t
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa:
 from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
-           "check_times", "expand_time", "time_grid"]
+           "check_times", "expand_time", "batch_times", "time_grid"]
 
 
 def check_times(schedule: ScheduleConfig, t, name: str = "t") -> None:
@@ -142,6 +142,16 @@ def expand_time(values, x):
     if values.ndim == 1 and x.ndim > 1:
         return values.reshape(values.shape + (1,) * (x.ndim - 1))
     return values
+
+
+def batch_times(t, batch: int, name: str):
+    """Scalar or (B,) times -> (B,) float32; any other shape raises ValueError naming `name`."""
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim == 0:
+        return jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch of x), got shape {t.shape}")
+    return t
 
 
 def add_noise(schedule: ScheduleConfig, x0, noise, t):

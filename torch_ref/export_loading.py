@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flowmap_jax.spec.export_format import ExportFormatError, FlowMapConfig, read_export
-from flowmap_jax.spec.label_table import read_label_embeddings
+from flowmap_jax.spec.label_table import check_labels, read_label_embeddings
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
 
@@ -78,10 +78,8 @@ class TorchFlowMapExport:
         if labels is not None:
             if self.label_table is None:
                 raise ValueError(f"{self.folder} has no label embeddings; pass encoder_hidden_states")
-            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-            k = self.label_table.shape[0] - 1
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > k):
-                raise ValueError(f"labels must lie in 0..{k - 1} (or {k}, the null label)")
+            labels = torch.as_tensor(labels).cpu().numpy()
+            labels = torch.as_tensor(check_labels(labels, self.label_table.shape[0] - 1), device=self.device)
             cond["encoder_hidden_states"] = self.label_table[labels][:, None, :]
         if encoder_hidden_states is not None:
             cond["encoder_hidden_states"] = torch.as_tensor(encoder_hidden_states, dtype=torch.float32,

@@ -23,8 +23,7 @@ from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
-from torch_ref.schedules import expand_time
-from torch_ref.teacher import batch_times
+from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "guidance_scale_embedding",
            "batch_times", "call_network"]
