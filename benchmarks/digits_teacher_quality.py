@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from flowmap_jax.digits import TEACHER_DIR  # noqa: E402
-from flowmap_jax.digits.data import IMAGE_SIZE, NUM_CLASSES  # noqa: E402
-from flowmap_jax.digits.quality import digits_quality_report  # noqa: E402
-from flowmap_jax.spec.image_grid import save_grid  # noqa: E402
-from flowmap_jax.spec.layout import nchw_to_nhwc  # noqa: E402
-from torch_ref.train_digits_teacher import _write_info, load_teacher, sample_ddim  # noqa: E402
+from flowmap_jax.digits import TEACHER_DIR
+from flowmap_jax.digits.data import IMAGE_SIZE, NUM_CLASSES
+from flowmap_jax.digits.quality import digits_quality_report
+from flowmap_jax.spec.image_grid import save_grid
+from flowmap_jax.spec.layout import nchw_to_nhwc
+from torch_ref.train_digits_teacher import _write_info, load_teacher, sample_ddim
 
 EVAL_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 

@@ -186,9 +186,10 @@ def load_teacher(folder: Path, guidance_scale: float):
     (UNet in unet/, scheduler/, label_embeddings.safetensors), through the same loaders as the trainer."""
     import jax.numpy as jnp
 
+    from flowmap_jax.assembly import load_teacher_unet
     from flowmap_jax.spec.label_table import read_label_embeddings
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
-    from flowmap_jax.teacher_folder import load_schedule, load_teacher_unet
+    from flowmap_jax.teacher_folder import load_schedule
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     unet_config, params = load_teacher_unet(str(folder), "unet")

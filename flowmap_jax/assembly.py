@@ -26,16 +26,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from flowmap_jax.teacher_folder import (  # noqa: F401 (TeacherNotFound: what a missing teacher raises)
+from flowmap_jax.teacher_folder import (
     TeacherNotFound,
     label_table_file,
     load_schedule,
-    load_teacher_unet,
     resolve_teacher_path,
 )
 
@@ -67,6 +67,20 @@ class Parts:
     quality: Callable
     export: Callable | None = None
     info: dict = dataclasses.field(default_factory=dict)
+
+
+def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
+    """(diffusers config dict, Flax params) of the UNet at path/subfolder; TeacherNotFound if absent."""
+    from flowmap_jax.unet.diffusers_io import load_diffusers_unet
+
+    local = os.path.isdir(path)
+    if not local and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        raise TeacherNotFound(f"--teacher.path: no teacher folder at {path}")
+    try:
+        return load_diffusers_unet(path, subfolder=subfolder or None)
+    except (FileNotFoundError, OSError) as error:
+        where = os.path.join(path, subfolder) if subfolder else path
+        raise TeacherNotFound(f"--teacher.path: cannot load a diffusers UNet from {where}: {error}") from None
 
 
 def build(config, mesh) -> Parts:

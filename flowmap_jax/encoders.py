@@ -13,7 +13,7 @@ import numpy as np
 from flowmap_jax.data_error import DataError
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
-__all__ = ["encode_with_vae", "encode_captions"]
+__all__ = ["encode_captions", "encode_with_vae"]
 
 
 def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_size: int = 16) -> np.ndarray:

@@ -29,7 +29,7 @@ from flowmap_jax.unet.config import UNetConfig
 from flowmap_jax.unet.diffusers_io import read_state_dict
 from flowmap_jax.unet.state_dict import state_dict_to_flax
 
-__all__ = ["FlowMapExport", "load_flow_map_export", "jax_flow_map"]
+__all__ = ["FlowMapExport", "jax_flow_map", "load_flow_map_export"]
 
 
 @dataclasses.dataclass

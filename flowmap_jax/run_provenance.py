@@ -20,7 +20,7 @@ from flowmap_jax.teacher_folder import (
     resolve_teacher_path,
 )
 
-__all__ = ["read_train_config", "flow_map_config_from_train_config", "run_provenance"]
+__all__ = ["flow_map_config_from_train_config", "read_train_config", "run_provenance"]
 
 
 def read_train_config(config):

@@ -10,7 +10,7 @@ A teacher is a diffusers folder (or a hub id) `path` with
                                                        the digits teacher's "text encoder" (`spec.label_table`)
 `EMBEDDED_DIGITS_TEACHER` names the digits teacher shipped in `flowmap_jax/assets/digits_teacher/`, which is
 just such a folder. A hub id (`owner/name`) is read through the hub cache, one file at a time; nothing
-else downloads. Importing this module loads neither jax nor torch (`load_teacher_unet` loads jax).
+else downloads. Pure Python: loading the UNet's weights into Flax is `assembly.load_teacher_unet`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,18 @@ from flowmap_jax.spec.schedule import (
     read_scheduler_config,
 )
 
-__all__ = ["EMBEDDED_DIGITS_TEACHER", "EMBEDDED_TEACHER_DIR", "TeacherNotFound", "embedded_teacher_folder",
-           "resolve_teacher_path", "teacher_file", "read_teacher_scheduler_config", "load_schedule",
-           "read_teacher_unet_config", "label_table_file", "load_teacher_unet"]
+__all__ = [
+    "EMBEDDED_DIGITS_TEACHER",
+    "EMBEDDED_TEACHER_DIR",
+    "TeacherNotFound",
+    "embedded_teacher_folder",
+    "label_table_file",
+    "load_schedule",
+    "read_teacher_scheduler_config",
+    "read_teacher_unet_config",
+    "resolve_teacher_path",
+    "teacher_file",
+]
 
 EMBEDDED_DIGITS_TEACHER = "embedded:digits_teacher"
 """Marker for the digits teacher that ships in `flowmap_jax/assets/digits_teacher/` (a diffusers
@@ -94,17 +103,3 @@ def label_table_file(path: str) -> str | None:
     """The teacher folder's label_embeddings.safetensors, or None (none there, or a hub id)."""
     file = os.path.join(path, LABEL_EMBEDDINGS_NAME) if os.path.isdir(path) else ""
     return file if file and os.path.isfile(file) else None
-
-
-def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
-    """(diffusers config dict, Flax params) of the UNet at path/subfolder; TeacherNotFound if absent."""
-    from flowmap_jax.unet.diffusers_io import load_diffusers_unet
-
-    local = os.path.isdir(path)
-    if not local and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
-        raise TeacherNotFound(f"--teacher.path: no teacher folder at {path}")
-    try:
-        return load_diffusers_unet(path, subfolder=subfolder or None)
-    except (FileNotFoundError, OSError) as error:
-        where = os.path.join(path, subfolder) if subfolder else path
-        raise TeacherNotFound(f"--teacher.path: cannot load a diffusers UNet from {where}: {error}") from None

@@ -60,7 +60,7 @@ def export_folder(tmp_path_factory):
 
 
 def test_spec_imports_without_jax_or_torch():
-    result = _run(f"""
+    result = _run("""
         import importlib, pkgutil, sys
         import flowmap_jax.spec as spec
         names = [m.name for m in pkgutil.iter_modules(spec.__path__, "flowmap_jax.spec.")]

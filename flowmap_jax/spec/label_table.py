@@ -14,8 +14,13 @@ import numpy as np
 
 from flowmap_jax.spec.export_format import LABEL_EMBEDDINGS_NAME, ExportFormatError
 
-__all__ = ["LABEL_EMBEDDINGS_NAME", "read_label_embeddings", "labels_to_encoder_hidden_states", "check_labels",
-           "unconditional_encoder_hidden_states"]
+__all__ = [
+    "LABEL_EMBEDDINGS_NAME",
+    "check_labels",
+    "labels_to_encoder_hidden_states",
+    "read_label_embeddings",
+    "unconditional_encoder_hidden_states",
+]
 
 
 def read_label_embeddings(path: str | os.PathLike) -> np.ndarray:
