@@ -24,7 +24,7 @@ JAX: `jax.jit` of each function, the UNet's default attention (`flowmap_jax.unet
 jnp, queries in cache-sized blocks where the logits are large, e.g. the mid config's 32x32 self-attention;
 supports `jax.jvp`). PyTorch eager: diffusers' default attention (SDPA) for forward and sampling; the train step's
 student uses the plain `AttnProcessor`, because the fused SDPA kernels have no forward-mode AD on CPU
-(shared/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
+(docs/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
 for the train step; a failure is caught and reported in the table. The compiled train step is tried
 first in a child process, because a torch.compile failure inside `torch.func.jvp` leaves the process's
 autograd state broken (seen with torch 2.13: later eager JVPs fail an internal assert in `_make_dual`).

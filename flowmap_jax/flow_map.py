@@ -1,6 +1,6 @@
 """The flow map X(x_s, s, t) in JAX (mirrored by `torch_ref.flow_map`).
 
-Parameterisation (shared/DESIGN.md, "The flow map"): a network predicts, in the teacher's prediction type,
+Parameterisation (docs/DESIGN.md, "The flow map"): a network predicts, in the teacher's prediction type,
 at (x_s, s) told the target time t; the map is the teacher's own first-order step with that prediction,
 
     X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat = c_x(s, t) * x_s + c_pred(s, t) * F(x_s, s, t),
