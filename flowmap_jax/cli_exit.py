@@ -40,12 +40,19 @@ def report(error: BaseException | str) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error: `PROG: error: MESSAGE (see PROG --help)` on stderr, exit 2.
-
-    Subparsers made from it (`add_subparsers().add_parser`) are of this class too."""
+    """argparse with a one-line usage error (`PROG: error: MESSAGE (see PROG --help)` on stderr, exit 2)
+    and a `--help` that ends quietly when its reader closes the pipe (`--help | head -1`), so a command
+    keeps both rules even without `run_main`. Subparsers made from it are of this class too."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def print_help(self, file=None) -> None:
+        try:
+            super().print_help(file)
+            (file or sys.stdout).flush()
+        except BrokenPipeError:
+            _silence_stdout()
 
 
 def _silence_stdout() -> None:

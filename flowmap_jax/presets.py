@@ -405,7 +405,8 @@ def _type_name(hint) -> str:
 
 def load_config_file(path: str) -> TrainConfig:
     """A run's `config.json` (as `python -m flowmap_jax.train` writes it) back as a `TrainConfig`.
-    Raises `ConfigError` naming the file for a missing file, bad JSON, an unknown field."""
+    Raises `ConfigError` naming the file for a missing file, bad JSON, an unknown field, a value of the
+    wrong type or outside a field's choices."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -416,11 +417,11 @@ def load_config_file(path: str) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of sections, got {type(data).__name__}")
     try:
-        return TrainConfig.from_dict(data)
-    except ConfigError as error:
+        config = TrainConfig.from_dict(data)
+        check_types(config)
+    except (ConfigError, TypeError) as error:
         raise ConfigError(f"--config {path}: {error}") from None
-    except TypeError as error:
-        raise ConfigError(f"--config {path}: {error}") from None
+    return config
 
 
 def _description(source: str) -> str:
@@ -536,12 +537,17 @@ def _check_value(flag: str, value, hint) -> None:
         raise ConfigError(f"{flag} must be {_type_name(hint)}, got {value!r}")
 
 
+def check_types(config: TrainConfig) -> None:
+    """Every field has its declared type and lies among its choices; raises `ConfigError` naming the flag."""
+    for dotted, (section, name, hint, _) in _fields().items():
+        _check_value(f"--{dotted}", getattr(getattr(config, section), name), hint)
+
+
 def validate(config: TrainConfig) -> None:
     """Types and choices of every field (a config built in code or read from a file gets the same checks
     as the command line), then cross-field checks that need no jax; raises `ConfigError` naming the flag."""
     c = config
-    for dotted, (section, name, hint, _) in _fields().items():
-        _check_value(f"--{dotted}", getattr(getattr(c, section), name), hint)
+    check_types(c)
     if c.run.steps < 0:
         raise ConfigError(f"--run.steps must be >= 0, got {c.run.steps}")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

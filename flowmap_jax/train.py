@@ -37,7 +37,14 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from flowmap_jax import checkpointing, cli_exit, datasets, distributed, presets, reporting
+from flowmap_jax import (
+    checkpointing,
+    cli_exit,
+    datasets,
+    distributed,
+    presets,
+    reporting,
+)
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
 
