@@ -389,8 +389,11 @@ def _split_argv(argv: typing.Sequence[str]):
             if not values:
                 raise ConfigError(f"flag {name} needs a value ({_type_name(flag.hint)})")
             raise ConfigError(f"flag {name} takes one value, got {len(values)}: {' '.join(values)}")
-        out.append(f"--{flag.dotted}")
-        out.extend(_normalise(flag, v) for v in values)
+        if flag.kind == "tuple":
+            out.append(f"--{flag.dotted}")
+            out.extend(_normalise(flag, v) for v in values)
+        else:  # the = form, so a value such as -x is not read as a flag
+            out.append(f"--{flag.dotted}={_normalise(flag, values[0])}")
     return preset, config_file, wants_help, out, typed
 
 
@@ -470,6 +473,9 @@ def _as_config_error(typed: dict[str, tuple[str, str]]):
                 else:
                     kind = f"{kind}s" if many else ("an " if kind == "integer" else "a ") + kind
                     message = f"flag {flag} expects {kind}, got {text!r}"
+            elif isinstance(event, errors.BadValue):
+                flag, text, _ = flag_of(event)
+                message = f"flag {flag}: bad or missing value {text!r}"
             elif isinstance(event, errors.UnrecognizedArgs):
                 message = f"unexpected argument(s) {' '.join(event.tokens)} (see --help)"
             else:

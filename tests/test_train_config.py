@@ -128,6 +128,8 @@ def test_aliases_booleans_and_spellings():
     assert not c.run.export and not c.run.progress_bar and not c.run.async_checkpoints
     assert c.run.log_every == 4 and c.sample.jumps == (1, 2) and c.mesh.data == -1
     assert presets.parse_args(["--export=yes", "--no_progress_bar"]).run.progress_bar is False
+    c = presets.parse_args(["--run.dir=-odd-name", "--objective.names", "pairs,eulerian", "--objective.weights", "1,-0.5"])
+    assert c.run.dir == "-odd-name" and c.objective.weights == (1.0, -0.5)
 
 
 def test_config_file_round_trip(tmp_path):
