@@ -369,7 +369,7 @@ def _split_argv(argv: typing.Sequence[str]):
             if candidate is not None and candidate.kind == "bool" and head in ("", head.rstrip(".") + "."):
                 flag, negated = candidate, True
         if flag is None:
-            known = [k for k in table if len(k) > 1] + ["preset", "config"]
+            known = [k for k in table if not k.startswith("-")] + ["preset", "config"]
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else "; see --help"
             raise ConfigError(f"unknown flag {name}{hint}")
