@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
+from flowmap_jax.spec import cli_exit
 from flowmap_jax.datasets import SHARDS_FORMAT, DataError
 from flowmap_jax.encoders import encode_captions, encode_with_vae
 
@@ -120,7 +120,9 @@ def _folder(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
+    """Exit codes (`flowmap_jax.spec.cli_exit`): 0 written, 2 bad flags or bad input (a missing or malformed
+    input file, no images); an unexpected failure keeps its traceback and exits 1."""
+    parser = cli_exit.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--source", choices=("digits", "npz", "folder"), required=True)
@@ -143,11 +145,11 @@ def main(argv=None) -> int:
         x0, cond, uncond, source = {"digits": _digits, "npz": _npz, "folder": _folder}[args.source](args)
         write_shards(args.out, x0, cond, uncond, args.shard_size, args.dtype, source)
     except (DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        cli_exit.report(error)
+        return cli_exit.USAGE
     print(f"wrote {len(x0)} examples of shape {tuple(x0.shape[1:])} to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

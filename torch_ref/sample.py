@@ -82,4 +82,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowmap_jax.spec.cli_exit import run_main
+
+    run_main(main)

@@ -46,6 +46,7 @@ import time
 import numpy as np
 import torch
 
+from flowmap_jax.spec.cli_exit import ArgumentParser
 from flowmap_jax.digits import TEACHER_DIR
 from flowmap_jax.digits.data import (
     IMAGE_SIZE,
@@ -248,7 +249,7 @@ def _write_info(folder, info):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m torch_ref.train_digits_teacher", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=TEACHER_DIR, help="output diffusers-style folder")
     parser.add_argument("--seed", type=int, default=0)

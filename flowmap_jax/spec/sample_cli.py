@@ -21,13 +21,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from flowmap_jax.spec import cli_exit
 from flowmap_jax.spec.export_format import ExportInfo, read_export
 from flowmap_jax.spec.label_table import labels_to_encoder_hidden_states, read_label_embeddings
 from flowmap_jax.spec.sampling_inputs import default_sample_shape, initial_noise, resolve_guidance
@@ -41,7 +41,7 @@ COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     """The flags of both sampling commands (`backend` only changes the help text)."""
-    p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
+    p = cli_exit.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
@@ -247,7 +247,8 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
 
 def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
     """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
-    Exit codes: 0 done, 2 bad flags or a folder that is not a flow-map export."""
+    Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
+    flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:
         request = prepare(args)
@@ -255,8 +256,8 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
         samples, device = run(request)
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cli_exit.report(err)
+        return cli_exit.USAGE
     paths = write_outputs(request, samples, backend, seconds, device)
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
