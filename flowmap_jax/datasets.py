@@ -35,11 +35,13 @@ from typing import Protocol
 
 import numpy as np
 
+from flowmap_jax.exit_codes import BadInput
+
 SHARDS_FORMAT = "flowmap-shards/1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """Data that does not fit the run (wrong shape, missing files, bad format)."""
 
 

@@ -25,12 +25,14 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+from flowmap_jax.exit_codes import BadInput
+
 EMBEDDED_DIGITS_TEACHER = "embedded:digits_teacher"
 """Marker for the digits teacher that ships in `flowmap_jax/assets/digits_teacher/` (a diffusers
 folder); the trainer resolves it to that folder and then loads it exactly like a user's folder."""
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A bad command-line flag or configuration value; the message names the flag."""
 
 
@@ -51,6 +53,7 @@ class RunConfig:
     export: bool = True  # write the trained flow map (EMA weights) as a diffusers folder at the end
     quality_samples: int = 100  # samples per row of the final quality table (0: skip the table)
     compilation_cache: str = "auto"  # persistent XLA cache folder; auto: $JAX_COMPILATION_CACHE_DIR or ~/.cache/flowmap_jax/xla; "": off
+    allow_config_change: bool = False  # resume even if fields outside run_config_check.MAY_CHANGE differ (recorded in config_changes.jsonl)
 
 
 @dataclass
