@@ -126,7 +126,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self.rejected: list[tuple[int, str]] = []  # (step, reason) skipped by the last fallback
         self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be on disk
-        self._failed = False
+        self._failed: int | None = None  # the step whose save failed
         self._error_filter = _OrbaxErrorsToFile(os.path.join(self.directory, ERROR_LOG_NAME))
         logging.getLogger("absl").addFilter(self._error_filter)
 
@@ -134,7 +134,7 @@ class Checkpointer:
     def save(self, train_state, rng, data_position: int, extra: dict | None = None, wait: bool = False) -> int:
         """Save at `train_state.step` (an int). Returns the step. `wait`: block until on disk.
         CheckpointWriteError if this save (or the previous asynchronous one) fails."""
-        if self._failed:
+        if self._failed is not None:
             raise CheckpointWriteError(f"an earlier checkpoint in {self.directory} failed to write; not saving")
         self.wait()  # an error of the previous asynchronous save surfaces here, under its own step
         step = int(jax.device_get(train_state.step))
@@ -154,7 +154,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the asynchronous save is on disk; CheckpointWriteError if it failed."""
-        if self._failed:
+        if self._failed is not None:
             return
         try:
             self.manager.wait_until_finished()
@@ -164,10 +164,8 @@ class Checkpointer:
 
     def _write_failed(self, step, error) -> None:
         """Remove the step's temporary folder and raise CheckpointWriteError (once)."""
-        self._failed = True
-        if jax.process_index() == 0:
-            for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(tmp, ignore_errors=True)
+        self._failed = step
+        self._remove_partial(step)
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
             if isinstance(cause, OSError):
@@ -189,8 +187,15 @@ class Checkpointer:
             try:
                 self.manager.close()
             except Exception:
-                if not self._failed:
+                if self._failed is None:
                     raise
+            if self._failed is not None:  # Orbax's threads may have written more into it meanwhile
+                self._remove_partial(self._failed)
+
+    def _remove_partial(self, step) -> None:
+        if jax.process_index() == 0:
+            for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -75,6 +75,17 @@ def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dic
     return out
 
 
+def _from_pretrained(cls, path: str, subfolder: str | None, flag: str):
+    """`cls.from_pretrained` with safetensors weights only (never a pickle), in eval mode; DataError
+    naming the flag and folder if it cannot be loaded (e.g. the folder has only .bin weights)."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, use_safetensors=True).eval()
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        where = os.path.join(path, subfolder) if subfolder else path
+        raise DataError(f"{flag} {where}: cannot load {cls.__name__} from safetensors weights ({first})") from None
+
+
 def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_size: int = 16) -> np.ndarray:
     """RGB images (N, H, W, 3) in [-1, 1] -> latents (N, H/8, W/8, 4) float32 = posterior mean *
     scaling_factor, with diffusers' AutoencoderKL in PyTorch (CPU or the first CUDA device)."""
@@ -85,7 +96,7 @@ def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_
         raise DataError(f"encoding with a VAE needs the [torch] extra (torch, diffusers): {error}") from None
     from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
 
-    model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder or None).eval()
+    model = _from_pretrained(AutoencoderKL, vae, subfolder or None, "--vae")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     scale = float(model.config.scaling_factor)
@@ -108,7 +119,7 @@ def encode_captions(captions: list[str], text_encoder: str, subfolder: str = "te
     except ImportError as error:
         raise DataError(f"encoding captions needs torch and transformers: {error}") from None
     tokenizer = CLIPTokenizer.from_pretrained(text_encoder, subfolder=tokenizer_subfolder)
-    model = CLIPTextModel.from_pretrained(text_encoder, subfolder=subfolder).eval()
+    model = _from_pretrained(CLIPTextModel, text_encoder, subfolder, "--text-encoder")
 
     def encode(texts):
         tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
