@@ -69,20 +69,20 @@ def test_tiny_teacher_folder_run_writes_the_run_folder(tmp_path, tiny_teacher):
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path, capsys):
-    assert train.main(_short(tmp_path / "run", "--teacher", str(tmp_path / "no_such_teacher"))) == 1
+    assert train.main(_short(tmp_path / "run", "--teacher", str(tmp_path / "no_such_teacher"))) == 2
     err = capsys.readouterr().err
     assert "error: --teacher.path" in err and "no_such_teacher" in err
 
 
 def test_wrong_data_shape_is_a_clear_error(tmp_path, tiny_teacher, capsys):
-    assert train.main(_short(tmp_path / "run", "--teacher", tiny_teacher, "--data.sample_shape", "8,8,1")) == 1
+    assert train.main(_short(tmp_path / "run", "--teacher", tiny_teacher, "--data.sample_shape", "8,8,1")) == 2
     err = capsys.readouterr().err
     assert "(16, 16, 1)" in err and "(8, 8, 1)" in err and "--data.sample_shape" in err
 
 
 def test_guidance_without_unconditional_embedding_is_a_clear_error(tmp_path, capsys):
     folder = train_support.make_tiny_teacher(tmp_path / "teacher", label_embeddings=False)
-    assert train.main(_short(tmp_path / "run", "--teacher", folder, "--teacher.guidance_scale", "3")) == 1
+    assert train.main(_short(tmp_path / "run", "--teacher", folder, "--teacher.guidance_scale", "3")) == 2
     assert "--teacher.guidance_scale" in capsys.readouterr().err
 
 
@@ -92,7 +92,7 @@ def test_unknown_objective_is_a_flag_error(tmp_path, tiny_teacher, capsys):
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, capsys):
-    assert train.main(["--run.dir", str(tmp_path / "run"), "--data.batch_size", "12"]) == 1
+    assert train.main(["--run.dir", str(tmp_path / "run"), "--data.batch_size", "12"]) == 2
     assert "--data.batch_size 12" in capsys.readouterr().err
 
 
