@@ -55,7 +55,11 @@ class ToDiffusers:
 
     @staticmethod
     def run(args):
-        from conversion.diffusers_io import CONFIG_NAME, WEIGHTS_NAME, save_diffusers_unet
+        from conversion.diffusers_io import (
+            CONFIG_NAME,
+            WEIGHTS_NAME,
+            save_diffusers_unet,
+        )
         from conversion.flax_io import load_flax_params
         from conversion.output_folder import check_output_folder, write_folder_atomically
 

@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conversion import diffusers_io  # noqa: E402
-from conversion.__main__ import main as conversion_main  # noqa: E402
-from tests.test_unet_parity import DIFFUSERS_TINY_2  # noqa: E402
-from tests.unet_helpers import make_torch_unet  # noqa: E402
+from conversion import diffusers_io
+from conversion.__main__ import main as conversion_main
+from tests.test_unet_parity import DIFFUSERS_TINY_2
+from tests.unet_helpers import make_torch_unet
 
 
 @pytest.fixture(scope="module")
