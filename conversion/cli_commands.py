@@ -29,7 +29,10 @@ class ToFlax:
     def run(args):
         from conversion.diffusers_io import CONFIG_NAME, load_diffusers_unet
         from conversion.flax_io import FLAX_PARAMS_NAME, save_flax_params
-        from conversion.output_folder import check_output_folder, write_folder_atomically
+        from conversion.output_folder import (
+            check_output_folder,
+            write_folder_atomically,
+        )
 
         start = time.perf_counter()
         own = (CONFIG_NAME, FLAX_PARAMS_NAME)
@@ -61,7 +64,10 @@ class ToDiffusers:
             save_diffusers_unet,
         )
         from conversion.flax_io import load_flax_params
-        from conversion.output_folder import check_output_folder, write_folder_atomically
+        from conversion.output_folder import (
+            check_output_folder,
+            write_folder_atomically,
+        )
 
         own = (CONFIG_NAME, f"{WEIGHTS_NAME}.safetensors")
         check_output_folder(args.out, own, "to-diffusers")
