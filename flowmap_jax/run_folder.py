@@ -75,13 +75,13 @@ class RunFolder:
                 notes.append(f"took over the lock of {path} from {lock.took_over.describe()}, which is no "
                              f"longer running")
             changes = _check(path, config, allow)
-            if has_checkpoints(path):
+            if has_checkpoints(path) and os.path.isfile(os.path.join(path, run_config_check.CONFIG_NAME)):
                 run_config_check.record_changes(path, changes)
                 if changes:
                     notes.append("configuration changed on resume (--run.allow_config_change, recorded in "
                                  f"{run_config_check.CHANGES_NAME}): " + ", ".join(
                                      f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-            else:  # a new run (or one that never saved): this configuration is the run's
+            else:  # a new run (or one that never saved, or lost its config.json): this configuration is the run's
                 _write_config(path, config)
         except BaseException:
             folder = cls(path, created, lock, {}, [])

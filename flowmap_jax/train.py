@@ -186,9 +186,9 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         if config.run.export and parts.export is not None:
             ema_host = _to_host(state.ema_params)
             if process.is_main:
-                folder = parts.export(ema_host, os.path.join(run_dir, "export"),
-                                      {"step": step, "config": config.to_dict()})
-                reporter.message(f"exported the flow map (EMA weights) to {folder}")
+                exported = parts.export(ema_host, os.path.join(run_dir, "export"),
+                                        {"step": step, "config": config.to_dict()})
+                reporter.message(f"exported the flow map (EMA weights) to {exported}")
         if process.is_main:
             with open(finished_marker, "w") as f:
                 json.dump({"step": step, "time": time.time(), "info": parts.info}, f, indent=2, default=str)
