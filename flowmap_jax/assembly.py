@@ -78,7 +78,7 @@ def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
         raise TeacherNotFound(f"--teacher.path: no teacher folder at {path}")
     try:
         return load_diffusers_unet(path, subfolder=subfolder or None)
-    except (FileNotFoundError, OSError) as error:
+    except (FileNotFoundError, OSError, ValueError) as error:  # ValueError: unsupported config, bad weights
         where = os.path.join(path, subfolder) if subfolder else path
         raise TeacherNotFound(f"--teacher.path: cannot load a diffusers UNet from {where}: {error}") from None
 

@@ -3,10 +3,14 @@ text encoder for captions (the `[torch]` extra; `transformers` for captions). Us
 by `python -m flowmap_jax.write_shards` and by the image-folder dataset of a latent teacher.
 
 Arrays in and out are numpy, channels last (NHWC); latents are the posterior mean times the VAE's
-`scaling_factor` (what the UNet sees). A missing torch/diffusers/transformers is a `DataError`.
+`scaling_factor` (what the UNet sees). A missing torch/diffusers/transformers is a `DataError`. Weights are
+loaded from safetensors only (`use_safetensors=True`, never a pickle); a folder with only `.bin` weights is a
+`DataError` naming the flag and the folder.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -14,6 +18,17 @@ from flowmap_jax.data_error import DataError
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
 __all__ = ["encode_captions", "encode_with_vae"]
+
+
+def _from_pretrained(cls, path: str, subfolder: str | None, flag: str):
+    """`cls.from_pretrained` with safetensors weights only (never a pickle), in eval mode; DataError
+    naming the flag and folder if it cannot be loaded (e.g. the folder has only .bin weights)."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, use_safetensors=True).eval()
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        where = os.path.join(path, subfolder) if subfolder else path
+        raise DataError(f"{flag} {where}: cannot load {cls.__name__} from safetensors weights ({first})") from None
 
 
 def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_size: int = 16) -> np.ndarray:
@@ -25,7 +40,7 @@ def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_
     except ImportError as error:
         raise DataError(f"encoding with a VAE needs the [torch] extra (torch, diffusers): {error}") from None
 
-    model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder or None).eval()
+    model = _from_pretrained(AutoencoderKL, vae, subfolder or None, "--vae")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     scale = float(model.config.scaling_factor)
@@ -48,7 +63,7 @@ def encode_captions(captions: list[str], text_encoder: str, subfolder: str = "te
     except ImportError as error:
         raise DataError(f"encoding captions needs torch and transformers: {error}") from None
     tokenizer = CLIPTokenizer.from_pretrained(text_encoder, subfolder=tokenizer_subfolder)
-    model = CLIPTextModel.from_pretrained(text_encoder, subfolder=subfolder).eval()
+    model = _from_pretrained(CLIPTextModel, text_encoder, subfolder, "--text-encoder")
 
     def encode(texts):
         tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

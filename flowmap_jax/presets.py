@@ -36,9 +36,9 @@ import tyro
 from tyro.conf import Suppress, arg
 from tyro.constructors import PrimitiveConstructorSpec
 
+from flowmap_jax.spec.cli_exit import BadInput
 from flowmap_jax.spec.objective_options import ObjectiveOptions
 from flowmap_jax.teacher_folder import EMBEDDED_DIGITS_TEACHER
-
 
 _JSON_OPTIONS = PrimitiveConstructorSpec(
     nargs=1, metavar="JSON", instance_from_str=lambda args: ObjectiveOptions.from_json(args[0]),
@@ -46,7 +46,7 @@ _JSON_OPTIONS = PrimitiveConstructorSpec(
 """`--objective.options '{...}'`: one JSON flag for the typed options (tyro would otherwise expand the dataclass)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A bad command-line flag or configuration value; the message names the flag."""
 
 
@@ -71,6 +71,7 @@ class RunConfig:
     export: bool = True  # write the trained flow map (EMA weights) as a diffusers folder at the end
     quality_samples: int = 100  # samples per row of the final quality table (0: skip the table)
     compilation_cache: str = "auto"  # persistent XLA cache folder; auto: $JAX_COMPILATION_CACHE_DIR or ~/.cache/flowmap_jax/xla; "": off
+    allow_config_change: bool = False  # resume even if fields outside run_config_check.MAY_CHANGE differ (recorded in config_changes.jsonl)
 
 
 @dataclass

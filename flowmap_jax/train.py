@@ -19,9 +19,11 @@ The story of a run, top to bottom in `run`:
   8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
      folder, and finished.json (a rerun of a finished run does nothing).
 
-Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN
-loss, no readable checkpoint to resume), 2 bad flags or bad input (an unknown flag or choice, a missing
-teacher, data that does not match the run, a batch the devices cannot split).
+Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
+running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
+another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file; a missing or unusable
+teacher or data; a batch the devices cannot split; a resume whose configuration differs from the run's).
+Either way one line `error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -43,19 +45,19 @@ from flowmap_jax import (
     distributed,
     presets,
     reporting,
+    run_folder,
 )
 from flowmap_jax import sharding as sh
-from flowmap_jax.spec import cli_exit
 from flowmap_jax import train_step as ts
-from flowmap_jax.spec import image_grid
+from flowmap_jax.spec import cli_exit, image_grid
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(cli_exit.RunFailure, RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the message names the step."""
 
 
-class RunError(RuntimeError):
-    """A run that cannot start: missing teacher, bad data, a run folder in the way."""
+class RunError(cli_exit.BadInput, RuntimeError):
+    """A run that cannot start as asked: a batch the mesh cannot split, a resume that finds nothing."""
 
 
 @dataclasses.dataclass
@@ -80,53 +82,55 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     if config.data.batch_size % sh.num_batch_shards(mesh):
         raise RunError(f"--data.batch_size {config.data.batch_size} is not divisible by the "
                        f"{sh.num_batch_shards(mesh)} devices of the mesh")
-    run_dir = os.path.abspath(config.run.dir)
-    if process.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(config.to_json())
+    folder = run_folder.RunFolder.open(config, process.is_main)  # checked, locked, config compared
+    run_dir = folder.path
     distributed.sync("run folder")
+    try:  # a start that fails before training removes the run folder it created
+        # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
+        if build is None:
+            from flowmap_jax import assembly
 
-    # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
-    if build is None:
-        from flowmap_jax import assembly
+            build = assembly.build
+        parts = build(config, mesh)
 
-        build = assembly.build
-    parts = build(config, mesh)
+        # 4. Optimiser, state, step.
+        optimizer = ts.make_optimizer(config.optim, config.run.steps)
+        specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
+        state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
+        state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
+        teacher = _replicate_arrays(mesh, parts.teacher)
+        rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
+        train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
+                                        state_sharding=state_sharding)
 
-    # 4. Optimiser, state, step.
-    optimizer = ts.make_optimizer(config.optim, config.run.steps)
-    specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
-    state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
-    state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
-    teacher = _replicate_arrays(mesh, parts.teacher)
-    rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
-    train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                                    state_sharding=state_sharding)
+        # 5. Resume.
+        reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
+        checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
+                                                  async_save=config.run.async_checkpoints)
+        state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
+        start_step = int(jax.device_get(state.step))
 
-    # 5. Resume.
-    reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
-    checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
-                                              async_save=config.run.async_checkpoints)
-    state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
-    start_step = int(jax.device_get(state.step))
+        stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
+                                      process.index, process.count, position=data_position)
+        batches = datasets.Prefetcher(stream, depth=2)
+        reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
+                                      progress_bar=config.run.progress_bar)
+        reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
+                         f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
+                         f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
+        for note in folder.notes:
+            reporter.message(note)
 
-    stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
-                                  process.index, process.count, position=data_position)
-    batches = datasets.Prefetcher(stream, depth=2)
-    reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
-                                  progress_bar=config.run.progress_bar)
-    reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
-                     f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
-                     f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
-
-    # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
-    evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
-    if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
-        history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
-        reporter.message("untrained flow map (the teacher's DDIM step), MSE to the teacher's "
-                         f"{config.sample.teacher_steps}-step solution: "
-                         + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
+        # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
+        evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
+        if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
+            history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
+            reporter.message("untrained flow map (the teacher's DDIM step), MSE to the teacher's "
+                             f"{config.sample.teacher_steps}-step solution: "
+                             + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
+    except BaseException:
+        folder.abandon()
+        raise
 
     # 7. The loop.
     guard = checkpointing.PreemptionGuard()
@@ -162,9 +166,11 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
                 status = "preempted"
                 break
         _check_finite(pending, last_saved, checkpointer)
+        checkpointer.wait()  # the last checkpoint is on disk before the run is called finished
     except BaseException:
         reporter.close()
         checkpointer.close()
+        folder.close()
         raise
     finally:
         guard.close()
@@ -181,9 +187,9 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         if config.run.export and parts.export is not None:
             ema_host = _to_host(state.ema_params)
             if process.is_main:
-                folder = parts.export(ema_host, os.path.join(run_dir, "export"),
-                                      {"step": step, "config": config.to_dict()})
-                reporter.message(f"exported the flow map (EMA weights) to {folder}")
+                exported = parts.export(ema_host, os.path.join(run_dir, "export"),
+                                        {"step": step, "config": config.to_dict()})
+                reporter.message(f"exported the flow map (EMA weights) to {exported}")
         if process.is_main:
             with open(finished_marker, "w") as f:
                 json.dump({"step": step, "time": time.time(), "info": parts.info}, f, indent=2, default=str)
@@ -193,6 +199,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     reporter.message(f"{status} at step {step} in {time.perf_counter() - t_start:.0f}s; run folder {run_dir}")
     reporter.close()
     checkpointer.close()
+    folder.close()
     distributed.sync("end of run")
     return RunResult(state=state, run_dir=run_dir, status=status, step=step, quality=quality)
 
@@ -248,6 +255,8 @@ def _resume(config, checkpointer, state, rng, state_sharding, say):
     finally:
         if source is not checkpointer:
             source.close()
+    if source is checkpointer:  # the steps it fell back from leave their place (kept under rejected/)
+        checkpointer.set_aside_rejected(jax.process_index() == 0, say)
     if restored is None:
         if resume not in ("auto", "never"):
             raise RunError(f"--run.resume {resume}: no checkpoint found there")
@@ -364,21 +373,17 @@ def _head(cond, n):
 
 
 def main(argv=None, build: Callable | None = None) -> int:
-    """The command line: parse flags, run, turn known failures into a one-line message and an exit code
-    (0 done, 1 the run failed, 2 bad flags or bad input; see `flowmap_jax.spec.cli_exit`)."""
+    """The command line: parse flags, run, turn known failures into one line on stderr and an exit code
+    (`flowmap_jax.spec.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
+    bug and keeps its traceback)."""
     try:
-        config = presets.parse_args(argv)
-    except presets.ConfigError as error:
+        result = run(presets.parse_args(argv), build)
+    except Exception as error:  # mapped below, or re-raised
+        code = cli_exit.exit_code(error)
+        if code is None:
+            raise
         cli_exit.report(error)
-        return cli_exit.USAGE
-    try:
-        result = run(config, build)
-    except (presets.ConfigError, RunError, datasets.DataError, FileNotFoundError) as error:
-        cli_exit.report(error)
-        return cli_exit.USAGE
-    except (NonFiniteLoss, checkpointing.NoGoodCheckpoint) as error:
-        cli_exit.report(error)
-        return cli_exit.FAILURE
+        return code
     if result.status == "preempted":
         print(f"stopped at step {result.step} (checkpoint saved)", file=sys.stderr)
     return 0

@@ -25,9 +25,9 @@ import os
 
 import numpy as np
 
-from flowmap_jax.spec import cli_exit
 from flowmap_jax.datasets import SHARDS_FORMAT, DataError
 from flowmap_jax.encoders import encode_captions, encode_with_vae
+from flowmap_jax.spec import cli_exit
 
 
 def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dict | None = None,

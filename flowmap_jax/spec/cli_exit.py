@@ -9,6 +9,11 @@
 A user's mistake is reported on stderr as one line, `error: ...` (argparse-style commands: `PROG: error:
 ...`), without a traceback. An unexpected exception (a bug) keeps its traceback and exits 1.
 
+Which failure gets which code is decided here, once: error classes mix in `BadInput` (2) or `RunFailure` (1)
+next to their usual base (`ValueError`, `OSError`...), and `exit_code(error)` maps an exception to 2 or 1
+(a missing file or folder is bad input, any other OSError such as a full disk a failed run) or to None for
+anything else (a bug: let it raise).
+
 Each command's `main(argv) -> int` maps its own exceptions to 0/1/2 (so tests can call it in-process);
 its `if __name__ == "__main__":` block is `cli_exit.run_main(main)`, which adds the closed-pipe and Ctrl-C
 rules. Pure Python: the PyTorch reference uses it too.
@@ -26,6 +31,33 @@ OK = 0
 FAILURE = 1
 USAGE = 2
 INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """Mixin: the command's input is wrong (a flag, or a file or folder a flag names). Exit code 2 (USAGE)."""
+
+
+class RunFailure(Exception):
+    """Mixin: the work started and could not go on (NaN, disk full, unreadable checkpoints, a run folder in
+    use). Exit code 1 (FAILURE)."""
+
+
+def exit_code(error: BaseException) -> int | None:
+    """USAGE or FAILURE for a known failure; None for anything else (a bug: let it raise with its traceback).
+    A missing file or folder (FileNotFoundError, NotADirectoryError) is bad input; any other OSError (disk
+    full, permissions) a failed run, except a closed stdout pipe (BrokenPipeError: None, so that it reaches
+    `run_main`'s closed-pipe rule)."""
+    if isinstance(error, BrokenPipeError):
+        return None
+    if isinstance(error, BadInput):
+        return USAGE
+    if isinstance(error, RunFailure):
+        return FAILURE
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        return USAGE
+    if isinstance(error, OSError):  # disk full, permissions... while running
+        return FAILURE
+    return None
 
 
 def one_line(error: BaseException | str) -> str:
