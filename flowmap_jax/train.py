@@ -8,7 +8,8 @@
 
 The story of a run, top to bottom in `run`:
   1. processes and devices: `jax.distributed` when asked, a (data, fsdp) mesh over every device;
-  2. the run folder: config.json, checkpoints/, samples/, tensorboard/, metrics.jsonl;
+  2. the run folder (`run_folder`): locked for this run, its config.json kept and compared on resume;
+     checkpoints/, samples/, tensorboard/, metrics.jsonl;
   3. the parts (`assembly.build`): teacher loaded from a diffusers folder and converted, the flow
      map initialised from it, the objectives, the data, the samplers;
   4. optimiser, sharded train state and the compiled step;
