@@ -218,7 +218,8 @@ def jax_flow_map(exported: FlowMapExport, dtype=None, jit: bool = True):
     unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(exported.unet_config), dtype=dtype or jnp.float32)
     net = unet_network(unet)
     return FlowMap(net=jax.jit(net) if jit else net, schedule=exported.config.schedule,
-                   prediction_type=exported.config.prediction_type)
+                   prediction_type=exported.config.prediction_type,
+                   parameterization=exported.config.parameterization)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +371,9 @@ def _train_config(config):
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read the run config {path}: {err}") from None
+        if isinstance(data, dict) and "parameterization" not in (data.get("model") or {}):
+            # Runs from before the field existed trained the teacher's DDIM-step parameterisation.
+            data = dict(data, model=dict(data.get("model") or {}, parameterization="teacher_step"))
         try:
             return presets.TrainConfig.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -444,7 +448,8 @@ def flow_map_config_from_train_config(config, teacher: str | None = None, guidan
     guidance = "autoguidance" if config.teacher.weak_path else ("cfg" if scale != 1.0 else "none")
     labels = Path(path) / LABEL_EMBEDDINGS_NAME
     return FlowMapConfig(
-        schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config, guidance=guidance,
+        schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config,
+        parameterization=config.model.parameterization, guidance=guidance,
         guidance_scale=scale, guidance_embedding_dim=embedding_dim,
         guidance_scale_range=options.get("guidance_scale_range") if embedding_dim else None,
         label_embeddings=str(labels) if labels.is_file() else None,

@@ -164,7 +164,8 @@ def build(config, mesh) -> Parts:
                                                         jax.random.key(config.run.seed))
     params = jax.tree.map(np.asarray, params)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
-    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
+    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type,
+                            parameterization=config.model.parameterization)
 
     # Objectives.
     options = json.loads(config.objective.options)

@@ -70,6 +70,7 @@ class ModelConfig:
 
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     remat: bool = False  # rematerialise each UNet block (saves memory, costs compute)
+    parameterization: str = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step
 
 
 @dataclass
