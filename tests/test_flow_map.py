@@ -104,7 +104,7 @@ def test_teacher_initialised_flow_map_is_ddim_step(prediction_type):
             own = fmap(None, x, float(s), float(max(t, -1)))
             if prediction_type == "v_prediction":
                 assert H.max_scaled_err(own.numpy(), step.numpy()) < 1e-5
-            else:
+            elif s == 901:  # epsilon read as v: wrong where eps and v differ, at high noise
                 assert H.max_scaled_err(own.numpy(), step.numpy()) > 1e-2
             np.testing.assert_allclose(teacher.ddim_step(x, float(s), float(max(t, -1))).numpy(), ours.numpy(),
                                        rtol=1e-6, atol=1e-6)
