@@ -26,8 +26,8 @@ class ToFlax:
 
     @staticmethod
     def run(args):
-        from conversion.diffusers_io import load_diffusers_unet
         from conversion.flax_io import save_flax_params
+        from flowmap_jax.unet.diffusers_io import load_diffusers_unet
 
         start = time.perf_counter()
         config, params = load_diffusers_unet(args.source, args.subfolder, args.variant,
@@ -50,8 +50,8 @@ class ToDiffusers:
 
     @staticmethod
     def run(args):
-        from conversion.diffusers_io import save_diffusers_unet
         from conversion.flax_io import load_flax_params
+        from flowmap_jax.unet.diffusers_io import save_diffusers_unet
 
         config, params = load_flax_params(args.source)
         save_diffusers_unet(params, config, args.out)

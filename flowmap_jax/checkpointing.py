@@ -6,7 +6,7 @@ Layout: `<run>/checkpoints/<step>/` with two items,
   meta:  JSON {"step", "data_position" (global batches consumed), "fingerprint", "time", "extra"}.
          fingerprint: [sum, sum of squares] (float32 reductions) of every TrainState leaf in pytree
          order (step, then params, ema_params, opt_state), followed by the rng's key words; it detects
-         silently corrupted data. `conversion.export` relies on this order to check the EMA weights.
+         silently corrupted data. `read_checkpoint_params` relies on this order to check the EMA weights.
 The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are copied to host before
 `save` returns, so the next step may overwrite the device buffers).
 
@@ -22,10 +22,15 @@ process stop at the same step (SIGTERM to any one of them is enough).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -224,3 +229,141 @@ class PreemptionGuard:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading only the parameters of a checkpoint (partial restore), for the export.
+
+WEIGHT_CHOICES = ("ema", "params")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be exported (unreadable, corrupted, no such step); names the folder."""
+
+
+
+@dataclasses.dataclass
+class CheckpointParams:
+    """Parameters read from one checkpoint: params (nested dict of numpy float32), which ("ema" or
+    "params"), step, the checkpoint's folder, its meta JSON, and the run folder (or None)."""
+
+    params: dict
+    weights: str
+    step: int
+    directory: Path
+    meta: dict
+    run_dir: Path | None
+
+
+def _checkpoint_steps(directory: Path) -> list[int]:
+    """Finished steps under a checkpoints folder (Orbax's in-progress `*.orbax-checkpoint-tmp-*` excluded)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "state").is_dir())
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
+    """(params, meta) of `weights` from one step folder, fingerprint-checked."""
+    meta_path = step_dir / "meta" / "metadata"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read the checkpoint metadata {meta_path}: {err}") from None
+    state_dir = step_dir / "state"
+    name = "ema_params" if weights == "ema" else "params"
+    with _quiet_absl():
+        checkpointer = ocp.PyTreeCheckpointer()
+        try:
+            tree = checkpointer.metadata(state_dir).item_metadata.tree
+            subtree = tree["train_state"][name]
+        except Exception as err:  # noqa: BLE001 - unreadable, or not a training checkpoint
+            raise CheckpointError(f"{state_dir} is not a readable training checkpoint (no train_state/{name}): "
+                                  f"{type(err).__name__}: {err}") from None
+        item = {"train_state": {name: subtree}}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        try:
+            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"cannot restore train_state/{name} from {state_dir}: {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    params = restored["train_state"][name]
+    # The checkpoint's fingerprint: (sum, sum of squares) per leaf of TrainState(step, params, ema_params, ...).
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    n = len(leaves)
+    offset = 2 * (1 + (n if weights == "ema" else 0))
+    saved = list(meta.get("fingerprint") or [])
+    if len(saved) < 2 * (1 + 2 * n):
+        raise CheckpointError(f"{meta_path}: its fingerprint has {len(saved)} values, too few for "
+                              f"{n} parameter arrays (not a checkpoint of this flow map?)")
+    bad = [jax.tree_util.keystr(path) for i, (path, leaf) in enumerate(leaves)
+           if not _leaf_matches_fingerprint(leaf, saved[offset + 2 * i], saved[offset + 2 * i + 1])]
+    if bad:
+        raise CheckpointError(f"{state_dir}: the {name} arrays {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
+                              "match the fingerprint written with them (a corrupted checkpoint)")
+    return jax.tree.map(np.asarray, params), meta
+
+
+def _leaf_matches_fingerprint(leaf, saved_sum: float, saved_sumsq: float) -> bool:
+    """Compares one array with the (sum, sum of squares) the trainer saved (`checkpointing.fingerprint`,
+    float32 reductions on whatever device trained). Ours are float64, so the tolerance covers float32
+    accumulation error, which grows with the size n: |sum| within 1e-4 relative plus 1e-5 * sqrt(n * sumsq)
+    (about 100 float32 epsilons times n * rms), the sum of squares within 1e-3 relative. A corrupted
+    block of more than about 1e-3 of an array's entries (or any non-finite value) fails."""
+    x = np.asarray(leaf, np.float64)
+    total, sumsq = float(x.sum()), float(np.square(x).sum())
+    if not (np.isfinite(total) and np.isfinite(sumsq)):
+        return False
+    ok_sum = abs(saved_sum - total) <= 1e-4 * abs(total) + 1e-5 * np.sqrt(x.size * sumsq) + 1e-6
+    ok_sumsq = abs(saved_sumsq - sumsq) <= 1e-3 * sumsq + 1e-6
+    return bool(ok_sum and ok_sumsq)
+
+
+def read_checkpoint_params(source, weights: str = "ema", step: int | None = None,
+                           say: Callable[[str], Any] = print) -> CheckpointParams:
+    """The EMA (`weights="ema"`, default) or raw (`"params"`) flow-map parameters of a training checkpoint.
+
+    source: a run folder (with checkpoints/), a checkpoints folder, or one step's folder
+    (`.../checkpoints/400`). `step`: that step; default the newest, falling back to older ones (reported
+    through `say`) when the newest is unreadable or corrupted, like the trainer's resume.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    try:
+        directory, found_step = find_checkpoint_dir(os.fspath(source))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no run or checkpoint folder at {source}") from None
+    directory = Path(directory)
+    step = found_step if step is None else int(step)
+    steps = _checkpoint_steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory} (expected step folders like {directory}/400 with "
+                              "state/ and meta/)")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps found: {steps}")
+    candidates = [step] if step is not None else list(reversed(steps))
+    failures = []
+    for candidate in candidates:
+        try:
+            params, meta = _restore_weights(directory / str(candidate), weights)
+        except CheckpointError as err:
+            failures.append(str(err))
+            if step is None and candidate != candidates[-1]:
+                say(f"checkpoint at step {candidate} is unusable ({err}); falling back to an older one")
+            continue
+        run_dir = directory.parent if (directory.parent / "config.json").is_file() else None
+        return CheckpointParams(params=params, weights=weights, step=int(meta.get("step", candidate)),
+                                directory=directory / str(candidate), meta=meta, run_dir=run_dir)
+    raise CheckpointError("; ".join(failures))

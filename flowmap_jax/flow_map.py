@@ -1,7 +1,7 @@
 """The flow map X(x_s, s, t) in JAX (mirrored by `torch_ref.flow_map`).
 
 Parameterisation: the student's own, separate from the teacher's prediction type, with jump coefficients
-bounded for every (s, t) (`flow_config.PARAMETERIZATIONS`; the name is recorded in `flowmap.json`):
+bounded for every (s, t) (`spec.parameterization.PARAMETERIZATIONS`; the name is recorded in `flowmap.json`):
 
 - "angle" (VP schedules: DDPM betas, VP cosine; TrigFlow of sCM). In the angle theta_t = arctan(sigma_t /
   alpha_t) (alpha = cos theta, sigma = sin theta),
@@ -53,22 +53,14 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import (ScheduleConfig, add_target_time_hook_config, check_prediction_type,
-                                     resolve_parameterization)
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.schedules import batch_times, expand_time
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
 __all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times",
            "finite_difference_jvp"]
-
-
-def batch_times(t, batch: int, name: str):
-    """Scalar or (B,) times -> (B,) float32; any other shape raises ValueError naming `name`."""
-    t = jnp.asarray(t, jnp.float32)
-    if t.ndim == 0:
-        return jnp.broadcast_to(t, (batch,))
-    if t.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch of x), got shape {t.shape}")
-    return t
 
 
 def finite_difference_jvp(fn, primals, tangents, eps: float):
@@ -84,7 +76,7 @@ class FlowMap:
     """X(x_s, s, t) (see the module docstring).
 
     net: (params, x, t_source, t_target, cond) -> F. schedule, prediction_type: the teacher's.
-    parameterization: one of `flow_config.PARAMETERIZATIONS` or "auto" (the schedule's bounded form:
+    parameterization: one of `spec.parameterization.PARAMETERIZATIONS` or "auto" (the schedule's bounded form:
         "angle" for VP schedules, "linear" for rectified flow), resolved in __post_init__.
     teacher_blend: weight of the teacher's DDIM step in the coefficients (0: the map's own form; a float or
         a traced scalar inside a loss).
@@ -264,7 +256,7 @@ def unet_network(unet):
 def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, dict]:
     """(config, params) of a flow-map UNet from a teacher's diffusers config dict and Flax parameters.
 
-    Adds `class_embed_type="timestep"` (`flow_config.add_target_time_hook_config`) and the parameters of
+    Adds `class_embed_type="timestep"` (`spec.target_time_hook.add_target_time_hook_config`) and the parameters of
     `class_embedding`: linear_1 initialised as torch's nn.Linear default (uniform(+-1/sqrt(fan_in)), weight
     and bias), linear_2 zero (kernel and bias), so the new UNet reproduces the teacher exactly and only the
     last layer is zero (gradients reach linear_2 from the first step). Shapes follow the teacher's

@@ -30,7 +30,7 @@ X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s
 value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
 The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`).
 
-Switches (`flow_config.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
+Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
 teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +
 1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
@@ -43,18 +43,19 @@ tangent normalisation or adaptive weighting).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from flowmap_jax import samplers, schedules, time_pairs
-from flowmap_jax.flow_config import ObjectiveOptions
 from flowmap_jax.flow_map import finite_difference_jvp, guidance_scale_embedding  # noqa: F401 (re-export)
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "finite_difference_jvp"]
+           "finite_difference_jvp", "combine_objectives"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -271,3 +272,34 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     per_example = (_per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixing objectives.
+
+def combine_objectives(named_losses: Sequence[tuple[str, float, Callable]]) -> Callable:
+    """Weighted sum of objectives, each with its own rng stream (`fold_in(rng, index)`): the one way to build
+    a mixed loss. named_losses: (name, weight, loss_fn) with loss_fn `(params, teacher, batch, rng) ->
+    (loss, metrics)` (e.g. `make_objective(name, flow_map, options)`); returns a loss_fn of the same form.
+
+    Metrics: "loss" (the weighted sum) and "<name>/<metric>" for each objective's own metrics
+    (at least "<name>/loss", the unweighted value).
+    """
+    named_losses = list(named_losses)
+    if not named_losses:
+        raise ValueError("combine_objectives: no objectives given")
+
+    def loss_fn(params, teacher, batch, rng):
+        total = 0.0
+        metrics = {}
+        for index, (name, weight, fn) in enumerate(named_losses):
+            loss, own = fn(params, teacher, batch, jax.random.fold_in(rng, index))
+            total = total + weight * loss
+            metrics[f"{name}/loss"] = loss
+            for key, value in (own or {}).items():
+                if key != "loss":
+                    metrics[f"{name}/{key}"] = value
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn

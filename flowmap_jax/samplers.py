@@ -1,6 +1,6 @@
 """Samplers in JAX (mirrored by `torch_ref.samplers`): the teacher's PF-ODE solvers and flow-map jumps.
 
-Time grids are 1-D sequences of times in teacher units (`flow_config.time_grid`, or any list; a traced
+Time grids are 1-D sequences of times in teacher units (`spec.time_grid.time_grid`, or any list; a traced
 jax array works too, unchecked, so one compiled sampler serves every grid of a length),
 decreasing towards data (sampling) or increasing towards noise (inversion); `x_init` is the state at
 timesteps[0] (for sampling: noise, as diffusers' DDIM/DPM-Solver pipelines start with init_noise_sigma = 1).
@@ -32,8 +32,9 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS
+from flowmap_jax.spec.schedule import check_time_values
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
            "flow_map_sample", "SOLVERS"]

@@ -19,8 +19,9 @@ The story of a run, top to bottom in `run`:
   8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
      folder, and finished.json (a rerun of a finished run does nothing).
 
-Exit codes: 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN loss, bad data,
-missing teacher...), 2 bad command-line flags.
+Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN
+loss, no readable checkpoint to resume), 2 bad flags or bad input (an unknown flag or choice, a missing
+teacher, data that does not match the run, a batch the devices cannot split).
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from flowmap_jax import checkpointing, datasets, distributed, presets, reporting
+from flowmap_jax import (
+    checkpointing,
+    datasets,
+    distributed,
+    presets,
+    reporting,
+)
 from flowmap_jax import sharding as sh
+from flowmap_jax.spec import cli_exit
 from flowmap_jax import train_step as ts
+from flowmap_jax.spec import image_grid
 
 
 class NonFiniteLoss(RuntimeError):
@@ -328,7 +337,7 @@ class _Evaluator:
                 for j in self.config.sample.jumps]
         rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
         if self.is_main:
-            path = reporting.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
+            path = image_grid.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
             self.reporter.image("samples", path, step)
             self.reporter.message(f"sample grid: {path}")
 
@@ -355,25 +364,25 @@ def _head(cond, n):
 
 
 def main(argv=None, build: Callable | None = None) -> int:
-    """The command line: parse flags, run, turn known failures into a message and an exit code."""
+    """The command line: parse flags, run, turn known failures into a one-line message and an exit code
+    (0 done, 1 the run failed, 2 bad flags or bad input; see `flowmap_jax.spec.cli_exit`)."""
     try:
         config = presets.parse_args(argv)
     except presets.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        cli_exit.report(error)
+        return cli_exit.USAGE
     try:
         result = run(config, build)
-    except presets.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, RunError, datasets.DataError, checkpointing.NoGoodCheckpoint,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (presets.ConfigError, RunError, datasets.DataError, FileNotFoundError) as error:
+        cli_exit.report(error)
+        return cli_exit.USAGE
+    except (NonFiniteLoss, checkpointing.NoGoodCheckpoint) as error:
+        cli_exit.report(error)
+        return cli_exit.FAILURE
     if result.status == "preempted":
         print(f"stopped at step {result.step} (checkpoint saved)", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

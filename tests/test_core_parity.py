@@ -17,7 +17,9 @@ from flowmap_jax import flow_map as jf
 from flowmap_jax import objectives as jo
 from flowmap_jax import samplers as js
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import PREDICTION_TYPES, ScheduleConfig, time_grid
+from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_grid import time_grid
 from tests import flow_map_helpers as H
 from torch_ref import flow_map as tf
 from torch_ref import objectives as to

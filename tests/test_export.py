@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from conversion.__main__ import main as conversion_main
-from conversion.export import export_flow_map, load_flow_map_export
-from flowmap_jax.export_format import FLOWMAP_JSON, initial_noise, read_export
-from flowmap_jax.flow_config import time_grid
-from flowmap_jax.layout import nhwc_to_nchw
+from conversion.export import export_flow_map
+from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.spec.export_format import FLOWMAP_JSON, read_export
+from flowmap_jax.spec.layout import nhwc_to_nchw
+from flowmap_jax.spec.sampling_inputs import initial_noise
+from flowmap_jax.spec.time_grid import time_grid
 from tests import export_helpers as eh
 
 BATCH = 4

@@ -10,15 +10,16 @@ import pytest
 
 from conversion import ConversionError, save_diffusers_unet
 from conversion.__main__ import main as conversion_main
-from conversion.export import export_flow_map, load_flow_map_export
-from flowmap_jax.export_format import (
+from conversion.export import export_flow_map
+from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     ExportFormatError,
     FlowMapConfig,
     read_export,
-    resolve_guidance,
 )
-from flowmap_jax.flow_config import load_scheduler
+from flowmap_jax.spec.sampling_inputs import resolve_guidance
+from flowmap_jax.spec.schedule import load_scheduler
 from tests import export_helpers as eh
 
 
@@ -196,7 +197,7 @@ def test_sample_flag_errors(good, tmp_path, capsys):
 
 def test_sample_spacing_flag(good, tmp_path):
     from flowmap_jax import sample as jax_sample
-    from flowmap_jax.flow_config import time_grid
+    from flowmap_jax.spec.time_grid import time_grid
 
     out = tmp_path / "logsnr"
     flags = ["--model", good["export"], "--out", str(out), "--steps", "2", "--spacing", "logsnr", "--batch", "2"]
@@ -211,9 +212,12 @@ def test_the_trainers_export_call(good, tmp_path):
     """What `assembly.build`'s export hook calls at the end of a run (digits-style: CFG baked in at 2.0)."""
     import json as _json
 
-    from conversion.export import flow_map_config_from_train_config, run_provenance
     from flowmap_jax import presets
-    from flowmap_jax.flow_config import add_target_time_hook_config
+    from flowmap_jax.run_provenance import (
+        flow_map_config_from_train_config,
+        run_provenance,
+    )
+    from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
     teacher = os.path.join(good["root"], "teacher")
     config = presets.TrainConfig(teacher=presets.TeacherConfig(path=teacher, guidance_scale=2.0),

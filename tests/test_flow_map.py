@@ -11,7 +11,8 @@ import torch
 from flowmap_jax import flow_map as jf
 from flowmap_jax import predictions as jp
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import PREDICTION_TYPES, ScheduleConfig
+from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
+from flowmap_jax.spec.schedule import ScheduleConfig
 from tests import flow_map_helpers as H
 from torch_ref import flow_map as tf
 from torch_ref import predictions as tp

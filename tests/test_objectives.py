@@ -16,7 +16,8 @@ from flowmap_jax import flow_map as jf
 from flowmap_jax import objectives as jo
 from flowmap_jax import schedules, time_pairs
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_pairs import TimePairConfig
 from tests import flow_map_helpers as H
 from torch_ref import time_pairs as tp_torch
 

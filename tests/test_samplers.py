@@ -17,7 +17,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from flowmap_jax import flow_map as jf
 from flowmap_jax import samplers as js
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import ScheduleConfig, time_grid
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_grid import time_grid
 from tests import flow_map_helpers as H
 from torch_ref import samplers as ts
 from torch_ref import teacher as tt

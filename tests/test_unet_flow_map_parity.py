@@ -20,7 +20,7 @@ from flowmap_jax import flow_map as jf  # noqa: E402
 from flowmap_jax import objectives as jo  # noqa: E402
 from flowmap_jax import samplers as js  # noqa: E402
 from flowmap_jax import teacher as jt  # noqa: E402
-from flowmap_jax.flow_config import ScheduleConfig  # noqa: E402
+from flowmap_jax.spec.schedule import ScheduleConfig  # noqa: E402
 from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig  # noqa: E402
 from tests import flow_map_helpers as H  # noqa: E402
 from torch_ref import flow_map as tf  # noqa: E402

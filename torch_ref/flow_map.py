@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowmap_jax.flow_config import (ScheduleConfig, add_target_time_hook_config, check_prediction_type,
-                                     resolve_parameterization)
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
-from torch_ref.schedules import expand_time
-from torch_ref.teacher import batch_times
+from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "guidance_scale_embedding",
            "batch_times", "call_network", "finite_difference_jvp"]
@@ -50,7 +51,7 @@ def finite_difference_jvp(fn, primals, tangents, eps: float):
 class FlowMap:
     """X(x_s, s, t) (see the module docstring). net: nn.Module (x, t_source, t_target, cond) -> F;
     schedule and prediction_type: the teacher's; parameterization: "auto" or one of
-    `flow_config.PARAMETERIZATIONS`; teacher_blend: weight of the teacher's DDIM step in the coefficients."""
+    `spec.parameterization.PARAMETERIZATIONS`; teacher_blend: weight of the teacher's DDIM step in the coefficients."""
 
     net: nn.Module
     schedule: ScheduleConfig

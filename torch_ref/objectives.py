@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from flowmap_jax.flow_config import ObjectiveOptions
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 from torch_ref import samplers, schedules, time_pairs
 from torch_ref.flow_map import finite_difference_jvp, guidance_scale_embedding  # noqa: F401 (re-export)
 from torch_ref.schedules import expand_time

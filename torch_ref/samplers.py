@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS
+from flowmap_jax.spec.schedule import check_time_values
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time

@@ -6,7 +6,7 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
 
-Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
+Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
@@ -21,23 +21,25 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax.export_format import (
-    ExportInfo,
+from flowmap_jax.spec import cli_exit
+from flowmap_jax.spec.export_format import ExportInfo, read_export
+from flowmap_jax.spec.label_table import (
+    labels_to_encoder_hidden_states,
+    read_label_embeddings,
+)
+from flowmap_jax.spec.sampling_inputs import (
     default_sample_shape,
     initial_noise,
-    labels_to_encoder_hidden_states,
-    read_export,
-    read_label_embeddings,
     resolve_guidance,
 )
-from flowmap_jax.flow_config import GRID_SPACINGS, check_time_values, time_grid
+from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
@@ -46,7 +48,7 @@ COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     """The flags of both sampling commands (`backend` only changes the help text)."""
-    p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
+    p = cli_exit.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
@@ -222,7 +224,7 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
 
 def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
     """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
-    from flowmap_jax.reporting import save_grid
+    from flowmap_jax.spec.image_grid import save_grid
 
     samples = np.asarray(samples, np.float32)
     out = request.out
@@ -252,7 +254,8 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
 
 def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
     """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
-    Exit codes: 0 done, 2 bad flags or a folder that is not a flow-map export."""
+    Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
+    flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:
         request = prepare(args)
@@ -260,8 +263,8 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
         samples, device = run(request)
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cli_exit.report(err)
+        return cli_exit.USAGE
     paths = write_outputs(request, samples, backend, seconds, device)
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")

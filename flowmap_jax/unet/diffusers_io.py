@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.state_dict import flax_to_state_dict, state_dict_to_flax
 from flowmap_jax.unet import UNetConfig
+from flowmap_jax.unet.state_dict import flax_to_state_dict, state_dict_to_flax
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"

@@ -1,6 +1,7 @@
 """The exported flow map on disk: a stock diffusers UNet folder plus `flowmap.json`. Pure Python (numpy
-only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX sampler
-(`flowmap_jax.sample`) and the PyTorch loader (`torch_ref.export_loading`).
+only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX loader
+(`flowmap_jax.export_loading`) and the PyTorch loader (`torch_ref.export_loading`). The label table is read by
+`flowmap_jax.spec.label_table`; the backend-independent sampling inputs are in `flowmap_jax.spec.sampling_inputs`.
 
 Folder layout (written by `conversion.export.export_flow_map`, atomically as a whole)::
 
@@ -32,7 +33,7 @@ flowmap.json (format "flowmap-jax/flow-map", format_version 2; version 1 is read
     sample_shape: [H, W, C] the flow map was trained on (channels last), or null
     provenance:  free-form: teacher, objectives, steps, date, checkpoint, ...
 
-Time convention: floats in the teacher's own timestep units (`flowmap_jax.flow_config`): DDPM t in
+Time convention: floats in the teacher's own timestep units (`flowmap_jax.spec.schedule`): DDPM t in
 [-1, N - 1] with t = -1 the clean end; VP cosine and rectified flow t in [0, T] with t = 0 clean. The UNet's
 `timestep` argument is the source time s, `class_labels` the target time t, both (B,) float32. The map is
 X(x_s, s, t) = c_x(s, t) x_s + c_F(s, t) F(x_s, s, t) with F the UNet's output and (c_x, c_F) those of
@@ -54,12 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from flowmap_jax.flow_config import (
-    ScheduleConfig,
-    check_prediction_type,
-    prediction_type_from_diffusers,
-    resolve_parameterization,
-)
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig, prediction_type_from_diffusers
 
 FORMAT_NAME = "flowmap-jax/flow-map"
 FORMAT_VERSION = 2
@@ -96,7 +94,7 @@ class FlowMapConfig:
     """Everything besides the network weights that defines an exported flow map.
 
     schedule, prediction_type: the teacher's.
-    parameterization: the map's own (`flow_config.PARAMETERIZATIONS`; "auto" resolves from the schedule).
+    parameterization: the map's own (`spec.parameterization.PARAMETERIZATIONS`; "auto" resolves from the schedule).
         Format-1 exports are "teacher_step".
     scheduler_config: the teacher's full diffusers scheduler config (dict), or None for a schedule not read
         from diffusers; when given it must agree with `schedule` and `prediction_type`.
@@ -419,63 +417,3 @@ def read_export(folder: str | os.PathLike) -> ExportInfo:
 def is_export(folder: str | os.PathLike) -> bool:
     """True if `folder` holds a flowmap.json (without validating it)."""
     return (Path(folder) / FLOWMAP_JSON).is_file()
-
-
-# --------------------------------------------------------------------------------------------------
-# Backend-independent pieces of sampling (the same numbers in JAX and PyTorch).
-
-def default_sample_shape(info: ExportInfo) -> tuple[int, int, int]:
-    """(H, W, C): flowmap.json's sample_shape, else the UNet's sample_size and in_channels."""
-    if info.config.sample_shape is not None:
-        return info.config.sample_shape
-    size = info.unet_config.get("sample_size") or 64
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(h), int(w), int(info.unet_config.get("in_channels", 4))
-
-
-def resolve_guidance(config: FlowMapConfig, guidance_scale: float | None) -> float | None:
-    """The guidance scale to feed as `timestep_cond`, or None when the map has no guidance input.
-
-    Embedded guidance: `guidance_scale` (default: the recorded scale). Baked-in guidance: None, and a
-    `guidance_scale` other than the baked one is a ValueError (there is no input to change it)."""
-    if config.guidance_embedded:
-        return config.guidance_scale if guidance_scale is None else float(guidance_scale)
-    if guidance_scale is not None and not math.isclose(float(guidance_scale), config.guidance_scale,
-                                                       rel_tol=1e-6, abs_tol=1e-6):
-        raise ValueError(
-            f"this flow map has no guidance input (config.json has no time_cond_proj_dim): it reproduces the teacher "
-            f"guided at scale {config.guidance_scale} ({config.guidance}); --guidance {guidance_scale} cannot "
-            "change it")
-    return None
-
-
-def initial_noise(seed: int, batch: int, shape_hwc, gamma_jumps: int = 0):
-    """(noise (B, H, W, C) float32, renoise list of `gamma_jumps` arrays of the same shape) from numpy's
-    PCG64 `default_rng(seed)`, so both backends start from the same numbers. Layout channels last (the Flax
-    one); PyTorch flips with `flowmap_jax.layout.nhwc_to_nchw`."""
-    rng = np.random.default_rng(int(seed))
-    shape = (int(batch), *(int(v) for v in shape_hwc))
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    renoise = [rng.standard_normal(shape, dtype=np.float32) for _ in range(int(gamma_jumps))]
-    return noise, renoise
-
-
-def read_label_embeddings(path: str | os.PathLike) -> np.ndarray:
-    """The (K + 1, D) float32 "weight" table of a label-embeddings file (row K the null label)."""
-    from safetensors.numpy import load_file
-
-    tensors = load_file(os.fspath(path))
-    if "weight" not in tensors or np.ndim(tensors["weight"]) != 2:
-        raise ExportFormatError(f"{path}: expected a tensor 'weight' of shape (K + 1, D), found "
-                                f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
-    return np.asarray(tensors["weight"], np.float32)
-
-
-def labels_to_encoder_hidden_states(table: np.ndarray, labels) -> np.ndarray:
-    """(B,) int labels in 0..K-1 -> (B, 1, D) float32 rows of the (K + 1, D) table (the digits teacher's
-    "text encoder"); label K (the null label) is allowed: the unconditional embedding."""
-    labels = np.asarray(labels, np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() > table.shape[0] - 1):
-        raise ValueError(f"labels must lie in 0..{table.shape[0] - 2} (or {table.shape[0] - 1} for the null label), "
-                         f"got {labels.min()}..{labels.max()}")
-    return table[labels][:, None, :]
