@@ -221,7 +221,7 @@ class Sampler:
         self._teacher_fns = {}
         self.samplers = samplers
         if flow_map is not None:
-            self._jump = jax.jit(lambda p, x, s, t, c: flow_map(p, x, s, t, c))
+            self._jump = samplers.make_jump(flow_map)
 
     def _cond(self, labels):
         return {"encoder_hidden_states": self.jnp.asarray(self.table[labels][:, None, :])}
@@ -244,10 +244,7 @@ class Sampler:
         if run["kind"] == "teacher":
             out = self._teacher_fn(run["solver"])(self.teacher, x, cond, self.jnp.asarray(grid, self.jnp.float32))
         else:
-            n = stop - start
-            for s, t in zip(grid[:-1], grid[1:]):
-                x = self._jump(self.flow_params, x, np.full((n,), s, np.float32), np.full((n,), t, np.float32), cond)
-            out = x
+            out = self.samplers.flow_map_sample(self.flow_map, self.flow_params, x, grid, cond, jump=self._jump)
         return np.asarray(out, np.float32)
 
     def run(self, run, progress=None):

@@ -131,7 +131,8 @@ def build(config, mesh) -> Parts:
                                                         jax.random.key(config.run.seed))
     params = jax.tree.map(np.asarray, params)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
-    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
+    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type,
+                            parameterization=config.model.parameterization)
 
     # Objectives.
     options = config.objective.options
@@ -145,20 +146,15 @@ def build(config, mesh) -> Parts:
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
 
-    # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` (gamma = 0) written as a
-    # loop over one compiled jump with traced times, so 1, 2 and 4 jumps share one compilation.
-    jump = jax.jit(lambda p, x, s, t, c: fmap(p, x, s, t, c))
+    # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` over one compiled jump with
+    # traced times (`samplers.make_jump`), so 1, 2 and 4 jumps share one compilation.
+    jump = samplers.make_jump(fmap)
     teacher_cache = {}
 
     def sample_flow(params, teacher, noise, cond, jumps):
         del teacher  # the flow map alone
-        x = noise
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
-        for t_source, t_target in zip(grid[:-1], grid[1:]):
-            batch = np.shape(noise)[0]
-            x = jump(params, x, np.full((batch,), t_source, np.float32), np.full((batch,), t_target, np.float32),
-                     cond)
-        return x
+        return samplers.flow_map_sample(fmap, params, jnp.asarray(noise), grid, cond, jump=jump)
 
     def sample_teacher(teacher, noise, cond, steps):
         steps = int(steps)

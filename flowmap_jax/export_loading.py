@@ -84,4 +84,5 @@ def jax_flow_map(exported: FlowMapExport, dtype=None, jit: bool = True):
     unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(exported.unet_config), dtype=dtype or jnp.float32)
     net = unet_network(unet)
     return FlowMap(net=jax.jit(net) if jit else net, schedule=exported.config.schedule,
-                   prediction_type=exported.config.prediction_type)
+                   prediction_type=exported.config.prediction_type,
+                   parameterization=exported.config.parameterization)

@@ -91,6 +91,7 @@ class ModelConfig:
 
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     remat: bool = False  # rematerialise each UNet block (saves memory, costs compute)
+    parameterization: Literal["auto", "angle", "linear", "teacher_step"] = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step
 
 
 @dataclass

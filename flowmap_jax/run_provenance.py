@@ -35,6 +35,9 @@ def read_train_config(config):
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read the run config {path}: {err}") from None
+        if isinstance(data, dict) and "parameterization" not in (data.get("model") or {}):
+            # Runs from before the field existed trained the teacher's DDIM-step parameterisation.
+            data = dict(data, model=dict(data.get("model") or {}, parameterization="teacher_step"))
         try:
             return presets.TrainConfig.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -63,8 +66,8 @@ def flow_map_config_from_train_config(config, teacher: str | None = None, guidan
     scale = float(config.teacher.guidance_scale)
     guidance = "autoguidance" if config.teacher.weak_path else ("cfg" if scale != 1.0 else "none")
     return FlowMapConfig(
-        schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config, guidance=guidance,
-        guidance_scale=scale, guidance_embedding_dim=embedding_dim,
+        schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config,
+        parameterization=config.model.parameterization, guidance=guidance, guidance_scale=scale, guidance_embedding_dim=embedding_dim,
         guidance_scale_range=options.guidance_scale_range if embedding_dim else None,
         label_embeddings=label_table_file(path),
         sample_shape=tuple(config.data.sample_shape))

@@ -34,6 +34,7 @@ class LoadedFlowMap:
     params: dict
     export: object
     device: object
+    jump: object = None  # samplers.make_jump(flow_map): one compiled jump for every grid
 
 
 def _device(name: str):
@@ -60,8 +61,11 @@ def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFl
     exported = load_flow_map_export(folder, dtype=np.float32)
     dev = _device(device)
     params = jax.device_put(exported.params, dev)
-    return LoadedFlowMap(flow_map=jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype])), params=params,
-                         export=exported, device=dev)
+    from flowmap_jax import samplers
+
+    flow_map = jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype]), jit=False)
+    return LoadedFlowMap(flow_map=flow_map, params=params, export=exported, device=dev,
+                         jump=samplers.make_jump(flow_map))
 
 
 def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
@@ -103,7 +107,7 @@ def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=No
     z = None if renoise is None else [jax.device_put(jnp.asarray(r, jnp.float32), loaded.device) for r in renoise]
     with jax.default_device(loaded.device):
         out = samplers.flow_map_sample(loaded.flow_map, loaded.params, x, np.asarray(timesteps, np.float64), c,
-                                       gamma=gamma, noise=z)
+                                       gamma=gamma, noise=z, jump=loaded.jump)
     return np.asarray(jax.device_get(out), np.float32)
 
 

@@ -78,7 +78,8 @@ def test_jax_hook_reproduces_the_teacher(unets):
     assert np.any(params["class_embedding"]["linear_1"]["kernel"])
     schedule = ScheduleConfig.ddpm(**SD)
     teacher = jt.Teacher.create(jt.unet_teacher_fn(_flax(unets["config"])), unets["teacher_params"], schedule, "epsilon")
-    fmap = jf.FlowMap(jf.unet_network(_flax(flow_config)), schedule, "epsilon")
+    # The head warm-up's start (teacher_blend = 1), where training begins.
+    fmap = jf.FlowMap(jf.unet_network(_flax(flow_config)), schedule, "epsilon").with_teacher_blend(1.0)
     x, cond = H.nhwc(unets["x"]), {"encoder_hidden_states": jnp.asarray(unets["context"].numpy())}
     s, t = jnp.asarray([900.0, 300.0]), jnp.asarray([-1.0, 700.0])
     ours, ddim = jax.jit(lambda p, tch: (fmap(p, x, s, t, cond), tch.ddim_step(x, s, t, cond)))(params, teacher)

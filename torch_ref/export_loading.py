@@ -129,7 +129,8 @@ def load_flow_map_export(folder, device="cpu", dtype=torch.float32) -> TorchFlow
     device = torch.device(device)
     unet, info = load_unet(folder, device, dtype)
     flow_map = FlowMap(net=ExportedUNetNetwork(unet), schedule=info.config.schedule,
-                       prediction_type=info.config.prediction_type)
+                       prediction_type=info.config.prediction_type,
+                       parameterization=info.config.parameterization)
     table = None
     if info.config.label_embeddings is not None:
         table = torch.as_tensor(np.asarray(read_label_embeddings(info.config.label_embeddings)), device=device)
