@@ -14,7 +14,7 @@ The story of a run, top to bottom in `run`:
      map initialised from it, the objectives, the data, the samplers;
   4. optimiser, sharded train state and the compiled step;
   5. resume: newest good checkpoint of this run (or `--resume PATH`), data position included;
-  6. a baseline: the untrained flow map (the teacher's DDIM step) with 1, 2, 4 jumps against the
+  6. a baseline: the untrained flow map (teacher weights read in the map's own parameterisation) with 1, 2, 4 jumps against the
      teacher's 50-step ODE solution from the same noise, and its quality numbers;
   7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
   8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
@@ -126,7 +126,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
         if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
             history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
-            reporter.message("untrained flow map (the teacher's DDIM step), MSE to the teacher's "
+            reporter.message("untrained flow map (teacher weights in the map's parameterisation), MSE to the teacher's "
                              f"{config.sample.teacher_steps}-step solution: "
                              + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
     except BaseException:
