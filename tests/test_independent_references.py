@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
 from flowmap_jax import predictions as pred
 from flowmap_jax import samplers
@@ -25,8 +29,8 @@ from flowmap_jax import schedules as js
 from flowmap_jax import teacher as jt
 from flowmap_jax.flow_config import ScheduleConfig
 
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-BETAS = {"linear": {}, "scaled_linear": SD, "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2")}
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+BETAS = {"linear": {}, "scaled_linear": SD, "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"}}
 
 
 def _prediction_np(x0, eps, alpha, sigma, prediction_type):
@@ -100,7 +104,7 @@ def test_ddim_step_closed_form(prediction_type, kind):
         tau_s, tau_t = rng.uniform(0.02, 0.98, (2, n))
         a_s, s_s, a_t, s_t = 1 - tau_s, tau_s, 1 - tau_t, tau_t
     x0, eps = rng.standard_normal((2, n, 3))
-    col = (lambda v: v[:, None])  # noqa: E731
+    col = (lambda v: v[:, None])
     x_s = col(a_s) * x0 + col(s_s) * eps
     p = _prediction_np(x0, eps, col(a_s), col(s_s), prediction_type)
     ours = pred.ddim_step(jnp.asarray(p, jnp.float32), jnp.asarray(x_s, jnp.float32),
@@ -153,7 +157,7 @@ def test_heun_matches_diffusers_heun_discrete(prediction_type, num_steps):
     z = np.random.default_rng(3).standard_normal((4, 2, 2, 2)).astype(np.float32)
 
     def model(x, t):
-        a2 = ac[int(round(float(t)))]
+        a2 = ac[round(float(t))]
         return _gaussian_prediction(x, np.sqrt(a2), np.sqrt(1 - a2), prediction_type)
 
     timesteps = scheduler.timesteps.numpy()
