@@ -27,7 +27,9 @@ from torch_ref import flow_map as tf  # noqa: E402
 from torch_ref import objectives as to  # noqa: E402
 from torch_ref import teacher as tt  # noqa: E402
 
-TOL = 1e-4
+# ~10x the error measured (fp32 CPU): predictions 4.4e-7, DDIM 10 steps 3.9e-7, DPM-Solver++(2M) 10 steps 5.8e-7.
+TOL = 6e-6
+TOL_SLOW = 1e-4  # the slow tests (DDIM 50 steps, the Eulerian loss through the UNet): not re-measured
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 TINY_UNET = dict(block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=8, attention_head_dim=2,
@@ -125,7 +127,7 @@ def test_jax_solvers_match_diffusers_schedulers(unets, solver, num_steps):
     grid = jnp.asarray(list(scheduler.timesteps.numpy()) + [schedule.t_clean], jnp.float32)
     ours = jax.jit(lambda tch, x, c, g: js.teacher_sample(tch, x, g, solver, cond={"encoder_hidden_states": c}))(
         teacher, H.nhwc(unets["x"]), jnp.asarray(unets["context"].numpy()), grid)
-    assert H.max_scaled_err(H.nchw(ours).numpy(), reference.numpy()) < TOL
+    assert H.max_scaled_err(H.nchw(ours).numpy(), reference.numpy()) < (TOL if num_steps == 10 else TOL_SLOW)
 
 
 @pytest.mark.slow  # one large compile (~30 s on 2 shared cores)
@@ -148,4 +150,4 @@ def test_eulerian_through_the_unet(unets):
                                                            jax.random.key(0))[0]
     with torch.no_grad():
         loss_t = to.make_objective("eulerian", fmap_t)(None, teacher_t, batch_t, 0)[0]
-    assert H.rel_err(loss_j, loss_t.numpy()) < TOL
+    assert H.rel_err(loss_j, loss_t.numpy()) < TOL_SLOW
