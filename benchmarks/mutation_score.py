@@ -72,10 +72,10 @@ MUTATIONS = [
       "out = out / self.output_scale_factor", "out = out * self.output_scale_factor",
       ("tests/test_unet_parity.py", "-k", "forward and misc_a")),
     # ---- conversion -----------------------------------------------------------------------------------
-    M("conversion: conv kernel transposed (in/out swapped)", "conversion/*",
+    M("conversion: conv kernel transposed (in/out swapped)", "flowmap_jax/*",
       "return np.transpose(array, (2, 3, 1, 0))", "return np.transpose(array, (3, 2, 1, 0))",
       ("tests/test_conversion.py", "-k", "bit_exact or folder_round_trip")),
-    M("conversion: export reads params for --weights ema", "conversion/*",
+    M("conversion: export reads params for --weights ema", "flowmap_jax/*",
       'name = "ema_params" if weights == "ema" else "params"', 'name = "params" if weights == "ema" else "params"',
       ("tests/test_export.py", "-k", "export_folder or raw_params")),
     # ---- schedules ------------------------------------------------------------------------------------
@@ -133,9 +133,23 @@ MUTATIONS = [
       ("tests/test_core_parity.py", "-k", "teacher_solvers_10_steps and heun")),
     # ---- objectives -----------------------------------------------------------------------------------
     M("objectives (shared): residual_form 'auto' swapped", "flowmap_jax/*",
-      'return "direct" if objective == "lagrangian" else "stopgrad"',
-      'return "stopgrad" if objective == "lagrangian" else "direct"',
+      'return "direct" if self.residual_form == "auto" else self.residual_form',
+      'return "stopgrad" if self.residual_form == "auto" else self.residual_form',
       ("tests/test_objectives.py", "-k", "reduces_one_jump_error and (lagrangian or eulerian)")),
+    # ---- the flow map's parameterisation ----------------------------------------------------------------
+    M("flow map (JAX): angle jump coefficient sign", "flowmap_jax/*",
+      "return jnp.cos(delta), -jnp.sin(delta)", "return jnp.cos(delta), jnp.sin(delta)",
+      ("tests/test_flow_map_parameterization.py",)),
+    M("flow map (torch): linear jump length halved", "torch_ref/*",
+      "d_tau = (torch.as_tensor(t_target", "d_tau = 0.5 * (torch.as_tensor(t_target",
+      ("tests/test_flow_map_parameterization.py",)),
+    M("flow map (JAX): teacher blend weights swapped on c_x", "flowmap_jax/*",
+      "return (1.0 - blend) * c_x + blend * b_x,", "return blend * c_x + (1.0 - blend) * b_x,",
+      ("tests/test_flow_map_parameterization.py", "-k", "blend")),
+    M("flow map (JAX): JVP drops the coefficients' derivative", "flowmap_jax/*",
+      "d_map = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * dx + expand_time(dc_f, x_s) * out",
+      "d_map = (expand_time(c_x, x_s) * dx + expand_time(dc_f, x_s) * out",
+      ("tests/test_objectives.py", "-k", "reduces_one_jump_error and lagrangian")),
     M("objectives (JAX): jump weight not clipped at 1", "flowmap_jax/*",
       "return _sg(1.0 / jnp.maximum(jnp.abs(c_x), 1.0))", "return _sg(1.0 / jnp.abs(c_x))",
       ("tests/test_objectives.py", "tests/test_core_parity.py", "-k",
@@ -163,7 +177,7 @@ MUTATIONS = [
       "return os.path.dirname(path), int(base)", "return os.path.dirname(path), None",
       ("tests/test_guards.py", "-k", "resume")),
     # ---- export ---------------------------------------------------------------------------------------
-    M("export: fingerprint check of exported weights always passes", "conversion/*",
+    M("export: fingerprint check of exported weights always passes", "flowmap_jax/*",
       "return bool(ok_sum and ok_sumsq)", "return True", ("tests/test_export.py", "-k", "corrupted_newest")),
 ]
 

@@ -24,7 +24,8 @@ import pytest
 from flowmap_jax import checkpointing, presets, time_pairs
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
-from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_pairs import TimePairConfig
 from tests import train_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,8 +180,10 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
     from conversion import load_diffusers_unet
     from conversion.export import export_flow_map
     from flowmap_jax import sample as jax_sample
-    from flowmap_jax.export_format import FlowMapConfig, initial_noise
-    from flowmap_jax.flow_config import load_scheduler, time_grid
+    from flowmap_jax.spec.export_format import FlowMapConfig
+    from flowmap_jax.spec.sampling_inputs import initial_noise
+    from flowmap_jax.spec.schedule import load_scheduler
+    from flowmap_jax.spec.time_grid import time_grid
     from flowmap_jax.flow_map import add_target_time_hook
     from tests import train_support
 

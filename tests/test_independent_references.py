@@ -27,7 +27,7 @@ from flowmap_jax import predictions as pred
 from flowmap_jax import samplers
 from flowmap_jax import schedules as js
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import ScheduleConfig
+from flowmap_jax.spec.schedule import ScheduleConfig
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 BETAS = {"linear": {}, "scaled_linear": SD, "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"}}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention as TorchAttention
 
-from flowmap_jax.layout import nchw_to_nhwc
+from flowmap_jax.spec.layout import nchw_to_nhwc
 from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 from flowmap_jax.unet import attention as flax_attention
 from flowmap_jax.unet.resnet import GroupNorm
