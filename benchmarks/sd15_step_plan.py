@@ -90,8 +90,8 @@ SMALL_UNET_CONFIG = dict(
 
 # name -> latent (H, W, C), context (length, dim), default global batch.
 SIZES = {
-    "sd15": dict(unet=SD15_UNET_CONFIG, latent=(64, 64, 4), context=(77, 768), batch=256),
-    "small": dict(unet=SMALL_UNET_CONFIG, latent=(8, 8, 4), context=(8, 16), batch=16),
+    "sd15": {"unet": SD15_UNET_CONFIG, "latent": (64, 64, 4), "context": (77, 768), "batch": 256},
+    "small": {"unet": SMALL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16), "batch": 16},
 }
 PEAKS_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense bf16 tensor-core peaks
 REFERENCE_MFU = 0.40
@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp-min-size", type=int, default=None,
                    help="smallest parameter FSDP splits (default: the sd15 preset's 2^18; --small: 2^10)")
     p.add_argument("--small", action="store_true", help="a toy UNet of SD 1.5's layout (8x8x4, context 8x32)")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="XLA CPU without LLVM optimisation (--xla_backend_optimization_level=0): about half the "
+                        "compile time; HLO passes, buffer assignment, memory and FLOPs unchanged (the program is "
+                        "never run)")
     p.add_argument("--json", default=None, help="also write the rows here as JSON")
     return p
 
@@ -144,12 +148,19 @@ def check_args(args) -> None:
         args.fsdp_min_size = 2**10 if args.small else sd15().mesh.fsdp_min_size
 
 
-def set_host_devices(count: int) -> None:
-    """XLA_FLAGS with `count` host devices; must run before jax is imported (ValueError otherwise)."""
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def set_host_devices(count: int, fast_compile: bool = False) -> None:
+    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked); must run before jax is
+    imported (ValueError otherwise)."""
     if "jax" in sys.modules:
         raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    if fast_compile:
+        flags += [f for f in FAST_COMPILE_FLAGS if f not in flags]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -230,13 +241,14 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
                   "example_id": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     sharded = sum(math.prod(x.shape) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(
         specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))) if sh.FSDP_AXIS in tuple(s))
-    return dict(step=step, args=(state, teacher, batch_args, rng), mesh=mesh, specs=specs, params=params,
-                unet=student_unet, config=config, latent=spec["latent"], context=spec["context"],
-                student_params=count(params), teacher_params=count(teacher_params), fsdp_sharded_params=sharded,
-                data=data, fsdp=fsdp)
+    return {"step": step, "args": (state, teacher, batch_args, rng), "mesh": mesh, "specs": specs,
+            "params": params, "unet": student_unet, "config": config, "optimizer": optimizer,
+            "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
+            "student_params": count(params), "teacher_params": count(teacher_params),
+            "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
 
 
 def _with_shardings(abstract, shardings):
@@ -245,13 +257,47 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
+def concrete_args(plan, seed: int = 0):
+    """Real (state, teacher, batch, rng) for plan["step"], placed with the plan's shardings: randomly
+    initialised UNet parameters (flax defaults) for the teacher, the student = teacher + target-time hook
+    (`flow_map.add_target_time_hook`), a fresh TrainState (`train_step.init_state`), Gaussian latents and
+    text context, zero unconditional context. For running the step on real devices (gpu_check.py)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flowmap_jax import flow_map
+    from flowmap_jax import sharding as sh
+    from flowmap_jax import train_step as ts
+    from flowmap_jax.unet import UNetConfig
+    from flowmap_jax.unet.unet_2d_condition import init_unet_params
+
+    mesh = plan["mesh"]
+    _, abstract_teacher, abstract_batch, _ = plan["args"]
+    replicated = sh.replicated(mesh)
+    key = jax.random.key(seed)
+    teacher_params = jax.device_put(init_unet_params(UNetConfig.from_dict(plan["unet_config"]), key), replicated)
+    _, params = flow_map.add_target_time_hook(plan["unet_config"], teacher_params, jax.random.fold_in(key, 1))
+    state = ts.init_state(params, plan["optimizer"], mesh, plan["specs"])
+    teacher = abstract_teacher.replace(
+        params=teacher_params,
+        guidance_scale=jax.device_put(jnp.float32(plan["config"].teacher.guidance_scale), replicated),
+        uncond=jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, np.float32), replicated), abstract_teacher.uncond))
+    rng = np.random.default_rng(seed)
+    batch = jax.tree.map(lambda x: np.asarray(rng.standard_normal(x.shape), np.float32), abstract_batch)
+    batch["x0"] = np.clip(batch["x0"], -3.0, 3.0)
+    batch["example_id"] = np.arange(abstract_batch["example_id"].shape[0], dtype=np.int32)
+    batch = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), batch, abstract_batch)
+    step_rng = jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
+    return state, teacher, batch, step_rng
+
+
 def forward_flops_per_example(plan) -> int:
     """2 x multiply-adds of the convolutions and matmuls of one student UNet forward at batch 1 (counted
     from its jaxpr, `backend_speed.count_flops`; abstract inputs, nothing computed)."""
+    import backend_speed as bs
     import jax
     import jax.numpy as jnp
-
-    import backend_speed as bs
 
     h, w, c = plan["latent"]
     length, dim = plan["context"]
@@ -282,8 +328,9 @@ def compile_plan(plan) -> dict:
               "generated_code_size_in_bytes", "alias_size_in_bytes", "peak_memory_in_bytes")
     mem = {f.replace("_size_in_bytes", "").replace("_in_bytes", ""): int(getattr(memory, f, 0) or 0) for f in fields}
     mem["total"] = mem["argument"] + mem["output"] + mem["temp"] + mem["generated_code"] - mem["alias"]
-    return dict(lower_s=t1 - t0, compile_s=t2 - t1, memory=mem, xla_flops_per_device=float(cost.get("flops", 0.0)),
-                xla_bytes_accessed_per_device=float(cost.get("bytes accessed", 0.0)))
+    return {"compiled": compiled, "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": mem,
+            "xla_flops_per_device": float(cost.get("flops", 0.0)),
+            "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0))}
 
 
 def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None) -> dict:
@@ -294,6 +341,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     n = plan["mesh"].size
     log(f"{mode}: mesh {dict(plan['mesh'].shape)}, batch {batch} ({batch // n} per device); lowering and compiling")
     result = compile_plan(plan)
+    del result["compiled"]
     forward = forward_flops_per_example(plan)
     model_flops = forward * MODEL_PASSES * batch
     row = dict(mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
@@ -348,7 +396,7 @@ def flops_table(rows, target_step_s) -> str:
         cells = [r["mode"], f"{r['xla_flops_per_device'] / 1e12:.4g}", f"{r['xla_flops_per_step'] / 1e12:.4g}",
                  f"{r['analytic_flops_per_step'] / 1e12:.4g}", f"{r['xla_vs_analytic']:.3f}",
                  f"{r['model_flops_per_step'] / 1e12:.4g}"]
-        cells += [f"{100 * r['mfu'][gpu][str(t)]:.1f}%" for gpu in PEAKS_TFLOPS for t in target_step_s]
+        cells += [f"{100 * r['mfu'][gpu][str(t)]:.3g}%" for gpu in PEAKS_TFLOPS for t in target_step_s]
         cells += [f"{r['step_s_at_40pct_mfu'][gpu]:.3g}" for gpu in PEAKS_TFLOPS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -375,12 +423,12 @@ def describe(rows, args) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    set_host_devices(args.devices)
+    set_host_devices(args.devices, args.fast_compile)
     import jax
 
     if jax.device_count() != args.devices:
         raise SystemExit(f"sd15_step_plan: asked for {args.devices} devices, jax sees {jax.device_count()}")
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
     size = "small" if args.small else "sd15"
