@@ -156,11 +156,12 @@ def set_host_devices(count: int, fast_compile: bool = False) -> None:
     imported (ValueError otherwise)."""
     if "jax" in sys.modules:
         raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={count}")
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    ours = [f"--xla_force_host_platform_device_count={count}"]
     if fast_compile:
-        flags += [f for f in FAST_COMPILE_FLAGS if f not in flags]
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+        ours += [f for f in FAST_COMPILE_FLAGS if f not in kept]
+    # Ours first: XLA stops reading at a token that is not a flag (tests/conftest.py passes one).
+    os.environ["XLA_FLAGS"] = " ".join(ours + kept)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -368,7 +369,7 @@ MEMORY_COLUMNS = ("mode", "mesh", "batch / device", "argument GiB", "output GiB"
 
 
 def _gib(value):
-    return f"{value / 2**30:.2f}"
+    return f"{value / 2**30:.4g}"
 
 
 def memory_table(rows) -> str:
@@ -377,7 +378,7 @@ def memory_table(rows) -> str:
         m = r["memory"]
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
         lines.append(f"| {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
-                     f"{_gib(m['temp'])} | {m['generated_code'] / 2**20:.2f} | {_gib(m['alias'])} | "
+                     f"{_gib(m['temp'])} | {m['generated_code'] / 2**20:.4g} | {_gib(m['alias'])} | "
                      f"{_gib(m['total'])} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
 
