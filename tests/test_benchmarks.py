@@ -327,3 +327,20 @@ def test_sd15_plan_small_runs_and_prints_the_table(tmp_path):
     # XLA's FLOP count against the analytic one (forward x 7 passes): measured 1.33 at this toy size (the
     # elementwise work of tiny layers weighs more); 0.82 at full size
     assert 0.5 < row["xla_vs_analytic"] < 2.0
+
+
+def test_gpu_check_train_step_option_and_report():
+    args = gc.build_parser().parse_args(["out", "--train-step", "--train-batch", "16"])
+    assert args.train_step and args.train_batch == 16 and "trainstep" in gc.STAGES
+    with pytest.raises(SystemExit, match="train-batch"):
+        gc.check_args(gc.build_parser().parse_args(["out", "--train-batch", "0"]))
+    result = {"status": "ok", "seconds": 300.0, "size": "sd15", "devices": ["cuda:0"],
+              "rows": [{"per_device_batch": 32, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"},
+                       {"per_device_batch": 16, "memory": {"total": 40 * 2**30, "temp": 30 * 2**30},
+                        "peak_bytes_in_use": 42 * 2**30, "median_s": 0.5, "images_per_s": 32.0,
+                        "tflops_per_s_per_device": 154.0, "mfu": 0.156, "loss": 0.25, "first_step_s": 3.0,
+                        "compile_s": 90.0}]}
+    text = "\n".join(gc.trainstep_report(result))
+    assert "| 32 | XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory |" in text
+    assert "| 16 | 40.00 (30.00) | 42.00 | 0.500 | 32.0 | 154 | 15.6% | 0.25 | 3.0 | 90 |" in text
+    assert gc.trainstep_report(None) == []
