@@ -2,7 +2,7 @@
 
     python benchmarks/sd15_step_plan.py                          # batch 256 on 8 simulated devices: dp and fsdp
     python benchmarks/sd15_step_plan.py --mode fsdp --target-step-s 1,2 --json plan.json
-    python benchmarks/sd15_step_plan.py --small --devices 2      # a reduced UNet: seconds (the test runs this)
+    python benchmarks/sd15_step_plan.py --small --devices 2      # a toy UNet: ~1 min of CPU per mode (tested)
 
 What is compiled is the trainer's own step (`flowmap_jax.train_step.make_train_step`, as
 `python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
@@ -83,7 +83,9 @@ SD15_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "clip_sample": False,
 }
-# --small: SD 1.5's layout at toy size (compiles in seconds on a CPU).
+# --small: the smallest UNet with SD 1.5's kinds of blocks (cross-attention down/up, mid block). The step's
+# compile time hardly depends on the UNet's size (its program is large either way): ~25 s of CPU with
+# --fast-compile, ~50 s without, per mode.
 SMALL_UNET_CONFIG = dict(
     SD15_UNET_CONFIG, block_out_channels=[16], layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
     down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"], sample_size=8)
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step times (s, comma-separated) to state the implied MFU for (default 1,2)")
     p.add_argument("--fsdp-min-size", type=int, default=None,
                    help="smallest parameter FSDP splits (default: the sd15 preset's 2^18; --small: 2^10)")
-    p.add_argument("--small", action="store_true", help="a toy UNet of SD 1.5's layout (8x8x4, context 8x32)")
+    p.add_argument("--small", action="store_true", help="a toy UNet (one cross-attention block of 16 channels, "
+                   "8x8x4 latents, context 8x16): the same program at toy size")
     p.add_argument("--fast-compile", action="store_true",
                    help="XLA CPU without LLVM optimisation (--xla_backend_optimization_level=0): about half the "
                         "compile time; HLO passes, buffer assignment, memory and FLOPs unchanged (the program is "
