@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py OUT_DIR                       # < 8 minutes on one H100/A100
     python benchmarks/gpu_check.py OUT_DIR --batch 8 --torch-compile all --peak-tflops 989
+    python benchmarks/gpu_check.py OUT_DIR --train-step --skip parity,torch   # + the full-size SD 1.5 train step
     python benchmarks/gpu_check.py --help
 
 Needs an NVIDIA GPU with JAX's CUDA build (`pip install -e ".[torch,dev,cuda12]"`) and a CUDA build of
@@ -22,7 +23,15 @@ long is cut off without losing what the others measured); the whole run keeps in
    relative RMS error below 5e-2; the bf16 train step's loss finite), then the speed rows.
 4. **torch** (bf16 autocast): the same sanity and rows, eager, then `torch.compile` (`--torch-compile`:
    none, forward (network only, default: compiling the JVP train step is slow), all).
-5. **pytest** (only with `--pytest`, in the time left): tests/test_unet_parity.py and tests/test_core_parity.py
+5. **trainstep** (only with `--train-step`, its own cap of 420 s on top of `--budget`): the full-size SD 1.5
+   flow-map training step of `benchmarks/sd15_step_plan.py` (the sd15 preset's step as the trainer builds it:
+   eulerian JVP, CFG teacher, bf16, remat, AdamW + EMA, data parallel over every GPU of the machine) at
+   `--train-batch` examples per GPU (default 32, what each of 8 GPUs gets at the preset's batch 256), with real
+   randomly initialised weights: XLA's memory analysis of the compiled step, the device's peak memory, the
+   loss (finite), the step time (median of `--repeats`) and its MFU (model FLOPs: 6 UNet forward passes per
+   example, see sd15_step_plan.FORWARD_EQUIVALENTS). A batch that does not fit is recorded and the stage
+   tries half of it, down to 1.
+6. **pytest** (only with `--pytest`, in the time left): tests/test_unet_parity.py and tests/test_core_parity.py
    with JAX on the GPU (torch on the CPU, as those tests are written).
 
 Speed rows (`benchmarks/backend_speed.py`, the same code as the CPU table): forward (one jump), train step
@@ -57,8 +66,10 @@ BF16_PEAK_TFLOPS = (
     ("GH200", 989.4), ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.5), ("H100", 989.4),
     ("A100", 312.0), ("L40S", 362.0),
 )
-STAGES = ("env", "parity", "jax", "torch", "pytest")
-STAGE_CAPS = {"env": 40, "parity": 120, "jax": 190, "torch": 100, "pytest": 120}  # seconds (scaled by --budget / 450)
+STAGES = ("env", "parity", "jax", "torch", "trainstep", "pytest")
+STAGE_CAPS = {"env": 40, "parity": 120, "jax": 190, "torch": 100, "trainstep": 420,
+              "pytest": 120}  # seconds (scaled by --budget / 450)
+OPT_IN_STAGES = {"trainstep": "train_step", "pytest": "pytest"}  # stage -> the flag that turns it on
 WEIGHTS = "flow_map_unet.safetensors"  # the stages' shared random weights, deleted at the end
 THRESHOLDS = {"forward": 1e-3, "sample": 2e-3, "loss": 1e-3, "grad": 1e-3, "bf16_rms": 5e-2}
 
@@ -91,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
     p.add_argument("--pytest", action="store_true", help="also run the parity test files with JAX on the GPU "
                    "in the time left")
+    p.add_argument("--train-step", action="store_true", help="also compile and run the full-size SD 1.5 flow-map "
+                   "training step (benchmarks/sd15_step_plan.py) with its own 420 s cap")
+    p.add_argument("--train-batch", type=int, default=32, help="--train-step: examples per GPU (default 32: the "
+                   "sd15 preset's batch 256 over 8 GPUs)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (parity, jax, torch)")
     p.add_argument("--_stage", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
@@ -100,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    if args.batch < 1 or args.repeats < 1:
-        raise SystemExit("gpu_check: --batch and --repeats must be >= 1")
+    if args.batch < 1 or args.repeats < 1 or args.train_batch < 1:
+        raise SystemExit("gpu_check: --batch, --repeats and --train-batch must be >= 1")
     if args.budget < 60:
         raise SystemExit("gpu_check: --budget must be at least 60 seconds")
     unknown = sorted(set(filter(None, args.skip.split(","))) - set(STAGES))
@@ -440,7 +455,65 @@ def stage_pytest(args, work: Path, rec: Recorder, timeout: float):
         rec["summary"] = f"timed out after {timeout:.0f}s"
 
 
-STAGE_FUNCS = {"env": stage_env, "parity": stage_parity, "jax": stage_jax, "torch": stage_torch}
+def stage_trainstep(args, work: Path, rec: Recorder):
+    """The full-size SD 1.5 flow-map train step (sd15_step_plan.build_step, data parallel over every local
+    device) compiled and run with real random weights at --train-batch per device (halved on failure)."""
+    import jax
+    import numpy as np
+    import sd15_step_plan as plan_lib
+
+    env = json.loads((work / "env.json").read_text()) if (work / "env.json").is_file() else {}
+    peak = env.get("bf16_peak_tflops")
+    size = "small" if args._cpu_dry_run else "sd15"
+    devices = jax.local_devices()
+    rec["size"], rec["devices"] = size, [str(d) for d in devices]
+    rows = []
+    per_device = args.train_batch
+    while per_device >= 1:
+        batch = per_device * len(devices)
+        row = {"per_device_batch": per_device, "global_batch": batch}
+        rows.append(row)
+        log(f"trainstep: {size}, batch {per_device} per device on {len(devices)} device(s): compiling")
+        try:
+            plan = plan_lib.build_step(size, "dp", batch, devices=devices)
+            result = plan_lib.compile_plan(plan)
+            compiled = result.pop("compiled")
+            row.update(result)
+            row["model_flops_per_step"] = plan_lib.forward_flops_per_example(plan) * plan_lib.MODEL_PASSES * batch
+            rec["rows"] = rows
+            state, teacher, batch_arrays, rng = plan_lib.concrete_args(plan)
+            log("trainstep: first step")
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, teacher, batch_arrays, rng)
+            row["loss"] = float(jax.device_get(metrics["loss"]))
+            row["first_step_s"] = time.perf_counter() - t0
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, teacher, batch_arrays, rng)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - t0)
+            row["times_s"], row["median_s"] = times, float(np.median(times))
+            row["loss_finite"] = bool(np.isfinite(float(jax.device_get(metrics["loss"]))))
+            row["images_per_s"] = batch / row["median_s"]
+            row["tflops_per_s_per_device"] = row["model_flops_per_step"] / row["median_s"] / len(devices) / 1e12
+            if peak:
+                row["mfu"] = row["tflops_per_s_per_device"] / peak
+            stats = devices[0].memory_stats() or {}
+            row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+            rec["rows"] = rows
+            log(f"trainstep: {row['median_s']:.3f}s per step, loss {row['loss']:.4g}")
+            del state, teacher, batch_arrays, compiled
+            return
+        except Exception as error:  # noqa: BLE001  (out of memory: record it, try half the batch)
+            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+            rec["rows"] = rows
+            log(f"trainstep: batch {per_device} per device failed: {row['error']}")
+            per_device //= 2
+
+
+STAGE_FUNCS = {"env": stage_env, "parity": stage_parity, "jax": stage_jax, "torch": stage_torch,
+               "trainstep": stage_trainstep}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,7 +527,7 @@ def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float) -> di
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.remat:
         cmd.append("--remat")
-    cmd += ["--attention", args.attention]
+    cmd += ["--attention", args.attention, "--train-batch", str(args.train_batch)]
     if args._cpu_dry_run:
         cmd.append("--_cpu-dry-run")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=str(ROOT))
@@ -508,6 +581,7 @@ def report(results: dict, args, seconds: float) -> str:
               f"finite {th.get('bf16_finite')}, train loss finite {th.get('bf16_train_loss_finite')} |"]
     if "pytest" in results:
         lines.append(f"| pytest parity files, JAX on GPU | {results['pytest'].get('summary')} |")
+    lines += trainstep_report(results.get("trainstep"))
     lines += ["", f"## Speed: SD 1.5 UNet, 64x64x4 latent, 77x768 context, batch {args.batch}, bf16",
               "", "| backend | op | per step (ms) | images/s | TFLOP/s | MFU | first call (s) |",
               "|---|---|---|---|---|---|---|"]
@@ -535,6 +609,35 @@ def report(results: dict, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def trainstep_report(result: dict | None) -> list[str]:
+    """Markdown lines for the trainstep stage (none if it did not run)."""
+    if not result:
+        return []
+    def gib(value):
+        return f"{value / 2**30:.2f}" if value is not None else "-"
+
+    title = (f"## Full-size SD 1.5 flow-map train step ({result.get('size', '?')}; sd15_step_plan.py, data "
+             f"parallel over {len(result.get('devices', []))} device(s)): {result['status']}")
+    header = ("| batch / device | XLA total GiB (temp) | peak in use GiB | per step (s) | images/s | TFLOP/s per device "
+              "| MFU | loss | first step (s) | compile (s) |")
+    lines = ["", title, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result.get("rows", []):
+        if "error" in row:
+            lines.append(f"| {row['per_device_batch']} | {row['error']} | | | | | | | | |")
+            continue
+        memory = row.get("memory", {})
+        mfu = f"{row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "-"
+        if "median_s" not in row:
+            lines.append(f"| {row['per_device_batch']} | {gib(memory.get('total'))} ({gib(memory.get('temp'))}) | "
+                         f"| not run | | | | | | {row.get('compile_s', 0):.0f} |")
+            continue
+        lines.append(f"| {row['per_device_batch']} | {gib(memory.get('total'))} ({gib(memory.get('temp'))}) | "
+                     f"{gib(row.get('peak_bytes_in_use'))} | {row['median_s']:.3f} | {row['images_per_s']:.1f} | "
+                     f"{row['tflops_per_s_per_device']:.3g} | {mfu} | {row['loss']:.4g} | {row['first_step_s']:.1f} | "
+                     f"{row['compile_s']:.0f} |")
+    return lines
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -557,9 +660,9 @@ def main(argv=None) -> int:
         stale.unlink()
     log(f"GPU(s): {text}")
     skip = set(filter(None, args.skip.split(",")))
-    deadline = started + args.budget
     results = {}
-    plan = [s for s in STAGES if s not in skip and (s != "pytest" or args.pytest)]
+    plan = [s for s in STAGES if s not in skip and getattr(args, OPT_IN_STAGES.get(s, ""), True)]
+    deadline = started + args.budget + (STAGE_CAPS["trainstep"] if "trainstep" in plan else 0.0)
     for i, stage in enumerate(plan):
         left = deadline - time.perf_counter()
         reserve = 20.0 * (len(plan) - i - 1)

@@ -248,3 +248,99 @@ def test_throughput_trainer_flags_parse():
     assert config.run.steps == 60 and config.run.quality_samples == 0 and not config.run.export
     assert config.run.compilation_cache == "" and config.objective.names == ("eulerian",)
     assert config.run.checkpoint_every > config.run.steps
+
+
+# ------------------------------------------------------------------------------------------------
+# The full-size SD 1.5 step plan (benchmarks/sd15_step_plan.py): arguments, tables, and the script end to end
+# on its --small config (compiled, never run).
+
+sp = _load("sd15_step_plan")
+
+
+def test_sd15_plan_arguments():
+    args = sp.build_parser().parse_args([])
+    sp.check_args(args)
+    assert (args.devices, args.batch, args.mode, args.target_step_s) == (8, 256, "both", (1.0, 2.0))
+    assert args.fsdp_min_size == 2**18  # the sd15 preset's
+    small = sp.build_parser().parse_args(["--small", "--devices", "2"])
+    sp.check_args(small)
+    assert (small.batch, small.fsdp_min_size) == (16, 2**10)
+    with pytest.raises(SystemExit, match="not divisible"):
+        sp.check_args(sp.build_parser().parse_args(["--batch", "100"]))
+    for bad in ("0,1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sp.parse_floats(bad)
+    assert sp.SD15_UNET_CONFIG["block_out_channels"] == [320, 640, 1280, 1280]
+    assert (sp.MODEL_PASSES, sp.HARDWARE_PASSES) == (6, 7)
+
+
+def test_sd15_plan_mfu_arithmetic():
+    """MFU = model FLOPs / (devices x peak x time), worked by hand for one row."""
+    row = {"mode": "dp", "xla_flops_per_device": 1.5e14, "xla_flops_per_step": 1.2e15, "analytic_flops_per_step": 1.4e15,
+           "xla_vs_analytic": 1.2 / 1.4, "model_flops_per_step": 1.2e15,
+           "mfu": {"A100": {"1.0": 1.2e15 / (8 * 312e12)}, "H100": {"1.0": 1.2e15 / (8 * 989e12)}},
+           "step_s_at_40pct_mfu": {"A100": 1.2e15 / (8 * 312e12 * 0.4), "H100": 1.2e15 / (8 * 989e12 * 0.4)}}
+    table = sp.flops_table([row], (1.0,))
+    assert "| dp | 150 | 1200 | 1400 | 0.857 | 1200 | 48.1% | 15.2% | 1.2 | 0.379 |" in table
+
+
+def _markdown_rows(text, first_column):
+    """{header cell: [cells of each row]} of the markdown table whose header starts with `first_column`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return header, rows
+
+
+def test_sd15_plan_small_runs_and_prints_the_table(tmp_path):
+    """The script end to end at --small (fsdp on 2 simulated devices; the dp path runs in gpu_check's CPU dry
+    run): every column is there and every number positive (generated code is 0 on XLA CPU, which does not
+    report it)."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "sd15_step_plan.py"), "--small", "--devices", "2", "--mode",
+                           "fsdp", "--fast-compile", "--json", str(out)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header, rows = _markdown_rows(proc.stdout, "mode | mesh")
+    assert tuple(header) == sp.MEMORY_COLUMNS and [r["mode"] for r in rows] == ["fsdp"]
+    for name in sp.MEMORY_COLUMNS[2:]:
+        value = float(rows[0][name])
+        assert value >= 0 if name == "generated code MiB" else value > 0, (name, rows[0][name])
+    header, rows = _markdown_rows(proc.stdout, "mode | XLA TFLOP / device")
+    assert tuple(header) == sp.flops_columns((1.0, 2.0))
+    for name in header[1:]:
+        assert float(rows[0][name].rstrip("%")) > 0, (name, rows[0][name])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mesh"] == {"data": 1, "fsdp": 2} and row["fsdp_sharded_params"] > 0
+    # fsdp: the sharded state is split over 2 devices, so a device holds less than the whole state (4 copies of
+    # the student, params + EMA + 2 AdamW moments) plus the replicated teacher.
+    assert row["memory"]["argument"] < 4 * (4 * row["student_params"]) + 4 * row["teacher_params"]
+    # XLA's FLOP count against the analytic one (forward x 7 passes): measured 1.33 at this toy size (the
+    # elementwise work of tiny layers weighs more); 0.82 at full size
+    assert 0.5 < row["xla_vs_analytic"] < 2.0
+
+
+def test_gpu_check_train_step_option_and_report():
+    args = gc.build_parser().parse_args(["out", "--train-step", "--train-batch", "16"])
+    assert args.train_step and args.train_batch == 16 and "trainstep" in gc.STAGES
+    with pytest.raises(SystemExit, match="train-batch"):
+        gc.check_args(gc.build_parser().parse_args(["out", "--train-batch", "0"]))
+    result = {"status": "ok", "seconds": 300.0, "size": "sd15", "devices": ["cuda:0"],
+              "rows": [{"per_device_batch": 32, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"},
+                       {"per_device_batch": 16, "memory": {"total": 40 * 2**30, "temp": 30 * 2**30},
+                        "peak_bytes_in_use": 42 * 2**30, "median_s": 0.5, "images_per_s": 32.0,
+                        "tflops_per_s_per_device": 154.0, "mfu": 0.156, "loss": 0.25, "first_step_s": 3.0,
+                        "compile_s": 90.0}]}
+    text = "\n".join(gc.trainstep_report(result))
+    assert "| 32 | XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory |" in text
+    assert "| 16 | 40.00 (30.00) | 42.00 | 0.500 | 32.0 | 154 | 15.6% | 0.25 | 3.0 | 90 |" in text
+    assert gc.trainstep_report(None) == []

@@ -1,0 +1,455 @@
+"""The full-size Stable Diffusion 1.5 flow-map training step, compiled (never run) for 8 devices (issue 12).
+
+    python benchmarks/sd15_step_plan.py                          # batch 256 on 8 simulated devices: dp and fsdp
+    python benchmarks/sd15_step_plan.py --mode fsdp --target-step-s 1,2 --json plan.json
+    python benchmarks/sd15_step_plan.py --small --devices 2      # a toy UNet: ~1 min of CPU per mode (tested)
+
+What is compiled is the trainer's own step (`flowmap_jax.train_step.make_train_step`, as
+`python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
+clipping), EMA, bf16 compute with float32 parameters, remat of every UNet block, the `eulerian` objective with
+its exact JVP (`jax.jvp`), the teacher with classifier-free guidance (7.5, two UNet passes per example), on a
+(data, fsdp) mesh of `--devices` simulated CPU devices (`--xla_force_host_platform_device_count`, set here
+before jax is imported):
+- **dp**: mesh (data=N, fsdp=1); every parameter replicated; the gradient averaged by the step's explicit
+  `pmean` inside `shard_map`.
+- **fsdp**: mesh (data=1, fsdp=N); parameters, EMA and AdamW moments of at least `--fsdp-min-size` elements
+  split over the N devices (`sharding.param_specs`, NamedSharding), all-gathered inside the step.
+The teacher is a second copy of the UNet (frozen, without the target-time hook), replicated on every device
+in both modes (the trainer replicates it). Nothing full-size is ever allocated: parameters and optimiser
+state are `jax.eval_shape`s, inputs are `jax.ShapeDtypeStruct`s with their shardings, and the step is only
+`jax.jit(...).lower(...).compile()`d.
+
+Printed per mode: XLA's per-device memory analysis of the compiled program (arguments, outputs, temporaries,
+generated code, the outputs that alias donated arguments, and total = arguments + outputs + temporaries +
+code - aliased), the FLOPs per step from `compiled.cost_analysis()` (for the partitioned per-device program,
+times N for the step), an analytic cross-check (see `FORWARD_EQUIVALENTS`), and the model-FLOPs utilisation
+a target step time (`--target-step-s`) would mean at the A100's (312 TFLOP/s) and H100's (989 TFLOP/s) dense
+bf16 peaks, with the step time that 40% MFU would give.
+
+Caveat: this is the XLA CPU compiler's plan. GPU buffer assignment, fusion and the attention kernel differ
+(and the CPU backend may widen bf16 arithmetic), so the memory figures are an estimate of the GPU's, not a
+measurement; `benchmarks/gpu_check.py --train-step` compiles and runs the same step on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel).
+SD15_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# stable-diffusion-v1-5/stable-diffusion-v1-5, scheduler/scheduler_config.json.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+# --small: the smallest UNet with SD 1.5's kinds of blocks (cross-attention down/up, mid block). The step's
+# compile time hardly depends on the UNet's size (its program is large either way): ~25 s of CPU with
+# --fast-compile, ~50 s without, per mode.
+SMALL_UNET_CONFIG = dict(
+    SD15_UNET_CONFIG, block_out_channels=[16], layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"], sample_size=8)
+
+# name -> latent (H, W, C), context (length, dim), default global batch.
+SIZES = {
+    "sd15": {"unet": SD15_UNET_CONFIG, "latent": (64, 64, 4), "context": (77, 768), "batch": 256},
+    "small": {"unet": SMALL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16), "batch": 16},
+}
+PEAKS_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense bf16 tensor-core peaks
+REFERENCE_MFU = 0.40
+FORWARD_EQUIVALENTS = {"teacher (CFG: cond + uncond)": 2, "student primal": 1, "student JVP tangent": 1,
+                       "backward (input + weight gradients)": 2, "remat recompute": 1}
+"""UNet forward passes per example in one eulerian step: the guided teacher velocity (2 passes), the student's
+`jax.jvp` (primal, plus a tangent pass whose convolutions and matmuls repeat the primal's; the attention
+products QK^T and PV count twice there, ignored), the backward of the primal only (the stop-gradient residual
+form sends no gradient through the tangent) and the recompute of each rematerialised block. The model FLOPs
+of MFU leave out the recompute (6 passes); XLA's count includes it (7)."""
+MODEL_PASSES = sum(v for k, v in FORWARD_EQUIVALENTS.items() if k != "remat recompute")
+HARDWARE_PASSES = sum(FORWARD_EQUIVALENTS.values())
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/sd15_step_plan.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default 256; --small: 16)")
+    p.add_argument("--mode", choices=("dp", "fsdp", "both"), default="both", help="data parallel, FSDP or both")
+    p.add_argument("--target-step-s", type=parse_floats, default=(1.0, 2.0),
+                   help="step times (s, comma-separated) to state the implied MFU for (default 1,2)")
+    p.add_argument("--fsdp-min-size", type=int, default=None,
+                   help="smallest parameter FSDP splits (default: the sd15 preset's 2^18; --small: 2^10)")
+    p.add_argument("--small", action="store_true", help="a toy UNet (one cross-attention block of 16 channels, "
+                   "8x8x4 latents, context 8x16): the same program at toy size")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="XLA CPU without LLVM optimisation (--xla_backend_optimization_level=0): about half the "
+                        "compile time; HLO passes, buffer assignment, memory and FLOPs unchanged (the program is "
+                        "never run)")
+    p.add_argument("--json", default=None, help="also write the rows here as JSON")
+    return p
+
+
+def check_args(args) -> None:
+    size = SIZES["small" if args.small else "sd15"]
+    args.batch = size["batch"] if args.batch is None else args.batch
+    if args.devices < 1 or args.batch < 1:
+        raise SystemExit("sd15_step_plan: --devices and --batch must be >= 1")
+    if args.batch % args.devices:
+        raise SystemExit(f"sd15_step_plan: --batch {args.batch} is not divisible by --devices {args.devices}")
+    if args.fsdp_min_size is None:
+        from flowmap_jax.presets import sd15
+
+        args.fsdp_min_size = 2**10 if args.small else sd15().mesh.fsdp_min_size
+
+
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def set_host_devices(count: int, fast_compile: bool = False) -> None:
+    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked); must run before jax is
+    imported (ValueError otherwise)."""
+    if "jax" in sys.modules:
+        raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    ours = [f"--xla_force_host_platform_device_count={count}"]
+    if fast_compile:
+        ours += [f for f in FAST_COMPILE_FLAGS if f not in kept]
+    # Ours first: XLA stops reading at a token that is not a flag (tests/conftest.py passes one).
+    os.environ["XLA_FLAGS"] = " ".join(ours + kept)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# The step, built as `flowmap_jax.train.run` and `flowmap_jax.assembly.build` build it, on abstract values.
+
+def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None):
+    """The trainer's jitted step for the sd15 preset (or its --small stand-in) and abstract arguments.
+
+    size: "sd15" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
+    devices: the jax devices of the mesh (default all). Returns a dict: step (jitted, `.lower(*args)`),
+    args (state, teacher, batch, rng as ShapeDtypeStructs with shardings), mesh, specs, params (abstract
+    student parameters), unet (the student's Flax module), config (the TrainConfig), counts of parameters.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from flowmap_jax import flow_map, objectives, presets
+    from flowmap_jax import sharding as sh
+    from flowmap_jax import train_step as ts
+    from flowmap_jax.flow_config import add_target_time_hook_config, load_scheduler
+    from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
+    from flowmap_jax.unet.unet_2d_condition import abstract_unet_params
+
+    spec = SIZES[size]
+    config = presets.sd15()
+    config.data.batch_size = int(batch)
+    config.data.sample_shape = spec["latent"]
+    if fsdp_min_size is not None:
+        config.mesh.fsdp_min_size = int(fsdp_min_size)
+    if mode not in ("dp", "fsdp"):
+        raise ValueError(f"mode must be dp or fsdp, got {mode!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, fsdp = (n, 1) if mode == "dp" else (1, n)
+    mesh = sh.make_mesh(data, fsdp, devices)
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+    # Teacher (assembly.build): the frozen UNet with classifier-free guidance; its params abstract.
+    unet_config = {k: v for k, v in spec["unet"].items() if not k.startswith("_")}
+    schedule, prediction_type = load_scheduler(SD15_SCHEDULER_CONFIG)
+    teacher_params = abstract_unet_params(UNetConfig.from_dict(unet_config))
+    teacher_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, remat=config.model.remat)
+    length, dim = spec["context"]
+    uncond = {"encoder_hidden_states": jax.ShapeDtypeStruct((1, length, dim), jnp.float32)}
+    teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params, schedule, prediction_type,
+                             guidance_scale=jnp.float32(config.teacher.guidance_scale), uncond=uncond)
+
+    # Student: the teacher's UNet plus the target-time hook, shapes only.
+    params = jax.eval_shape(lambda p, key: flow_map.add_target_time_hook(unet_config, p, key)[1], teacher_params,
+                            jax.random.key(config.run.seed))
+    flow_config = add_target_time_hook_config(unet_config)
+    student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
+    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
+    options = json.loads(config.objective.options)
+    loss_fn = ts.combine_objectives([(name, float(weight), objectives.make_objective(name, fmap, options))
+                                     for name, weight in zip(config.objective.names, config.objective.weights)])
+
+    # Optimiser, shardings, step (train.run, step 4).
+    optimizer = ts.make_optimizer(config.optim, config.run.steps)
+    specs = sh.param_specs(params, mesh, config.mesh.fsdp_min_size)
+    state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
+    step = ts.make_train_step(loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
+                              state_sharding=state_sharding)
+
+    abstract_state = jax.eval_shape(
+        lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=optimizer.init(p)),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params))
+    state = _with_shardings(abstract_state, state_sharding)
+    replicated = sh.replicated(mesh)
+    teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=replicated), teacher)
+    batch_sharding = sh.batch_sharding(mesh)
+    h, w, c = spec["latent"]
+    batch_args = {"x0": jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32, sharding=batch_sharding),
+                  "cond": {"encoder_hidden_states": jax.ShapeDtypeStruct((batch, length, dim), jnp.float32,
+                                                                         sharding=batch_sharding)},
+                  "example_id": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    sharded = sum(math.prod(x.shape) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(
+        specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))) if sh.FSDP_AXIS in tuple(s))
+    return {"step": step, "args": (state, teacher, batch_args, rng), "mesh": mesh, "specs": specs,
+            "params": params, "unet": student_unet, "config": config, "optimizer": optimizer,
+            "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
+            "student_params": count(params), "teacher_params": count(teacher_params),
+            "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
+
+
+def _with_shardings(abstract, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def concrete_args(plan, seed: int = 0):
+    """Real (state, teacher, batch, rng) for plan["step"], placed with the plan's shardings: randomly
+    initialised UNet parameters (flax defaults) for the teacher, the student = teacher + target-time hook
+    (`flow_map.add_target_time_hook`), a fresh TrainState (`train_step.init_state`), Gaussian latents and
+    text context, zero unconditional context. For running the step on real devices (gpu_check.py)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flowmap_jax import flow_map
+    from flowmap_jax import sharding as sh
+    from flowmap_jax import train_step as ts
+    from flowmap_jax.unet import UNetConfig
+    from flowmap_jax.unet.unet_2d_condition import init_unet_params
+
+    mesh = plan["mesh"]
+    _, abstract_teacher, abstract_batch, _ = plan["args"]
+    replicated = sh.replicated(mesh)
+    key = jax.random.key(seed)
+    teacher_params = jax.device_put(init_unet_params(UNetConfig.from_dict(plan["unet_config"]), key), replicated)
+    _, params = flow_map.add_target_time_hook(plan["unet_config"], teacher_params, jax.random.fold_in(key, 1))
+    state = ts.init_state(params, plan["optimizer"], mesh, plan["specs"])
+    teacher = abstract_teacher.replace(
+        params=teacher_params,
+        guidance_scale=jax.device_put(jnp.float32(plan["config"].teacher.guidance_scale), replicated),
+        uncond=jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, np.float32), replicated), abstract_teacher.uncond))
+    rng = np.random.default_rng(seed)
+    batch = jax.tree.map(lambda x: np.asarray(rng.standard_normal(x.shape), np.float32), abstract_batch)
+    batch["x0"] = np.clip(batch["x0"], -3.0, 3.0)
+    batch["example_id"] = np.arange(abstract_batch["example_id"].shape[0], dtype=np.int32)
+    batch = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), batch, abstract_batch)
+    step_rng = jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
+    return state, teacher, batch, step_rng
+
+
+def forward_flops_per_example(plan) -> int:
+    """2 x multiply-adds of the convolutions and matmuls of one student UNet forward at batch 1 (counted
+    from its jaxpr, `backend_speed.count_flops`; abstract inputs, nothing computed)."""
+    import backend_speed as bs
+    import jax
+    import jax.numpy as jnp
+
+    h, w, c = plan["latent"]
+    length, dim = plan["context"]
+    unet = plan["unet"]
+    args = (plan["params"], jax.ShapeDtypeStruct((1, h, w, c), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, length, dim), jnp.float32))
+    return bs.count_flops(lambda p, x, s, t, ctx: unet.apply({"params": p}, x, s, class_labels=t,
+                                                               encoder_hidden_states=ctx), *args)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def compile_plan(plan) -> dict:
+    """Lowers and compiles plan["step"] on its abstract arguments; returns times, memory and FLOPs."""
+    t0 = time.perf_counter()
+    lowered = plan["step"].lower(*plan["args"])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    memory = compiled.memory_analysis()
+    cost = _cost(compiled)
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "alias_size_in_bytes", "peak_memory_in_bytes")
+    mem = {f.replace("_size_in_bytes", "").replace("_in_bytes", ""): int(getattr(memory, f, 0) or 0) for f in fields}
+    mem["total"] = mem["argument"] + mem["output"] + mem["temp"] + mem["generated_code"] - mem["alias"]
+    return {"compiled": compiled, "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": mem,
+            "xla_flops_per_device": float(cost.get("flops", 0.0)),
+            "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0))}
+
+
+def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None) -> dict:
+    import jax
+
+    log = log or (lambda _: None)
+    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size)
+    n = plan["mesh"].size
+    log(f"{mode}: mesh {dict(plan['mesh'].shape)}, batch {batch} ({batch // n} per device); lowering and compiling")
+    result = compile_plan(plan)
+    del result["compiled"]
+    forward = forward_flops_per_example(plan)
+    model_flops = forward * MODEL_PASSES * batch
+    row = dict(mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
+               student_params=plan["student_params"], teacher_params=plan["teacher_params"],
+               fsdp_sharded_params=plan["fsdp_sharded_params"], fsdp_min_size=fsdp_min_size,
+               forward_flops_per_example=forward, model_flops_per_step=model_flops,
+               analytic_flops_per_step=forward * HARDWARE_PASSES * batch,
+               xla_flops_per_step=result["xla_flops_per_device"] * n, jax_version=jax.__version__, **result)
+    row["xla_vs_analytic"] = row["xla_flops_per_step"] / row["analytic_flops_per_step"]
+    row["mfu"] = {gpu: {str(t): model_flops / (n * peak * 1e12 * t) for t in target_step_s}
+                  for gpu, peak in PEAKS_TFLOPS.items()}
+    row["step_s_at_40pct_mfu"] = {gpu: model_flops / (n * peak * 1e12 * REFERENCE_MFU)
+                                  for gpu, peak in PEAKS_TFLOPS.items()}
+    log(f"{mode}: compiled in {result['compile_s']:.0f}s (lowered in {result['lower_s']:.0f}s); "
+        f"total {row['memory']['total'] / 2**30:.2f} GiB per device")
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables.
+
+MEMORY_COLUMNS = ("mode", "mesh", "batch / device", "argument GiB", "output GiB", "temp GiB", "generated code MiB",
+                  "aliased GiB", "total GiB", "compile s")
+
+
+def _gib(value):
+    return f"{value / 2**30:.4g}"
+
+
+def memory_table(rows) -> str:
+    lines = ["| " + " | ".join(MEMORY_COLUMNS) + " |", "|" + "---|" * len(MEMORY_COLUMNS)]
+    for r in rows:
+        m = r["memory"]
+        mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
+        lines.append(f"| {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
+                     f"{_gib(m['temp'])} | {m['generated_code'] / 2**20:.4g} | {_gib(m['alias'])} | "
+                     f"{_gib(m['total'])} | {r['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def flops_columns(target_step_s) -> tuple[str, ...]:
+    mfu = tuple(f"MFU {gpu} @ {t:g} s" for gpu in PEAKS_TFLOPS for t in target_step_s)
+    return ("mode", "XLA TFLOP / device", "XLA TFLOP / step", f"analytic TFLOP / step ({HARDWARE_PASSES} passes)",
+            "XLA / analytic", f"model TFLOP / step ({MODEL_PASSES} passes)", *mfu,
+            *(f"step s @ 40% MFU {gpu}" for gpu in PEAKS_TFLOPS))
+
+
+def flops_table(rows, target_step_s) -> str:
+    columns = flops_columns(target_step_s)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [r["mode"], f"{r['xla_flops_per_device'] / 1e12:.4g}", f"{r['xla_flops_per_step'] / 1e12:.4g}",
+                 f"{r['analytic_flops_per_step'] / 1e12:.4g}", f"{r['xla_vs_analytic']:.3f}",
+                 f"{r['model_flops_per_step'] / 1e12:.4g}"]
+        cells += [f"{100 * r['mfu'][gpu][str(t)]:.3g}%" for gpu in PEAKS_TFLOPS for t in target_step_s]
+        cells += [f"{r['step_s_at_40pct_mfu'][gpu]:.3g}" for gpu in PEAKS_TFLOPS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(rows, args) -> str:
+    r = rows[0]
+    h, w, c = SIZES["small" if args.small else "sd15"]["latent"]
+    length, dim = SIZES["small" if args.small else "sd15"]["context"]
+    passes = ", ".join(f"{k} {v}" for k, v in FORWARD_EQUIVALENTS.items())
+    return (f"{'--small UNet' if args.small else 'SD 1.5 UNet'} ({r['student_params'] / 1e6:.1f}M student parameters "
+            f"with the target-time hook, teacher {r['teacher_params'] / 1e6:.1f}M frozen and replicated), latents "
+            f"{h}x{w}x{c}, context {length}x{dim}, global batch {r['global_batch']} on {r['devices']} simulated devices; "
+            f"eulerian objective (jax.jvp), CFG teacher, bf16 compute, fp32 params, remat per block, AdamW + EMA; "
+            f"FSDP splits parameters of >= {r['fsdp_min_size']} elements ({r['fsdp_sharded_params'] / 1e6:.1f}M "
+            f"of them). jax {r['jax_version']}, XLA CPU.\n\n"
+            f"Analytic FLOPs: one student UNet forward = {r['forward_flops_per_example'] / 1e9:.4g} GFLOP per example "
+            f"(2 x MACs of its convolutions and matmuls, counted from its jaxpr) x {HARDWARE_PASSES} forward-equivalent "
+            f"passes ({passes}) x batch. Model FLOPs for MFU: {MODEL_PASSES} passes (no recompute). MFU = model FLOPs / "
+            f"(devices x peak x step time); peaks {', '.join(f'{g} {p:g}' for g, p in PEAKS_TFLOPS.items())} TFLOP/s "
+            f"(dense bf16).")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    set_host_devices(args.devices, args.fast_compile)
+    import jax
+
+    if jax.device_count() != args.devices:
+        raise SystemExit(f"sd15_step_plan: asked for {args.devices} devices, jax sees {jax.device_count()}")
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
+    size = "small" if args.small else "sd15"
+    rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log) for mode in modes]
+    seconds = time.perf_counter() - started
+    print(describe(rows, args) + "\n")
+    print("Per-device memory (XLA memory_analysis of the compiled step; total = argument + output + temp + "
+          "generated code - aliased):\n")
+    print(memory_table(rows) + "\n")
+    print("FLOPs per step and the MFU a step time implies:\n")
+    print(flops_table(rows, args.target_step_s) + "\n")
+    print(f"{seconds:.0f}s in all; {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "seconds": seconds,
+                                               "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
