@@ -297,6 +297,7 @@ def _markdown_rows(text, first_column):
     return header, rows
 
 
+@pytest.mark.slow  # ~45 s CPU, minutes on a loaded machine: the compile barely shrinks with the UNet
 def test_sd15_plan_small_runs_and_prints_the_table(tmp_path):
     """The script end to end at --small (fsdp on 2 simulated devices; the dp path runs in gpu_check's CPU dry
     run): every column is there and every number positive (generated code is 0 on XLA CPU, which does not
