@@ -11,11 +11,7 @@ from conversion.diffusers_io import (
     save_diffusers_unet,
     save_state_dict,
 )
-from conversion.state_dict import (
-    ConversionError,
-    flax_to_state_dict,
-    state_dict_to_flax,
-)
+from conversion.state_dict import ConversionError, flax_to_state_dict, state_dict_to_flax
 
 __all__ = [
     "ConversionError",

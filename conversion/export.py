@@ -32,9 +32,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,26 +52,12 @@ from flowmap_jax.export_format import (
     read_export,
     read_label_embeddings,
 )
-from flowmap_jax.flow_config import (
-    add_target_time_hook_config,
-    load_scheduler,
-    read_scheduler_config,
-)
+from flowmap_jax.flow_config import add_target_time_hook_config, load_scheduler, read_scheduler_config
 from flowmap_jax.unet import UNetConfig
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointParams",
-    "FlowMapExport",
-    "export_checkpoint",
-    "export_flow_map",
-    "flow_map_config_from_train_config",
-    "jax_flow_map",
-    "load_flow_map_export",
-    "read_checkpoint_params",
-    "run_provenance",
-    "student_unet_config",
-]
+__all__ = ["FlowMapExport", "CheckpointParams", "export_flow_map", "export_checkpoint", "load_flow_map_export",
+           "jax_flow_map", "read_checkpoint_params", "flow_map_config_from_train_config",
+           "student_unet_config", "run_provenance", "CheckpointError"]
 
 WEIGHT_CHOICES = ("ema", "params")
 
