@@ -218,7 +218,24 @@ def sd15() -> TrainConfig:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {"digits": digits, "sd15": sd15}
+def sdxl() -> TrainConfig:
+    """Stable Diffusion XL base: 128x128x4 latents (1024px images), two text encoders' 2048-d hidden states
+    plus the pooled text embedding and the six size/crop time ids (`added_cond_kwargs`), all from precomputed
+    shards (`python -m flowmap_jax.write_shards --pipeline SDXL_FOLDER`), bf16 compute, remat, FSDP over 8
+    devices (the 2.6 B-parameter UNet's AdamW state does not fit one device replicated)."""
+    config = sd15()
+    config.preset = "sdxl"
+    config.run.dir = "runs/sdxl"
+    config.teacher.path = "stabilityai/stable-diffusion-xl-base-1.0"
+    config.teacher.guidance_scale = 5.0
+    config.data.image_size = 1024
+    config.data.sample_shape = (128, 128, 4)
+    config.data.batch_size = 128
+    config.mesh = MeshConfig(data=-1, fsdp=8)
+    return config
+
+
+PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {"digits": digits, "sd15": sd15, "sdxl": sdxl}
 DEFAULT_PRESET = "digits"
 ALIASES = {"teacher": "teacher.path"}
 """Extra short flags: `--teacher PATH` is `--teacher.path PATH`."""

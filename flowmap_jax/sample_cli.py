@@ -9,6 +9,9 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
 Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
+With a FlowMapPipeline folder and --prompt: the prompts are encoded by its text encoder(s) and the latents
+decoded by its VAE (both in PyTorch, `flowmap_jax.encoders`), for either backend; images/NNNN.png, prompts.txt.
+
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
 both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
 3-channel samples in [-1, 1] are shown as images, other channel counts (latents) per-channel rescaled),
@@ -49,7 +52,11 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
+    p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json), "
+                   "or a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline) to sample from prompts")
+    p.add_argument("--prompt", action="append", default=None, help="pipeline folders: a prompt (repeatable; the "
+                   "prompts are repeated to fill --batch); the images go to --out as PNGs")
+    p.add_argument("--prompt-file", default=None, help="pipeline folders: a text file with one prompt per line")
     p.add_argument("--steps", type=int, default=4, help="number of jumps, on a uniform grid in teacher time from "
                    "the noise end to the clean end (default 4)")
     p.add_argument("--spacing", choices=GRID_SPACINGS, default="uniform", help="the --steps grid: uniform in "
@@ -91,6 +98,8 @@ class SampleRequest:
 
     info: ExportInfo
     noise: np.ndarray
+    pipeline: Path | None = dataclasses.field(default=None, kw_only=True)
+    prompts: list | None = dataclasses.field(default=None, kw_only=True)
     renoise: list | None
     timesteps: np.ndarray
     gamma: float
@@ -176,9 +185,45 @@ def read_cond_file(path: str, batch: int) -> dict:
     return cond
 
 
+def is_pipeline_folder(folder) -> bool:
+    """A diffusers pipeline folder (model_index.json) whose unet/ is a flow-map export."""
+    return (Path(folder) / "model_index.json").is_file() and (Path(folder) / "unet" / "flowmap.json").is_file()
+
+
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt (repeatable) and --prompt-file (one per line, blank lines skipped), in that order."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt-file: no file {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts or None
+
+
+def prompt_conditioning(pipeline: Path, prompts: list[str], batch: int, image_hw) -> dict:
+    """Prompts (repeated to `batch`) -> UNet conditioning through the pipeline's text encoder(s)
+    (`flowmap_jax.encoders.PromptEncoder`, PyTorch); SDXL time ids for an uncropped image of `image_hw`."""
+    from flowmap_jax.encoders import PromptEncoder, sdxl_time_ids
+
+    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    cond = PromptEncoder.from_pretrained(pipeline).encode(rows)
+    if "added_cond_kwargs" in cond:
+        ids = sdxl_time_ids(image_hw, (0, 0), image_hw)
+        cond["added_cond_kwargs"]["time_ids"] = np.tile(ids[None], (batch, 1))
+    return cond
+
+
 def prepare(args: argparse.Namespace) -> SampleRequest:
     """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning."""
-    info = read_export(args.model)
+    pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
+    prompts = read_prompts(args)
+    if prompts is not None and pipeline is None:
+        raise ValueError(f"--prompt needs a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline); "
+                         f"{args.model} has no model_index.json with a flow-map unet/")
+    if pipeline is not None and prompts is None:
+        raise ValueError(f"{args.model} is a pipeline folder: give --prompt (or --prompt-file)")
+    info = read_export(pipeline / "unet" if pipeline is not None else args.model)
     config = info.config
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
@@ -199,6 +244,10 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
     noise, renoise = initial_noise(args.seed, args.batch, shape, jumps - 1 if args.gamma > 0 else 0)
 
     cond, labels = {}, None
+    if pipeline is not None:
+        with open(pipeline / "vae" / "config.json") as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        cond.update(prompt_conditioning(pipeline, prompts, args.batch, (shape[0] * factor, shape[1] * factor)))
     if args.cond is not None:
         cond.update(read_cond_file(args.cond, args.batch))
     if config.label_embeddings is not None and "encoder_hidden_states" not in cond:
@@ -217,7 +266,8 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(info=info, noise=noise, renoise=renoise if args.gamma > 0 else None, timesteps=grid,
                          gamma=float(args.gamma), cond=cond or None, guidance_scale=guidance, labels=labels,
                          dtype=args.dtype, device=args.device, out=Path(args.out),
-                         grid_columns=max(1, int(args.grid_columns)), args=vars(args))
+                         grid_columns=max(1, int(args.grid_columns)), args=vars(args), pipeline=pipeline,
+                         prompts=None if prompts is None else [prompts[i % len(prompts)] for i in range(args.batch)])
 
 
 def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
@@ -236,6 +286,19 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
         np.save(paths["labels"], request.labels)
     jumps = request.timesteps.shape[0] - 1
     cols = request.grid_columns
+    if request.pipeline is not None:  # latents -> images through the pipeline's VAE (PyTorch)
+        from PIL import Image
+
+        from flowmap_jax.encoders import LatentCodec
+
+        decoded = LatentCodec.from_pretrained(request.pipeline, "vae").decode(samples)
+        pixels = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        paths["images"] = out / "images"
+        paths["images"].mkdir(exist_ok=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image).save(paths["images"] / f"{i:04d}.png")
+        (out / "prompts.txt").write_text("\n".join(request.prompts) + "\n")
+        samples = decoded
     rows = []
     for r, start in enumerate(range(0, samples.shape[0], cols)):
         name = f"{jumps} jump{'s' if jumps > 1 else ''}" if r == 0 else ""
