@@ -22,6 +22,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from flowmap_jax.spec.pipeline_folder import (
+    PIPELINE_CLASS_NAME,
+    PIPELINE_MODULE_FILE,
+    PIPELINE_MODULE_SOURCE,
+    is_flow_map_pipeline,
+)
+
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 SKIPPED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".pb", ".h5", ".onnx_data")
 PIPELINE_CONFIG_KEYS = ("force_zeros_for_empty_prompt",)
@@ -48,23 +55,6 @@ def _teacher_pipeline_folder(path: str) -> Path:
     return folder
 
 
-def is_flow_map_pipeline(folder) -> bool:
-    """True if `folder` holds a model_index.json naming FlowMapPipeline."""
-    folder = Path(folder)
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return index.get("_class_name") == PIPELINE_CLASS_NAME
-
-
-PIPELINE_MODULE_FILE = "pipeline.py"
-PIPELINE_CLASS_NAME = ["pipeline", "FlowMapPipeline"]
-PIPELINE_MODULE_SOURCE = (
-    '"""diffusers loads this folder\'s pipeline class from here (flowmap-jax must be installed)."""\n\n'
-    "from torch_ref.pipeline import FlowMapPipeline  # noqa: F401\n")
-
-
 def teacher_pipeline_of(flow_map_folder, teacher: str | None = None) -> str:
     """The teacher pipeline of an export: `teacher` if given, else the provenance's teacher.path (the trainer
     reads its UNet from that folder's unet/ subfolder)."""
@@ -79,7 +69,7 @@ def teacher_pipeline_of(flow_map_folder, teacher: str | None = None) -> str:
 
 def write_pipeline(flow_map_folder, teacher_pipeline: str, out_dir) -> Path:
     """OUT from an existing flow-map export folder (copied as unet/) and the teacher pipeline's components."""
-    from flowmap_jax.export_format import read_export
+    from flowmap_jax.spec.export_format import read_export
 
     info = read_export(flow_map_folder)  # checks it is a flow-map export
     teacher = _teacher_pipeline_folder(teacher_pipeline)

@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from flowmap_jax.datasets import IMAGE_EXTENSIONS, DataError
+from flowmap_jax.data_error import DataError
+from flowmap_jax.datasets import IMAGE_EXTENSIONS
 
 METADATA_FILE = "metadata.jsonl"
 

@@ -2,13 +2,15 @@
 
 Used where the JAX side needs what only a pipeline's torch components compute: writing shards
 (`flowmap_jax.write_shards`), decoding sample grids, and the prompt-to-image pipeline. torch, diffusers and
-transformers are imported lazily (the `[torch]` extra); nothing here imports jax.
+transformers are imported lazily (the `[torch]` extra; a missing one is a `DataError`); nothing here imports jax.
+Weights load from safetensors only (`use_safetensors=True`, never a pickle): a folder with only `.bin` weights,
+or one that cannot be loaded, is a `DataError` naming the flag (--vae, --pipeline, --model) and the folder.
 
 - `LatentCodec.from_pretrained(folder, subfolder="vae")`: diffusers `AutoencoderKL`. `encode(images)`:
   (B, H, W, 3) float32 RGB in [-1, 1] -> (B, H/f, W/f, C) float32 latents = (posterior mean - shift_factor) *
   scaling_factor (what the UNet sees; the mean, not a sample, so shards are deterministic); `decode`
   inverts that scaling and returns (B, H, W, 3) float32 in [-1, 1] (unclipped). Channels last on both
-  sides (the Flax layout); the flip to PyTorch's (B, C, H, W) is `flowmap_jax.layout`.
+  sides (the Flax layout); the flip to PyTorch's (B, C, H, W) is `flowmap_jax.spec.layout`.
 - `PromptEncoder.from_pretrained(folder)`: the tokenizer(s) and text encoder(s) named in the pipeline's
   `model_index.json`, encoding prompts exactly as diffusers' pipelines do:
   SD 1.x/2.x (one encoder): {"encoder_hidden_states": (B, 77, D)} = the last hidden state;
@@ -17,6 +19,9 @@ transformers are imported lazily (the `[torch]` extra); nothing here imports jax
   `unconditional()` is the conditioning of classifier-free guidance's other branch: the empty prompt "", or
   zeros where the pipeline says `force_zeros_for_empty_prompt` (SDXL), as diffusers' pipelines do with no
   negative prompt.
+- `encode_with_vae(images, vae, subfolder)`: `LatentCodec.encode` in one call (the image-folder dataset).
+- `prompt_conditioning(folder, prompts, image_hw)` and `decode_latents(folder, latents)`: what the sampling CLIs
+  (`flowmap_jax.spec.sample_cli`, which imports no torch) use for a FlowMapPipeline folder.
 - `sdxl_time_ids(original_size, crop_top_left, target_size)`: SDXL's (6,) micro-conditioning
   [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (pixels; diffusers' `_get_add_time_ids` order).
 
@@ -33,28 +38,35 @@ from typing import Any
 
 import numpy as np
 
+from flowmap_jax.data_error import DataError
+from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
+
 __all__ = [
-    "EncoderError",
     "LatentCodec",
     "PromptEncoder",
+    "decode_latents",
     "encode_with_vae",
     "pick_device",
     "pipeline_file",
+    "prompt_conditioning",
     "read_model_index",
     "sdxl_time_ids",
 ]
-
-
-class EncoderError(ValueError):
-    """A pipeline folder whose VAE, tokenizer or text encoder cannot be loaded or used; names the folder."""
 
 
 def _torch():
     try:
         import torch
     except ImportError as error:
-        raise EncoderError(f"the Stable Diffusion VAE and text encoders need the [torch] extra: {error}") from None
+        raise DataError(f"the Stable Diffusion VAE and text encoders need the [torch] extra: {error}") from None
     return torch
+
+
+def _load_error(cls_name: str, folder, subfolder: str | None, flag: str, error: Exception) -> DataError:
+    """DataError naming the flag and folder of a component that cannot be loaded from safetensors weights."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    where = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
+    return DataError(f"{flag} {where}: cannot load {cls_name} from safetensors weights ({first})")
 
 
 def pick_device(name: str = "auto"):
@@ -81,16 +93,16 @@ def pipeline_file(folder, name: str) -> str | None:
         return None
 
 
-def read_model_index(folder) -> dict:
-    """The pipeline's model_index.json (component name -> [library, class]); EncoderError if absent."""
+def read_model_index(folder, flag: str = "--pipeline") -> dict:
+    """The pipeline's model_index.json (component name -> [library, class]); DataError if absent."""
     path = pipeline_file(folder, "model_index.json")
     if path is None:
-        raise EncoderError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise DataError(f"{flag} {folder} is not a diffusers pipeline folder (no model_index.json)")
     with open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as error:
-            raise EncoderError(f"{path} is not valid JSON: {error}") from None
+            raise DataError(f"{path} is not valid JSON: {error}") from None
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size) -> np.ndarray:
@@ -113,16 +125,19 @@ class LatentCodec:
     batch_size: int = 16
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder: str | None = "vae", device: str = "auto", batch_size: int = 16
-                        ) -> LatentCodec:
+    def from_pretrained(cls, folder, subfolder: str | None = "vae", device: str = "auto", batch_size: int = 16,
+                        flag: str = "--vae") -> LatentCodec:
+        """The AutoencoderKL in `folder`/`subfolder` (safetensors weights only); `flag` names the folder in errors."""
         _torch()
-        from diffusers import AutoencoderKL
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as error:
+            raise DataError(f"encoding with a VAE needs the [torch] extra (torch, diffusers): {error}") from None
 
         try:
             vae = AutoencoderKL.from_pretrained(os.fspath(folder), subfolder=subfolder or None, use_safetensors=True)
         except (OSError, ValueError) as error:
-            where = os.path.join(os.fspath(folder), subfolder or "")
-            raise EncoderError(f"cannot load a diffusers AutoencoderKL from {where}: {error}") from None
+            raise _load_error("AutoencoderKL", folder, subfolder, flag, error) from None
         device = pick_device(device)
         vae = vae.to(device).eval().requires_grad_(False)
         config = vae.config
@@ -136,8 +151,6 @@ class LatentCodec:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) RGB in [-1, 1] -> (B, H/f, W/f, C) float32 latents, (mean - shift) * scale."""
         torch = _torch()
-        from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
-
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3) RGB in [-1, 1], got shape {images.shape}")
@@ -152,8 +165,6 @@ class LatentCodec:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, h, w, C) latents as the UNet sees them -> (B, h * f, w * f, 3) float32 RGB, about [-1, 1]."""
         torch = _torch()
-        from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
-
         latents = np.asarray(latents, np.float32)
         out = []
         with torch.no_grad():
@@ -165,7 +176,8 @@ class LatentCodec:
 
 
 def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_size: int = 16) -> np.ndarray:
-    """RGB images (N, H, W, 3) in [-1, 1] -> latents (N, H/f, W/f, C) float32 (`LatentCodec.encode`)."""
+    """RGB images (N, H, W, 3) in [-1, 1] -> latents (N, H/f, W/f, C) float32 (`LatentCodec.encode`), with
+    diffusers' AutoencoderKL in PyTorch (the first CUDA device, else the CPU); errors name --vae."""
     return LatentCodec.from_pretrained(vae, subfolder, batch_size=batch_size).encode(images)
 
 
@@ -176,13 +188,13 @@ def _component_class(index: dict, name: str, folder):
         return None
     library, class_name = entry
     if library != "transformers":
-        raise EncoderError(f"{folder}/model_index.json: {name} is {library}.{class_name}; only transformers "
+        raise DataError(f"{folder}/model_index.json: {name} is {library}.{class_name}; only transformers "
                            "tokenizers and text encoders are supported")
     import transformers
 
     cls = getattr(transformers, class_name, None)
     if cls is None:
-        raise EncoderError(f"{folder}/model_index.json: transformers has no class {class_name} (for {name})")
+        raise DataError(f"{folder}/model_index.json: transformers has no class {class_name} (for {name})")
     return cls
 
 
@@ -205,10 +217,13 @@ class PromptEncoder:
     batch_size: int = 32
 
     @classmethod
-    def from_pretrained(cls, folder, device: str = "auto", batch_size: int = 32) -> PromptEncoder:
+    def from_pretrained(cls, folder, device: str = "auto", batch_size: int = 32, flag: str = "--pipeline"
+                        ) -> PromptEncoder:
+        """The tokenizer(s) and text encoder(s) model_index.json names (safetensors weights only); `flag` names
+        the folder in errors."""
         _torch()
         folder = os.fspath(folder)
-        index = read_model_index(folder)
+        index = read_model_index(folder, flag)
         names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
         tokenizers, encoders = [], []
         device = pick_device(device)
@@ -218,12 +233,17 @@ class PromptEncoder:
                 continue
             try:
                 tokenizers.append(tok_cls.from_pretrained(folder, subfolder=tok_name))
+            except (OSError, ValueError) as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise DataError(f"{flag} {os.path.join(folder, tok_name)}: cannot load {tok_cls.__name__} "
+                                f"({first})") from None
+            try:
                 encoder = enc_cls.from_pretrained(folder, subfolder=enc_name, use_safetensors=True)
             except (OSError, ValueError) as error:
-                raise EncoderError(f"cannot load {tok_name}/{enc_name} from {folder}: {error}") from None
+                raise _load_error(enc_cls.__name__, folder, enc_name, flag, error) from None
             encoders.append(encoder.to(device).eval().requires_grad_(False))
         if not encoders:
-            raise EncoderError(f"{folder}/model_index.json names no tokenizer and text encoder")
+            raise DataError(f"{folder}/model_index.json names no tokenizer and text encoder")
         unet_config = pipeline_file(folder, "unet/config.json")
         pooled = False
         if unet_config is not None:
@@ -255,7 +275,7 @@ class PromptEncoder:
         cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float().cpu().numpy()}
         if self.pooled:
             if pooled is None:
-                raise EncoderError("the UNet takes text_embeds (addition_embed_type 'text_time') but no text encoder "
+                raise DataError("the UNet takes text_embeds (addition_embed_type 'text_time') but no text encoder "
                                    "gives a projected pooled output (CLIPTextModelWithProjection)")
             cond["added_cond_kwargs"] = {"text_embeds": pooled.float().cpu().numpy()}
         return cond
@@ -283,3 +303,19 @@ def _concat_trees(trees: list[dict]) -> dict:
     first = trees[0]
     return {k: _concat_trees([t[k] for t in trees]) if isinstance(v, dict) else np.concatenate([t[k] for t in trees])
             for k, v in first.items()}
+
+
+def prompt_conditioning(folder, prompts: list[str], image_hw, flag: str = "--model") -> dict:
+    """Prompts (B,) -> UNet conditioning through a pipeline folder's text encoder(s) (`PromptEncoder`), float32
+    numpy; SDXL's time ids for an uncropped image of `image_hw` = (H, W) pixels, (B, 6)."""
+    cond = PromptEncoder.from_pretrained(folder, flag=flag).encode(prompts)
+    if "added_cond_kwargs" in cond:
+        ids = sdxl_time_ids(image_hw, (0, 0), image_hw)
+        cond["added_cond_kwargs"]["time_ids"] = np.tile(ids[None], (len(prompts), 1))
+    return cond
+
+
+def decode_latents(folder, latents: np.ndarray, flag: str = "--model") -> np.ndarray:
+    """(B, h, w, C) latents as the UNet sees them -> (B, H, W, 3) float32 RGB about [-1, 1], through the
+    pipeline folder's vae/ (`LatentCodec.decode`)."""
+    return LatentCodec.from_pretrained(folder, "vae", flag=flag).decode(latents)

@@ -24,7 +24,8 @@ import uuid
 
 import numpy as np
 
-from flowmap_jax.datasets import SHARDS_FORMAT, DataError
+from flowmap_jax.data_error import DataError
+from flowmap_jax.datasets import SHARDS_FORMAT
 
 SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
 

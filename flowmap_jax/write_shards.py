@@ -32,23 +32,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-from flowmap_jax.datasets import DataError
+from flowmap_jax.data_error import DataError
 from flowmap_jax.shard_writer import ShardWriter, write_shards
+from flowmap_jax.spec import cli_exit
 
 __all__ = ["main", "write_image_folder", "write_shards"]
 
 
 def _digits(args):
-    from flowmap_jax.assembly import resolve_teacher_path
     from flowmap_jax.datasets import LabelConditioner
     from flowmap_jax.digits.data import load_digits
+    from flowmap_jax.spec.label_table import LABEL_EMBEDDINGS_NAME
+    from flowmap_jax.teacher_folder import resolve_teacher_path
 
     teacher = resolve_teacher_path(args.teacher)
-    conditioner = LabelConditioner.from_file(os.path.join(teacher, "label_embeddings.safetensors"))
+    conditioner = LabelConditioner.from_file(os.path.join(teacher, LABEL_EMBEDDINGS_NAME))
     images, labels = load_digits(args.split)
     return images, conditioner(labels), conditioner.uncond(), {"source": "digits", "split": args.split,
                                                                "teacher": args.teacher}
@@ -127,7 +128,9 @@ def write_image_folder(out: str, images: str, image_size: int, pipeline: str = "
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
+    """Exit codes (`flowmap_jax.spec.cli_exit`): 0 written, 2 bad flags or bad input (a missing or malformed
+    input file, no images); an unexpected failure keeps its traceback and exits 1."""
+    parser = cli_exit.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--source", choices=("digits", "npz", "folder"), required=True)
@@ -162,9 +165,9 @@ def main(argv=None) -> int:
         else:
             x0, cond, uncond, source = {"digits": _digits, "npz": _npz}[args.source](args)
             out = write_shards(args.out, x0, cond, uncond, args.shard_size, args.dtype, source)
-    except (DataError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (DataError, FileNotFoundError) as error:
+        cli_exit.report(error)
+        return cli_exit.USAGE
     with open(os.path.join(out, "index.json")) as f:
         index = json.load(f)
     print(f"wrote {index['num_examples']} examples of shape {tuple(index['sample_shape'])} "
@@ -173,4 +176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

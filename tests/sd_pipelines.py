@@ -219,15 +219,18 @@ def write_captioned_images(folder, captions: list[str], size: int = IMAGE_SIZE, 
     return folder
 
 
-def export_untrained_flow_map(pipeline, out, guidance: str = "none", guidance_scale: float = 1.0) -> Path:
+def export_untrained_flow_map(pipeline, out, guidance: str = "none", guidance_scale: float = 1.0,
+                              parameterization: str = "teacher_step") -> Path:
     """A flow-map export (`conversion.export.export_flow_map`) of `pipeline`'s UNet with the zero-initialised
-    target-time hook: untrained, so each jump is the teacher's DDIM step. Returns the folder."""
+    target-time hook, untrained. With parameterization "teacher_step" (the default here) each jump is the
+    teacher's DDIM step; "auto" ("angle" on these VP schedules) reads the epsilon UNet's output as the map's
+    own v-like F, so the jumps are not the teacher's. Returns the folder."""
     import jax
 
     from conversion import load_diffusers_unet
     from conversion.export import export_flow_map
-    from flowmap_jax.export_format import FlowMapConfig
-    from flowmap_jax.flow_config import load_scheduler, read_scheduler_config
+    from flowmap_jax.spec.export_format import FlowMapConfig
+    from flowmap_jax.spec.schedule import load_scheduler, read_scheduler_config
     from flowmap_jax.flow_map import add_target_time_hook
 
     unet_config, params = load_diffusers_unet(str(pipeline), subfolder="unet")
@@ -235,7 +238,8 @@ def export_untrained_flow_map(pipeline, out, guidance: str = "none", guidance_sc
     scheduler_config = read_scheduler_config(Path(pipeline) / "scheduler")
     schedule, prediction_type = load_scheduler(scheduler_config)
     flow_map_config = FlowMapConfig(schedule=schedule, prediction_type=prediction_type,
-                                    scheduler_config=scheduler_config, guidance=guidance,
+                                    scheduler_config=scheduler_config, parameterization=parameterization,
+                                    guidance=guidance,
                                     guidance_scale=guidance_scale, sample_shape=(LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS))
     params = jax.tree.map(np.asarray, params)
     return export_flow_map(params, config, flow_map_config, out, {"teacher": {"path": str(pipeline)}})

@@ -1,7 +1,9 @@
 """FlowMapPipeline (torch_ref/pipeline.py) and the pipeline folder export (conversion/pipeline_export.py) on the
-tiny SD 1.x and SDXL pipelines. An untrained flow map (target-time hook zero) jumps exactly as its teacher's
-DDIM step, so N jumps equal diffusers' own pipeline with a DDIMScheduler on the same "trailing" grid (live
-reference), classifier-free guidance and negative prompts included."""
+tiny SD 1.x and SDXL pipelines. An untrained flow map (target-time hook zero) exported with parameterization
+"teacher_step" jumps exactly as its teacher's DDIM step, so N jumps equal diffusers' own pipeline with a
+DDIMScheduler on the same "trailing" grid (live reference), classifier-free guidance and negative prompts
+included: the pipeline's plumbing (prompts, guidance, grid, VAE) against diffusers'. A default export
+("angle" on these VP schedules) runs through the same pipeline with its own jump (closed form)."""
 
 import json
 
@@ -108,6 +110,35 @@ def test_sdxl_jumps_equal_diffusers_ddim(sdxl_flow_pipeline, sdxl_pipeline):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=6e-6, err_msg=str(kwargs))
 
 
+def test_a_default_angle_export_runs_through_the_pipeline(tmp_path, sd15_pipeline):
+    """The default export (parameterization "auto" -> "angle") records its form, and FlowMapPipeline follows
+    it: one jump from t = 999 to the clean end is cos(theta) x - sin(theta) F (theta = arctan(sigma / alpha)
+    from diffusers' alphas_cumprod, F the UNet's raw output), not the teacher's DDIM step."""
+    from diffusers import DDIMScheduler
+
+    from conversion.pipeline_export import write_pipeline
+    from torch_ref.pipeline import FlowMapPipeline
+
+    unet = export_untrained_flow_map(sd15_pipeline, tmp_path / "unet", parameterization="auto")
+    assert json.loads((unet / "flowmap.json").read_text())["parameterization"] == "angle"
+    pipe = FlowMapPipeline.from_pretrained(write_pipeline(unet, str(sd15_pipeline), tmp_path / "p"))
+    assert pipe.loaded_flow_map().flow_map.parameterization == "angle"
+    latents = _latents(2, batch=1)
+    ours = pipe("a cat", num_inference_steps=1, latents=latents, guidance_scale=1.0, output_type="latent").images
+    acp = DDIMScheduler.from_pretrained(sd15_pipeline, subfolder="scheduler").alphas_cumprod.double()[999]
+    cond = pipe.prompt_encoder().encode(["a cat"])
+    with torch.no_grad():
+        f = pipe.unet(latents, torch.tensor([999.0]), class_labels=torch.tensor([-1.0]),
+                      encoder_hidden_states=torch.from_numpy(cond["encoder_hidden_states"])).sample.double()
+    angle = acp.sqrt() * latents.double() - (1 - acp).sqrt() * f  # cos(theta) = alpha, sin(theta) = sigma
+    ddim = (latents.double() - (1 - acp).sqrt() * f) / acp.sqrt()  # the teacher's (epsilon) DDIM step to x0
+    # float32 pipeline against this float64 formula: measured max |diff| 1.2e-7.
+    torch.testing.assert_close(ours.double(), angle, rtol=0, atol=2e-6)
+    assert (ours.double() - ddim).abs().max() > 1.0
+    image = pipe("a cat", num_inference_steps=2, latents=latents, output_type="np").images
+    assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
+
+
 def test_guidance_rules_of_a_distilled_guidance_map(tmp_path, sd15_pipeline):
     from conversion.pipeline_export import write_pipeline
     from torch_ref.pipeline import FlowMapPipeline
@@ -128,7 +159,7 @@ def test_guidance_rules_of_a_distilled_guidance_map(tmp_path, sd15_pipeline):
 def test_sample_clis_take_prompts(tmp_path, sd15_flow_pipeline):
     """`python -m torch_ref.sample` and `python -m flowmap_jax.sample` with --prompt on a pipeline folder: the
     latents equal FlowMapPipeline's from the same noise, and PNG images are written."""
-    from flowmap_jax.layout import nhwc_to_nchw
+    from flowmap_jax.spec.layout import nhwc_to_nchw
     from flowmap_jax.sample import main as jax_main
     from torch_ref.pipeline import FlowMapPipeline
     from torch_ref.sample import main as torch_main

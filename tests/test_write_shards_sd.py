@@ -116,28 +116,28 @@ def test_folder_errors_name_the_file(tmp_path, sd15_pipeline, capsys):
 
     (tmp_path / "empty").mkdir()
     code, err = run(tmp_path / "empty")
-    assert code == 1 and err.startswith("error: ") and "no images" in err and "empty" in err
+    assert code == 2 and err.startswith("error: ") and "no images" in err and "empty" in err
 
     images = write_captioned_images(tmp_path / "a", CAPTIONS[:2], metadata=False)
     (images / "image_0001.txt").unlink()
     code, err = run(images)
-    assert code == 1 and "image_0001.png: no caption" in err
+    assert code == 2 and "image_0001.png: no caption" in err
 
     images = write_captioned_images(tmp_path / "b", CAPTIONS[:2])
     (images / "metadata.jsonl").write_text(json.dumps({"file_name": "image_0000.png", "text": "x"}) + "\n")
     code, err = run(images)
-    assert code == 1 and "image_0001.png: no caption" in err
+    assert code == 2 and "image_0001.png: no caption" in err
 
     images = write_captioned_images(tmp_path / "c", CAPTIONS[:2])
     with open(images / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
     code, err = run(images)
-    assert code == 1 and "'gone.png' is not an image" in err
+    assert code == 2 and "'gone.png' is not an image" in err
 
     images = write_captioned_images(tmp_path / "d", CAPTIONS[:2], metadata=False)
     (images / "image_0001.png").write_bytes(b"not a png")
     code, err = run(images)
-    assert code == 1 and "image_0001.png: not a readable image" in err
+    assert code == 2 and "image_0001.png: not a readable image" in err
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -149,10 +149,10 @@ def test_failed_rewrite_keeps_the_previous_shards(tmp_path, sd15_pipeline):
     (images / "image_0002.png").write_bytes(b"broken")
     assert write_shards.main(["--out", str(out), "--source", "folder", "--images", str(images), "--pipeline",
                               str(sd15_pipeline), "--image-size", "32", "--device", "cpu", "--batch-size", "1",
-                              "--shard-size", "1"]) == 1
+                              "--shard-size", "1"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
     assert write_shards.main(["--out", str(tmp_path / "other"), "--source", "npz", "--input",
-                              str(tmp_path / "nope.npz")]) == 1
+                              str(tmp_path / "nope.npz")]) == 2
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"

@@ -1,7 +1,7 @@
 """Load an exported flow map (`python -m conversion export`) in PyTorch, with no jax.
 
 The folder is a stock diffusers `UNet2DConditionModel` (class_embed_type="timestep": `class_labels` is the
-target time t) plus flowmap.json (`flowmap_jax.export_format`: schedule, prediction type, guidance,
+target time t) plus flowmap.json (`flowmap_jax.spec.export_format`: schedule, prediction type, guidance,
 conditioning). `load_flow_map_export(folder, device, dtype)` builds the UNet from config.json, loads the
 safetensors strictly (every key, every shape), checks flowmap.json, and wraps it as a
 `torch_ref.flow_map.FlowMap`: X(x_s, s, t) in the teacher's own parameterisation, images (B, C, H, W).
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap_jax.export_format import (
+from flowmap_jax.spec.export_format import (
     ExportFormatError,
     FlowMapConfig,
     check_unet_hooks,
     config_from_metadata,
     read_export,
-    read_label_embeddings,
-    resolve_guidance,
 )
+from flowmap_jax.spec.label_table import check_labels, read_label_embeddings
+from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
 
 __all__ = [
@@ -91,10 +91,8 @@ class TorchFlowMapExport:
         if labels is not None:
             if self.label_table is None:
                 raise ValueError(f"{self.folder} has no label embeddings; pass encoder_hidden_states")
-            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-            k = self.label_table.shape[0] - 1
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > k):
-                raise ValueError(f"labels must lie in 0..{k - 1} (or {k}, the null label)")
+            labels = torch.as_tensor(labels).cpu().numpy()
+            labels = torch.as_tensor(check_labels(labels, self.label_table.shape[0] - 1), device=self.device)
             cond["encoder_hidden_states"] = self.label_table[labels][:, None, :]
         if encoder_hidden_states is not None:
             cond["encoder_hidden_states"] = torch.as_tensor(encoder_hidden_states, dtype=torch.float32,
@@ -154,7 +152,8 @@ def flow_map_from_unet(unet, unet_config: dict, metadata: dict, folder=None) -> 
     config = config_from_metadata(metadata, None if folder is None else Path(folder), where)
     check_unet_hooks(dict(unet_config), config, "the flow-map UNet's config")
     flow_map = FlowMap(net=ExportedUNetNetwork(unet), schedule=config.schedule,
-                       prediction_type=config.prediction_type)
+                       prediction_type=config.prediction_type,
+                       parameterization=config.parameterization)
     device = unet.device
     table = None
     if config.label_embeddings is not None:

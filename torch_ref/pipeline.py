@@ -7,7 +7,7 @@
     from diffusers import DiffusionPipeline                               # the same, through diffusers' loader:
     pipe = DiffusionPipeline.from_pretrained("runs/sd15/pipeline", trust_remote_code=True)
 
-The folder (`conversion.pipeline_export`): `unet/` the flow map (a flow-map export: stock UNet2DConditionModel
+The folder (`conversion.pipeline_export`, names in `flowmap_jax.spec.pipeline_folder`): `unet/` the flow map (a flow-map export: stock UNet2DConditionModel
 with the target-time hook, plus flowmap.json), the teacher pipeline's `vae/`, `text_encoder/`, `tokenizer/`
 (SDXL also `text_encoder_2/`, `tokenizer_2/`), `scheduler/` (the teacher's, for reference: the time grid comes
 from flowmap.json), and `model_index.json` with `_class_name: ["pipeline", "FlowMapPipeline"]` and the flow
@@ -20,7 +20,7 @@ writes (anything else is left to diffusers' check).
 
 Sampling: `torch_ref.sample.sample` (N jumps of `torch_ref.samplers.flow_map_sample`) on the flow map that
 `torch_ref.export_loading.flow_map_from_unet` builds from the UNet and flowmap.json, so the pipeline follows
-the export's parameterisation. Times: `num_inference_steps=N` is `flow_config.time_grid(schedule, N)`
+the export's parameterisation. Times: `num_inference_steps=N` is `flowmap_jax.spec.time_grid.time_grid(schedule, N)`
 (uniform in teacher time from the noise end to the clean end); `timesteps=[...]` gives the N source times
 from noise to data (diffusers' convention), the clean end appended unless already last. Latents (B, C, h, w)
 start as standard normal noise (`generator`, or `latents=`), are decoded by the VAE after division by
@@ -47,9 +47,10 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from conversion.pipeline_export import PIPELINE_MODULE_FILE, PIPELINE_MODULE_SOURCE
-from flowmap_jax.export_format import resolve_guidance
-from flowmap_jax.flow_config import check_time_values, time_grid
+from flowmap_jax.spec.pipeline_folder import PIPELINE_MODULE_FILE, PIPELINE_MODULE_SOURCE
+from flowmap_jax.spec.sampling_inputs import resolve_guidance
+from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["FlowMapPipeline"]
 

@@ -5,14 +5,21 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_jax
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
+    python -m flowmap_jax.sample --model EXPORT --direction invert --timesteps=-1,499,999 --init samples/samples.npy
 
-Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
+The grid goes from noise to data (strictly decreasing times); an increasing grid is an error unless
+`--direction invert` asks for inversion (from `--init` data to noise).
+
+Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
-With a FlowMapPipeline folder and --prompt: the prompts are encoded by its text encoder(s) and the latents
-decoded by its VAE (both in PyTorch, `flowmap_jax.encoders`), for either backend; images/NNNN.png, prompts.txt.
+With a FlowMapPipeline folder (`python -m conversion export RUN OUT --pipeline`) and --prompt: the prompts are
+encoded by its text encoder(s) and the latents decoded by its VAE, for either backend, through the
+`PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.encoders`: this module imports no torch);
+images/NNNN.png and prompts.txt join the outputs.
 
-Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
+Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32, the state at the grid's
+first time (drawn noise, or --init) (channels last in
 both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
 3-channel samples in [-1, 1] are shown as images, other channel counts (latents) per-channel rescaled),
 and sample_info.json (the flags, the time grid, backend, device, dtype, seconds).
@@ -24,32 +31,36 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax.export_format import (
-    ExportInfo,
+from flowmap_jax.spec import cli_exit
+from flowmap_jax.spec.export_format import ExportInfo, read_export
+from flowmap_jax.spec.label_table import (
+    labels_to_encoder_hidden_states,
+    read_label_embeddings,
+)
+from flowmap_jax.spec.pipeline_folder import is_pipeline_folder
+from flowmap_jax.spec.sampling_inputs import (
     default_sample_shape,
     initial_noise,
-    labels_to_encoder_hidden_states,
-    read_export,
-    read_label_embeddings,
     resolve_guidance,
 )
-from flowmap_jax.flow_config import GRID_SPACINGS, check_time_values, time_grid
+from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
+DIRECTIONS = ("generate", "invert")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
 def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     """The flags of both sampling commands (`backend` only changes the help text)."""
-    p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
+    p = cli_exit.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json), "
@@ -64,6 +75,12 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default=None, help="explicit time grid instead of --steps, comma-separated "
                    "teacher times from noise to data, e.g. 999,749,499,249,-1 (a grid that starts with a minus sign "
                    "needs the = form: --timesteps=-1,999)")
+    p.add_argument("--direction", choices=DIRECTIONS, default=None, help="generate (the default): a decreasing "
+                   "grid, from noise to data; invert: an increasing grid, from data (--init) to noise. A --timesteps "
+                   "grid that does not go the chosen way is an error")
+    p.add_argument("--init", default=None, help="the state at the grid's first time, a .npy (B, H, W, C) float "
+                   "array, instead of drawn noise (with --direction invert: the samples to invert, e.g. a "
+                   "samples.npy); --batch is then its length")
     p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noising) noise (default 0)")
     p.add_argument("--labels", default=None, help="class labels where the export has label embeddings: 'all' "
@@ -121,6 +138,33 @@ def parse_timesteps(text: str) -> np.ndarray:
     if len(values) < 2:
         raise ValueError(f"--timesteps needs at least 2 times (one jump), got {text!r}")
     return np.asarray(values, np.float64)
+
+
+def check_direction(grid: np.ndarray, direction: str | None) -> None:
+    """ValueError unless `grid` goes the way `direction` says: strictly decreasing for generate (the
+    default, noise to data), strictly increasing for invert (data to noise)."""
+    text = ",".join(f"{t:g}" for t in grid)
+    steps = np.diff(grid)
+    if direction == "invert":
+        if not np.all(steps > 0):
+            raise ValueError(f"--timesteps {text} is not strictly increasing: --direction invert goes from data to "
+                             f"noise (e.g. -1,499,999)")
+    elif not np.all(steps < 0):
+        raise ValueError(f"--timesteps {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
+                         f"999,499,-1); to invert samples (data to noise) pass --direction invert and --init")
+
+
+def read_init(path: str) -> np.ndarray:
+    """--init: a (B, H, W, C) float .npy (no pickle) -> float32."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init: no file {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"--init: {path} is not a plain .npy array: {err}") from None
+    if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"--init: {path} holds {array.dtype} {array.shape}; expected float (B, H, W, C)")
+    return np.ascontiguousarray(array, np.float32)
 
 
 def needs_encoder_hidden_states(unet_config: dict) -> bool:
@@ -185,11 +229,6 @@ def read_cond_file(path: str, batch: int) -> dict:
     return cond
 
 
-def is_pipeline_folder(folder) -> bool:
-    """A diffusers pipeline folder (model_index.json) whose unet/ is a flow-map export."""
-    return (Path(folder) / "model_index.json").is_file() and (Path(folder) / "unet" / "flowmap.json").is_file()
-
-
 def read_prompts(args: argparse.Namespace) -> list[str] | None:
     """--prompt (repeatable) and --prompt-file (one per line, blank lines skipped), in that order."""
     prompts = list(args.prompt or [])
@@ -201,23 +240,28 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts or None
 
 
-def prompt_conditioning(pipeline: Path, prompts: list[str], batch: int, image_hw) -> dict:
-    """Prompts (repeated to `batch`) -> UNet conditioning through the pipeline's text encoder(s)
-    (`flowmap_jax.encoders.PromptEncoder`, PyTorch); SDXL time ids for an uncropped image of `image_hw`."""
-    from flowmap_jax.encoders import PromptEncoder, sdxl_time_ids
+@dataclasses.dataclass(frozen=True)
+class PipelineCodecs:
+    """How a backend reaches a FlowMapPipeline folder's text encoder(s) and VAE (both sampling commands pass
+    `flowmap_jax.encoders.prompt_conditioning` and `decode_latents`, PyTorch; this module imports no torch).
 
-    rows = [prompts[i % len(prompts)] for i in range(batch)]
-    cond = PromptEncoder.from_pretrained(pipeline).encode(rows)
-    if "added_cond_kwargs" in cond:
-        ids = sdxl_time_ids(image_hw, (0, 0), image_hw)
-        cond["added_cond_kwargs"]["time_ids"] = np.tile(ids[None], (batch, 1))
-    return cond
+    encode_prompts(folder, prompts (B,) list of str, image_hw (H, W) pixels) -> the UNet's conditioning
+    {"encoder_hidden_states": (B, L, D)[, "added_cond_kwargs": {"text_embeds", "time_ids"}]} float32 numpy;
+    decode_latents(folder, latents (B, h, w, C) float32) -> (B, H, W, 3) float32 RGB about [-1, 1].
+    """
+
+    encode_prompts: Callable[[Path, list, tuple], dict]
+    decode_latents: Callable[[Path, np.ndarray], np.ndarray]
 
 
-def prepare(args: argparse.Namespace) -> SampleRequest:
-    """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning."""
+def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> SampleRequest:
+    """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning (prompts
+    through `codecs` for a pipeline folder)."""
     pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
     prompts = read_prompts(args)
+    if pipeline is not None and codecs is None:
+        raise ValueError(f"{args.model} is a FlowMapPipeline folder, and this sampler reads no pipeline folders; "
+                         f"give --model {Path(args.model) / 'unet'} with --cond")
     if prompts is not None and pipeline is None:
         raise ValueError(f"--prompt needs a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline); "
                          f"{args.model} has no model_index.json with a flow-map unet/")
@@ -234,20 +278,33 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         grid = time_grid(config.schedule, args.steps, spacing=args.spacing)
+        if args.direction == "invert":
+            grid = grid[::-1].copy()
     if not 0.0 <= args.gamma <= 1.0:
         raise ValueError(f"--gamma must lie in [0, 1], got {args.gamma}")
     if args.gamma > 0 and not np.all(np.diff(grid) < 0):
         raise ValueError("--gamma > 0 needs a decreasing time grid (from noise to data)")
+    check_direction(grid, args.direction)
+    init = read_init(args.init) if args.init is not None else None
+    if args.direction == "invert" and init is None:
+        raise ValueError("--direction invert needs --init FILE.npy: the samples to carry from data to noise")
+    if init is not None:
+        args.batch = init.shape[0]
     h, w, c = default_sample_shape(info)
     shape = (args.height or h, args.width or w, c)
     jumps = grid.shape[0] - 1
     noise, renoise = initial_noise(args.seed, args.batch, shape, jumps - 1 if args.gamma > 0 else 0)
-
+    if init is not None:
+        if init.shape[1:] != shape:
+            raise ValueError(f"--init holds examples of shape {init.shape[1:]}; this export samples {shape} "
+                             f"(--height/--width change it)")
+        noise = init
     cond, labels = {}, None
     if pipeline is not None:
         with open(pipeline / "vae" / "config.json") as f:
             factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-        cond.update(prompt_conditioning(pipeline, prompts, args.batch, (shape[0] * factor, shape[1] * factor)))
+        rows = [prompts[i % len(prompts)] for i in range(args.batch)]
+        cond.update(codecs.encode_prompts(pipeline, rows, (shape[0] * factor, shape[1] * factor)))
     if args.cond is not None:
         cond.update(read_cond_file(args.cond, args.batch))
     if config.label_embeddings is not None and "encoder_hidden_states" not in cond:
@@ -270,9 +327,11 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
                          prompts=None if prompts is None else [prompts[i % len(prompts)] for i in range(args.batch)])
 
 
-def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
-    """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
-    from flowmap_jax.reporting import save_grid
+def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str,
+                  codecs: PipelineCodecs | None = None) -> dict:
+    """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out (for a pipeline folder
+    also images/NNNN.png decoded through `codecs` and prompts.txt); returns the paths."""
+    from flowmap_jax.spec.image_grid import save_grid
 
     samples = np.asarray(samples, np.float32)
     out = request.out
@@ -289,9 +348,7 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
     if request.pipeline is not None:  # latents -> images through the pipeline's VAE (PyTorch)
         from PIL import Image
 
-        from flowmap_jax.encoders import LatentCodec
-
-        decoded = LatentCodec.from_pretrained(request.pipeline, "vae").decode(samples)
+        decoded = np.asarray(codecs.decode_latents(request.pipeline, samples), np.float32)
         pixels = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8)
         paths["images"] = out / "images"
         paths["images"].mkdir(exist_ok=True)
@@ -313,19 +370,22 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
     return paths
 
 
-def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
-    """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
-    Exit codes: 0 done, 2 bad flags or a folder that is not a flow-map export."""
+def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]],
+         codecs: PipelineCodecs | None = None) -> int:
+    """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write; `codecs`
+    lets --model name a FlowMapPipeline folder (prompts in, images out).
+    Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
+    flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:
-        request = prepare(args)
+        request = prepare(args, codecs)
         start = time.perf_counter()
         samples, device = run(request)
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    paths = write_outputs(request, samples, backend, seconds, device)
+        cli_exit.report(err)
+        return cli_exit.USAGE
+    paths = write_outputs(request, samples, backend, seconds, device, codecs)
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
     return 0
