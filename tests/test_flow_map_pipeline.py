@@ -132,9 +132,9 @@ def test_a_default_angle_export_runs_through_the_pipeline(tmp_path, sd15_pipelin
                       encoder_hidden_states=torch.from_numpy(cond["encoder_hidden_states"])).sample.double()
     angle = acp.sqrt() * latents.double() - (1 - acp).sqrt() * f  # cos(theta) = alpha, sin(theta) = sigma
     ddim = (latents.double() - (1 - acp).sqrt() * f) / acp.sqrt()  # the teacher's (epsilon) DDIM step to x0
-    # float32 pipeline against this float64 formula: measured max |diff| 1.2e-7.
+    # float32 pipeline against this float64 formula: measured max |diff| 2.2e-7 (|X| up to 1.2).
     torch.testing.assert_close(ours.double(), angle, rtol=0, atol=2e-6)
-    assert (ours.double() - ddim).abs().max() > 1.0
+    assert (ours.double() - ddim).abs().max() > 1.0  # measured 38: the DDIM step divides by alpha = 0.068
     image = pipe("a cat", num_inference_steps=2, latents=latents, output_type="np").images
     assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
 
@@ -159,8 +159,8 @@ def test_guidance_rules_of_a_distilled_guidance_map(tmp_path, sd15_pipeline):
 def test_sample_clis_take_prompts(tmp_path, sd15_flow_pipeline):
     """`python -m torch_ref.sample` and `python -m flowmap_jax.sample` with --prompt on a pipeline folder: the
     latents equal FlowMapPipeline's from the same noise, and PNG images are written."""
-    from flowmap_jax.spec.layout import nhwc_to_nchw
     from flowmap_jax.sample import main as jax_main
+    from flowmap_jax.spec.layout import nhwc_to_nchw
     from torch_ref.pipeline import FlowMapPipeline
     from torch_ref.sample import main as torch_main
 

@@ -47,7 +47,10 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from flowmap_jax.spec.pipeline_folder import PIPELINE_MODULE_FILE, PIPELINE_MODULE_SOURCE
+from flowmap_jax.spec.pipeline_folder import (
+    PIPELINE_MODULE_FILE,
+    PIPELINE_MODULE_SOURCE,
+)
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from flowmap_jax.spec.schedule import check_time_values
 from flowmap_jax.spec.time_grid import time_grid
