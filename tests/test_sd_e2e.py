@@ -1,6 +1,6 @@
 """Stable Diffusion end to end on the tiny pipelines (tests/sd_pipelines.py), through the command lines:
-captioned images -> `write_shards --pipeline` -> `train --preset sd15|sdxl` (overrides: size, steps and, for
-sdxl, the mesh of one CPU) -> `conversion export --pipeline` -> `FlowMapPipeline` prompts to PIL images.
+captioned images -> `write_shards --pipeline` -> `train --preset sd15|sdxl` (overrides: size, steps and the mesh
+of one CPU device) -> `conversion export --pipeline` -> `FlowMapPipeline` prompts to PIL images.
 
 Slow: the presets compute in bf16 with remat and the eulerian (JVP) objective; compiling that train step
 took 327 s for the tiny SD 1.x UNet on this project's loaded 2-core CPU (2 min of CPU time).
@@ -22,6 +22,7 @@ from tests.sd_pipelines import (
 )
 
 SIZE_AND_STEPS = ["--data.sample_shape", f"{LATENT_SIZE},{LATENT_SIZE},{LATENT_CHANNELS}", "--data.batch_size", "4",
+                  "--mesh.data", "1",
                   "--data.image_size", str(IMAGE_SIZE), "--run.steps", "2", "--run.checkpoint_every", "2",
                   "--sample.teacher_steps", "2", "--sample.jumps", "1,2", "--optim.warmup_steps", "1",
                   "--run.progress_bar", "false", "--run.compilation_cache", ""]
