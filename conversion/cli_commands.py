@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -99,15 +100,30 @@ class Export:
                        help="teacher folder or hub id (default: the run config's teacher.path)")
         p.add_argument("--run-config", default=None,
                        help="the run's config.json (default: next to the checkpoints folder)")
+        p.add_argument("--pipeline", nargs="?", const="", default=None, metavar="TEACHER_PIPELINE",
+                       help="write a full diffusers pipeline folder (FlowMapPipeline: the flow map as unet/, the "
+                            "teacher pipeline's vae, text encoder(s), tokenizer(s), scheduler); the teacher "
+                            "pipeline defaults to the run's teacher.path (conversion/pipeline_export.py)")
         p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args):
+        import tempfile
+
         from conversion.export import export_checkpoint
 
         start = time.perf_counter()
-        folder = export_checkpoint(args.source, args.out, weights=args.weights, step=args.step,
-                                   teacher=args.teacher, run_config=args.run_config)
+        if args.pipeline is None:
+            folder = export_checkpoint(args.source, args.out, weights=args.weights, step=args.step,
+                                       teacher=args.teacher, run_config=args.run_config)
+        else:
+            from conversion.pipeline_export import teacher_pipeline_of, write_pipeline
+
+            with tempfile.TemporaryDirectory() as tmp:
+                unet = export_checkpoint(args.source, os.path.join(tmp, "unet"), weights=args.weights,
+                                         step=args.step, teacher=args.teacher, run_config=args.run_config)
+                teacher = args.pipeline or teacher_pipeline_of(unet, args.teacher)
+                folder = write_pipeline(unet, teacher, args.out)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f}s")
 
 

@@ -15,7 +15,7 @@ Conditioning from class labels (digits, class sub-folders): the teacher folder's
 `label_embeddings.safetensors` ("weight" (K + 1, D), row K the null label) maps label l to
 `{"encoder_hidden_states": weight[l][None, :]}` (1, D) per example, as the digits teacher was trained.
 
-Shards (written by `python -m flowmap_jax.write_shards`), format "flowmap-shards/1":
+Shards (written by `python -m flowmap_jax.write_shards`, `flowmap_jax.shard_writer`), format "flowmap-shards/1":
   <dir>/index.json        {"format": "flowmap-shards/1", "num_examples": N, "sample_shape": [H, W, C],
                            "cond": {name: shape without batch} (may be empty), "uncond": file or null,
                            "shards": [{"file": "shard-00000.safetensors", "num_examples": n}, ...],
@@ -23,7 +23,14 @@ Shards (written by `python -m flowmap_jax.write_shards`), format "flowmap-shards
   <dir>/shard-*.safetensors  "x0": (n, H, W, C) float16 or float32, model space (latents already
                            multiplied by the VAE's scaling_factor; NHWC), and "cond.<name>": (n, ...)
                            for each conditioning input (SD: "cond.encoder_hidden_states" (n, 77, 768)).
-  <dir>/uncond.safetensors "cond.<name>": (1, ...) the empty prompt's conditioning (for guidance).
+  <dir>/uncond.safetensors "cond.<name>": (1, ...) the unconditional conditioning of classifier-free
+                           guidance (SD: the empty prompt's; SDXL: zeros, as its pipeline's
+                           force_zeros_for_empty_prompt). A name it lacks is taken from each example's own
+                           conditioning (SDXL's time_ids: diffusers gives both branches the same).
+A conditioning name is a keyword argument of the UNet; a dotted name is a nested one: SDXL's shards hold
+"cond.added_cond_kwargs.text_embeds" (n, P) (the second text encoder's pooled projection) and
+"cond.added_cond_kwargs.time_ids" (n, 6) (original (h, w), crop top-left (top, left), target (h, w), in
+pixels), which `get` returns as cond["added_cond_kwargs"] = {"text_embeds", "time_ids"}.
 Shards are read with numpy memory maps (random rows, no whole-file loads, no pickle).
 """
 
@@ -249,8 +256,21 @@ class ShardsDataset:
             raise DataError(f"{index_path}: shards hold {self.num_examples} examples, index says {index['num_examples']}")
         self.uncond = None
         if index.get("uncond"):
-            tensors = _safetensors_memmaps(os.path.join(folder, index["uncond"]))
-            self.uncond = {name: np.asarray(tensors[f"cond.{name}"], np.float32) for name in self.cond_names}
+            uncond_path = os.path.join(folder, index["uncond"])
+            if not os.path.isfile(uncond_path):
+                raise DataError(f"{uncond_path} listed in index.json is missing")
+            tensors = _safetensors_memmaps(uncond_path)
+            flat = {}
+            for key, value in tensors.items():
+                name = key[len("cond."):]
+                if not key.startswith("cond.") or name not in self.cond_names:
+                    raise DataError(f"{uncond_path}: tensor {key} is not one of the shards' conditioning "
+                                    f"{['cond.' + n for n in self.cond_names]}")
+                want = (1, *index["cond"][name])
+                if tuple(value.shape) != want:
+                    raise DataError(f"{uncond_path}: {key} has shape {tuple(value.shape)}, expected {want}")
+                flat[name] = np.asarray(value, np.float32)
+            self.uncond = nest_cond(flat)
 
     def get(self, indices) -> dict:
         indices = np.asarray(indices, np.int64)
@@ -263,7 +283,19 @@ class ShardsDataset:
             x0[rows] = self.shards[s]["x0"][local]
             for name in self.cond_names:
                 cond[name][rows] = self.shards[s][f"cond.{name}"][local]
-        return {"x0": x0, "cond": cond or None}
+        return {"x0": x0, "cond": nest_cond(cond) or None}
+
+
+def nest_cond(flat: dict) -> dict:
+    """{"a": x, "b.c": y} -> {"a": x, "b": {"c": y}} (dotted shard names -> the UNet's nested keywords)."""
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
 
 
 def make_dataset(data_config, conditioner: LabelConditioner | None) -> Dataset:

@@ -8,6 +8,7 @@
     python -m flowmap_jax.train -n 2000 -b 64 -t /my/teacher       # short aliases of the common flags
     python -m flowmap_jax.train --config runs/digits/config.json   # rerun a run as it was (flags still override)
     python -m flowmap_jax.train --preset sd15 --help               # every field, its choices and sd15's values
+    python -m flowmap_jax.train --preset sdxl --teacher.path SDXL_FOLDER --data.path /data/sdxl_shards
 
 Pure Python (no jax, no torch): the PyTorch reference may share it. A preset is a complete
 `TrainConfig` value; nothing elsewhere branches on a preset's name (the trainer reads fields only).
@@ -249,7 +250,29 @@ def sd15() -> TrainConfig:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {"digits": digits, "sd15": sd15}
+def sdxl() -> TrainConfig:
+    """Stable Diffusion XL base: 128x128x4 latents (1024px images), two text encoders' 2048-d hidden states
+    plus the pooled text embedding and the six size/crop time ids (`added_cond_kwargs`), all from precomputed
+    shards (`python -m flowmap_jax.write_shards --pipeline SDXL_FOLDER`), bf16 compute, remat, FSDP over 8
+    devices (the 2.6 B-parameter UNet's AdamW state does not fit one device replicated)."""
+    return TrainConfig(
+        preset="sdxl",
+        run=RunConfig(dir="runs/sdxl", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
+                      keep_checkpoints=3, quality_samples=0),
+        teacher=TeacherConfig(path="stabilityai/stable-diffusion-xl-base-1.0", subfolder="unet",
+                              scheduler_subfolder="scheduler", guidance_scale=5.0),
+        model=ModelConfig(dtype="bfloat16", remat=True),
+        data=DataConfig(source="shards", path="", batch_size=128, image_size=1024,
+                        sample_shape=(128, 128, 4)),
+        objective=ObjectiveConfig(names=("eulerian",), weights=(1.0,), options=ObjectiveOptions()),
+        optim=OptimConfig(lr=1e-5, warmup_steps=500, schedule="cosine", weight_decay=0.01, grad_clip=1.0,
+                          ema_decay=0.9999),
+        mesh=MeshConfig(data=-1, fsdp=8),
+        sample=SampleConfig(jumps=(1, 2, 4), teacher_steps=50, grid_columns=4),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {"digits": digits, "sd15": sd15, "sdxl": sdxl}
 DEFAULT_PRESET = "digits"
 
 

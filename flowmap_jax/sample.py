@@ -2,7 +2,7 @@
 
     python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
 
-The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.sample_cli`); in fp32
+The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.spec.sample_cli`); in fp32
 the two agree to float rounding. API (mirrored by `torch_ref.sample`):
 
 - `load_flow_map(folder, dtype="fp32", device="auto") -> LoadedFlowMap` (flow_map, params, export);
@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from flowmap_jax import encoders
 from flowmap_jax.spec import sample_cli
 
 __all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
@@ -111,6 +112,11 @@ def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=No
     return np.asarray(jax.device_get(out), np.float32)
 
 
+# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch).
+PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_conditioning,
+                                            decode_latents=encoders.decode_latents)
+
+
 def _run(request: sample_cli.SampleRequest):
     loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
@@ -120,7 +126,7 @@ def _run(request: sample_cli.SampleRequest):
 
 def main(argv=None) -> int:
     return sample_cli.main(sys.argv[1:] if argv is None else argv, backend="jax", prog="python -m flowmap_jax.sample",
-                           run=_run)
+                           run=_run, codecs=PIPELINE_CODECS)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ max(t, schedule.t_eval_min): for DDPM the segment [-1, 0) was never trained, and
 prediction at t = 0, exactly as DDIM's last step does.
 
 Shapes: x (B, ...) (Flax images (B, H, W, C)); t scalar or (B,); cond a dict of keyword arguments of the
-network (e.g. {"encoder_hidden_states": (B, L, D)}) or None; `uncond` leaves have batch 1 or B.
+network (e.g. {"encoder_hidden_states": (B, L, D)}) or None; `uncond` leaves have batch 1 or B, and a key
+`uncond` lacks is taken from `cond` (`fill_uncond`: SDXL's time_ids).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def _check_cond_batch(cond, batch: int, name: str = "cond"):
         if len(shape) == 0 or shape[0] not in (1, batch):
             raise ValueError(f"{name}{jax.tree_util.keystr(path)} has shape {shape}: its first axis must be the "
                              f"batch ({batch}) or 1")
+
+
+def fill_uncond(cond, uncond):
+    """`uncond` with every key it lacks taken from `cond` (nested dicts): the unconditional branch keeps the
+    example's own value there, as diffusers' SDXL pipeline gives both branches the same time_ids. Keys of
+    uncond that cond lacks are a ValueError."""
+    if not isinstance(cond, dict) or not isinstance(uncond, dict):
+        return uncond
+    extra = sorted(set(uncond) - set(cond))
+    if extra:
+        raise ValueError(f"uncond has {extra}, which cond lacks")
+    return {k: fill_uncond(v, uncond[k]) if k in uncond else v for k, v in cond.items()}
 
 
 def _broadcast_batch(tree, batch: int):
@@ -110,7 +123,7 @@ class Teacher(flax.struct.PyTreeNode):
             if cond is None:
                 raise ValueError("classifier-free guidance needs a cond (the conditional branch); got cond=None")
             _check_cond_batch(self.uncond, batch, "uncond")
-            uncond = _broadcast_batch(self.uncond, batch)
+            uncond = _broadcast_batch(fill_uncond(cond, self.uncond), batch)
             both_cond = jax.tree.map(lambda c, u: jnp.concatenate([c, u], 0), cond, uncond)
             both = self.apply_fn(self.params, jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both_cond)
             p_cond, p_base = both[:batch], both[batch:]

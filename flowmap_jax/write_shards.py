@@ -8,10 +8,20 @@ examples plus their conditioning, so training reads arrays and runs no VAE or te
     # optionally "uncond.<name>" (1, ...) for classifier-free guidance
     python -m flowmap_jax.write_shards --out /data/shards --source npz --input latents_and_embeddings.npz
 
-    # an image folder through a diffusers VAE, captions (<image>.txt) through a CLIP text encoder
-    # (needs the [torch] extra, and `transformers` for captions)
+    # captioned images (metadata.jsonl with file_name/text, or a .txt beside each image) through a Stable
+    # Diffusion pipeline's VAE and text encoder(s) (SD 1.x/2.x or SDXL; needs the [torch] extra)
     python -m flowmap_jax.write_shards --out /data/sd_shards --source folder --images /data/images \\
-        --vae stable-diffusion-v1-5/stable-diffusion-v1-5 --text-encoder stable-diffusion-v1-5/stable-diffusion-v1-5 --image-size 512
+        --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 --image-size 512
+
+    # uncaptioned images through a VAE only (unconditional latents), or as pixels (no --vae)
+    python -m flowmap_jax.write_shards --out /data/latents --source folder --images /data/images --vae SD_FOLDER
+
+Images are encoded in batches (--batch-size) and written shard by shard (`flowmap_jax.shard_writer`): memory
+holds one batch whatever the number of images. With --pipeline the shards carry the prompt conditioning
+("cond.encoder_hidden_states"; SDXL also "cond.added_cond_kwargs.text_embeds" and
+"cond.added_cond_kwargs.time_ids" = original size, crop top-left, target size) and uncond.safetensors holds
+the empty prompt's conditioning for classifier-free guidance (zeros where the pipeline sets
+force_zeros_for_empty_prompt, as SDXL's does).
 
 Then: `python -m flowmap_jax.train --data.source shards --data.path /data/sd_shards ...`.
 Latents are NHWC and already multiplied by the VAE's `scaling_factor` (what the UNet sees).
@@ -25,55 +35,11 @@ import os
 
 import numpy as np
 
-from flowmap_jax.datasets import SHARDS_FORMAT, DataError
-from flowmap_jax.encoders import encode_captions, encode_with_vae
+from flowmap_jax.data_error import DataError
+from flowmap_jax.shard_writer import ShardWriter, write_shards
 from flowmap_jax.spec import cli_exit
 
-
-def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dict | None = None,
-                 shard_size: int = 4096, dtype: str = "float16", source: dict | None = None) -> str:
-    """Write x0 (N, H, W, C) and cond {name: (N, ...)} as shards into `out`; uncond {name: (1, ...)}.
-
-    Files are written under temporary names and renamed, index.json last, so a folder with an
-    index.json is complete. Returns `out`.
-    """
-    from safetensors.numpy import save_file
-
-    x0 = np.asarray(x0)
-    if x0.ndim != 4:
-        raise DataError(f"x0 must be (N, H, W, C), got shape {x0.shape}")
-    cond = {k: np.asarray(v) for k, v in (cond or {}).items()}
-    for name, value in cond.items():
-        if value.shape[0] != x0.shape[0]:
-            raise DataError(f"cond {name!r} has {value.shape[0]} rows for {x0.shape[0]} examples")
-    if dtype not in ("float16", "float32"):
-        raise DataError(f"--dtype must be float16 or float32, got {dtype!r}")
-    os.makedirs(out, exist_ok=True)
-    n = x0.shape[0]
-    shards = []
-    for i, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
-        name = f"shard-{i:05d}.safetensors"
-        tensors = {"x0": np.ascontiguousarray(x0[start:stop].astype(dtype))}
-        tensors.update({f"cond.{k}": np.ascontiguousarray(v[start:stop].astype(dtype)) for k, v in cond.items()})
-        save_file(tensors, os.path.join(out, name + ".tmp"))
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-        shards.append({"file": name, "num_examples": stop - start})
-    uncond_file = None
-    if uncond:
-        missing = sorted(set(cond) - set(uncond))
-        if missing:
-            raise DataError(f"uncond lacks {missing}")
-        uncond_file = "uncond.safetensors"
-        save_file({f"cond.{k}": np.ascontiguousarray(np.asarray(v, np.float32).reshape(1, *cond[k].shape[1:]))
-                   for k, v in uncond.items() if k in cond}, os.path.join(out, uncond_file))
-    index = {"format": SHARDS_FORMAT, "num_examples": int(n), "sample_shape": list(x0.shape[1:]),
-             "cond": {k: list(v.shape[1:]) for k, v in cond.items()}, "uncond": uncond_file,
-             "shards": shards, "source": source or {}}
-    with open(os.path.join(out, "index.json.tmp"), "w") as f:
-        json.dump(index, f, indent=2)
-    os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
-    return out
+__all__ = ["main", "write_image_folder", "write_shards"]
 
 
 def _digits(args):
@@ -99,24 +65,66 @@ def _npz(args):
     return x0, cond, uncond, {"source": "npz", "input": os.path.abspath(args.input)}
 
 
-def _folder(args):
-    from flowmap_jax.datasets import _list_images, load_images
+def write_image_folder(out: str, images: str, image_size: int, pipeline: str = "", vae: str = "",
+                       vae_subfolder: str = "vae", batch_size: int = 16, shard_size: int = 4096,
+                       dtype: str = "float16", caption_column: str = "text", device: str = "auto",
+                       say=print) -> str:
+    """An image folder -> shards, streaming (one batch of `batch_size` images in memory at a time).
 
-    files, _ = _list_images(args.images)
-    if not files:
-        raise DataError(f"--images: no images in {args.images}")
-    images = load_images(files, args.image_size, 3)
-    x0 = encode_with_vae(images, args.vae, args.vae_subfolder) if args.vae else images
-    cond, uncond = {}, None
-    if args.text_encoder:
-        captions = []
-        for path in files:
-            caption_file = os.path.splitext(path)[0] + ".txt"
-            captions.append(open(caption_file).read().strip() if os.path.exists(caption_file) else "")
-        states, empty = encode_captions(captions, args.text_encoder)
-        cond, uncond = {"encoder_hidden_states": states}, {"encoder_hidden_states": empty}
-    return x0, cond, uncond, {"source": "folder", "images": os.path.abspath(args.images), "vae": args.vae,
-                              "text_encoder": args.text_encoder, "image_size": args.image_size}
+    pipeline: a diffusers SD / SDXL pipeline folder: latents through its vae/, captions (required, see
+    `flowmap_jax.captioned_images`) through its text encoder(s), SDXL time ids from each image's geometry, and
+    the unconditional conditioning. vae (without pipeline): latents only, no captions. Neither: pixels
+    (RGB in [-1, 1]), no conditioning. Returns `out`.
+    """
+    from flowmap_jax.captioned_images import (
+        _image_files,
+        list_captioned_images,
+        load_image,
+    )
+
+    if pipeline:
+        from flowmap_jax.encoders import LatentCodec, PromptEncoder, sdxl_time_ids
+
+        entries = list_captioned_images(images, caption_column)
+        codec = LatentCodec.from_pretrained(pipeline, "vae", device, batch_size)
+        prompts = PromptEncoder.from_pretrained(pipeline, device, batch_size)
+        uncond = prompts.unconditional()
+    else:
+        if not os.path.isdir(images):
+            raise DataError(f"--images: image folder {images} does not exist")
+        entries = [(path, None) for path in _image_files(images)]
+        if not entries:
+            raise DataError(f"--images: no images in {images}")
+        codec, prompts, uncond = None, None, None
+        if vae:
+            from flowmap_jax.encoders import LatentCodec
+
+            codec = LatentCodec.from_pretrained(vae, vae_subfolder, device, batch_size)
+    source = {"source": "folder", "images": os.path.abspath(images), "image_size": image_size,
+              "pipeline": pipeline or None, "vae": (pipeline or vae) or None,
+              "vae_scaling_factor": None if codec is None else codec.scaling_factor,
+              "vae_shift_factor": None if codec is None else codec.shift_factor,
+              "latents": "posterior mean, (mean - shift_factor) * scaling_factor, NHWC" if codec else None,
+              "text_encoders": None if prompts is None else len(prompts.text_encoders),
+              "uncond": None if prompts is None else ("zeros (force_zeros_for_empty_prompt)"
+                                                     if prompts.zeros_for_empty_prompt else "empty prompt"),
+              "caption_column": caption_column if prompts is not None else None}
+    with ShardWriter(out, len(entries), shard_size, dtype) as writer:
+        for start in range(0, len(entries), batch_size):
+            batch = entries[start:start + batch_size]
+            loaded = [load_image(path, image_size, 3) for path, _ in batch]
+            pixels = np.stack([array for array, _ in loaded])
+            x0 = pixels if codec is None else codec.encode(pixels)
+            cond = None
+            if prompts is not None:
+                cond = prompts.encode([caption for _, caption in batch])
+                if "added_cond_kwargs" in cond:
+                    cond["added_cond_kwargs"]["time_ids"] = np.stack([
+                        sdxl_time_ids(g.original_size, g.crop_top_left, g.target_size) for _, g in loaded])
+            writer.add(x0, cond)
+            if say is not None and (start // batch_size) % 50 == 0:
+                say(f"encoded {start + len(batch)}/{len(entries)} images")
+        return writer.close(uncond, source)
 
 
 def main(argv=None) -> int:
@@ -132,22 +140,38 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train", help="digits: train, heldout or all")
     parser.add_argument("--input", help="npz: the .npz file")
     parser.add_argument("--images", help="folder: the image folder")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--vae", default="", help="folder: diffusers AutoencoderKL folder or hub id")
+    parser.add_argument("--image-size", type=int, default=512, help="folder: square size images are cropped "
+                        "and resized to (pixels)")
+    parser.add_argument("--pipeline", default="", help="folder: a diffusers SD 1.x/2.x or SDXL pipeline folder "
+                        "(its VAE encodes the images, its text encoder(s) the captions)")
+    parser.add_argument("--vae", default="", help="folder, without --pipeline: a diffusers AutoencoderKL folder "
+                        "(latents, no captions)")
     parser.add_argument("--vae-subfolder", default="vae")
-    parser.add_argument("--text-encoder", default="", help="folder: CLIP text encoder folder or hub id")
+    parser.add_argument("--caption-column", default="text", help="folder: the caption key in metadata.jsonl")
+    parser.add_argument("--batch-size", type=int, default=16, help="folder: images encoded at once")
+    parser.add_argument("--device", default="auto", help="folder: torch device of the encoders (auto, cpu, cuda)")
     args = parser.parse_args(argv)
     try:
         if args.source == "npz" and not args.input:
             raise DataError("--source npz needs --input FILE.npz")
         if args.source == "folder" and not args.images:
             raise DataError("--source folder needs --images DIR")
-        x0, cond, uncond, source = {"digits": _digits, "npz": _npz, "folder": _folder}[args.source](args)
-        write_shards(args.out, x0, cond, uncond, args.shard_size, args.dtype, source)
+        if args.source == "folder":
+            if args.batch_size < 1:
+                raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+            out = write_image_folder(args.out, args.images, args.image_size, args.pipeline, args.vae,
+                                     args.vae_subfolder, args.batch_size, args.shard_size, args.dtype,
+                                     args.caption_column, args.device)
+        else:
+            x0, cond, uncond, source = {"digits": _digits, "npz": _npz}[args.source](args)
+            out = write_shards(args.out, x0, cond, uncond, args.shard_size, args.dtype, source)
     except (DataError, FileNotFoundError) as error:
         cli_exit.report(error)
         return cli_exit.USAGE
-    print(f"wrote {len(x0)} examples of shape {tuple(x0.shape[1:])} to {args.out}")
+    with open(os.path.join(out, "index.json")) as f:
+        index = json.load(f)
+    print(f"wrote {index['num_examples']} examples of shape {tuple(index['sample_shape'])} "
+          f"(conditioning {index['cond'] or 'none'}) to {out}")
     return 0
 
 

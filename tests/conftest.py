@@ -21,3 +21,29 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the JAX-only tests run without torch
     pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny Stable Diffusion pipeline folders (tests/sd_pipelines.py), written once per session.
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sd15_pipeline(tmp_path_factory):
+    """Folder of a tiny SD 1.x diffusers pipeline (32 px images, 8x8x4 latents, CLIP text dim 16)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.sd_pipelines import write_sd15_pipeline
+
+    return write_sd15_pipeline(tmp_path_factory.mktemp("sd15_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+    """Folder of a tiny SDXL diffusers pipeline (two text encoders, text_time added conditioning)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.sd_pipelines import write_sdxl_pipeline
+
+    return write_sdxl_pipeline(tmp_path_factory.mktemp("sdxl_pipeline"))

@@ -18,8 +18,16 @@ def test_default_is_digits_and_sd15_is_data():
     assert sd.data.sample_shape == (64, 64, 4)
     assert sd.model.dtype == "bfloat16" and sd.model.remat
     assert sd.data.source == "shards"
-    # A preset is a complete value: round-trips through its dict form.
-    assert presets.TrainConfig.from_dict(sd.to_dict()) == sd
+    xl = presets.sdxl()
+    assert xl.preset == "sdxl" and xl.data.sample_shape == (128, 128, 4) and xl.data.image_size == 1024
+    assert xl.model.dtype == "bfloat16" and xl.model.remat and xl.data.source == "shards" and xl.mesh.fsdp == 8
+    assert set(presets.PRESETS) == {"digits", "sd15", "sdxl"}
+    for name, make in presets.PRESETS.items():
+        config = make()
+        assert config.preset == name and make() is not config and make() == config  # a fresh value each call
+        # A preset is a complete value: round-trips through its dict form, and passes the checks.
+        assert presets.TrainConfig.from_dict(config.to_dict()) == config
+        presets.validate(dataclasses.replace(config, data=dataclasses.replace(config.data, path="/x")))
 
 
 def test_overrides_long_short_and_equals_forms():
@@ -35,6 +43,8 @@ def test_overrides_long_short_and_equals_forms():
 def test_preset_applies_before_overrides_whatever_the_order():
     c = presets.parse_args(["--optim.lr", "5e-5", "--preset", "sd15", "--data.path", "/x"])
     assert c.preset == "sd15" and c.optim.lr == 5e-5 and c.model.dtype == "bfloat16"
+    c = presets.parse_args(["--data.path", "/x", "-b", "4", "--preset", "sdxl"])
+    assert c.preset == "sdxl" and c.data.batch_size == 4 and c.data.sample_shape == (128, 128, 4)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -92,10 +102,15 @@ def test_help_shows_the_chosen_presets_values():
         assert value in sd15 and value not in digits, value
     for value in ("(default: runs/digits)", "(default: 300)", "(default: float32)"):
         assert value in digits and value not in sd15, value
+    sdxl = _flat(presets.help_text("sdxl"))
+    for value in ("(default: runs/sdxl)", "(default: stabilityai/stable-diffusion-xl-base-1.0)", "(default: 1024)",
+                  "(default: 128 128 4)"):
+        assert value in sdxl and value not in sd15, value
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--help", "--preset", "sd15"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "(default: runs/sd15)" in _flat(done.stdout)
+    for name in ("sd15", "sdxl"):
+        done = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--help", "--preset", name], check=False,
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"(default: runs/{name})" in _flat(done.stdout), done.stderr[-2000:]
 
 
 def test_help_shows_choices_and_aliases():

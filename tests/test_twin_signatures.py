@@ -32,6 +32,8 @@ ONLY_TORCH = {
         "TorchFlowMapExport": "the loaded diffusers UNet with its FlowMap, label table, device and dtype",
         "ExportedUNetNetwork": "runs the diffusers UNet in its own dtype (fp16/bf16) inside a float32 sampler",
         "load_unet": "the stock diffusers UNet of an export, loaded strictly (no Flax counterpart needed)",
+        "flow_map_from_unet": "wraps an already-loaded diffusers UNet (a FlowMapPipeline's unet/) and its "
+                              "flowmap.json as the export's FlowMap; the diffusers pipeline exists in PyTorch only",
         "DTYPES": "the torch dtypes by name (fp32, fp16, bf16)"},
 }
 # (module, qualified name) -> reason: signatures that differ on purpose.

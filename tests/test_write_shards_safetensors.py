@@ -1,6 +1,7 @@
-"""The shard writer loads the VAE and the text encoder from safetensors only (`use_safetensors=True`): a
-folder with only pickle weights (.bin) is a clear DataError, never unpickled; the same models saved as
-safetensors load and encode. Tiny random models, saved locally (no hub)."""
+"""The encoders (`flowmap_jax.encoders`, used by the shard writer, the image-folder dataset and the sampling
+CLIs) load the VAE and the text encoder from safetensors only (`use_safetensors=True`): a folder with only
+pickle weights (.bin) is a clear DataError naming the flag and the folder, never unpickled; the same models
+saved as safetensors load and encode. Tiny random models, saved locally (no hub)."""
 
 import json
 import os
@@ -12,8 +13,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from flowmap_jax import write_shards
-from flowmap_jax.datasets import DataError
+from flowmap_jax import encoders
+from flowmap_jax.data_error import DataError
 
 
 def _vae():
@@ -28,9 +29,9 @@ def test_vae_from_pickle_weights_is_refused_and_safetensors_load(tmp_path):
     assert sorted(os.listdir(tmp_path / "bin" / "vae")) == ["config.json", "diffusion_pytorch_model.bin"]
     with pytest.raises(DataError, match=f"--vae {tmp_path / 'bin' / 'vae'}: cannot load AutoencoderKL from "
                                         "safetensors weights"):
-        write_shards.encode_with_vae(images, str(tmp_path / "bin"))  # main: loads the pickle
+        encoders.encode_with_vae(images, str(tmp_path / "bin"))  # diffusers alone would load the pickle
     _vae().save_pretrained(tmp_path / "st" / "vae")
-    assert write_shards.encode_with_vae(images, str(tmp_path / "st")).shape == (2, 16, 16, 4)
+    assert encoders.encode_with_vae(images, str(tmp_path / "st")).shape == (2, 16, 16, 4)
 
 
 def test_text_encoder_from_pickle_weights_is_refused_and_safetensors_load(tmp_path):
@@ -43,14 +44,20 @@ def test_text_encoder_from_pickle_weights_is_refused_and_safetensors_load(tmp_pa
                                          vocab_size=len(vocab), max_position_embeddings=8, bos_token_id=0,
                                          eos_token_id=1, pad_token_id=1)
     model = transformers.CLIPTextModel(config)
+    index = {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"]}
     for name in ("bin", "st"):
         tokenizer.save_pretrained(tmp_path / name / "tokenizer")
+        (tmp_path / name / "model_index.json").write_text(json.dumps(index))
     config.save_pretrained(tmp_path / "bin" / "text_encoder")
     torch.save(model.state_dict(), tmp_path / "bin" / "text_encoder" / "pytorch_model.bin")
-    with pytest.raises(DataError, match=f"--text-encoder {tmp_path / 'bin' / 'text_encoder'}: cannot load "
+    with pytest.raises(DataError, match=f"--pipeline {tmp_path / 'bin' / 'text_encoder'}: cannot load "
                                         "CLIPTextModel from safetensors weights"):
-        write_shards.encode_captions(["a b"], str(tmp_path / "bin"))  # main: loads the pickle
+        encoders.PromptEncoder.from_pretrained(str(tmp_path / "bin"), "cpu")  # transformers alone: loads the pickle
     model.save_pretrained(tmp_path / "st" / "text_encoder")
     assert not (tmp_path / "st" / "text_encoder" / "pytorch_model.bin").exists()
-    states, empty = write_shards.encode_captions(["a b", "b"], str(tmp_path / "st"))
-    assert states.shape == (2, 8, 8) and empty.shape == (1, 8, 8)
+    prompts = encoders.PromptEncoder.from_pretrained(str(tmp_path / "st"), "cpu")
+    states, empty = prompts.encode(["a b", "b"]), prompts.unconditional()
+    assert states["encoder_hidden_states"].shape == (2, 8, 8) and empty["encoder_hidden_states"].shape == (1, 8, 8)
+    with torch.no_grad():  # the model's last hidden state, as SD 1.x pipelines encode prompts
+        ids = tokenizer(["a b", "b"], padding="max_length", max_length=8, return_tensors="pt").input_ids
+        np.testing.assert_array_equal(states["encoder_hidden_states"], model(ids)[0].numpy())

@@ -19,12 +19,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap_jax.spec.export_format import ExportFormatError, FlowMapConfig, read_export
+from flowmap_jax.spec.export_format import (
+    ExportFormatError,
+    FlowMapConfig,
+    check_unet_hooks,
+    config_from_metadata,
+    read_export,
+)
 from flowmap_jax.spec.label_table import check_labels, read_label_embeddings
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
 
-__all__ = ["ExportedUNetNetwork", "TorchFlowMapExport", "load_flow_map_export", "load_unet", "DTYPES"]
+__all__ = [
+    "DTYPES",
+    "ExportedUNetNetwork",
+    "TorchFlowMapExport",
+    "flow_map_from_unet",
+    "load_flow_map_export",
+    "load_unet",
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,12 +141,23 @@ def load_flow_map_export(folder, device="cpu", dtype=torch.float32) -> TorchFlow
         dtype = DTYPES[dtype]
     device = torch.device(device)
     unet, info = load_unet(folder, device, dtype)
-    flow_map = FlowMap(net=ExportedUNetNetwork(unet), schedule=info.config.schedule,
-                       prediction_type=info.config.prediction_type,
-                       parameterization=info.config.parameterization)
+    return flow_map_from_unet(unet, info.unet_config, info.metadata, info.folder)
+
+
+def flow_map_from_unet(unet, unet_config: dict, metadata: dict, folder=None) -> TorchFlowMapExport:
+    """A loaded flow-map UNet (diffusers UNet2DConditionModel, e.g. a pipeline's `unet/`) wrapped as the
+    export's FlowMap, by `metadata` (flowmap.json as a dict; `folder` resolves its label file). Device and
+    dtype are the UNet's. ExportFormatError if the metadata or the UNet's hooks do not fit."""
+    where = f"{folder}/flowmap.json" if folder is not None else "flowmap.json"
+    config = config_from_metadata(metadata, None if folder is None else Path(folder), where)
+    check_unet_hooks(dict(unet_config), config, "the flow-map UNet's config")
+    flow_map = FlowMap(net=ExportedUNetNetwork(unet), schedule=config.schedule,
+                       prediction_type=config.prediction_type,
+                       parameterization=config.parameterization)
+    device = unet.device
     table = None
-    if info.config.label_embeddings is not None:
-        table = torch.as_tensor(np.asarray(read_label_embeddings(info.config.label_embeddings)), device=device)
-    return TorchFlowMapExport(folder=info.folder, unet=unet, flow_map=flow_map, config=info.config,
-                              unet_config=info.unet_config, metadata=info.metadata, label_table=table,
-                              device=device, dtype=dtype)
+    if config.label_embeddings is not None:
+        table = torch.as_tensor(np.asarray(read_label_embeddings(config.label_embeddings)), device=device)
+    return TorchFlowMapExport(folder=None if folder is None else Path(folder), unet=unet, flow_map=flow_map,
+                              config=config, unet_config=dict(unet_config), metadata=metadata, label_table=table,
+                              device=device, dtype=unet.dtype)

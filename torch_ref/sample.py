@@ -3,7 +3,7 @@
     python -m torch_ref.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
     python -m torch_ref.sample --model runs/digits/export --steps 2 --dtype bf16 --device cuda
 
-The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.sample_cli`); in fp32
+The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.spec.sample_cli`); in fp32
 the two agree to float rounding. API (mirrors `flowmap_jax.sample`):
 
 - `load_flow_map(folder, dtype="fp32", device="auto") -> TorchFlowMapExport` (`torch_ref.export_loading`);
@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import torch
 
+from flowmap_jax import encoders
 from flowmap_jax.spec import sample_cli
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 from torch_ref import samplers
@@ -69,6 +70,11 @@ def sample(loaded: TorchFlowMapExport, noise, timesteps, cond=None, guidance_sca
     return out
 
 
+# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch).
+PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_conditioning,
+                                            decode_latents=encoders.decode_latents)
+
+
 def _run(request: sample_cli.SampleRequest):
     loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
@@ -78,7 +84,7 @@ def _run(request: sample_cli.SampleRequest):
 
 def main(argv=None) -> int:
     return sample_cli.main(sys.argv[1:] if argv is None else argv, backend="torch", prog="python -m torch_ref.sample",
-                           run=_run)
+                           run=_run, codecs=PIPELINE_CODECS)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,18 @@ def _check_cond_batch(cond, batch: int, name: str = "cond"):
             raise ValueError(f"{name}{path} has shape {shape}: its first axis must be the batch ({batch}) or 1")
 
 
+def fill_uncond(cond, uncond):
+    """`uncond` with every key it lacks taken from `cond` (nested dicts): the unconditional branch keeps the
+    example's own value there, as diffusers' SDXL pipeline gives both branches the same time_ids. Keys of
+    uncond that cond lacks are a ValueError."""
+    if not isinstance(cond, dict) or not isinstance(uncond, dict):
+        return uncond
+    extra = sorted(set(uncond) - set(cond))
+    if extra:
+        raise ValueError(f"uncond has {extra}, which cond lacks")
+    return {k: fill_uncond(v, uncond[k]) if k in uncond else v for k, v in cond.items()}
+
+
 def _broadcast_batch(tree, batch: int):
     return tree_map(lambda v: v.expand((batch,) + tuple(v.shape[1:])), tree)
 
@@ -108,7 +120,7 @@ class Teacher:
             if cond is None:
                 raise ValueError("classifier-free guidance needs a cond (the conditional branch); got cond=None")
             _check_cond_batch(self.uncond, batch, "uncond")
-            uncond = _broadcast_batch(self.uncond, batch)
+            uncond = _broadcast_batch(fill_uncond(cond, self.uncond), batch)
             both_cond = tree_map(lambda c, u: torch.cat([c, u], 0), cond, uncond)
             both = self.model(torch.cat([x, x], 0), torch.cat([t, t], 0), both_cond)
             p_cond, p_base = both[:batch], both[batch:]

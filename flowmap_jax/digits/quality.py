@@ -68,7 +68,7 @@ def _as_images(images):
         images = images[..., None]
     if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
         raise ValueError(f"digits images must be (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1) NHWC, got shape {images.shape}"
-                         " (PyTorch (N, 1, H, W) arrays: flowmap_jax.layout.nchw_to_nhwc)")
+                         " (PyTorch (N, 1, H, W) arrays: flowmap_jax.spec.layout.nchw_to_nhwc)")
     return np.clip(images, -1.0, 1.0)
 
 

@@ -14,6 +14,7 @@ either framework. Each module has one job:
 - `export_format`: the exported flow-map folder (flowmap.json) and its reader.
 - `label_table`: the label-embedding table (class labels -> encoder_hidden_states), one reader.
 - `sampling_inputs`: the backend-independent inputs of sampling (noise, shape, guidance).
+- `pipeline_folder`: the FlowMapPipeline folder's fixed names (model_index class, pipeline.py).
 - `sample_cli`: the flags and files of both sampling commands.
 - `image_grid`: the PNG grid writer.
 - `layout`: the flip between (B, C, H, W) and (B, H, W, C).

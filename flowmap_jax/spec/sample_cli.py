@@ -13,6 +13,11 @@ The grid goes from noise to data (strictly decreasing times); an increasing grid
 Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
+With a FlowMapPipeline folder (`python -m conversion export RUN OUT --pipeline`) and --prompt: the prompts are
+encoded by its text encoder(s) and the latents decoded by its VAE, for either backend, through the
+`PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.encoders`: this module imports no torch);
+images/NNNN.png and prompts.txt join the outputs.
+
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32, the state at the grid's
 first time (drawn noise, or --init) (channels last in
 both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
@@ -38,6 +43,7 @@ from flowmap_jax.spec.label_table import (
     labels_to_encoder_hidden_states,
     read_label_embeddings,
 )
+from flowmap_jax.spec.pipeline_folder import is_pipeline_folder
 from flowmap_jax.spec.sampling_inputs import (
     default_sample_shape,
     initial_noise,
@@ -57,7 +63,11 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p = cli_exit.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
+    p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json), "
+                   "or a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline) to sample from prompts")
+    p.add_argument("--prompt", action="append", default=None, help="pipeline folders: a prompt (repeatable; the "
+                   "prompts are repeated to fill --batch); the images go to --out as PNGs")
+    p.add_argument("--prompt-file", default=None, help="pipeline folders: a text file with one prompt per line")
     p.add_argument("--steps", type=int, default=4, help="number of jumps, on a uniform grid in teacher time from "
                    "the noise end to the clean end (default 4)")
     p.add_argument("--spacing", choices=GRID_SPACINGS, default="uniform", help="the --steps grid: uniform in "
@@ -105,6 +115,8 @@ class SampleRequest:
 
     info: ExportInfo
     noise: np.ndarray
+    pipeline: Path | None = dataclasses.field(default=None, kw_only=True)
+    prompts: list | None = dataclasses.field(default=None, kw_only=True)
     renoise: list | None
     timesteps: np.ndarray
     gamma: float
@@ -217,9 +229,45 @@ def read_cond_file(path: str, batch: int) -> dict:
     return cond
 
 
-def prepare(args: argparse.Namespace) -> SampleRequest:
-    """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning."""
-    info = read_export(args.model)
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt (repeatable) and --prompt-file (one per line, blank lines skipped), in that order."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt-file: no file {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts or None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineCodecs:
+    """How a backend reaches a FlowMapPipeline folder's text encoder(s) and VAE (both sampling commands pass
+    `flowmap_jax.encoders.prompt_conditioning` and `decode_latents`, PyTorch; this module imports no torch).
+
+    encode_prompts(folder, prompts (B,) list of str, image_hw (H, W) pixels) -> the UNet's conditioning
+    {"encoder_hidden_states": (B, L, D)[, "added_cond_kwargs": {"text_embeds", "time_ids"}]} float32 numpy;
+    decode_latents(folder, latents (B, h, w, C) float32) -> (B, H, W, 3) float32 RGB about [-1, 1].
+    """
+
+    encode_prompts: Callable[[Path, list, tuple], dict]
+    decode_latents: Callable[[Path, np.ndarray], np.ndarray]
+
+
+def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> SampleRequest:
+    """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning (prompts
+    through `codecs` for a pipeline folder)."""
+    pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
+    prompts = read_prompts(args)
+    if pipeline is not None and codecs is None:
+        raise ValueError(f"{args.model} is a FlowMapPipeline folder, and this sampler reads no pipeline folders; "
+                         f"give --model {Path(args.model) / 'unet'} with --cond")
+    if prompts is not None and pipeline is None:
+        raise ValueError(f"--prompt needs a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline); "
+                         f"{args.model} has no model_index.json with a flow-map unet/")
+    if pipeline is not None and prompts is None:
+        raise ValueError(f"{args.model} is a pipeline folder: give --prompt (or --prompt-file)")
+    info = read_export(pipeline / "unet" if pipeline is not None else args.model)
     config = info.config
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
@@ -252,6 +300,11 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
                              f"(--height/--width change it)")
         noise = init
     cond, labels = {}, None
+    if pipeline is not None:
+        with open(pipeline / "vae" / "config.json") as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        rows = [prompts[i % len(prompts)] for i in range(args.batch)]
+        cond.update(codecs.encode_prompts(pipeline, rows, (shape[0] * factor, shape[1] * factor)))
     if args.cond is not None:
         cond.update(read_cond_file(args.cond, args.batch))
     if config.label_embeddings is not None and "encoder_hidden_states" not in cond:
@@ -270,11 +323,14 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(info=info, noise=noise, renoise=renoise if args.gamma > 0 else None, timesteps=grid,
                          gamma=float(args.gamma), cond=cond or None, guidance_scale=guidance, labels=labels,
                          dtype=args.dtype, device=args.device, out=Path(args.out),
-                         grid_columns=max(1, int(args.grid_columns)), args=vars(args))
+                         grid_columns=max(1, int(args.grid_columns)), args=vars(args), pipeline=pipeline,
+                         prompts=None if prompts is None else [prompts[i % len(prompts)] for i in range(args.batch)])
 
 
-def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
-    """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
+def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str,
+                  codecs: PipelineCodecs | None = None) -> dict:
+    """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out (for a pipeline folder
+    also images/NNNN.png decoded through `codecs` and prompts.txt); returns the paths."""
     from flowmap_jax.spec.image_grid import save_grid
 
     samples = np.asarray(samples, np.float32)
@@ -289,6 +345,17 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
         np.save(paths["labels"], request.labels)
     jumps = request.timesteps.shape[0] - 1
     cols = request.grid_columns
+    if request.pipeline is not None:  # latents -> images through the pipeline's VAE (PyTorch)
+        from PIL import Image
+
+        decoded = np.asarray(codecs.decode_latents(request.pipeline, samples), np.float32)
+        pixels = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        paths["images"] = out / "images"
+        paths["images"].mkdir(exist_ok=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image).save(paths["images"] / f"{i:04d}.png")
+        (out / "prompts.txt").write_text("\n".join(request.prompts) + "\n")
+        samples = decoded
     rows = []
     for r, start in enumerate(range(0, samples.shape[0], cols)):
         name = f"{jumps} jump{'s' if jumps > 1 else ''}" if r == 0 else ""
@@ -303,20 +370,22 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
     return paths
 
 
-def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
-    """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
+def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]],
+         codecs: PipelineCodecs | None = None) -> int:
+    """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write; `codecs`
+    lets --model name a FlowMapPipeline folder (prompts in, images out).
     Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
     flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:
-        request = prepare(args)
+        request = prepare(args, codecs)
         start = time.perf_counter()
         samples, device = run(request)
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as err:
         cli_exit.report(err)
         return cli_exit.USAGE
-    paths = write_outputs(request, samples, backend, seconds, device)
+    paths = write_outputs(request, samples, backend, seconds, device, codecs)
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
     return 0
