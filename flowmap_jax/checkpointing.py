@@ -11,7 +11,8 @@ The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are c
 `save` returns, so the next step may overwrite the device buffers).
 
 Resume (`restore`): try the newest checkpoint; if it cannot be read or its fingerprint does not match
-(a half-written or corrupted directory), say so and fall back to the next older one, and so on.
+(a half-written or corrupted directory), say so and fall back to the next older one, and so on
+(Orbax's abandoned reads of the failed one are kept off stderr: `_quiet_abandoned_orbax_reads`).
 A save interrupted by a kill leaves an `*.orbax-checkpoint-tmp-*` directory that Orbax never lists
 as a step; it is removed when the run restarts. The checkpoints skipped by a fallback are moved to
 `<checkpoints>/rejected/<step>-<reason>` (`set_aside_rejected`, `rejected_checkpoints`), so the run's
@@ -34,12 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -257,6 +260,7 @@ class Checkpointer:
             try:
                 result = self._restore_step(candidate, abstract_state, rng_like)
             except Exception as error:  # noqa: BLE001 - any failure means: not a good checkpoint
+                _quiet_abandoned_orbax_reads()
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 failures.append((candidate, reason))
                 older = [s for s in candidates if s < candidate]
@@ -307,6 +311,33 @@ class Checkpointer:
         if _is_typed_key(rng_like):
             rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(rng_like))
         return tree["train_state"], rng, meta
+
+
+def _quiet_abandoned_orbax_reads() -> None:
+    """After a failed restore: Orbax stops at the first unreadable array and closes its event loop with
+    the sibling reads still pending; when such a read coroutine is garbage-collected, Orbax's own
+    `except BaseException` turns the GeneratorExit into an Exception that Python prints to stderr
+    ("Exception ignored in: <coroutine ...>", a traceback), at a moment nobody chooses. The failure was
+    already reported (the first unreadable array), so from the first failed restore on, those go to this
+    module's debug log: a narrow `sys.unraisablehook` (only coroutines of Orbax's code; everything else
+    goes to the previous hook), installed once for the process. The garbage collection is run here."""
+    global _previous_unraisablehook
+    if _previous_unraisablehook is None:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable_orbax_read_to_log
+    gc.collect()
+
+
+_previous_unraisablehook = None
+
+
+def _unraisable_orbax_read_to_log(unraisable) -> None:
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        log.debug("an abandoned Orbax read of a failed restore raised %s: %s",
+                  type(unraisable.exc_value).__name__, unraisable.exc_value)
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
 
 
 def _orbax_write_threads() -> list:
