@@ -320,9 +320,11 @@ def _quiet_abandoned_orbax_reads() -> None:
     ("Exception ignored in: <coroutine ...>", a traceback), at a moment nobody chooses. The failure was
     already reported (the first unreadable array), so from the first failed restore on, those go to this
     module's debug log: a narrow `sys.unraisablehook` (only coroutines of Orbax's code; everything else
-    goes to the previous hook), installed once for the process. The garbage collection is run here."""
+    goes to the previous hook), installed once for the process. TensorStore finishing such a read later
+    into the closed loop ("Event loop is closed" from `call_soon_threadsafe`) is treated the same way.
+    The garbage collection is run here."""
     global _previous_unraisablehook
-    if _previous_unraisablehook is None:
+    if sys.unraisablehook is not _unraisable_orbax_read_to_log:  # not yet, or replaced since (pytest)
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable_orbax_read_to_log
     gc.collect()
@@ -332,12 +334,23 @@ _previous_unraisablehook = None
 
 
 def _unraisable_orbax_read_to_log(unraisable) -> None:
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    if _is_abandoned_orbax_read(unraisable):
         log.debug("an abandoned Orbax read of a failed restore raised %s: %s",
                   type(unraisable.exc_value).__name__, unraisable.exc_value)
         return
     (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def _is_abandoned_orbax_read(unraisable) -> bool:
+    """A read coroutine of Orbax's code, or TensorStore completing a read into a closed event loop
+    (`call_soon_threadsafe` raising "Event loop is closed" from a callback, no object)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        return f"{os.sep}orbax{os.sep}" in code.co_filename
+    tb = unraisable.exc_traceback
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
 def _orbax_write_threads() -> list:
