@@ -11,7 +11,8 @@ The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are c
 `save` returns, so the next step may overwrite the device buffers).
 
 Resume (`restore`): try the newest checkpoint; if it cannot be read or its fingerprint does not match
-(a half-written or corrupted directory), say so and fall back to the next older one, and so on.
+(a half-written or corrupted directory), say so and fall back to the next older one, and so on
+(Orbax's abandoned reads of the failed one are kept off stderr: `_quiet_abandoned_orbax_reads`).
 A save interrupted by a kill leaves an `*.orbax-checkpoint-tmp-*` directory that Orbax never lists
 as a step; it is removed when the run restarts. The checkpoints skipped by a fallback are moved to
 `<checkpoints>/rejected/<step>-<reason>` (`set_aside_rejected`, `rejected_checkpoints`), so the run's
@@ -19,9 +20,11 @@ own save at that step can be written.
 
 A save that fails (disk full, permissions; raised by Orbax's background thread at the next `save`,
 `wait` or `close`) is a `CheckpointWriteError` naming the step, the cause and the last good
-checkpoint; the step's temporary folder is removed, and the older checkpoints are untouched. Orbax's
-own error logs of a failed save (tracebacks from its threads) go to `<checkpoints>/save_errors.log`
-instead of stderr.
+checkpoint. Orbax reports the first write of a step that fails while the step's other writes (each in
+its own thread) may still be running, so the failure path first waits for all of them
+(`_wait_for_orbax_writes`), then removes every `<step>.orbax-checkpoint-tmp*` folder of the step; the
+older checkpoints are untouched. Orbax's own error logs of a failed save (tracebacks from its threads)
+go to `<checkpoints>/save_errors.log` instead of stderr, until `close` has released Orbax.
 
 Preemption (`PreemptionGuard`): SIGTERM sets a flag; the training loop asks `reached(step)` each step
 and, when true, saves and exits. With several processes JAX's preemption sync point makes every
@@ -32,12 +35,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +59,7 @@ from flowmap_jax.spec.cli_exit import RunFailure
 
 log = logging.getLogger("flowmap_jax.checkpointing")
 ERROR_LOG_NAME = "save_errors.log"
+_WRITE_WAIT_S = 1200  # the longest wait for the other writes of a failed save (Orbax's AsyncOptions.timeout_secs)
 
 
 class NoGoodCheckpoint(RunFailure, RuntimeError):
@@ -168,8 +175,9 @@ class Checkpointer:
         self._in_flight = None
 
     def _write_failed(self, step, error) -> None:
-        """Remove the step's temporary folder and raise CheckpointWriteError (once)."""
+        """Wait for the step's other writes, remove its temporary folders, raise CheckpointWriteError (once)."""
         self._failed = step
+        self._wait_for_orbax_writes()
         self._remove_partial(step)
         cause = error
         while cause.__cause__ is not None or cause.__context__ is not None:
@@ -184,20 +192,42 @@ class Checkpointer:
                                    f"({reason[:300]}); its partial folder was removed; {kept}") from None
 
     def close(self) -> None:
-        """Finish the asynchronous save and release Orbax. After a failed save nothing more is raised."""
+        """Finish the asynchronous save and release Orbax. After a failed save nothing more is raised.
+        Orbax's error logs go to save_errors.log until its threads are done."""
         try:
             self.wait()
         finally:
-            logging.getLogger("absl").removeFilter(self._error_filter)
             try:
                 self.manager.close()
             except Exception:
                 if self._failed is None:
                     raise
-            if self._failed is not None:  # Orbax's threads may have written more into it meanwhile
-                self._remove_partial(self._failed)
+            finally:
+                if self._failed is not None:  # nothing of the failed step may be left behind
+                    self._wait_for_orbax_writes()
+                    self._remove_partial(self._failed)
+                logging.getLogger("absl").removeFilter(self._error_filter)
+
+    def _wait_for_orbax_writes(self) -> None:
+        """Block until every write of the last save has ended, successfully or not.
+
+        Orbax runs each write of a step (an item's arrays, its metadata, the JSON item) in a thread of
+        its own and awaits them in item-name order, stopping at the first failure: its background
+        thread (all `wait_until_finished` joins) and a synchronous `save` end while the step's other
+        writes may still be running, and those would recreate or write into a folder removed under
+        them. So also wait for the last save's commit futures and any other Orbax write thread still
+        alive (both are Orbax internals; tests/test_run_folder.py's disk-full test holds a write back
+        to check this). Their errors are not raised here (the first one already was)."""
+        with contextlib.suppress(Exception):  # the failure being handled, raised again by Orbax
+            self.manager.wait_until_finished()
+        async_manager = getattr(getattr(self.manager, "_checkpointer", None), "_async_manager", None)
+        writes = list(getattr(async_manager, "_commit_futures", None) or []) + _orbax_write_threads()
+        for write in writes:
+            with contextlib.suppress(Exception):  # each failed write was logged by Orbax
+                write.result(timeout=_WRITE_WAIT_S)
 
     def _remove_partial(self, step) -> None:
+        """Remove every temporary folder of `step` (`<step>.orbax-checkpoint-tmp*`, process 0)."""
         if jax.process_index() == 0:
             for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -230,6 +260,7 @@ class Checkpointer:
             try:
                 result = self._restore_step(candidate, abstract_state, rng_like)
             except Exception as error:  # noqa: BLE001 - any failure means: not a good checkpoint
+                _quiet_abandoned_orbax_reads()
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 failures.append((candidate, reason))
                 older = [s for s in candidates if s < candidate]
@@ -280,6 +311,58 @@ class Checkpointer:
         if _is_typed_key(rng_like):
             rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(rng_like))
         return tree["train_state"], rng, meta
+
+
+def _quiet_abandoned_orbax_reads() -> None:
+    """After a failed restore: Orbax stops at the first unreadable array and closes its event loop with
+    the sibling reads still pending; when such a read coroutine is garbage-collected, Orbax's own
+    `except BaseException` turns the GeneratorExit into an Exception that Python prints to stderr
+    ("Exception ignored in: <coroutine ...>", a traceback), at a moment nobody chooses. The failure was
+    already reported (the first unreadable array), so from the first failed restore on, those go to this
+    module's debug log: a narrow `sys.unraisablehook` (only coroutines of Orbax's code; everything else
+    goes to the previous hook), installed once for the process. TensorStore finishing such a read later
+    into the closed loop ("Event loop is closed" from `call_soon_threadsafe`) is treated the same way.
+    The garbage collection is run here."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _unraisable_orbax_read_to_log:  # not yet, or replaced since (pytest)
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable_orbax_read_to_log
+    gc.collect()
+
+
+_previous_unraisablehook = None
+
+
+def _unraisable_orbax_read_to_log(unraisable) -> None:
+    if _is_abandoned_orbax_read(unraisable):
+        log.debug("an abandoned Orbax read of a failed restore raised %s: %s",
+                  type(unraisable.exc_value).__name__, unraisable.exc_value)
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def _is_abandoned_orbax_read(unraisable) -> bool:
+    """A read coroutine of Orbax's code, or TensorStore completing a read into a closed event loop
+    (`call_soon_threadsafe` raising "Event loop is closed" from a callback, no object)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        return f"{os.sep}orbax{os.sep}" in code.co_filename
+    tb = unraisable.exc_traceback
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def _orbax_write_threads() -> list:
+    """Orbax's write threads (`_SignalingThread`, one per write of a save) still running."""
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+
+        kind = orbax_future._SignalingThread
+    except (ImportError, AttributeError):
+        return []
+    return [t for t in threading.enumerate()
+            if isinstance(t, kind) and t is not threading.current_thread() and hasattr(t, "result")]
 
 
 def _step_folders(directory: str) -> list[int]:

@@ -9,8 +9,8 @@ Run as a program it is the trainer with these parts:
 Extra environment knobs (subprocess tests): STANDIN_STEP_SLEEP (seconds to sleep after each batch is
 drawn, to make a run slow enough to kill), STANDIN_NAN_AFTER=K (batches after the K-th are NaN, so
 the loss of step K + 1 is NaN), STANDIN_DISK_FULL_AT=K (the checkpoint of step K fails as on a full
-disk: its metadata file is cut short and the write raises OSError(ENOSPC) in Orbax's save thread,
-after the arrays were written into the step's temporary folder).
+disk: its metadata file is cut short and the write raises OSError(ENOSPC) in Orbax's save thread while
+the array item is still being written; see `fill_disk_at`).
 """
 
 from __future__ import annotations
@@ -148,22 +148,47 @@ STANDIN_FLAGS = ["--data.sample_shape", "4,4,1", "--objective.names", "pairs", "
 `--objective.names` is a real name because the parser accepts only those."""
 
 
-def fill_disk_at(step: int) -> None:
-    """Make the checkpoint of `step` fail with ENOSPC inside Orbax's background save (see the module
-    docstring): the JSON item handler is the last writer of a step, so its arrays are on disk by then."""
+def fill_disk_at(step: int, late_write_s: float = 0.5) -> None:
+    """Make the checkpoint of `step` fail with ENOSPC inside Orbax's background save, with the step's
+    other writes still running when the failure is reported: the worst case, made certain.
+
+    Orbax writes a step's items concurrently (one thread per write) and its background thread awaits
+    them in item-name order ("meta" before "state"), stopping at the first failure. So the JSON "meta"
+    item's ENOSPC is raised while the "state" item's arrays and metadata may still be written. Here
+    the state item's last write (its metadata, after its arrays) is held until the JSON write has
+    failed and then `late_write_s` more, so it lands in the step's temporary folder after the trainer
+    has heard of the failure; the trainer must wait for it before removing that folder."""
+    import asyncio
     import errno
+    import threading
 
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+    from orbax.checkpoint._src.handlers import (
+        base_pytree_checkpoint_handler as pytree_handler,
+    )
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
 
-    write = handler.JsonCheckpointHandler._save_fn
+    def of_step(directory) -> bool:  # <checkpoints>/<step>.orbax-checkpoint-tmp*/<item>.orbax-checkpoint-tmp*
+        return str(directory).split(os.sep)[-2].startswith(f"{step}.")
+
+    json_failed = threading.Event()
+    write_json = json_handler.JsonCheckpointHandler._save_fn
+    write_state_metadata = pytree_handler.BasePyTreeCheckpointHandler._write_metadata_after_commits
 
     async def full(self, x, directory):
-        if str(directory).split(os.sep)[-2].startswith(f"{step}."):  # <checkpoints>/<step>.orbax-checkpoint-tmp*/meta*
+        if of_step(directory):
             (directory / self._filename).write_text('{"step": ')
+            json_failed.set()
             raise OSError(errno.ENOSPC, "No space left on device", str(directory / self._filename))
-        return await write(self, x, directory)
+        return await write_json(self, x, directory)
 
-    handler.JsonCheckpointHandler._save_fn = full
+    async def late(self, commit_futures, *, param_infos, **kwargs):
+        if of_step(jax.tree.leaves(param_infos)[0].parent_dir):
+            await asyncio.to_thread(json_failed.wait, 60)
+            await asyncio.sleep(late_write_s)
+        return await write_state_metadata(self, commit_futures, param_infos=param_infos, **kwargs)
+
+    json_handler.JsonCheckpointHandler._save_fn = full
+    pytree_handler.BasePyTreeCheckpointHandler._write_metadata_after_commits = late
 
 
 def main(argv) -> int:
