@@ -218,7 +218,8 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2 (see the module docstring)."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
-                                    options.teacher_solver, p["cond"], p["w"])
+                                    options.teacher_solver, p["cond"], p["w"],
+                                    spacing=options.teacher_spacing)
     x_map = flow_map(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
     return _finish(_per_example_mean(jnp.square(err)), options, err)

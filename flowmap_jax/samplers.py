@@ -32,7 +32,7 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from flowmap_jax.flow_config import TEACHER_SOLVERS, TEACHER_SPACINGS, check_time_values
 from flowmap_jax.schedules import expand_time
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
@@ -65,18 +65,20 @@ def _check_x(x):
 
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     """Heun's trapezoid correction to the DDIM (Euler) step from (a_c, s_c) to (a_n, s_n) of a VP schedule,
-    given the teacher's (x0, eps) at the start (_1) and at the Euler point (_2).
+    given the teacher's (x0, eps) at the start (_1) and at the Euler point (_2). Shapes: x's; a/s (B,).
 
-    Where alpha_c > 0: EDM's Heun in y = x / alpha and rho = sigma / alpha (dy/drho = eps), i.e.
-    0.5 a_n (rho_n - rho_c) (eps_2 - eps_1) = 0.5 (s_n - a_n s_c / a_c) (eps_2 - eps_1), written so that
-    landing on alpha_n = 0 is finite. From alpha_c = 0 (rho_c infinite) the same trapezoid rule in
-    y' = x / sigma and rho' = alpha / sigma (dy'/drho' = x0): 0.5 (a_n - s_n a_c / s_c) (x0_2 - x0_1)
-    = 0.5 a_n (x0_2 - x0_1). Both are second order; they differ by O(step^3)."""
-    from_noise_end = a_c <= 0
-    a_c_safe = jnp.where(from_noise_end, 1.0, a_c)
-    eps_form = expand_time(0.5 * (s_n - a_n * s_c / a_c_safe), x) * (eps_2 - eps_1)
-    x0_form = expand_time(0.5 * a_n, x) * (x0_2 - x0_1)
-    return jnp.where(expand_time(from_noise_end, x), x0_form, eps_form)
+    Two second-order trapezoid rules exist: EDM's in y = x / alpha, rho = sigma / alpha (dy/drho = eps;
+    diffusers' HeunDiscrete), correction c_eps (eps_2 - eps_1) with c_eps = 0.5 (s_n - a_n s_c / a_c),
+    infinite from alpha_c = 0 and ill-conditioned where alpha_c is tiny; and the same rule in y' = x / sigma,
+    rho' = alpha / sigma (dy'/drho' = x0), c_x0 (x0_2 - x0_1) with c_x0 = 0.5 (a_n - s_n a_c / s_c),
+    infinite from sigma_c = 0. This is their blend with weights cos^2 and sin^2 of the angle theta_c (still
+    second order, smooth, finite at both ends):
+        0.5 (a_c s_n - a_n s_c) / (a_c^2 + s_c^2) * (a_c (eps_2 - eps_1) - s_c (x0_2 - x0_1)).
+    EDM's form near the clean end, the x0 form near the noise end. On the mixture test EDM's form alone
+    left 46% error at 32 uniform steps from DDPM squaredcos_cap_v2's t = 999 (alpha = 5e-5), the blend 1.5%;
+    elsewhere they agree to within a few percent of the error."""
+    coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
+    return expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
@@ -131,15 +133,14 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
             # Second order needs finite log-SNRs lambda = log(a / s) at t_prev, t_cur and t_next: not at either
             # end of the schedule (sigma = 0 clean, alpha = 0 for VP cosine / rectified flow at T).
             use_second = (i > 0) & (s_n > 0) & (s_c > 0) & (a_n > 0) & (a_c > 0) & (a_p > 0)
-            if lower_order_final and (lower_order_final == "always" or n < 15):
+            if lower_order_final and n < 15:
                 use_second = use_second & (i < n - 1)
             # Second order (midpoint): + 0.5 a_n (1 - e^{-h}) (h / h_0) (x0 - x0_prev), lambda = log(a / s).
-            def safe(v):
-                return jnp.where(use_second, v, 1.0)
-            a_n_safe, a_c_safe, s_n_safe, s_c_safe = safe(a_n), safe(a_c), safe(s_n), safe(s_c)
+            a_n_safe, a_c_safe, a_p_safe, s_n_safe, s_c_safe, s_p_safe = (
+                jnp.where(use_second, v, 1.0) for v in (a_n, a_c, a_p, s_n, s_c, s_p))
             lam_n = jnp.log(a_n_safe) - jnp.log(s_n_safe)
             lam_c = jnp.log(a_c_safe) - jnp.log(s_c_safe)
-            lam_p = jnp.log(safe(a_p)) - jnp.log(safe(s_p))
+            lam_p = jnp.log(a_p_safe) - jnp.log(s_p_safe)
             h = jnp.where(use_second, lam_n - lam_c, 1.0)
             h_0 = jnp.where(use_second, lam_c - lam_p, 1.0)
             h_0 = jnp.where(h_0 == 0, 1.0, h_0)  # a repeated time (zero-length step): no extrapolation
@@ -187,7 +188,7 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
-SOLVE_SPACINGS = ("uniform", "karras", "logsnr")
+SOLVE_SPACINGS = TEACHER_SPACINGS
 SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
 """The noise-to-signal ratios rho = sigma / alpha at which the "karras" and "logsnr" spacings of
 `solve_grid` saturate: the spacing variable is g(rho) = rho_min + rho / (1 + rho / rho_max), finite at both
@@ -241,7 +242,7 @@ def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "log
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=True, spacing="logsnr"):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
     """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction) with
     `num_steps` steps of `solver` on the per-example grid `solve_grid(..., spacing)`, then the teacher's
     DDIM step from max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in DDPM's
@@ -256,9 +257,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
-    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
-        return x
-    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
+        x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    return jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):

@@ -40,8 +40,8 @@ def _ddpm_log_alpha_table(schedule) -> np.ndarray:
     """log alpha at t = -1, 0, ..., N - 1 from diffusers' DDPMScheduler (independent of flow_config)."""
     from diffusers import DDPMScheduler
 
-    kwargs = dict(num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start,
-                  beta_end=schedule.beta_end, beta_schedule=schedule.beta_schedule)
+    kwargs = {"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+              "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule}
     if schedule.trained_betas is not None:
         kwargs["trained_betas"] = list(schedule.trained_betas)
     cumprod = DDPMScheduler(**kwargs).alphas_cumprod.double().numpy()

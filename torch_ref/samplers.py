@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowmap_jax.flow_config import TEACHER_SOLVERS, check_time_values
+from flowmap_jax.flow_config import TEACHER_SOLVERS, TEACHER_SPACINGS, check_time_values
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
@@ -21,7 +21,7 @@ def check_grid(schedule, timesteps) -> np.ndarray:
     """A concrete 1-D grid of >= 2 times inside the schedule -> (n + 1,) float64. ValueError otherwise."""
     if isinstance(timesteps, torch.Tensor):
         timesteps = timesteps.detach().cpu().numpy()
-    grid = np.asarray(timesteps, dtype=np.float64)
+    grid = np.ascontiguousarray(timesteps, dtype=np.float64)
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {grid.shape}")
     check_time_values(schedule, grid, "timesteps")
@@ -43,13 +43,10 @@ def _where(mask, a, b, x):
 
 
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
-    """Heun's trapezoid correction to the DDIM step of a VP schedule: EDM's form in (x / alpha, sigma / alpha)
-    where alpha_c > 0, the (x / sigma, alpha / sigma) form from alpha_c = 0 (see flowmap_jax.samplers)."""
-    from_noise_end = a_c <= 0
-    a_c_safe = torch.where(from_noise_end, torch.ones_like(a_c), a_c)
-    eps_form = expand_time(0.5 * (s_n - a_n * s_c / a_c_safe), x) * (eps_2 - eps_1)
-    x0_form = expand_time(0.5 * a_n, x) * (x0_2 - x0_1)
-    return _where(from_noise_end, x0_form, eps_form, x)
+    """Heun's trapezoid correction to the DDIM step of a VP schedule: the cos^2 / sin^2 (theta_c) blend of
+    EDM's eps form and the x0 form, finite at both ends (see flowmap_jax.samplers._heun_correction)."""
+    coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
+    return expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
@@ -84,16 +81,14 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         # Second order needs finite log-SNRs at t_prev, t_cur and t_next (see flowmap_jax.samplers).
         use_second = ((s_n > 0) & (s_c > 0) & (a_n > 0) & (a_c > 0) & (a_p > 0)
                       & torch.full_like(s_n, i > 0, dtype=torch.bool))
-        if lower_order_final and (lower_order_final == "always" or n < 15) and i == n - 1:
+        if lower_order_final and n < 15 and i == n - 1:
             use_second = torch.zeros_like(use_second)
         one = torch.ones_like(s_n)
-
-        def safe(v):
-            return torch.where(use_second, v, one)
-        a_n_safe, a_c_safe, s_n_safe, s_c_safe = safe(a_n), safe(a_c), safe(s_n), safe(s_c)
+        a_n_safe, a_c_safe, a_p_safe, s_n_safe, s_c_safe, s_p_safe = (
+            torch.where(use_second, v, one) for v in (a_n, a_c, a_p, s_n, s_c, s_p))
         lam_n = torch.log(a_n_safe) - torch.log(s_n_safe)
         lam_c = torch.log(a_c_safe) - torch.log(s_c_safe)
-        lam_p = torch.log(safe(a_p)) - torch.log(safe(s_p))
+        lam_p = torch.log(a_p_safe) - torch.log(s_p_safe)
         h = torch.where(use_second, lam_n - lam_c, one)
         h_0 = torch.where(use_second, lam_c - lam_p, one)
         h_0 = torch.where(h_0 == 0, one, h_0)  # a repeated time (zero-length step): no extrapolation
@@ -137,7 +132,7 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
-SOLVE_SPACINGS = ("uniform", "karras", "logsnr")
+SOLVE_SPACINGS = TEACHER_SPACINGS
 SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
 """Where the "karras" and "logsnr" spacings saturate (see `flowmap_jax.samplers.SPACING_RHO_MIN`)."""
 
@@ -173,7 +168,7 @@ def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "log
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=True, spacing="logsnr"):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
     """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): `num_steps`
     steps on `solve_grid(..., spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
     `flowmap_jax.samplers.teacher_solve`). x_s (B, ...)."""
@@ -187,9 +182,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
-    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
-        return x
-    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
+        x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    return _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):
