@@ -353,9 +353,10 @@ class ObjectiveOptions:
         with this many steps of this solver (one of TEACHER_SOLVERS) on this grid (one of TEACHER_SPACINGS;
         `samplers.teacher_solve` / `solve_grid`). Measured on elementwise Gaussian-mixture data with modes of
         variance 0.01 against a converged solution, over training pairs that include both ends
-        (`python benchmarks/teacher_target_error.py`): the default DPM-Solver++(2M), 24 steps, log-SNR grid
-        leaves 0.3-0.6% relative RMS error depending on the schedule (DDPM linear / scaled_linear /
-        squaredcos, VP cosine, rectified flow); 16 steps 0.7-1.4%, 8 steps 2.5-5%, 4 steps 10-20%.
+        (`python benchmarks/teacher_target_error.py`): the default DPM-Solver++(2M), 32 steps, log-SNR grid
+        leaves 0.2-0.64% relative RMS error depending on the schedule (DDPM linear / scaled_linear /
+        squaredcos, VP cosine, rectified flow); 24 steps 0.3-0.9%, 16 steps 0.6-1.4%, 8 steps 3-6%,
+        4 steps 10-22%.
     residual_form: JVP objectives. "stopgrad" (sCM / Align Your Flow): loss = |X - sg(X - r)|^2, whose
         gradient is 2 r . dX/dparams with r the (normalised) residual, needing no backward pass through the
         JVP; "direct" (LSD of Boffi et al.): loss = |r|^2, differentiated through the JVP. "auto" (default):

@@ -322,8 +322,7 @@ def _end_states(schedule, data, batch=8, dim=16, seed=0):
 # directions (the mixture on DDPM linear / scaled_linear: from t = -1 towards noise the first step uses the
 # teacher's t = 0 prediction, towards data the last step is first order from t = 0): DDIM 0.109, Heun 0.049,
 # DPM-Solver++(2M) 0.095; on the Gaussian 0.045, 0.017, 0.015. Bounds ~2.5x. JAX and torch agree to 1e-4
-# of the output scale (measured 1.0e-4 for DDIM on squaredcos_cap_v2, whose alpha at t = 999 is 5e-5: an
-# epsilon teacher's x0 = (x - sigma eps) / alpha amplifies float32 rounding there; elsewhere < 1e-5): 1e-3.
+# of the output scale on every schedule but squaredcos_cap_v2 (see the test).
 END_BOUNDS = {"ddim": 0.25, "heun": 0.12, "dpmpp_2m": 0.25}
 
 
@@ -334,6 +333,11 @@ def test_solvers_hold_at_both_ends(name):
     (Before issue 15: Heun from VP cosine's alpha = 0 and DPM-Solver++(2M) landing on alpha = 0 were NaN.)"""
     schedule, prediction_type = END_SCHEDULES[name]
     grid = time_grid(schedule, 48)
+    # squaredcos_cap_v2's alpha at t = 999 is 5e-5: the epsilon teacher's x0 = (x - sigma eps) / alpha
+    # amplifies float32 rounding by 1 / alpha, and on the mixture the trajectories that pass near a boundary
+    # between modes amplify it again (measured JAX vs torch: 4.6e-2 of the output scale for DPM-Solver++(2M)).
+    # There each backend is held to the exact solution only; elsewhere they agree to < 1e-4 (bound 1e-3).
+    parity_tol = 0.1 if name == "ddpm_squaredcos" else 1e-3
     errors = {}
     for data in ("gaussian", "mixture"):
         teacher_j, teacher_t, exact = _end_teachers(schedule, prediction_type, data)
@@ -348,7 +352,7 @@ def test_solvers_hold_at_both_ends(name):
                 assert np.all(np.isfinite(ours_j)) and np.all(np.isfinite(ours_t)), (data, solver, direction)
                 errors[data, solver, direction] = max(MR.rel_rms(ours_j, ref), MR.rel_rms(ours_t, ref))
                 assert errors[data, solver, direction] < END_BOUNDS[solver], (data, solver, direction, errors)
-                assert H.max_scaled_err(ours_t, ours_j) < 1e-3, (data, solver, direction)
+                assert H.max_scaled_err(ours_t, ours_j) < parity_tol, (data, solver, direction)
 
 
 def _end_pairs(schedule):
@@ -374,7 +378,8 @@ def test_teacher_solve_at_both_ends(name):
     x_s = (a[:, None] * x0 + sg[:, None] * rng.normal(size=x0.shape)).astype(np.float32)
     ref = exact(x_s, s, t)
     errors = {}
-    cases = [("dpmpp_2m", spacing) for spacing in js.SOLVE_SPACINGS] + [("ddim", "logsnr"), ("heun", "logsnr")]
+    # (DPM-Solver++(2M) on the log-SNR grid, the default, is test_pairs_target_error_at_the_default's.)
+    cases = [("dpmpp_2m", "uniform"), ("dpmpp_2m", "karras"), ("ddim", "logsnr"), ("heun", "logsnr")]
     for solver, spacing in cases:
         ours_j = np.asarray(js.teacher_solve(teacher_j, jnp.asarray(x_s), jnp.asarray(s), jnp.asarray(t), 24, solver,
                                              spacing=spacing), np.float64)
@@ -390,9 +395,9 @@ def test_teacher_solve_at_both_ends(name):
 
 
 # Measured with 24 steps, worst of the five schedules: DPM-Solver++(2M) uniform 0.115 (DDPM linear), karras
-# 0.0093, logsnr 0.0085; DDIM logsnr 0.089; Heun logsnr 0.014. Bounds ~2.5x.
-TEACHER_SOLVE_BOUNDS = {("dpmpp_2m", "uniform"): 0.3, ("dpmpp_2m", "karras"): 0.025, ("dpmpp_2m", "logsnr"): 0.025,
-                        ("ddim", "logsnr"): 0.2, ("heun", "logsnr"): 0.035}
+# 0.0093 (logsnr 0.0085); DDIM logsnr 0.089; Heun logsnr 0.014. Bounds ~2.5x.
+TEACHER_SOLVE_BOUNDS = {("dpmpp_2m", "uniform"): 0.3, ("dpmpp_2m", "karras"): 0.025, ("ddim", "logsnr"): 0.2,
+                        ("heun", "logsnr"): 0.035}
 
 # The `pairs` target at the default settings (ObjectiveOptions(): DPM-Solver++(2M), 32 steps, log-SNR grid),
 # relative RMS error against the exact solution over 128 training pairs with both ends in the mix. Measured
@@ -426,3 +431,22 @@ def test_pairs_target_error_at_the_default(name):
     error = MR.rel_rms(np.asarray(target, np.float64), exact(x_s, s, t))
     print(f"pairs target error {name}: {error:.4%}")
     assert error < PAIRS_TARGET_BOUND, error
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "karras", "logsnr"])
+def test_solve_grid_at_both_ends(spacing):
+    """solve_grid between the ends of every schedule, both directions, both backends: finite, monotone, the
+    given ends exact (DDPM's clean end at t_eval_min = 0), JAX = torch. (Before issue 15 "karras" gave
+    [T, nan, nan, nan, 0] towards data and [0, T, T, T, T] towards noise for VP cosine.)"""
+    for schedule, _ in END_SCHEDULES.values():
+        lo, hi = schedule.t_clean, schedule.t_noise
+        s = np.array([hi, lo, hi, 0.5 * (lo + hi)], np.float32)
+        t = np.array([lo, hi, 0.5 * (lo + hi), hi], np.float32)
+        grid_j = np.asarray(js.solve_grid(schedule, jnp.asarray(s), jnp.asarray(t), 8, spacing))
+        grid_t = ts.solve_grid(schedule, torch.from_numpy(s), torch.from_numpy(t), 8, spacing).numpy()
+        assert np.all(np.isfinite(grid_j)), (schedule.kind, grid_j)
+        np.testing.assert_allclose(grid_t, grid_j, rtol=1e-5, atol=1e-3 * schedule.time_unit / 1000)
+        np.testing.assert_array_equal(grid_j[0], s)
+        np.testing.assert_array_equal(grid_j[-1], np.maximum(t, schedule.t_eval_min))
+        steps = np.diff(grid_j, axis=0) * np.sign(t - s)[None]
+        assert np.all(steps > 0), (schedule.kind, spacing, grid_j)
