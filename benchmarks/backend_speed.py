@@ -24,7 +24,7 @@ JAX: `jax.jit` of each function, the UNet's default attention (`flowmap_jax.unet
 jnp, queries in cache-sized blocks where the logits are large, e.g. the mid config's 32x32 self-attention;
 supports `jax.jvp`). PyTorch eager: diffusers' default attention (SDPA) for forward and sampling; the train step's
 student uses the plain `AttnProcessor`, because the fused SDPA kernels have no forward-mode AD on CPU
-(shared/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
+(docs/DESIGN.md). torch.compile: `torch.compile(module)` for forward and sampling, `torch.compile(step)`
 for the train step; a failure is caught and reported in the table. The compiled train step is tried
 first in a child process, because a torch.compile failure inside `torch.func.jvp` leaves the process's
 autograd state broken (seen with torch 2.13: later eager JVPs fail an internal assert in `_make_dual`).
@@ -184,7 +184,7 @@ def count_flops(fn, *args) -> int:
 # Building the two backends on the same weights and inputs.
 
 def schedule_config(spec):
-    from flowmap_jax.flow_config import ScheduleConfig
+    from flowmap_jax.spec.schedule import ScheduleConfig
 
     s = spec["schedule"]
     return ScheduleConfig.ddpm(s["kind"], s["beta_start"], s["beta_end"])
@@ -196,7 +196,7 @@ def make_torch_unet(spec, seed: int = 0):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from flowmap_jax.flow_config import add_target_time_hook_config
+    from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**add_target_time_hook_config(spec["unet"])).eval()
@@ -239,7 +239,8 @@ class JaxCase:
         from conversion import state_dict_to_flax
         from flowmap_jax import flow_map as jf
         from flowmap_jax import objectives as jo
-        from flowmap_jax.flow_config import add_target_time_hook_config, time_grid
+        from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
+        from flowmap_jax.spec.time_grid import time_grid
         from flowmap_jax.teacher import Teacher, unet_teacher_fn
         from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
@@ -326,8 +327,8 @@ class TorchCase:
         import torch
         from diffusers.models.attention_processor import AttnProcessor
 
-        from flowmap_jax.flow_config import time_grid
-        from flowmap_jax.layout import nhwc_to_nchw
+        from flowmap_jax.spec.layout import nhwc_to_nchw
+        from flowmap_jax.spec.time_grid import time_grid
         from torch_ref import flow_map as tf
         from torch_ref import objectives as to
         from torch_ref import samplers as ts
@@ -533,7 +534,7 @@ def run_config(name: str, repeats: int, warmup: int, use_compile: bool, batch: i
         if probe["ok"]:
             variants["torch.compile"]["train step"] = compiled.train_step
     # Same network, same numbers: the forward outputs and the first training loss of both backends.
-    from flowmap_jax.layout import nhwc_to_nchw
+    from flowmap_jax.spec.layout import nhwc_to_nchw
 
     out_j = nhwc_to_nchw(np.asarray(jcase.forward()))
     out_t = eager.forward().numpy()

@@ -170,9 +170,8 @@ def _ensure_weights(work: Path, spec) -> Path:
     or here when that stage was skipped."""
     path = work / WEIGHTS
     if not path.is_file():
-        from safetensors.numpy import save_file
-
         import backend_speed as bs
+        from safetensors.numpy import save_file
 
         save_file(bs.state_dict_numpy(bs.make_torch_unet(spec)), str(path))
     return path
@@ -184,7 +183,7 @@ def _load_unet(work: Path, spec):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from flowmap_jax.flow_config import add_target_time_hook_config
+    from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
     _ensure_weights(work, spec)
     with torch.device("meta"):
@@ -239,12 +238,12 @@ def stage_parity(args, work: Path, rec: Recorder):
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    import backend_speed as bs
     import numpy as np
     import torch
     from safetensors.numpy import save_file
 
-    import backend_speed as bs
-    from flowmap_jax.layout import nhwc_to_nchw
+    from flowmap_jax.spec.layout import nhwc_to_nchw
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -281,17 +280,17 @@ def stage_parity(args, work: Path, rec: Recorder):
 
 def objective_parity(device="cuda"):
     """(loss, gradient) relative errors of the eulerian objective, JAX vs torch, digits config (fp32)."""
+    import backend_speed as bs
     import jax
     import numpy as np
     import torch
     from diffusers.models.attention_processor import AttnProcessor
 
-    import backend_speed as bs
     from conversion import state_dict_to_flax
     from flowmap_jax import flow_map as jf
     from flowmap_jax import objectives as jo
-    from flowmap_jax.flow_config import add_target_time_hook_config
-    from flowmap_jax.layout import nhwc_to_nchw
+    from flowmap_jax.spec.layout import nhwc_to_nchw
+    from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
     from flowmap_jax.teacher import Teacher as JTeacher
     from flowmap_jax.teacher import unet_teacher_fn as j_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
@@ -365,10 +364,10 @@ def _speed_rows(case, backend, batch, flops, repeats, rec, peak, train=True, row
 
 
 def stage_jax(args, work: Path, rec: Recorder):
+    import backend_speed as bs
     import numpy as np
 
-    import backend_speed as bs
-    from flowmap_jax.layout import nhwc_to_nchw
+    from flowmap_jax.spec.layout import nhwc_to_nchw
 
     spec = _spec(args)
     env = json.loads((work / "env.json").read_text())
@@ -399,10 +398,9 @@ def stage_jax(args, work: Path, rec: Recorder):
 
 
 def stage_torch(args, work: Path, rec: Recorder):
+    import backend_speed as bs
     import numpy as np
     import torch
-
-    import backend_speed as bs
 
     spec = _spec(args)
     env = json.loads((work / "env.json").read_text())

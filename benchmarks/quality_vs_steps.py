@@ -12,11 +12,11 @@ Samplers, all from the same initial noise and labels (sample i has label i % 10;
 `numpy.random.default_rng(--seed)`), in JAX, jitted and batched (`--batch` samples per call):
 - the teacher (classifier-free guidance at the flow map's distilled scale, else `--guidance-scale`) with
   DDIM, Heun and DPM-Solver++(2M) (`flowmap_jax.samplers`) on the uniform "trailing" grid in teacher time
-  (`flow_config.time_grid`: 999 ... -1, the clean end) at `--nfe` network evaluations: DDIM and DPM-Solver++
+  (`spec.time_grid.time_grid`: 999 ... -1, the clean end) at `--nfe` network evaluations: DDIM and DPM-Solver++
   take that many steps; Heun takes k = (n + 1) // 2 steps = 2k - 1 evaluations (its last step, into the
   clean end, is Euler), so it lands on 1, 3, 7, 15, 31, 49, 99 (n = 2 repeats 1 and is dropped);
 - the flow map with `--jumps` jumps on the same kind of grid (one jitted jump, looped), and with
-  `--flow-map-grids uniform,logsnr` also on the log-SNR grid (`flow_config.time_grid(spacing="logsnr")`:
+  `--flow-map-grids uniform,logsnr` also on the log-SNR grid (`spec.time_grid.time_grid(spacing="logsnr")`:
   times uniform in log(sigma / alpha), 2 jumps -> [999, ~302, -1]), a second flow-map curve.
 One network evaluation (NFE) is one guided teacher evaluation (the conditional and unconditional UNet
 passes, batched as one call of batch 2B) or one flow-map jump (one pass of the distilled, guidance-baked
@@ -201,9 +201,10 @@ def load_teacher(folder: Path, guidance_scale: float):
     (UNet in unet/, scheduler/, label_embeddings.safetensors), through the same loaders as the trainer."""
     import jax.numpy as jnp
 
-    from flowmap_jax.assembly import load_schedule, load_teacher_unet
-    from flowmap_jax.export_format import read_label_embeddings
+    from flowmap_jax.assembly import load_teacher_unet
+    from flowmap_jax.spec.label_table import read_label_embeddings
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.teacher_folder import load_schedule
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     unet_config, params = load_teacher_unet(str(folder), "unet")
@@ -235,7 +236,7 @@ class Sampler:
         self._teacher_fns = {}
         self.samplers = samplers
         if flow_map is not None:
-            self._jump = jax.jit(lambda p, x, s, t, c: flow_map(p, x, s, t, c))
+            self._jump = samplers.make_jump(flow_map)
 
     def _cond(self, labels):
         return {"encoder_hidden_states": self.jnp.asarray(self.table[labels][:, None, :])}
@@ -250,7 +251,7 @@ class Sampler:
     def _chunk(self, run, start, stop):
         import numpy as np
 
-        from flowmap_jax.flow_config import time_grid
+        from flowmap_jax.spec.time_grid import time_grid
 
         x = self.jnp.asarray(self.noise[start:stop])
         cond = self._cond(self.labels[start:stop])
@@ -258,10 +259,7 @@ class Sampler:
         if run["kind"] == "teacher":
             out = self._teacher_fn(run["solver"])(self.teacher, x, cond, self.jnp.asarray(grid, self.jnp.float32))
         else:
-            n = stop - start
-            for s, t in zip(grid[:-1], grid[1:]):
-                x = self._jump(self.flow_params, x, np.full((n,), s, np.float32), np.full((n,), t, np.float32), cond)
-            out = x
+            out = self.samplers.flow_map_sample(self.flow_map, self.flow_params, x, grid, cond, jump=self._jump)
         return np.asarray(out, np.float32)
 
     def run(self, run, progress=None):
@@ -426,7 +424,7 @@ def main(argv=None) -> int:
     guidance = args.guidance_scale
     notes = []
     if model_dir is not None:
-        from conversion.export import jax_flow_map, load_flow_map_export
+        from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
 
         exported = load_flow_map_export(model_dir, dtype=np.float32)
         baked = exported.config.guidance_scale if exported.config.guidance == "cfg" else None
@@ -516,7 +514,7 @@ def main(argv=None) -> int:
     if "ddim_50" in samples:
         grid_rows.append(("teacher DDIM 50", samples["ddim_50"][:10]))
     if grid_rows:
-        from flowmap_jax.reporting import save_grid
+        from flowmap_jax.spec.image_grid import save_grid
 
         plots.append(Path(save_grid(str(out / "quality_vs_steps_grid.png"), grid_rows, scale=3)))
     seconds_total = time.perf_counter() - started

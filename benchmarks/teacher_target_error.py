@@ -40,7 +40,7 @@ PREDICTION = {"ddpm_linear": "epsilon", "ddpm_scaled_linear": "epsilon", "ddpm_s
 
 
 def make_schedule(name: str):
-    from flowmap_jax.flow_config import ScheduleConfig
+    from flowmap_jax.spec.schedule import ScheduleConfig
 
     return {"ddpm_linear": lambda: ScheduleConfig.ddpm(),
             "ddpm_scaled_linear": lambda: ScheduleConfig.ddpm("scaled_linear", 0.00085, 0.012),
@@ -65,9 +65,9 @@ def pair_problem(schedule, examples: int, dim: int, seed: int = 0, p_noise: floa
     """(x_s (B, dim) float32, s (B,), t (B,)) float32 numpy: training pairs as `pairs` draws them."""
     import jax
     import numpy as np
+    from flowmap_jax.spec.time_pairs import TimePairConfig
 
     from flowmap_jax import time_pairs
-    from flowmap_jax.flow_config import TimePairConfig
     from tests.mixture_reference import alpha_sigma, sample_mixture
 
     config = TimePairConfig(p_noise=p_noise, bidirectional=bidirectional)
@@ -139,9 +139,9 @@ def reference_table(dim: int = 2048, seed: int = 0):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flowmap_jax.spec.time_grid import time_grid
 
     from flowmap_jax import samplers
-    from flowmap_jax.flow_config import time_grid
     from tests.mixture_reference import mixture_flow, rel_rms
 
     schedule = make_schedule("ddpm_scaled_linear")

@@ -96,7 +96,7 @@ def stage_flax(work: Path, name: str, repeats: int):
 
     jax.config.update("jax_default_matmul_precision", "highest")
     from conversion import load_diffusers_unet
-    from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+    from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     config, params = load_diffusers_unet(work / "unet")

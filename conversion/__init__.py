@@ -1,9 +1,11 @@
 """diffusers/PyTorch <-> Flax weight conversion for the UNet (numpy and safetensors; torch optional).
 
-CLI: `python -m conversion --help`.
+The command-line tools (`python -m conversion --help`) and the export writer (`conversion.export`). The
+weight mapping itself lives with the Flax UNet port (`flowmap_jax.unet.key_map`, `.state_dict`,
+`.diffusers_io`); this package re-exports its public functions.
 """
 
-from conversion.diffusers_io import (
+from flowmap_jax.unet.diffusers_io import (
     load_diffusers_unet,
     read_state_dict,
     read_unet_config,
@@ -11,7 +13,11 @@ from conversion.diffusers_io import (
     save_diffusers_unet,
     save_state_dict,
 )
-from conversion.state_dict import ConversionError, flax_to_state_dict, state_dict_to_flax
+from flowmap_jax.unet.state_dict import (
+    ConversionError,
+    flax_to_state_dict,
+    state_dict_to_flax,
+)
 
 __all__ = [
     "ConversionError",

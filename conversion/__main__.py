@@ -1,21 +1,24 @@
-"""Command line: `python -m conversion <command> --help`.
+"""Command line: `python -m conversion <command> --help`. `--help` lists every command of
+`cli_commands.COMMANDS` (to-flax, to-diffusers, export) with its one-line help.
 
-  to-flax       diffusers UNet folder or hub id -> Flax params (safetensors, '/'-joined keys) + config.json
-  to-diffusers  Flax params folder (as written by to-flax) -> diffusers UNet folder (safetensors)
+Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a missing or malformed folder or
+checkpoint); an unexpected failure keeps its traceback and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from conversion import cli_commands
+from flowmap_jax.spec import cli_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conversion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = cli_exit.ArgumentParser(
+        prog="python -m conversion", description="Convert UNet weights and export trained flow maps.",
+        epilog="`python -m conversion COMMAND --help` shows a command's arguments. Exit codes: 0 done, "
+               "1 failed, 2 bad flags or bad input.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in cli_commands.COMMANDS:
         command.add_parser(sub)
     return parser
@@ -26,10 +29,10 @@ def main(argv=None) -> int:
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        cli_exit.report(err)
+        return cli_exit.USAGE
+    return cli_exit.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

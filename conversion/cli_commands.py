@@ -15,7 +15,8 @@ class ToFlax:
     def add_parser(cls, sub):
         p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         p.add_argument("source", help="diffusers UNet folder, pipeline folder (with --subfolder) or hub id")
-        p.add_argument("out", help="output folder: config.json + flax_params.safetensors")
+        p.add_argument("out", help="output folder: config.json + flax_params.safetensors (new, empty, or a "
+                                   "previous to-flax output, which is replaced atomically)")
         p.add_argument("--subfolder", default=None, help="e.g. 'unet' for a pipeline folder")
         p.add_argument("--variant", default=None, help="weights variant, e.g. 'fp16'")
         p.add_argument("--dtype", default="float32", choices=["float32", "keep"],
@@ -26,15 +27,21 @@ class ToFlax:
 
     @staticmethod
     def run(args):
-        from conversion.diffusers_io import load_diffusers_unet
-        from conversion.flax_io import save_flax_params
+        from conversion.flax_io import FLAX_PARAMS_NAME, save_flax_params
+        from conversion.output_folder import (
+            check_output_folder,
+            write_folder_atomically,
+        )
+        from flowmap_jax.unet.diffusers_io import CONFIG_NAME, load_diffusers_unet
 
         start = time.perf_counter()
+        own = (CONFIG_NAME, FLAX_PARAMS_NAME)
+        check_output_folder(args.out, own, "to-flax")  # before the (long) load
         config, params = load_diffusers_unet(args.source, args.subfolder, args.variant,
                                              dtype=None if args.dtype == "keep" else np.float32,
                                              allow_torch_bin=args.allow_torch_bin)
-        save_flax_params(params, config, args.out)
-        print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
+        out = write_folder_atomically(args.out, lambda tmp: save_flax_params(params, config, tmp), own, "to-flax")
+        print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
 
 
 class ToDiffusers:
@@ -45,17 +52,29 @@ class ToDiffusers:
     def add_parser(cls, sub):
         p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         p.add_argument("source", help="folder with config.json + flax_params.safetensors")
-        p.add_argument("out", help="output diffusers UNet folder")
+        p.add_argument("out", help="output diffusers UNet folder (new, empty, or a previous to-diffusers output, "
+                                   "which is replaced atomically)")
         p.set_defaults(run=cls.run)
 
     @staticmethod
     def run(args):
-        from conversion.diffusers_io import save_diffusers_unet
         from conversion.flax_io import load_flax_params
+        from conversion.output_folder import (
+            check_output_folder,
+            write_folder_atomically,
+        )
+        from flowmap_jax.unet.diffusers_io import (
+            CONFIG_NAME,
+            WEIGHTS_NAME,
+            save_diffusers_unet,
+        )
 
+        own = (CONFIG_NAME, f"{WEIGHTS_NAME}.safetensors")
+        check_output_folder(args.out, own, "to-diffusers")
         config, params = load_flax_params(args.source)
-        save_diffusers_unet(params, config, args.out)
-        print(f"wrote {args.out}")
+        out = write_folder_atomically(args.out, lambda tmp: save_diffusers_unet(params, config, tmp), own,
+                                      "to-diffusers")
+        print(f"wrote {out}")
 
 
 COMMANDS = [ToFlax, ToDiffusers]

@@ -1,10 +1,10 @@
-"""Export a trained flow map for PyTorch/diffusers, and import it back into JAX.
+"""Export a trained flow map for PyTorch/diffusers: the folder writer and `python -m conversion export`.
 
     python -m conversion export runs/digits runs/digits/export              # newest checkpoint, EMA weights
     python -m conversion export runs/digits/checkpoints/400 out --weights params
     python -m conversion export OLD_EXPORT NEW_EXPORT                        # re-export a flow-map folder
 
-The folder format is `flowmap_jax.export_format` (a stock diffusers UNet2DConditionModel with
+The folder format is `flowmap_jax.spec.export_format` (a stock diffusers UNet2DConditionModel with
 class_embed_type="timestep", safetensors, plus flowmap.json). API:
 
 - `export_flow_map(params, unet_config, flow_map_config, out_dir, provenance)`: Flax params (nested dict of
@@ -15,19 +15,17 @@ class_embed_type="timestep", safetensors, plus flowmap.json). API:
   folder (`.../checkpoints/400`) or an existing export -> folder. The flow map's UNet config, schedule,
   guidance and label embeddings come from the run's `config.json` (its teacher folder); `teacher=...`
   overrides the teacher folder for a checkpoint without its run folder.
-- `load_flow_map_export(folder) -> FlowMapExport` (params, unet_config, config, metadata): to continue
-  training, to use as a teacher/initialisation, or to sample (`jax_flow_map`).
-- `read_checkpoint_params(source, weights)`: only the EMA (or raw) parameters of an Orbax checkpoint
-  (partial restore: the optimiser state is not read), checked against the checkpoint's fingerprint.
+
+Elsewhere: reading an export back into JAX is `flowmap_jax.export_loading`; the partial restore of a
+checkpoint's parameters is `flowmap_jax.checkpointing.read_checkpoint_params`; what a run's config says
+about its flow map (FlowMapConfig, provenance) is `flowmap_jax.run_provenance`; finding the teacher's
+files is `flowmap_jax.teacher_folder`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -37,33 +35,30 @@ from typing import Any, Callable
 
 import numpy as np
 
-from conversion.diffusers_io import atomic_write_bytes, read_state_dict, save_state_dict
-from conversion.state_dict import flax_to_state_dict, state_dict_to_flax
 from flowmap_jax import __version__
-from flowmap_jax.export_format import (
+from flowmap_jax.checkpointing import read_checkpoint_params
+from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.run_provenance import (
+    flow_map_config_from_train_config,
+    read_train_config,
+    run_provenance,
+)
+from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     LABEL_EMBEDDINGS_NAME,
-    UNET_CONFIG_NAME,
-    ExportFormatError,
     FlowMapConfig,
     check_unet_hooks,
     flow_map_metadata,
     is_export,
-    read_export,
-    read_label_embeddings,
 )
-from flowmap_jax.flow_config import add_target_time_hook_config, load_scheduler, read_scheduler_config
+from flowmap_jax.spec.label_table import read_label_embeddings
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
+from flowmap_jax.teacher_folder import read_teacher_unet_config, resolve_teacher_path
 from flowmap_jax.unet import UNetConfig
+from flowmap_jax.unet.diffusers_io import atomic_write_bytes, save_state_dict
+from flowmap_jax.unet.state_dict import flax_to_state_dict
 
-__all__ = ["FlowMapExport", "CheckpointParams", "export_flow_map", "export_checkpoint", "load_flow_map_export",
-           "jax_flow_map", "read_checkpoint_params", "flow_map_config_from_train_config",
-           "student_unet_config", "run_provenance", "CheckpointError"]
-
-WEIGHT_CHOICES = ("ema", "params")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be exported (unreadable, corrupted, no such step); names the folder."""
+__all__ = ["export_flow_map", "export_checkpoint", "student_unet_config"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,16 +120,16 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
     params: the flow-map UNet's Flax parameters (nested dict of numpy or jax arrays, e.g. a TrainState's
         `ema_params` on host), stored in their own dtype (float32 from training).
     unet_config: the flow-map UNet's diffusers config (dict or UNetConfig) with class_embed_type="timestep"
-        (`flow_config.add_target_time_hook_config` of the teacher's) and time_cond_proj_dim where the guidance
+        (`spec.target_time_hook.add_target_time_hook_config` of the teacher's) and time_cond_proj_dim where the guidance
         scale is an input.
-    flow_map_config: schedule, prediction type, guidance, conditioning (`export_format.FlowMapConfig`).
+    flow_map_config: schedule, prediction type, guidance, conditioning (`spec.export_format.FlowMapConfig`).
     provenance: free-form JSON-able dict (teacher, objectives, steps, ...; `run_provenance` builds the
         trainer's); "date" (of this export: UTC, ISO 8601, or `exported_at`) and "flowmap_jax_version" are
         set.
     Returns the folder (absolute). Atomic: see `_write_folder_atomically`.
     """
     if not isinstance(flow_map_config, FlowMapConfig):
-        raise TypeError(f"flow_map_config must be an export_format.FlowMapConfig, got {type(flow_map_config).__name__}")
+        raise TypeError(f"flow_map_config must be a spec.export_format.FlowMapConfig, got {type(flow_map_config).__name__}")
     config = _as_unet_config(unet_config)
     config_dict = config.to_dict()
     check_unet_hooks(config_dict, flow_map_config, "unet_config")
@@ -163,248 +158,6 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
     return _write_folder_atomically(Path(out_dir), write)
 
 
-# --------------------------------------------------------------------------------------------------
-# Import back into JAX.
-
-@dataclasses.dataclass
-class FlowMapExport:
-    """An exported flow map read back for JAX.
-
-    params: Flax parameters (nested dict of numpy arrays, float32 as stored unless a dtype was asked),
-        to continue training or to sample; unet_config: the diffusers config dict; config: schedule,
-        prediction type, guidance, conditioning; metadata: flowmap.json as read (provenance included).
-    """
-
-    folder: Path
-    params: dict
-    unet_config: dict
-    config: FlowMapConfig
-    metadata: dict
-
-    @property
-    def provenance(self) -> dict:
-        return dict(self.metadata.get("provenance") or {})
-
-    def label_table(self) -> np.ndarray | None:
-        """(K + 1, D) float32 label embeddings (row K the null label), or None."""
-        return None if self.config.label_embeddings is None else read_label_embeddings(self.config.label_embeddings)
-
-
-def load_flow_map_export(folder, dtype=None) -> FlowMapExport:
-    """Reads an exported flow map into JAX-ready numpy params. `dtype` (e.g. np.float32) casts the weights;
-    None keeps them as stored (bit-exact re-export). Raises ExportFormatError / FileNotFoundError /
-    ConversionError naming the file and key when the folder is not a valid flow-map export."""
-    info = read_export(folder)
-    try:
-        config = UNetConfig.from_dict(info.unet_config)
-    except ValueError as err:
-        raise ExportFormatError(f"{info.folder / UNET_CONFIG_NAME}: {err}") from None
-    state = read_state_dict(info.folder)
-    params = state_dict_to_flax(state, config, dtype=dtype, source=f"weights in {info.folder}")
-    return FlowMapExport(folder=info.folder, params=params, unet_config=info.unet_config, config=info.config,
-                         metadata=info.metadata)
-
-
-def jax_flow_map(exported: FlowMapExport, dtype=None, jit: bool = True):
-    """A `flowmap_jax.flow_map.FlowMap` over the exported UNet (Flax port, compute dtype `dtype`, default
-    float32; parameters stay as stored). The network is jitted once per input shape (`jit=False` for
-    use inside an enclosing jit). Call it as flow_map(params, x (B, H, W, C), s, t, cond)."""
-    import jax
-    import jax.numpy as jnp
-
-    from flowmap_jax.flow_map import FlowMap, unet_network
-    from flowmap_jax.unet import FlaxUNet2DConditionModel
-
-    unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(exported.unet_config), dtype=dtype or jnp.float32)
-    net = unet_network(unet)
-    return FlowMap(net=jax.jit(net) if jit else net, schedule=exported.config.schedule,
-                   prediction_type=exported.config.prediction_type)
-
-
-# --------------------------------------------------------------------------------------------------
-# Orbax checkpoints of a run.
-
-@dataclasses.dataclass
-class CheckpointParams:
-    """Parameters read from one checkpoint: params (nested dict of numpy float32), which ("ema" or
-    "params"), step, the checkpoint's folder, its meta JSON, and the run folder (or None)."""
-
-    params: dict
-    weights: str
-    step: int
-    directory: Path
-    meta: dict
-    run_dir: Path | None
-
-
-def _checkpoint_steps(directory: Path) -> list[int]:
-    """Finished steps under a checkpoints folder (Orbax's in-progress `*.orbax-checkpoint-tmp-*` excluded)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "state").is_dir())
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
-    """(params, meta) of `weights` from one step folder, fingerprint-checked."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    meta_path = step_dir / "meta" / "metadata"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read the checkpoint metadata {meta_path}: {err}") from None
-    state_dir = step_dir / "state"
-    name = "ema_params" if weights == "ema" else "params"
-    with _quiet_absl():
-        checkpointer = ocp.PyTreeCheckpointer()
-        try:
-            tree = checkpointer.metadata(state_dir).item_metadata.tree
-            subtree = tree["train_state"][name]
-        except Exception as err:  # noqa: BLE001 - unreadable, or not a training checkpoint
-            raise CheckpointError(f"{state_dir} is not a readable training checkpoint (no train_state/{name}): "
-                                  f"{type(err).__name__}: {err}") from None
-        item = {"train_state": {name: subtree}}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        try:
-            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"cannot restore train_state/{name} from {state_dir}: {type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    params = restored["train_state"][name]
-    # The checkpoint's fingerprint: (sum, sum of squares) per leaf of TrainState(step, params, ema_params, ...).
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    n = len(leaves)
-    offset = 2 * (1 + (n if weights == "ema" else 0))
-    saved = list(meta.get("fingerprint") or [])
-    if len(saved) < 2 * (1 + 2 * n):
-        raise CheckpointError(f"{meta_path}: its fingerprint has {len(saved)} values, too few for "
-                              f"{n} parameter arrays (not a checkpoint of this flow map?)")
-    bad = [jax.tree_util.keystr(path) for i, (path, leaf) in enumerate(leaves)
-           if not _leaf_matches_fingerprint(leaf, saved[offset + 2 * i], saved[offset + 2 * i + 1])]
-    if bad:
-        raise CheckpointError(f"{state_dir}: the {name} arrays {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
-                              "match the fingerprint written with them (a corrupted checkpoint)")
-    return jax.tree.map(np.asarray, params), meta
-
-
-def _leaf_matches_fingerprint(leaf, saved_sum: float, saved_sumsq: float) -> bool:
-    """Compares one array with the (sum, sum of squares) the trainer saved (`checkpointing.fingerprint`,
-    float32 reductions on whatever device trained). Ours are float64, so the tolerance covers float32
-    accumulation error, which grows with the size n: |sum| within 1e-4 relative plus 1e-5 * sqrt(n * sumsq)
-    (about 100 float32 epsilons times n * rms), the sum of squares within 1e-3 relative. A corrupted
-    block of more than about 1e-3 of an array's entries (or any non-finite value) fails."""
-    x = np.asarray(leaf, np.float64)
-    total, sumsq = float(x.sum()), float(np.square(x).sum())
-    if not (np.isfinite(total) and np.isfinite(sumsq)):
-        return False
-    ok_sum = abs(saved_sum - total) <= 1e-4 * abs(total) + 1e-5 * np.sqrt(x.size * sumsq) + 1e-6
-    ok_sumsq = abs(saved_sumsq - sumsq) <= 1e-3 * sumsq + 1e-6
-    return bool(ok_sum and ok_sumsq)
-
-
-def read_checkpoint_params(source, weights: str = "ema", step: int | None = None,
-                           say: Callable[[str], Any] = print) -> CheckpointParams:
-    """The EMA (`weights="ema"`, default) or raw (`"params"`) flow-map parameters of a training checkpoint.
-
-    source: a run folder (with checkpoints/), a checkpoints folder, or one step's folder
-    (`.../checkpoints/400`). `step`: that step; default the newest, falling back to older ones (reported
-    through `say`) when the newest is unreadable or corrupted, like the trainer's resume.
-    """
-    from flowmap_jax import checkpointing
-
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
-    try:
-        directory, found_step = checkpointing.find_checkpoint_dir(os.fspath(source))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no run or checkpoint folder at {source}") from None
-    directory = Path(directory)
-    step = found_step if step is None else int(step)
-    steps = _checkpoint_steps(directory)
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {directory} (expected step folders like {directory}/400 with "
-                              "state/ and meta/)")
-    if step is not None and step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps found: {steps}")
-    candidates = [step] if step is not None else list(reversed(steps))
-    failures = []
-    for candidate in candidates:
-        try:
-            params, meta = _restore_weights(directory / str(candidate), weights)
-        except CheckpointError as err:
-            failures.append(str(err))
-            if step is None and candidate != candidates[-1]:
-                say(f"checkpoint at step {candidate} is unusable ({err}); falling back to an older one")
-            continue
-        run_dir = directory.parent if (directory.parent / "config.json").is_file() else None
-        return CheckpointParams(params=params, weights=weights, step=int(meta.get("step", candidate)),
-                                directory=directory / str(candidate), meta=meta, run_dir=run_dir)
-    raise CheckpointError("; ".join(failures))
-
-
-# --------------------------------------------------------------------------------------------------
-# What a training run's config says about its flow map.
-
-def _train_config(config):
-    from flowmap_jax import presets
-
-    if isinstance(config, presets.TrainConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the run config {path}: {err}") from None
-        try:
-            return presets.TrainConfig.from_dict(data)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from None
-    return presets.TrainConfig.from_dict(dict(config))
-
-
-def resolve_teacher_folder(path: str) -> str:
-    """The trainer's teacher path: `presets.EMBEDDED_DIGITS_TEACHER` -> the package's digits teacher folder;
-    anything else (a folder or a hub id) unchanged."""
-    import flowmap_jax
-    from flowmap_jax.presets import EMBEDDED_DIGITS_TEACHER
-
-    if path == EMBEDDED_DIGITS_TEACHER:
-        return str(Path(flowmap_jax.__file__).resolve().parent / "assets" / "digits_teacher")
-    return path
-
-
-def _teacher_file(path: str, subfolder: str, filename: str, flag: str) -> Path:
-    """A file of the teacher: local folder, or one file of a hub repo (no weights downloaded)."""
-    local = Path(path) / subfolder / filename if subfolder else Path(path) / filename
-    if Path(path).is_dir():
-        if not local.is_file():
-            raise FileNotFoundError(f"{flag}: no {filename} in {local.parent}")
-        return local
-    if path.count("/") != 1 or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{flag}: no teacher folder at {path}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(path, filename, subfolder=subfolder or None))
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo
-        raise FileNotFoundError(f"{flag}: cannot fetch {filename} of hub id {path!r}: {err}") from None
-
-
 def student_unet_config(teacher_unet_config: dict, params=None) -> dict:
     """The flow-map UNet's diffusers config: the teacher's plus the target-time hook; time_cond_proj_dim
     taken from `params` (time_embedding/cond_proj) when the trained network has a guidance input the
@@ -415,64 +168,6 @@ def student_unet_config(teacher_unet_config: dict, params=None) -> dict:
         if cond_proj is not None:
             config["time_cond_proj_dim"] = int(np.shape(cond_proj["kernel"])[0])
     return config
-
-
-def flow_map_config_from_train_config(config, teacher: str | None = None, guidance_embedding_dim=None
-                                      ) -> FlowMapConfig:
-    """The FlowMapConfig of a run: `config` a `presets.TrainConfig`, its dict, or its config.json path.
-
-    Reads the teacher's scheduler_config.json (full, recorded) and finds label_embeddings.safetensors in
-    the teacher folder (`teacher` overrides `config.teacher.path`). Guidance: autoguidance when
-    `teacher.weak_path` is set, classifier-free when `teacher.guidance_scale` != 1, at that scale, baked in
-    unless the objective options set `guidance_embedding_dim` (or `guidance_embedding_dim` is given).
-    """
-    config = _train_config(config)
-    path = resolve_teacher_folder(teacher or config.teacher.path)
-    scheduler_config = read_scheduler_config(
-        _teacher_file(path, config.teacher.scheduler_subfolder, "scheduler_config.json",
-                      "--teacher.scheduler_subfolder"))
-    try:
-        schedule, prediction_type = load_scheduler(scheduler_config)
-    except ValueError as err:
-        raise ValueError(f"the teacher's scheduler_config.json ({path}): {err}") from None
-    try:
-        options = json.loads(config.objective.options or "{}")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--objective.options is not valid JSON: {err}") from None
-    embedding_dim = guidance_embedding_dim or options.get("guidance_embedding_dim")
-    scale = float(config.teacher.guidance_scale)
-    guidance = "autoguidance" if config.teacher.weak_path else ("cfg" if scale != 1.0 else "none")
-    labels = Path(path) / LABEL_EMBEDDINGS_NAME
-    return FlowMapConfig(
-        schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config, guidance=guidance,
-        guidance_scale=scale, guidance_embedding_dim=embedding_dim,
-        guidance_scale_range=options.get("guidance_scale_range") if embedding_dim else None,
-        label_embeddings=str(labels) if labels.is_file() else None,
-        sample_shape=tuple(config.data.sample_shape))
-
-
-def run_provenance(config, step: int | None = None, **extra) -> dict:
-    """Provenance of a run for flowmap.json: teacher, objectives (names, weights, options), steps, seed,
-    EMA decay, preset and the whole training config; `extra` (e.g. checkpoint=..., weights="ema") added."""
-    config = _train_config(config)
-    try:
-        options = json.loads(config.objective.options or "{}")
-    except json.JSONDecodeError:
-        options = config.objective.options
-    return dict({
-        "teacher": {"path": config.teacher.path, "subfolder": config.teacher.subfolder,
-                    "scheduler_subfolder": config.teacher.scheduler_subfolder,
-                    "guidance_scale": config.teacher.guidance_scale, "weak_path": config.teacher.weak_path or None},
-        "objectives": [{"name": n, "weight": float(w)}
-                       for n, w in zip(config.objective.names, config.objective.weights)],
-        "objective_options": options,
-        "step": step,
-        "total_steps": config.run.steps,
-        "seed": config.run.seed,
-        "ema_decay": config.optim.ema_decay,
-        "preset": config.preset,
-        "train_config": config.to_dict(),
-    }, **extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,10 +191,9 @@ def export_checkpoint(source, out_dir, weights: str = "ema", step: int | None = 
     if config_path is None:
         raise FileNotFoundError(f"no run config.json next to {loaded.directory.parent}: pass the run's config.json "
                                 "(--run-config) so the teacher, schedule and objectives are known")
-    config = _train_config(config_path)
-    path = resolve_teacher_folder(teacher or config.teacher.path)
-    teacher_unet = json.loads(_teacher_file(path, config.teacher.subfolder, "config.json",
-                                            "--teacher.subfolder").read_text())
+    config = read_train_config(config_path)
+    path = resolve_teacher_path(teacher or config.teacher.path)
+    teacher_unet = read_teacher_unet_config(path, config.teacher.subfolder)
     unet_config = student_unet_config(teacher_unet, loaded.params)
     flow_map_config = flow_map_config_from_train_config(config, teacher=path)
     provenance = run_provenance(config, loaded.step, weights=weights, checkpoint=str(loaded.directory),

@@ -8,35 +8,26 @@ import json
 from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 
-from conversion.diffusers_io import CONFIG_NAME, atomic_write_bytes, read_safetensors
+from flowmap_jax.unet.diffusers_io import (
+    CONFIG_NAME,
+    atomic_write_bytes,
+    read_safetensors,
+)
 
 FLAX_PARAMS_NAME = "flax_params.safetensors"
 
 
 def flatten_params(params, sep="/") -> dict[str, np.ndarray]:
-    out = {}
-
-    def walk(tree, prefix):
-        for name, value in tree.items():
-            if hasattr(value, "items"):
-                walk(value, prefix + (name,))
-            else:
-                out[sep.join(prefix + (name,))] = np.ascontiguousarray(np.asarray(value))
-
-    walk(params, ())
-    return out
+    """{'/'-joined Flax path: contiguous numpy array} (`flax.traverse_util.flatten_dict`)."""
+    return {key: np.ascontiguousarray(np.asarray(value))
+            for key, value in traverse_util.flatten_dict(params, sep=sep).items()}
 
 
 def unflatten_params(flat: dict, sep="/") -> dict:
-    params: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(sep)
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return params
+    """The nested Flax parameter dict of `flatten_params`'s output."""
+    return traverse_util.unflatten_dict(flat, sep=sep)
 
 
 def save_flax_params(params, config: dict, folder) -> Path:

@@ -1,12 +1,12 @@
 """The parts of a run, built from its configuration: teacher, flow map, objectives, data, samplers.
 
 `build(config, mesh) -> Parts` is the one place where the trainer meets the flow-map core
-(`flow_config`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
+(`spec`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
 
 - Teacher: a diffusers folder (or hub id) `--teacher.path` with the UNet in `--teacher.subfolder`
-  and `scheduler_config.json` in `--teacher.scheduler_subfolder`, read by
-  `conversion.load_diffusers_unet` (safetensors, no torch). The embedded digits teacher
-  (`presets.EMBEDDED_DIGITS_TEACHER`) is just such a folder inside the package. An optional
+  and `scheduler_config.json` in `--teacher.scheduler_subfolder`, found by `flowmap_jax.teacher_folder`
+  and read by `flowmap_jax.unet.diffusers_io.load_diffusers_unet` (safetensors, no torch). The embedded
+  digits teacher (`teacher_folder.EMBEDDED_DIGITS_TEACHER`) is just such a folder inside the package. An optional
   `label_embeddings.safetensors` ("weight" (K + 1, D), row K the null label) in the teacher folder
   turns class labels into `encoder_hidden_states` (B, 1, D) (the digits teacher's "text encoder").
   Guidance: classifier-free with the data's unconditional embedding (`dataset.uncond`), or
@@ -14,9 +14,9 @@
 - Flow map: the teacher's UNet plus the target-time hook (`flow_map.add_target_time_hook`: class
   embedding with a zero last layer), so at step 0 the flow map is exactly the teacher's DDIM step.
 - Objectives: `objectives.make_objective(name, flow_map, options)` for each `--objective.names`,
-  summed with `--objective.weights` (`train_step.combine_objectives`); the batch also carries
+  summed with `--objective.weights` (`objectives.combine_objectives`); the batch also carries
   "step" (the optimiser step, for the tangent warm-up).
-- Samplers: flow map with N jumps on `flow_config.time_grid(schedule, N)` (uniform in teacher time
+- Samplers: flow map with N jumps on `spec.time_grid.time_grid(schedule, N)` (uniform in teacher time
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
 - Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
@@ -26,16 +26,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-
-class TeacherNotFound(FileNotFoundError):
-    """The teacher folder, its UNet or its scheduler cannot be found or read."""
+from flowmap_jax.teacher_folder import (
+    TeacherNotFound,
+    label_table_file,
+    load_schedule,
+    resolve_teacher_path,
+)
 
 
 @dataclasses.dataclass
@@ -67,54 +69,18 @@ class Parts:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def embedded_teacher_folder() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_teacher")
-
-
-def resolve_teacher_path(path: str) -> str:
-    """`presets.EMBEDDED_DIGITS_TEACHER` -> the package's folder; anything else unchanged."""
-    from flowmap_jax.presets import EMBEDDED_DIGITS_TEACHER
-
-    return embedded_teacher_folder() if path == EMBEDDED_DIGITS_TEACHER else path
-
-
 def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
     """(diffusers config dict, Flax params) of the UNet at path/subfolder; TeacherNotFound if absent."""
-    from conversion import load_diffusers_unet
+    from flowmap_jax.unet.diffusers_io import load_diffusers_unet
 
     local = os.path.isdir(path)
     if not local and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
         raise TeacherNotFound(f"--teacher.path: no teacher folder at {path}")
     try:
         return load_diffusers_unet(path, subfolder=subfolder or None)
-    except (FileNotFoundError, OSError) as error:
+    except (FileNotFoundError, OSError, ValueError) as error:  # ValueError: unsupported config, bad weights
         where = os.path.join(path, subfolder) if subfolder else path
         raise TeacherNotFound(f"--teacher.path: cannot load a diffusers UNet from {where}: {error}") from None
-
-
-def load_schedule(path: str, scheduler_subfolder: str):
-    """(ScheduleConfig, prediction_type) from the teacher's scheduler_config.json."""
-    from flowmap_jax.flow_config import load_scheduler
-
-    folder = os.path.join(path, scheduler_subfolder) if scheduler_subfolder else path
-    if not os.path.isfile(os.path.join(folder, "scheduler_config.json")):
-        if not os.path.isdir(path):  # a hub id: fetch the scheduler config through the hub cache
-            try:
-                from huggingface_hub import hf_hub_download
-
-                file = hf_hub_download(path, "scheduler_config.json", subfolder=scheduler_subfolder or None)
-                return load_scheduler(file)
-            except Exception as error:  # noqa: BLE001
-                raise TeacherNotFound(f"--teacher.path {path}: no scheduler_config.json ({error})") from None
-        raise TeacherNotFound(f"--teacher.scheduler_subfolder: no scheduler_config.json in {folder}")
-    return load_scheduler(folder)
-
-
-def _label_conditioner(path: str):
-    from flowmap_jax.datasets import LabelConditioner
-
-    file = os.path.join(path, "label_embeddings.safetensors") if os.path.isdir(path) else ""
-    return LabelConditioner.from_file(file) if file and os.path.isfile(file) else None
 
 
 def build(config, mesh) -> Parts:
@@ -124,8 +90,8 @@ def build(config, mesh) -> Parts:
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax import datasets, flow_map, objectives, samplers, train_step
-    from flowmap_jax.flow_config import time_grid
+    from flowmap_jax import datasets, flow_map, objectives, samplers
+    from flowmap_jax.spec.time_grid import time_grid
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
@@ -136,7 +102,8 @@ def build(config, mesh) -> Parts:
     unet_config, teacher_params = load_teacher_unet(path, config.teacher.subfolder)
     schedule, prediction_type = load_schedule(path, config.teacher.scheduler_subfolder)
     teacher_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, remat=config.model.remat)
-    conditioner = _label_conditioner(path)
+    label_file = label_table_file(path)
+    conditioner = datasets.LabelConditioner.from_file(label_file) if label_file else None
     dataset = datasets.make_dataset(config.data, conditioner)
     channels = int(unet_config.get("in_channels", 4))
     if config.data.sample_shape[-1] != channels:
@@ -164,10 +131,11 @@ def build(config, mesh) -> Parts:
                                                         jax.random.key(config.run.seed))
     params = jax.tree.map(np.asarray, params)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
-    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
+    fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type,
+                            parameterization=config.model.parameterization)
 
     # Objectives.
-    options = json.loads(config.objective.options)
+    options = config.objective.options
     named = []
     for name, weight in zip(config.objective.names, config.objective.weights):
         try:
@@ -176,25 +144,17 @@ def build(config, mesh) -> Parts:
             from flowmap_jax.presets import ConfigError
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
-    combined = train_step.combine_objectives(named)
+    loss_fn = objectives.combine_objectives(named)
 
-    def loss_fn(params, teacher, batch, rng):
-        return combined(params, teacher, batch, rng)
-
-    # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` (gamma = 0) written as a
-    # loop over one compiled jump with traced times, so 1, 2 and 4 jumps share one compilation.
-    jump = jax.jit(lambda p, x, s, t, c: fmap(p, x, s, t, c))
+    # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` over one compiled jump with
+    # traced times (`samplers.make_jump`), so 1, 2 and 4 jumps share one compilation.
+    jump = samplers.make_jump(fmap)
     teacher_cache = {}
 
     def sample_flow(params, teacher, noise, cond, jumps):
         del teacher  # the flow map alone
-        x = noise
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
-        for t_source, t_target in zip(grid[:-1], grid[1:]):
-            batch = np.shape(noise)[0]
-            x = jump(params, x, np.full((batch,), t_source, np.float32), np.full((batch,), t_target, np.float32),
-                     cond)
-        return x
+        return samplers.flow_map_sample(fmap, params, jnp.asarray(noise), grid, cond, jump=jump)
 
     def sample_teacher(teacher, noise, cond, steps):
         steps = int(steps)
@@ -217,7 +177,11 @@ def build(config, mesh) -> Parts:
     quality = _quality_function(config, conditioner)
 
     def export(params, folder, provenance):
-        from conversion.export import export_flow_map, flow_map_config_from_train_config, run_provenance
+        from conversion.export import export_flow_map
+        from flowmap_jax.run_provenance import (
+            flow_map_config_from_train_config,
+            run_provenance,
+        )
 
         provenance = run_provenance(config, provenance.get("step"), weights="ema")
         return str(export_flow_map(params, flow_config, flow_map_config_from_train_config(config), folder,

@@ -35,12 +35,11 @@ from typing import Protocol
 
 import numpy as np
 
+from flowmap_jax.data_error import DataError
+from flowmap_jax.spec import label_table
+
 SHARDS_FORMAT = "flowmap-shards/1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-
-
-class DataError(ValueError):
-    """Data that does not fit the run (wrong shape, missing files, bad format)."""
 
 
 class Dataset(Protocol):
@@ -56,7 +55,9 @@ class Dataset(Protocol):
 
 class LabelConditioner:
     """Class labels -> {"encoder_hidden_states": (n, 1, D)} through a (K + 1, D) embedding table
-    (row K: the null label used for classifier-free guidance)."""
+    (row K: the null label used for classifier-free guidance), read and applied by `spec.label_table` (the
+    same reader as the exported flow map's and the samplers'). The data's own labels must lie in 0..K-1
+    (`check_data_labels`); the null label K is the unconditional embedding (`uncond`)."""
 
     def __init__(self, table: np.ndarray):
         self.table = np.asarray(table, np.float32)
@@ -66,21 +67,25 @@ class LabelConditioner:
 
     @classmethod
     def from_file(cls, path: str) -> LabelConditioner:
-        from safetensors.numpy import load_file
+        try:
+            return cls(label_table.read_label_embeddings(path))
+        except ValueError as error:
+            raise DataError(str(error)) from None
 
-        tensors = load_file(path)
-        if "weight" not in tensors:
-            raise DataError(f"{path} has no tensor 'weight' (found {sorted(tensors)})")
-        return cls(tensors["weight"])
-
-    def __call__(self, labels) -> dict:
+    def check_data_labels(self, labels) -> None:
+        """DataError unless every label of the data lies in 0..K-1 (K, the null label, is not a class)."""
         labels = np.asarray(labels)
         if labels.size and (labels.min() < 0 or labels.max() >= self.null_label):
             raise DataError(f"labels must lie in 0..{self.null_label - 1}, got {labels.min()}..{labels.max()}")
-        return {"encoder_hidden_states": self.table[labels][:, None, :]}
+
+    def __call__(self, labels) -> dict:
+        try:
+            return {"encoder_hidden_states": label_table.labels_to_encoder_hidden_states(self.table, labels)}
+        except ValueError as error:
+            raise DataError(str(error)) from None
 
     def uncond(self) -> dict:
-        return {"encoder_hidden_states": self.table[self.null_label][None, None, :]}
+        return {"encoder_hidden_states": label_table.unconditional_encoder_hidden_states(self.table)}
 
 
 class ArrayDataset:
@@ -94,6 +99,8 @@ class ArrayDataset:
         self.x0 = x0
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.conditioner = conditioner if self.labels is not None else None
+        if self.conditioner is not None:
+            self.conditioner.check_data_labels(self.labels)
         self.num_examples = int(x0.shape[0])
         self.sample_shape = tuple(int(d) for d in x0.shape[1:])
         self.uncond = self.conditioner.uncond() if self.conditioner is not None else None
@@ -163,7 +170,7 @@ def folder_dataset(folder: str, image_size: int, sample_shape, conditioner: Labe
     if not files:
         raise DataError(f"--data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     if vae:
-        from flowmap_jax.write_shards import encode_with_vae
+        from flowmap_jax.encoders import encode_with_vae
 
         x0 = encode_with_vae(load_images(files, image_size, 3), vae, vae_subfolder)
     else:

@@ -1,26 +1,51 @@
 """The flow map X(x_s, s, t) in JAX (mirrored by `torch_ref.flow_map`).
 
-Parameterisation (shared/DESIGN.md, "The flow map"): a network predicts, in the teacher's prediction type,
-at (x_s, s) told the target time t; the map is the teacher's own first-order step with that prediction,
+Parameterisation: the student's own, separate from the teacher's prediction type, with jump coefficients
+bounded for every (s, t) (`spec.parameterization.PARAMETERIZATIONS`; the name is recorded in `flowmap.json`):
 
-    X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat = c_x(s, t) * x_s + c_pred(s, t) * F(x_s, s, t),
+- "angle" (VP schedules: DDPM betas, VP cosine; TrigFlow of sCM). In the angle theta_t = arctan(sigma_t /
+  alpha_t) (alpha = cos theta, sigma = sin theta),
 
-(`predictions.jump_coefficients`; rectified flow: x_s + (t - s) * u_hat). Hence X(x, s, s) = x exactly
-(bit for bit), and a network initialised from the teacher (target-time hook zeroed) makes X the teacher's
-DDIM step. Jumps go both ways: s > t towards data (sampling), t > s towards noise (inversion).
+      X(x_s, s, t) = cos(theta_s - theta_t) x_s - sin(theta_s - theta_t) F(x_s, s, t),
 
-A *network* is `net(params, x, t_source, t_target, cond) -> prediction` with x (B, ...) (Flax images
+  F a v-like output: with F = v = alpha eps - sigma x0 (diffusers' v_prediction, which is dx/dtheta on a VP
+  schedule) this is exactly the DDIM step from s to t. |c_x|, |c_F| <= 1 for every (s, t), so an error in
+  F moves X by at most as much, at the noise end (alpha = 0) included.
+- "linear" (rectified flow, x_t = (1 - tau) x0 + tau eps with tau = t / T):
+  X(x_s, s, t) = x_s + (tau_t - tau_s) F, F a flow-velocity output u = eps - x0 (= dx/dtau; the "flow"
+  prediction type of SD3/FLUX). |c_F| <= 1.
+- "teacher_step" (export format 1, kept to load old exports): X = c_x x_s + c_pred F with F in the
+  teacher's prediction type and (c_x, c_pred) the teacher's DDIM step (`predictions.jump_coefficients`).
+  For an epsilon teacher jumping from DDPM t = 999 to clean data, c_x = 1 / alpha_s ~ 157 (linear betas)
+  and ~14.6 (SD's scaled_linear): the network's error is multiplied by that on a one-jump sample, which is
+  why it is no longer the default.
+
+In each, s == t gives c_x == 1 and c_F == 0 exactly in floating point, so X(x, s, s) = x bit for bit, and
+jumps go both ways: s > t towards data (sampling), t > s towards noise (inversion).
+
+Head mismatch. The student starts from the teacher's weights (plus the zero-initialised target-time hook),
+so at initialisation F is the teacher's output in the teacher's type. Only a teacher of the map's own type
+(v_prediction for "angle", flow for "linear") reproduces its DDIM step exactly at start. For others
+`teacher_blend` in [0, 1] mixes the coefficients: X = (1 - b) X_teacher_step + b X_own with b =
+teacher_blend, so b = 1 reads the teacher's epsilon output as the teacher's DDIM step (the untrained map is
+the teacher's DDIM sampler) and b = 0 is the bounded map; the trainer ramps b from 1 to 0 over the first
+steps (`ObjectiveOptions.head_warmup_steps`) while the network's head converts.
+
+A *network* is `net(params, x, t_source, t_target, cond) -> F` with x (B, ...) (Flax images
 (B, H, W, C)), t_source and t_target (B,) float32 in teacher units, cond a dict of keyword arguments of the
 UNet (encoder_hidden_states, timestep_cond, added_cond_kwargs) or None. `unet_network(unet)` adapts
 `flowmap_jax.unet.FlaxUNet2DConditionModel`: the target time goes in as `class_labels`
 (class_embed_type="timestep"; `add_target_time_hook` builds that from a teacher).
+
+`FlowMap` alone knows this algebra: the objectives and samplers ask it for X (`__call__`), its
+directional derivative (`jvp`), its velocity at t = s (`velocity`) and its coefficients.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,43 +53,67 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import ScheduleConfig, add_target_time_hook_config, check_prediction_type
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.schedules import batch_times, expand_time
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
-__all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times"]
+__all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times",
+           "finite_difference_jvp"]
 
 
-def batch_times(t, batch: int, name: str):
-    """Scalar or (B,) times -> (B,) float32; any other shape raises ValueError naming `name`."""
-    t = jnp.asarray(t, jnp.float32)
-    if t.ndim == 0:
-        return jnp.broadcast_to(t, (batch,))
-    if t.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch of x), got shape {t.shape}")
-    return t
+def finite_difference_jvp(fn, primals, tangents, eps: float):
+    """(fn(*primals), central difference (fn(p + eps t) - fn(p - eps t)) / (2 eps)): second-order accurate
+    stand-in for `jax.jvp` (three evaluations of fn)."""
+    plus = fn(*[p + eps * d for p, d in zip(primals, tangents, strict=True)])
+    minus = fn(*[p - eps * d for p, d in zip(primals, tangents, strict=True)])
+    return fn(*primals), (plus - minus) / (2.0 * eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class FlowMap:
-    """X(x_s, s, t) from a network in the teacher's prediction type (see the module docstring).
+    """X(x_s, s, t) (see the module docstring).
 
-    net: (params, x, t_source, t_target, cond) -> prediction. schedule, prediction_type: the teacher's.
+    net: (params, x, t_source, t_target, cond) -> F. schedule, prediction_type: the teacher's.
+    parameterization: one of `spec.parameterization.PARAMETERIZATIONS` or "auto" (the schedule's bounded form:
+        "angle" for VP schedules, "linear" for rectified flow), resolved in __post_init__.
+    teacher_blend: weight of the teacher's DDIM step in the coefficients (0: the map's own form; a float or
+        a traced scalar inside a loss).
     Frozen and hashable (by the identity of `net`): close over it, pass params as jit arguments.
     """
 
     net: Callable
     schedule: ScheduleConfig
     prediction_type: str
+    parameterization: str = "auto"
+    teacher_blend: Any = 0.0
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
+        object.__setattr__(self, "parameterization", resolve_parameterization(self.schedule, self.parameterization))
+
+    def __hash__(self):
+        return hash((id(self.net), self.schedule, self.prediction_type, self.parameterization,
+                     float(self.teacher_blend) if isinstance(self.teacher_blend, (int, float)) else id(self.teacher_blend)))
 
     @classmethod
-    def from_teacher(cls, net, teacher) -> "FlowMap":
+    def from_teacher(cls, net, teacher, parameterization: str = "auto") -> "FlowMap":
         """A flow map with the teacher's schedule and prediction type."""
-        return cls(net=net, schedule=teacher.schedule, prediction_type=teacher.prediction_type)
+        return cls(net=net, schedule=teacher.schedule, prediction_type=teacher.prediction_type,
+                   parameterization=parameterization)
+
+    def with_teacher_blend(self, blend) -> "FlowMap":
+        """The same map with coefficients (1 - blend) own + blend teacher's DDIM step (blend may be traced)."""
+        return dataclasses.replace(self, teacher_blend=blend)
+
+    @property
+    def output_type(self) -> str:
+        """The prediction type F is read in: "v_prediction" ("angle"), "flow" ("linear") or the teacher's
+        ("teacher_step")."""
+        return {"angle": "v_prediction", "linear": "flow"}.get(self.parameterization, self.prediction_type)
 
     def _times(self, x_s, t_source, t_target):
         if jnp.ndim(x_s) < 1:
@@ -74,35 +123,120 @@ class FlowMap:
         batch = x_s.shape[0]
         return batch_times(t_source, batch, "t_source"), batch_times(t_target, batch, "t_target")
 
-    def prediction(self, params, x_s, t_source, t_target, cond=None):
-        """The network's raw prediction F(x_s, s, t), shape of x_s."""
-        s, t = self._times(x_s, t_source, t_target)
-        out = self.net(params, x_s, s, t, cond)
-        if out.shape != x_s.shape:
-            raise ValueError(f"the network returned shape {out.shape} for x_s of shape {x_s.shape}")
+    def _net(self, params, x, s, t, cond):
+        out = self.net(params, x, s, t, cond)
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {out.shape} for x_s of shape {x.shape}")
         return out
 
-    def coefficients(self, t_source, t_target):
-        """(c_x, c_pred), each of the broadcast shape of the times: X = c_x x_s + c_pred F."""
+    def prediction(self, params, x_s, t_source, t_target, cond=None):
+        """The network's raw output F(x_s, s, t), shape of x_s (in `output_type`)."""
+        s, t = self._times(x_s, t_source, t_target)
+        return self._net(params, x_s, s, t, cond)
+
+    def own_coefficients(self, t_source, t_target):
+        """(c_x, c_F) of the map's own parameterisation (no teacher blend), broadcast shape of the times."""
+        if self.parameterization == "angle":
+            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+            return jnp.cos(delta), -jnp.sin(delta)
+        if self.parameterization == "linear":
+            d_tau = (jnp.asarray(t_target, jnp.float32) - jnp.asarray(t_source, jnp.float32)) / self.schedule.time_unit
+            return jnp.ones_like(d_tau), d_tau
+        return self.teacher_step_coefficients(t_source, t_target)
+
+    def teacher_step_coefficients(self, t_source, t_target):
+        """(c_x, c_pred) of the teacher's DDIM step with F in the teacher's prediction type."""
         a_s, s_s = schedules.alpha_sigma(self.schedule, t_source)
         a_t, s_t = schedules.alpha_sigma(self.schedule, t_target)
         return pred_lib.jump_coefficients(a_s, s_s, a_t, s_t, self.prediction_type)
 
+    def coefficients(self, t_source, t_target):
+        """(c_x, c_F), each of the broadcast shape of the times: X = c_x x_s + c_F F."""
+        c_x, c_f = self.own_coefficients(t_source, t_target)
+        blend = self.teacher_blend
+        if isinstance(blend, (int, float)) and blend == 0:
+            return c_x, c_f
+        b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
+        return (1.0 - blend) * c_x + blend * b_x, (1.0 - blend) * c_f + blend * b_f
+
+    def _combine(self, x_s, s, t, out):
+        c_x, c_f = self.coefficients(s, t)
+        return expand_time(c_x, x_s) * x_s + expand_time(c_f, x_s) * out
+
     def __call__(self, params, x_s, t_source, t_target, cond=None):
         """X(x_s, s, t): x_s (B, ...); t_source, t_target scalars or (B,) in teacher units. Shape of x_s."""
         s, t = self._times(x_s, t_source, t_target)
-        prediction = self.net(params, x_s, s, t, cond)
-        if prediction.shape != x_s.shape:
-            raise ValueError(f"the network returned shape {prediction.shape} for x_s of shape {x_s.shape}")
-        c_x, c_pred = self.coefficients(s, t)
-        return expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+        return self._combine(x_s, s, t, self._net(params, x_s, s, t, cond))
+
+    def jvp(self, params, x_s, t_source, t_target, cond=None, tangents=(None, None, None), *,
+            network_tangent_scale=None, method: str = "exact", fd_eps: float = 5e-3):
+        """(X(x_s, s, t), its directional derivative) along tangents (dx, ds, dt) (None: zero); dx of x_s's
+        shape, ds and dt scalars or (B,) in teacher units per unit of the caller's variable.
+
+        d X = dc_x x_s + c_x dx + dc_F F + k c_F dF, with (dc_x, dc_F) exact (jax.jvp of the coefficients
+        along the times whose tangent is given),
+        dF the network's JVP (method "exact": jax.jvp; "finite_difference": central difference with step
+        fd_eps along the tangent) and k = network_tangent_scale ((B,) or None = 1; the tangent warm-up).
+        Returns (X, dX, F): F, the network's output, for callers that need it.
+        """
+        s, t = self._times(x_s, t_source, t_target)
+        b = x_s.shape[0]
+        given = [i for i, d in enumerate(tangents) if d is not None]
+        primals = (x_s, s, t)
+        tans = {0: tangents[0], 1: None if tangents[1] is None else batch_times(tangents[1], b, "ds"),
+                2: None if tangents[2] is None else batch_times(tangents[2], b, "dt")}
+        ds, dt = tans[1], tans[2]
+
+        def net_fn(*moving):  # the network as a function of the arguments that move only (a zero tangent
+            args = list(primals)  # through an infinite local derivative would give NaN)
+            for i, value in zip(given, moving, strict=True):
+                args[i] = value
+            return self._net(params, args[0], args[1], args[2], cond)
+
+        moving_primals = tuple(primals[i] for i in given)
+        moving_tangents = tuple(tans[i] for i in given)
+        if not given:
+            out = net_fn()
+            d_out = jnp.zeros_like(out)
+        elif method == "finite_difference":
+            out, d_out = finite_difference_jvp(net_fn, moving_primals, moving_tangents, fd_eps)
+        elif method == "exact":
+            out, d_out = jax.jvp(net_fn, moving_primals, moving_tangents)
+        else:
+            raise ValueError(f"unknown jvp method {method!r}: expected 'exact' or 'finite_difference'")
+        dx = jnp.zeros_like(x_s) if tangents[0] is None else tangents[0]
+        # Coefficients differentiated only along the times that move: at the clean end (sigma = 0) the
+        # time derivative of the DDPM/cosine angle is infinite, and inf * 0 would be NaN.
+        if tangents[1] is None and tangents[2] is None:
+            c_x, c_f = self.coefficients(s, t)
+            dc_x, dc_f = jnp.zeros_like(c_x), jnp.zeros_like(c_x)
+        elif tangents[1] is None:
+            (c_x, c_f), (dc_x, dc_f) = jax.jvp(lambda tt: self.coefficients(s, tt), (t,), (dt,))
+        elif tangents[2] is None:
+            (c_x, c_f), (dc_x, dc_f) = jax.jvp(lambda ss: self.coefficients(ss, t), (s,), (ds,))
+        else:
+            (c_x, c_f), (dc_x, dc_f) = jax.jvp(self.coefficients, (s, t), (ds, dt))
+        k = jnp.ones((b,), jnp.float32) if network_tangent_scale is None else network_tangent_scale
+        x_map = expand_time(c_x, x_s) * x_s + expand_time(c_f, x_s) * out
+        d_map = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * dx + expand_time(dc_f, x_s) * out
+                 + expand_time(k * c_f, x_s) * d_out)
+        return x_map, d_map, out
+
+    def velocity(self, params, x_s, t_source, cond=None):
+        """d/dtheta_t X(x_s, s, t) at t = s: the map's PF-ODE velocity at (x_s, s) per unit of the angle
+        theta (`schedules.angle`); F itself for "angle". Shape of x_s."""
+        s, _ = self._times(x_s, t_source, t_source)
+        dt = 1.0 / schedules.dtheta_dt(self.schedule, s)
+        _, d_map, _ = self.jvp(params, x_s, s, s, cond, (None, None, dt))
+        return d_map
 
     def x0_eps(self, params, x_s, t_source, t_target, cond=None):
-        """(x0_hat, eps_hat) the network implies at (x_s, s) told t."""
+        """(x0_hat, eps_hat) the network implies at (x_s, s) told t, reading F in `output_type` (without the
+        teacher blend)."""
         s, _ = self._times(x_s, t_source, t_target)
         alpha, sigma = schedules.alpha_sigma(self.schedule, s)
         return pred_lib.to_x0_eps(self.prediction(params, x_s, t_source, t_target, cond), x_s, alpha, sigma,
-                                  self.prediction_type)
+                                  self.output_type)
 
 
 def unet_network(unet):
@@ -122,7 +256,7 @@ def unet_network(unet):
 def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, dict]:
     """(config, params) of a flow-map UNet from a teacher's diffusers config dict and Flax parameters.
 
-    Adds `class_embed_type="timestep"` (`flow_config.add_target_time_hook_config`) and the parameters of
+    Adds `class_embed_type="timestep"` (`spec.target_time_hook.add_target_time_hook_config`) and the parameters of
     `class_embedding`: linear_1 initialised as torch's nn.Linear default (uniform(+-1/sqrt(fan_in)), weight
     and bias), linear_2 zero (kernel and bias), so the new UNet reproduces the teacher exactly and only the
     last layer is zero (gradients reach linear_2 from the first step). Shapes follow the teacher's

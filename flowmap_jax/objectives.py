@@ -30,7 +30,7 @@ X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s
 value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
 The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`).
 
-Switches (`flow_config.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
+Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
 teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +
 1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
@@ -43,19 +43,19 @@ tangent normalisation or adaptive weighting).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from flowmap_jax import predictions as pred_lib
 from flowmap_jax import samplers, schedules, time_pairs
-from flowmap_jax.flow_config import ObjectiveOptions
-from flowmap_jax.flow_map import guidance_scale_embedding
+from flowmap_jax.flow_map import finite_difference_jvp, guidance_scale_embedding  # noqa: F401 (re-export)
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "finite_difference_jvp"]
+           "finite_difference_jvp", "combine_objectives"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -92,21 +92,6 @@ def _per_example_mean(x):
     return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)
 
 
-def finite_difference_jvp(fn, primals, tangents, eps: float):
-    """(fn(*primals), central difference (fn(p + eps t) - fn(p - eps t)) / (2 eps)): second-order accurate
-    stand-in for `jax.jvp` (three evaluations of fn)."""
-    plus = fn(*[p + eps * d for p, d in zip(primals, tangents, strict=True)])
-    minus = fn(*[p - eps * d for p, d in zip(primals, tangents, strict=True)])
-    return fn(*primals), (plus - minus) / (2.0 * eps)
-
-
-def _jvp(fn, primals, tangents, options: ObjectiveOptions):
-    """jax.jvp, or its central-difference stand-in (options.jvp)."""
-    if options.jvp == "finite_difference":
-        return finite_difference_jvp(fn, primals, tangents, options.fd_eps)
-    return jax.jvp(fn, primals, tangents)
-
-
 def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
     """[lo, hi] (floats) where an objective may evaluate the teacher and, with fd, centre a difference
     stencil t +- fd_eps dt/dtheta (kept inside the schedule with a factor-2 margin)."""
@@ -128,6 +113,18 @@ def _warmup(options: ObjectiveOptions, batch, batch_size):
         raise ValueError("tangent_warmup_steps > 0 needs batch['step'] (the optimiser step)")
     step = jnp.broadcast_to(jnp.asarray(batch["step"], jnp.float32), (batch_size,))
     return options.tangent_warmup_max * jnp.minimum(step / options.tangent_warmup_steps, 1.0)
+
+
+def _student_map(flow_map, options: ObjectiveOptions, batch, batch_size):
+    """The flow map the loss trains: during the head warm-up (`head_warmup_steps` > 0) its coefficients are
+    blended with the teacher's DDIM step, weight max(0, 1 - step / head_warmup_steps) (see
+    `flowmap_jax.flow_map`, "Head mismatch")."""
+    if options.head_warmup_steps <= 0:
+        return flow_map
+    if "step" not in batch:
+        raise ValueError("head_warmup_steps > 0 needs batch['step'] (the optimiser step)")
+    step = jnp.broadcast_to(jnp.asarray(batch["step"], jnp.float32), (batch_size,))
+    return flow_map.with_teacher_blend(jnp.maximum(0.0, 1.0 - step / options.head_warmup_steps))
 
 
 def _check_batch(batch):
@@ -217,10 +214,11 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
 def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2 (see the module docstring)."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
+    fmap = _student_map(flow_map, options, batch, p["b"])
     target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
                                     options.teacher_solver, p["cond"], p["w"],
                                     spacing=options.teacher_spacing)
-    x_map = flow_map(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+    x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
     return _finish(_per_example_mean(jnp.square(err)), options, err)
 
@@ -230,17 +228,15 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
+    fmap = _student_map(flow_map, options, batch, p["b"])
     x_s, s, t = p["x_s"], p["s"], p["t"]
     dt = 1.0 / schedules.dtheta_dt(flow_map.schedule, t)  # d/dtheta = (dt/dtheta) d/dt
-    net_fn = lambda tt: flow_map.net(params, x_s, s, tt, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (t,), (dt,), options)
-    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (dt,))
-    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
-    r_factor = _warmup(options, batch, p["b"])
-    d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
-             + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    x_map, d_map, _ = fmap.jvp(params, x_s, s, t, p["student_cond"], (None, None, dt),
+                               network_tangent_scale=_warmup(options, batch, p["b"]), method=options.jvp,
+                               fd_eps=options.fd_eps)
     v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - _sg(v)
+    c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options))
 
 
@@ -249,16 +245,14 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
+    fmap = _student_map(flow_map, options, batch, p["b"])
     x_s, s, t = p["x_s"], p["s"], p["t"]
     ds = 1.0 / schedules.dtheta_dt(flow_map.schedule, s)  # d/dtheta = (ds/dtheta) d/ds
     v = _sg(teacher.velocity(x_s, s, p["cond"], p["w"])) * expand_time(ds, x_s)
-    net_fn = lambda xx, ss: flow_map.net(params, xx, ss, t, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ds), options)
-    (c_x, c_pred), (dc_x, dc_pred) = jax.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ds,))
-    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
-    r_factor = _warmup(options, batch, p["b"])
-    residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
-                + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    x_map, residual, _ = fmap.jvp(params, x_s, s, t, p["student_cond"], (v, ds, None),
+                                  network_tangent_scale=_warmup(options, batch, p["b"]), method=options.jvp,
+                                  fd_eps=options.fd_eps)
+    c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options))
 
 
@@ -267,20 +261,46 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor (see the module docstring)."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
+    fmap = _student_map(flow_map, options, batch, p["b"])
     x_s, s, t, cond = p["x_s"], p["s"], p["t"], p["student_cond"]
     ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
     u = batch["t_mid"] if "t_mid" in batch else time_pairs.sample_mid_times(p["k_mid"], s, t)
-    x_u = flow_map(params, x_s, s, u, cond)
-    target = _sg(flow_map(params, x_u, u, t, cond))
-    err = flow_map(params, x_s, s, t, cond) - target
-    # Anchor: the map's velocity at t = s (network told t = s) against the teacher's.
-    alpha, sigma = schedules.alpha_sigma(schedule, s)
-    d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
-    x0_hat, eps_hat = pred_lib.to_x0_eps(flow_map.net(params, x_s, s, s, cond), x_s, alpha, sigma,
-                                         flow_map.prediction_type)
-    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * ds
-    anchor = v_map - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
+    x_u = fmap(params, x_s, s, u, cond)
+    target = _sg(fmap(params, x_u, u, t, cond))
+    err = fmap(params, x_s, s, t, cond) - target
+    # Anchor: the map's velocity at t = s (network told t = s) against the teacher's, both per unit angle.
+    anchor = fmap.velocity(params, x_s, s, cond) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
     per_example = (_per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
 
+
+# --------------------------------------------------------------------------------------------------
+# Mixing objectives.
+
+def combine_objectives(named_losses: Sequence[tuple[str, float, Callable]]) -> Callable:
+    """Weighted sum of objectives, each with its own rng stream (`fold_in(rng, index)`): the one way to build
+    a mixed loss. named_losses: (name, weight, loss_fn) with loss_fn `(params, teacher, batch, rng) ->
+    (loss, metrics)` (e.g. `make_objective(name, flow_map, options)`); returns a loss_fn of the same form.
+
+    Metrics: "loss" (the weighted sum) and "<name>/<metric>" for each objective's own metrics
+    (at least "<name>/loss", the unweighted value).
+    """
+    named_losses = list(named_losses)
+    if not named_losses:
+        raise ValueError("combine_objectives: no objectives given")
+
+    def loss_fn(params, teacher, batch, rng):
+        total = 0.0
+        metrics = {}
+        for index, (name, weight, fn) in enumerate(named_losses):
+            loss, own = fn(params, teacher, batch, jax.random.fold_in(rng, index))
+            total = total + weight * loss
+            metrics[f"{name}/loss"] = loss
+            for key, value in (own or {}).items():
+                if key != "loss":
+                    metrics[f"{name}/{key}"] = value
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn

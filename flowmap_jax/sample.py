@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from flowmap_jax import sample_cli
+from flowmap_jax.spec import sample_cli
 
 __all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
 
@@ -28,12 +28,13 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 @dataclasses.dataclass
 class LoadedFlowMap:
     """flow_map: `flowmap_jax.flow_map.FlowMap` (jitted network); params: its Flax params (on `device`);
-    export: the `conversion.export.FlowMapExport` it came from; device: a jax.Device."""
+    export: the `flowmap_jax.export_loading.FlowMapExport` it came from; device: a jax.Device."""
 
     flow_map: object
     params: dict
     export: object
     device: object
+    jump: object = None  # samplers.make_jump(flow_map): one compiled jump for every grid
 
 
 def _device(name: str):
@@ -53,15 +54,18 @@ def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFl
     import jax
     import jax.numpy as jnp
 
-    from conversion.export import jax_flow_map, load_flow_map_export
+    from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     exported = load_flow_map_export(folder, dtype=np.float32)
     dev = _device(device)
     params = jax.device_put(exported.params, dev)
-    return LoadedFlowMap(flow_map=jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype])), params=params,
-                         export=exported, device=dev)
+    from flowmap_jax import samplers
+
+    flow_map = jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype]), jit=False)
+    return LoadedFlowMap(flow_map=flow_map, params=params, export=exported, device=dev,
+                         jump=samplers.make_jump(flow_map))
 
 
 def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
@@ -79,7 +83,7 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
         w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
         out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
     elif guidance_scale is not None:
-        from flowmap_jax.export_format import resolve_guidance
+        from flowmap_jax.spec.sampling_inputs import resolve_guidance
 
         resolve_guidance(loaded.export.config, guidance_scale)  # raises unless it is the baked-in scale
     return out
@@ -103,7 +107,7 @@ def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=No
     z = None if renoise is None else [jax.device_put(jnp.asarray(r, jnp.float32), loaded.device) for r in renoise]
     with jax.default_device(loaded.device):
         out = samplers.flow_map_sample(loaded.flow_map, loaded.params, x, np.asarray(timesteps, np.float64), c,
-                                       gamma=gamma, noise=z)
+                                       gamma=gamma, noise=z, jump=loaded.jump)
     return np.asarray(jax.device_get(out), np.float32)
 
 
@@ -120,4 +124,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowmap_jax.spec.cli_exit import run_main
+
+    run_main(main)

@@ -1,6 +1,6 @@
 """Samplers in JAX (mirrored by `torch_ref.samplers`): the teacher's PF-ODE solvers and flow-map jumps.
 
-Time grids are 1-D sequences of times in teacher units (`flow_config.time_grid`, or any list; a traced
+Time grids are 1-D sequences of times in teacher units (`spec.time_grid.time_grid`, or any list; a traced
 jax array works too, unchecked, so one compiled sampler serves every grid of a length),
 decreasing towards data (sampling) or increasing towards noise (inversion); `x_init` is the state at
 timesteps[0] (for sampling: noise, as diffusers' DDIM/DPM-Solver pipelines start with init_noise_sigma = 1).
@@ -44,11 +44,12 @@ import numpy as np
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import TEACHER_SOLVERS, TEACHER_SPACINGS, check_time_values
 from flowmap_jax.schedules import expand_time
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
+from flowmap_jax.spec.schedule import check_time_values
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
-           "flow_map_sample", "SOLVERS", "SOLVE_SPACINGS"]
+           "flow_map_sample", "make_jump", "SOLVERS", "SOLVE_SPACINGS"]
 
 
 def check_grid(schedule, timesteps):
@@ -279,12 +280,17 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     return jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
 
 
-def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):
+def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,
+                    jump=None):
     """N = len(timesteps) - 1 flow-map jumps X(x, t_i, t_{i+1}) from x_init (B, ...) at timesteps[0].
 
     gamma in [0, 1]: stochastic re-noising after every jump but the last (decreasing grids only), with
     standard normal noise from `rng` (a jax PRNG key; `fold_in(rng, i)` for jump i) or given as `noise`
     (N - 1 arrays of x's shape). Deterministic given rng/noise.
+
+    jump: `make_jump(flow_map)` (one compiled jump with per-example (B,) times, shared by every grid and
+    every N: the trainer's sample grids, the quality benchmark and the sample CLIs take this path), or None
+    to call the map directly (inside an enclosing jit).
     """
     _check_x(x_init)
     grid = check_grid(flow_map.schedule, timesteps)
@@ -300,6 +306,13 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
             raise ValueError("gamma > 0 needs rng (a jax PRNG key) or noise")
         if noise is not None and len(noise) != n - 1:
             raise ValueError(f"noise must hold {n - 1} arrays (one per jump but the last), got {len(noise)}")
+    if jump is None:
+        step = flow_map
+    else:
+        def step(p, xx, t_source, t_target, c):
+            b = xx.shape[0]
+            return jump(p, xx, jnp.broadcast_to(jnp.asarray(t_source, jnp.float32), (b,)),
+                        jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (b,)), c)
     x = x_init
     for i in range(n):
         t_cur, t_next = (float(grid[i]), float(grid[i + 1])) if concrete else (grid[i], grid[i + 1])
@@ -307,11 +320,18 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
             a_n, s_n = schedules.alpha_sigma(flow_map.schedule, t_next)
             u = schedules.time_from_rho(flow_map.schedule, jnp.sqrt(1.0 - gamma ** 2) * s_n / a_n)
             a_u, _ = schedules.alpha_sigma(flow_map.schedule, u)
-            x_u = flow_map(params, x, t_cur, u, cond)
+            x_u = step(params, x, t_cur, u, cond)
             z = noise[i] if noise is not None else jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
             if jnp.shape(z) != x.shape:
                 raise ValueError(f"noise[{i}] has shape {jnp.shape(z)}, expected {x.shape}")
             x = (a_n / a_u) * x_u + gamma * s_n * z
         else:
-            x = flow_map(params, x, t_cur, t_next, cond)
+            x = step(params, x, t_cur, t_next, cond)
     return x
+
+
+def make_jump(flow_map):
+    """One jitted flow-map jump `(params, x (B, ...), t_source (B,), t_target (B,), cond) -> X` for
+    `flow_map_sample(..., jump=)`: traced times, so every grid and every number of jumps reuses one
+    compilation per input shape."""
+    return jax.jit(lambda params, x, t_source, t_target, cond: flow_map(params, x, t_source, t_target, cond))

@@ -1,7 +1,7 @@
 """Noise schedules in JAX: alpha_t, sigma_t and their time derivatives at float t.
 
 The schedule itself (kind, betas, time range) is the pure-Python `ScheduleConfig` of
-`flowmap_jax.flow_config`, shared with `torch_ref.schedules`; its module docstring fixes the time
+`flowmap_jax.spec.schedule`, shared with `torch_ref.schedules`; its module docstring fixes the time
 convention. Summary: times are floats in the teacher's own units; DDPM: t in [-1, N - 1], alpha_t^2 =
 alphas_cumprod[t] at integers, log(alpha) linear in between, t = -1 clean; VP cosine and rectified flow:
 t in [0, T], t = 0 clean.
@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax.flow_config import ScheduleConfig, check_time_values, time_grid  # noqa: F401 (re-export)
+from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa: F401 (re-export)
+from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
-           "check_times", "expand_time", "time_grid"]
+           "check_times", "expand_time", "batch_times", "time_grid"]
 
 
 def check_times(schedule: ScheduleConfig, t, name: str = "t") -> None:
@@ -141,6 +142,16 @@ def expand_time(values, x):
     if values.ndim == 1 and x.ndim > 1:
         return values.reshape(values.shape + (1,) * (x.ndim - 1))
     return values
+
+
+def batch_times(t, batch: int, name: str):
+    """Scalar or (B,) times -> (B,) float32; any other shape raises ValueError naming `name`."""
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim == 0:
+        return jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch of x), got shape {t.shape}")
+    return t
 
 
 def add_noise(schedule: ScheduleConfig, x0, noise, t):

@@ -12,7 +12,7 @@ Guidance (part of the teacher, so it is distilled):
 Guidance on predictions equals guidance on (x0_hat, eps_hat) and on the PF-ODE velocity (all are affine in
 the prediction at fixed x_t). w = 1 is the plain conditional teacher.
 
-Time: teacher time units (see `flowmap_jax.flow_config`). The network is evaluated at
+Time: teacher time units (see `flowmap_jax.spec.schedule`). The network is evaluated at
 max(t, schedule.t_eval_min): for DDPM the segment [-1, 0) was never trained, and there the teacher uses its
 prediction at t = 0, exactly as DDIM's last step does.
 
@@ -30,19 +30,11 @@ import jax.numpy as jnp
 
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
-from flowmap_jax.flow_config import ScheduleConfig, check_prediction_type
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.schedules import batch_times, expand_time
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
 
 __all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow", "gaussian_mixture_teacher_fn"]
-
-
-def _batch_times(t, batch: int, name: str):
-    t = jnp.asarray(t, jnp.float32)
-    if t.ndim == 0:
-        return jnp.broadcast_to(t, (batch,))
-    if t.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch), got shape {t.shape}")
-    return t
 
 
 def _check_cond_batch(cond, batch: int, name: str = "cond"):
@@ -101,7 +93,7 @@ class Teacher(flax.struct.PyTreeNode):
 
     def raw_prediction(self, x, t, cond=None):
         """The (strong, conditional) network's prediction at (x, t), unguided. t: scalar or (B,)."""
-        t = self.model_time(_batch_times(t, x.shape[0], "t"))
+        t = self.model_time(batch_times(t, x.shape[0], "t"))
         return self.apply_fn(self.params, x, t, cond)
 
     def prediction(self, x, t, cond=None, guidance_scale=None):
@@ -109,7 +101,7 @@ class Teacher(flax.struct.PyTreeNode):
         teacher's own), scalar or (B,)."""
         batch = x.shape[0]
         schedules.check_times(self.schedule, t, "t")
-        t = self.model_time(_batch_times(t, batch, "t"))
+        t = self.model_time(batch_times(t, batch, "t"))
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         if cond is not None:
             _check_cond_batch(cond, batch)
@@ -132,13 +124,13 @@ class Teacher(flax.struct.PyTreeNode):
 
     def x0_eps(self, x, t, cond=None, guidance_scale=None):
         """Guided (x0_hat, eps_hat) at (x, t)."""
-        alpha, sigma = schedules.alpha_sigma(self.schedule, _batch_times(t, x.shape[0], "t"))
+        alpha, sigma = schedules.alpha_sigma(self.schedule, batch_times(t, x.shape[0], "t"))
         return pred_lib.to_x0_eps(self.prediction(x, t, cond, guidance_scale), x, alpha, sigma,
                                   self.prediction_type)
 
     def velocity(self, x, t, cond=None, guidance_scale=None):
         """Guided PF-ODE velocity dx/dt at (x, t), teacher time units. Shape of x."""
-        t = _batch_times(t, x.shape[0], "t")
+        t = batch_times(t, x.shape[0], "t")
         x0_hat, eps_hat = self.x0_eps(x, t, cond, guidance_scale)
         d_alpha, d_sigma = schedules.alpha_sigma_derivatives(self.schedule, t)
         return pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma)
@@ -146,7 +138,7 @@ class Teacher(flax.struct.PyTreeNode):
     def ddim_step(self, x, t_source, t_target, cond=None, guidance_scale=None):
         """The teacher's DDIM (first-order) jump from t_source to t_target (either direction)."""
         batch = x.shape[0]
-        s, t = _batch_times(t_source, batch, "t_source"), _batch_times(t_target, batch, "t_target")
+        s, t = batch_times(t_source, batch, "t_source"), batch_times(t_target, batch, "t_target")
         schedules.check_times(self.schedule, t_target, "t_target")
         a_s, s_s = schedules.alpha_sigma(self.schedule, s)
         a_t, s_t = schedules.alpha_sigma(self.schedule, t)

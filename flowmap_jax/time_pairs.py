@@ -1,6 +1,6 @@
 """Training (t_source, t_target) pairs in JAX (mirrored by `torch_ref.time_pairs`).
 
-The distribution (`flow_config.TimePairConfig`, documented there) lives in normalised time tau in [0, 1]
+The distribution (`spec.time_pairs.TimePairConfig`, documented there) lives in normalised time tau in [0, 1]
 (0 the clean end, 1 the noise end, t = t_clean + tau (t_noise - t_clean)):
 
     d ~ density proportional to d^(length_power - 1)  (d = U^(1 / length_power); default 2: long jumps up)
@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_pairs import TimePairConfig
 
 __all__ = ["sample_time_pairs", "sample_mid_times"]
 

@@ -8,19 +8,23 @@
 
 The story of a run, top to bottom in `run`:
   1. processes and devices: `jax.distributed` when asked, a (data, fsdp) mesh over every device;
-  2. the run folder: config.json, checkpoints/, samples/, tensorboard/, metrics.jsonl;
+  2. the run folder (`run_folder`): locked for this run, its config.json kept and compared on resume;
+     checkpoints/, samples/, tensorboard/, metrics.jsonl;
   3. the parts (`assembly.build`): teacher loaded from a diffusers folder and converted, the flow
      map initialised from it, the objectives, the data, the samplers;
   4. optimiser, sharded train state and the compiled step;
   5. resume: newest good checkpoint of this run (or `--resume PATH`), data position included;
-  6. a baseline: the untrained flow map (the teacher's DDIM step) with 1, 2, 4 jumps against the
+  6. a baseline: the untrained flow map (teacher weights read in the map's own parameterisation) with 1, 2, 4 jumps against the
      teacher's 50-step ODE solution from the same noise, and its quality numbers;
   7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
   8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
      folder, and finished.json (a rerun of a finished run does nothing).
 
-Exit codes: 0 done (or saved and stopped on SIGTERM), 1 the run failed (NaN loss, bad data,
-missing teacher...), 2 bad command-line flags.
+Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
+running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
+another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file; a missing or unusable
+teacher or data; a batch the devices cannot split; a resume whose configuration differs from the run's).
+Either way one line `error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -36,17 +40,25 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from flowmap_jax import checkpointing, datasets, distributed, presets, reporting
+from flowmap_jax import (
+    checkpointing,
+    datasets,
+    distributed,
+    presets,
+    reporting,
+    run_folder,
+)
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.spec import cli_exit, image_grid
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(cli_exit.RunFailure, RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the message names the step."""
 
 
-class RunError(RuntimeError):
-    """A run that cannot start: missing teacher, bad data, a run folder in the way."""
+class RunError(cli_exit.BadInput, RuntimeError):
+    """A run that cannot start as asked: a batch the mesh cannot split, a resume that finds nothing."""
 
 
 @dataclasses.dataclass
@@ -71,53 +83,55 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     if config.data.batch_size % sh.num_batch_shards(mesh):
         raise RunError(f"--data.batch_size {config.data.batch_size} is not divisible by the "
                        f"{sh.num_batch_shards(mesh)} devices of the mesh")
-    run_dir = os.path.abspath(config.run.dir)
-    if process.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(config.to_json())
+    folder = run_folder.RunFolder.open(config, process.is_main)  # checked, locked, config compared
+    run_dir = folder.path
     distributed.sync("run folder")
+    try:  # a start that fails before training removes the run folder it created
+        # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
+        if build is None:
+            from flowmap_jax import assembly
 
-    # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
-    if build is None:
-        from flowmap_jax import assembly
+            build = assembly.build
+        parts = build(config, mesh)
 
-        build = assembly.build
-    parts = build(config, mesh)
+        # 4. Optimiser, state, step.
+        optimizer = ts.make_optimizer(config.optim, config.run.steps)
+        specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
+        state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
+        state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
+        teacher = _replicate_arrays(mesh, parts.teacher)
+        rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
+        train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
+                                        state_sharding=state_sharding)
 
-    # 4. Optimiser, state, step.
-    optimizer = ts.make_optimizer(config.optim, config.run.steps)
-    specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
-    state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
-    state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
-    teacher = _replicate_arrays(mesh, parts.teacher)
-    rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
-    train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                                    state_sharding=state_sharding)
+        # 5. Resume.
+        reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
+        checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
+                                                  async_save=config.run.async_checkpoints)
+        state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
+        start_step = int(jax.device_get(state.step))
 
-    # 5. Resume.
-    reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
-    checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
-                                              async_save=config.run.async_checkpoints)
-    state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
-    start_step = int(jax.device_get(state.step))
+        stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
+                                      process.index, process.count, position=data_position)
+        batches = datasets.Prefetcher(stream, depth=2)
+        reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
+                                      progress_bar=config.run.progress_bar)
+        reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
+                         f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
+                         f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
+        for note in folder.notes:
+            reporter.message(note)
 
-    stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
-                                  process.index, process.count, position=data_position)
-    batches = datasets.Prefetcher(stream, depth=2)
-    reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
-                                  progress_bar=config.run.progress_bar)
-    reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
-                     f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
-                     f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
-
-    # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
-    evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
-    if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
-        history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
-        reporter.message("untrained flow map (the teacher's DDIM step), MSE to the teacher's "
-                         f"{config.sample.teacher_steps}-step solution: "
-                         + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
+        # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
+        evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
+        if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
+            history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
+            reporter.message("untrained flow map (teacher weights in the map's parameterisation), MSE to the teacher's "
+                             f"{config.sample.teacher_steps}-step solution: "
+                             + ", ".join(f"{r['sampler']}: {r['mse_to_teacher']:.5f}" for r in history["baseline"]))
+    except BaseException:
+        folder.abandon()
+        raise
 
     # 7. The loop.
     guard = checkpointing.PreemptionGuard()
@@ -153,9 +167,11 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
                 status = "preempted"
                 break
         _check_finite(pending, last_saved, checkpointer)
+        checkpointer.wait()  # the last checkpoint is on disk before the run is called finished
     except BaseException:
         reporter.close()
         checkpointer.close()
+        folder.close()
         raise
     finally:
         guard.close()
@@ -172,9 +188,9 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         if config.run.export and parts.export is not None:
             ema_host = _to_host(state.ema_params)
             if process.is_main:
-                folder = parts.export(ema_host, os.path.join(run_dir, "export"),
-                                      {"step": step, "config": config.to_dict()})
-                reporter.message(f"exported the flow map (EMA weights) to {folder}")
+                exported = parts.export(ema_host, os.path.join(run_dir, "export"),
+                                        {"step": step, "config": config.to_dict()})
+                reporter.message(f"exported the flow map (EMA weights) to {exported}")
         if process.is_main:
             with open(finished_marker, "w") as f:
                 json.dump({"step": step, "time": time.time(), "info": parts.info}, f, indent=2, default=str)
@@ -184,6 +200,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     reporter.message(f"{status} at step {step} in {time.perf_counter() - t_start:.0f}s; run folder {run_dir}")
     reporter.close()
     checkpointer.close()
+    folder.close()
     distributed.sync("end of run")
     return RunResult(state=state, run_dir=run_dir, status=status, step=step, quality=quality)
 
@@ -239,6 +256,8 @@ def _resume(config, checkpointer, state, rng, state_sharding, say):
     finally:
         if source is not checkpointer:
             source.close()
+    if source is checkpointer:  # the steps it fell back from leave their place (kept under rejected/)
+        checkpointer.set_aside_rejected(jax.process_index() == 0, say)
     if restored is None:
         if resume not in ("auto", "never"):
             raise RunError(f"--run.resume {resume}: no checkpoint found there")
@@ -328,7 +347,7 @@ class _Evaluator:
                 for j in self.config.sample.jumps]
         rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
         if self.is_main:
-            path = reporting.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
+            path = image_grid.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
             self.reporter.image("samples", path, step)
             self.reporter.message(f"sample grid: {path}")
 
@@ -355,25 +374,21 @@ def _head(cond, n):
 
 
 def main(argv=None, build: Callable | None = None) -> int:
-    """The command line: parse flags, run, turn known failures into a message and an exit code."""
+    """The command line: parse flags, run, turn known failures into one line on stderr and an exit code
+    (`flowmap_jax.spec.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
+    bug and keeps its traceback)."""
     try:
-        config = presets.parse_args(argv)
-    except presets.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        result = run(config, build)
-    except presets.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, RunError, datasets.DataError, checkpointing.NoGoodCheckpoint,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        result = run(presets.parse_args(argv), build)
+    except Exception as error:  # mapped below, or re-raised
+        code = cli_exit.exit_code(error)
+        if code is None:
+            raise
+        cli_exit.report(error)
+        return code
     if result.status == "preempted":
         print(f"stopped at step {result.step} (checkpoint saved)", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

@@ -25,7 +25,7 @@ adds "step" (B,) int32, the optimiser step (the objectives' tangent warm-up read
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -94,32 +94,6 @@ def ema_decay_at(step, decay: float):
 # --------------------------------------------------------------------------------------------------
 # Objectives.
 
-def combine_objectives(named_losses: Sequence[tuple[str, float, LossFn]]) -> LossFn:
-    """Weighted sum of objectives, each with its own rng stream (`fold_in(rng, index)`).
-
-    Metrics: "loss" (the weighted sum) and "<name>/<metric>" for each objective's own metrics
-    (at least "<name>/loss", the unweighted value).
-    """
-    named_losses = list(named_losses)
-    if not named_losses:
-        raise ValueError("combine_objectives: no objectives given")
-
-    def loss_fn(params, teacher, batch, rng):
-        total = 0.0
-        metrics = {}
-        for index, (name, weight, fn) in enumerate(named_losses):
-            loss, own = fn(params, teacher, batch, jax.random.fold_in(rng, index))
-            total = total + weight * loss
-            metrics[f"{name}/loss"] = loss
-            for key, value in (own or {}).items():
-                if key != "loss":
-                    metrics[f"{name}/{key}"] = value
-        metrics["loss"] = total
-        return total, metrics
-
-    return loss_fn
-
-
 def per_example_loss(loss_fn: LossFn) -> Callable:
     """(params, teacher, batch, rng) -> (mean loss, mean metrics), applying `loss_fn` to each example
     alone with the key `fold_in(rng, batch["example_id"][i])` (see the module docstring)."""
@@ -174,7 +148,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                     ema_decay: float, state_sharding: TrainState, donate: bool = True):
     """The jitted step `(state, teacher, batch, rng) -> (state, metrics)`.
 
-    loss_fn: `(params, teacher, batch, rng) -> (loss, metrics)` for a batch (use `combine_objectives`
+    loss_fn: `(params, teacher, batch, rng) -> (loss, metrics)` for a batch (use `objectives.combine_objectives`
     for several objectives). specs: PartitionSpecs of params (`sharding.param_specs`). teacher: any
     pytree (replicated on every device; its parameters are jit arguments, never constants). batch:
     dict of (B, ...) arrays sharded with `sharding.batch_sharding(mesh)`, with "example_id".

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 from flowmap_jax.datasets import SHARDS_FORMAT, DataError
+from flowmap_jax.encoders import encode_captions, encode_with_vae
+from flowmap_jax.spec import cli_exit
 
 
 def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dict | None = None,
@@ -75,58 +76,14 @@ def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dic
     return out
 
 
-def encode_with_vae(images: np.ndarray, vae: str, subfolder: str = "vae", batch_size: int = 16) -> np.ndarray:
-    """RGB images (N, H, W, 3) in [-1, 1] -> latents (N, H/8, W/8, 4) float32 = posterior mean *
-    scaling_factor, with diffusers' AutoencoderKL in PyTorch (CPU or the first CUDA device)."""
-    try:
-        import torch
-        from diffusers import AutoencoderKL
-    except ImportError as error:
-        raise DataError(f"encoding with a VAE needs the [torch] extra (torch, diffusers): {error}") from None
-    from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
-
-    model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder or None).eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    scale = float(model.config.scaling_factor)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(nhwc_to_nchw(images[start:start + batch_size]).astype(np.float32)).to(device)
-            latents = model.encode(chunk).latent_dist.mean * scale
-            out.append(nchw_to_nhwc(latents.cpu().numpy()))
-    return np.concatenate(out).astype(np.float32)
-
-
-def encode_captions(captions: list[str], text_encoder: str, subfolder: str = "text_encoder",
-                    tokenizer_subfolder: str = "tokenizer", batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Captions -> (encoder_hidden_states (N, 77, D), the empty prompt's (1, 77, D)) with a CLIP text
-    encoder (needs `transformers`), as Stable Diffusion pipelines encode prompts."""
-    try:
-        import torch
-        from transformers import CLIPTextModel, CLIPTokenizer
-    except ImportError as error:
-        raise DataError(f"encoding captions needs torch and transformers: {error}") from None
-    tokenizer = CLIPTokenizer.from_pretrained(text_encoder, subfolder=tokenizer_subfolder)
-    model = CLIPTextModel.from_pretrained(text_encoder, subfolder=subfolder).eval()
-
-    def encode(texts):
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        with torch.no_grad():
-            return model(tokens.input_ids)[0].numpy().astype(np.float32)
-
-    states = np.concatenate([encode(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)])
-    return states, encode([""])
-
-
 def _digits(args):
-    from flowmap_jax.assembly import resolve_teacher_path
     from flowmap_jax.datasets import LabelConditioner
     from flowmap_jax.digits.data import load_digits
+    from flowmap_jax.spec.label_table import LABEL_EMBEDDINGS_NAME
+    from flowmap_jax.teacher_folder import resolve_teacher_path
 
     teacher = resolve_teacher_path(args.teacher)
-    conditioner = LabelConditioner.from_file(os.path.join(teacher, "label_embeddings.safetensors"))
+    conditioner = LabelConditioner.from_file(os.path.join(teacher, LABEL_EMBEDDINGS_NAME))
     images, labels = load_digits(args.split)
     return images, conditioner(labels), conditioner.uncond(), {"source": "digits", "split": args.split,
                                                                "teacher": args.teacher}
@@ -163,7 +120,9 @@ def _folder(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
+    """Exit codes (`flowmap_jax.spec.cli_exit`): 0 written, 2 bad flags or bad input (a missing or malformed
+    input file, no images); an unexpected failure keeps its traceback and exits 1."""
+    parser = cli_exit.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--source", choices=("digits", "npz", "folder"), required=True)
@@ -186,11 +145,11 @@ def main(argv=None) -> int:
         x0, cond, uncond, source = {"digits": _digits, "npz": _npz, "folder": _folder}[args.source](args)
         write_shards(args.out, x0, cond, uncond, args.shard_size, args.dtype, source)
     except (DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        cli_exit.report(error)
+        return cli_exit.USAGE
     print(f"wrote {len(x0)} examples of shape {tuple(x0.shape[1:])} to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit.run_main(main)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax.flow_config import add_target_time_hook_config
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
 TEACHER_UNET_CONFIG = dict(
     _class_name="UNet2DConditionModel", sample_size=8, in_channels=1, out_channels=1,

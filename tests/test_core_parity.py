@@ -17,14 +17,20 @@ from flowmap_jax import flow_map as jf
 from flowmap_jax import objectives as jo
 from flowmap_jax import samplers as js
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import PREDICTION_TYPES, ScheduleConfig, time_grid
+from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_grid import time_grid
 from tests import flow_map_helpers as H
 from torch_ref import flow_map as tf
 from torch_ref import objectives as to
 from torch_ref import samplers as ts
 from torch_ref import teacher as tt
 
-TOL = 1e-4
+# ~10x the error measured (fp32 CPU): flow-map predictions <= 1.6e-7, samples <= 1.7e-7, teacher solvers
+# <= 4.9e-7 (issue 3's criterion was 1e-4).
+TOL = 5e-6
+# Objective losses and gradients: <= 1.5e-6, but 6.7e-6 for the Lagrangian with the finite-difference JVP.
+TOL_OBJECTIVE = 7e-5
 SHAPE = (4, 4, 2)  # (H, W, C)
 B = 6
 SCHEDULES = {"ddpm": ScheduleConfig.ddpm("scaled_linear", 0.00085, 0.012), "cosine": ScheduleConfig.vp_cosine(t_max=0.98),
@@ -191,10 +197,10 @@ def test_objective_loss_and_gradient(name, guidance, options):
     value_t, metrics_t = loss_t(tparams, teacher_t, batch_t, 0)
     grads_t = dict(zip(tparams, torch.autograd.grad(value_t, list(tparams.values())), strict=True))
     assert np.isfinite(float(value_j)) and float(value_j) > 0
-    assert H.rel_err(value_j, value_t.detach().numpy()) < TOL
-    assert H.rel_err(metrics_j["residual_rms"], metrics_t["residual_rms"].numpy()) < TOL
+    assert H.rel_err(value_j, value_t.detach().numpy()) < TOL_OBJECTIVE
+    assert H.rel_err(metrics_j["residual_rms"], metrics_t["residual_rms"].numpy()) < TOL_OBJECTIVE
     flat_j, flat_t = jax.tree.leaves(grads_j), jax.tree.leaves(H.torch_grads_to_jax_layout(grads_t))
-    assert H.rel_err(np.concatenate([np.ravel(g) for g in flat_j]), np.concatenate([np.ravel(g) for g in flat_t])) < TOL
+    assert H.rel_err(np.concatenate([np.ravel(g) for g in flat_j]), np.concatenate([np.ravel(g) for g in flat_t])) < TOL_OBJECTIVE
 
 
 @pytest.mark.parametrize("schedule, prediction_type", [(ScheduleConfig.vp_cosine(1000.0), "v_prediction"),
@@ -220,4 +226,4 @@ def test_pairs_at_the_alpha_zero_end(schedule, prediction_type):
         value_t, _ = to.make_objective("pairs", tf.FlowMap(module, schedule, prediction_type))(None, teacher_t,
                                                                                              batch_t, 0)
     assert np.isfinite(float(value_j)) and float(value_j) > 0
-    assert H.rel_err(value_j, value_t.numpy()) < TOL
+    assert H.rel_err(value_j, value_t.numpy()) < TOL_OBJECTIVE

@@ -46,7 +46,7 @@ def test_teacher_ddim50_cfg_samples_have_their_label(info, num_samples):
     samples as their label far above chance (0.1); the shipped teacher scores 100% on 500 samples.
     40 samples by default (~15 s of one CPU core; 163 MFLOP per sample per network call, 100 calls)."""
     from flowmap_jax.digits.quality import label_accuracy
-    from flowmap_jax.layout import nchw_to_nhwc
+    from flowmap_jax.spec.layout import nchw_to_nhwc
     from torch_ref.train_digits_teacher import load_teacher, sample_ddim
 
     threads = torch.get_num_threads()

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from conversion.__main__ import main as conversion_main
-from conversion.export import export_flow_map, load_flow_map_export
-from flowmap_jax.export_format import FLOWMAP_JSON, initial_noise, read_export
-from flowmap_jax.flow_config import time_grid
-from flowmap_jax.layout import nhwc_to_nchw
+from conversion.export import export_flow_map
+from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.spec.export_format import FLOWMAP_JSON, read_export
+from flowmap_jax.spec.layout import nhwc_to_nchw
+from flowmap_jax.spec.sampling_inputs import initial_noise
+from flowmap_jax.spec.time_grid import time_grid
 from tests import export_helpers as eh
 
 BATCH = 4
@@ -254,3 +256,44 @@ def test_corrupted_newest_checkpoint_falls_back(run, tmp_path, capsys):
     assert "do not match the fingerprint" in capsys.readouterr().err
     assert conversion_main(["export", str(copy), str(tmp_path / "out9"), "--step", "9"]) == 2
     assert "no checkpoint for step 9" in capsys.readouterr().err
+
+
+def test_format_1_export_loads_and_samples_as_before(run, loaded, tmp_path):
+    """A format-1 folder (flowmap.json version 1, no 'parameterization': the teacher's DDIM step with F in
+    the teacher's prediction type) still loads in both backends as "teacher_step", and one jump is that
+    DDIM step of the network's output (epsilon: (x - sigma_s F) / alpha_s at the clean end, written here),
+    the same in JAX and PyTorch; the current export (format 2) names its parameterisation."""
+    import shutil
+
+    from flowmap_jax import sample as jax_sample
+    from torch_ref import sample as torch_sample
+
+    meta = json.loads((open(os.path.join(run["export"], FLOWMAP_JSON))).read())
+    assert meta["format_version"] == 2 and meta["parameterization"] == "angle"
+    old = tmp_path / "format1"
+    shutil.copytree(run["export"], old)
+    meta = dict(meta, format_version=1)
+    del meta["parameterization"]
+    (old / FLOWMAP_JSON).write_text(json.dumps(meta))
+    old_jax, old_torch = jax_sample.load_flow_map(str(old)), torch_sample.load_flow_map(str(old), device="cpu")
+    assert old_jax.flow_map.parameterization == old_torch.flow_map.parameterization == "teacher_step"
+    assert old_jax.export.config.prediction_type == "epsilon"
+    noise, cond = _inputs(old_jax)
+    schedule = old_jax.export.config.schedule
+    grid = np.array([schedule.t_noise, schedule.t_clean])
+    x_jax = jax_sample.sample(old_jax, noise, grid, cond, guidance_scale=2.5)
+    x_torch = torch_sample.sample(old_torch, noise, grid, cond, guidance_scale=2.5)
+    assert _rel(x_jax, x_torch) <= 1e-4
+    # The same network read by the format-2 loader (angle) gives another map; the format-1 jump is the
+    # epsilon DDIM step of F: x0_hat = (x - sigma_s F) / alpha_s.
+    loaded_jax, _ = loaded
+    new = jax_sample.sample(loaded_jax, noise, grid, cond, guidance_scale=2.5)
+    assert _rel(new, x_jax) > 1e-2
+    import jax.numpy as jnp
+
+    c = jax_sample._cond_arrays(old_jax, cond, 2.5, BATCH)
+    f = np.asarray(old_jax.flow_map.prediction(old_jax.params, jnp.asarray(noise), grid[0], grid[1], c))
+    from flowmap_jax import schedules
+
+    alpha, sigma = (float(v) for v in schedules.alpha_sigma(schedule, grid[0]))
+    assert _rel((noise - sigma * f) / alpha, x_jax) <= 1e-4

@@ -11,7 +11,8 @@ import torch
 from flowmap_jax import flow_map as jf
 from flowmap_jax import predictions as jp
 from flowmap_jax import teacher as jt
-from flowmap_jax.flow_config import PREDICTION_TYPES, ScheduleConfig
+from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
+from flowmap_jax.spec.schedule import ScheduleConfig
 from tests import flow_map_helpers as H
 from torch_ref import flow_map as tf
 from torch_ref import predictions as tp
@@ -80,8 +81,10 @@ def test_prediction_type_meanings():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_teacher_initialised_flow_map_is_ddim_step(prediction_type):
-    """A network that returns the teacher's prediction (whatever t) makes X the teacher's DDIM step, and
-    that step is diffusers' DDIMScheduler.step (the torch twin)."""
+    """A network that returns the teacher's prediction (whatever t) makes the head warm-up's starting map
+    (teacher_blend = 1) the teacher's DDIM step, and that step is diffusers' DDIMScheduler.step (the torch
+    twin). For a v-prediction teacher the bounded "angle" map itself (blend 0) is that DDIM step too: v is
+    what the angle form reads F as. For an epsilon teacher it is not (the head mismatch)."""
     from diffusers import DDIMScheduler
 
     schedule = SCHEDULES["ddpm"]
@@ -97,8 +100,13 @@ def test_teacher_initialised_flow_map_is_ddim_step(prediction_type):
         for s in (901, 501, 101, 1):
             t = s - 100
             step = reference.step(module(x, torch.tensor([float(s)] * 5), torch.tensor([float(s)] * 5)), s, x).prev_sample
-            ours = fmap(None, x, float(s), float(max(t, -1)))
+            ours = fmap.with_teacher_blend(1.0)(None, x, float(s), float(max(t, -1)))
             assert H.max_scaled_err(ours.numpy(), step.numpy()) < 1e-5
+            own = fmap(None, x, float(s), float(max(t, -1)))
+            if prediction_type == "v_prediction":
+                assert H.max_scaled_err(own.numpy(), step.numpy()) < 1e-5
+            elif s == 901:  # epsilon read as v: wrong where eps and v differ, at high noise
+                assert H.max_scaled_err(own.numpy(), step.numpy()) > 1e-2
             np.testing.assert_allclose(teacher.ddim_step(x, float(s), float(max(t, -1))).numpy(), ours.numpy(),
                                        rtol=1e-6, atol=1e-6)
 
@@ -221,8 +229,8 @@ TINY_UNET = dict(block_out_channels=[8, 16], norm_num_groups=4, down_block_types
 
 
 def test_target_time_hook_torch_reproduces_teacher():
-    """diffusers teacher + hook (class_embed_type='timestep', linear_2 zero): the flow map at init is the
-    teacher's DDIM step for every (s, t); gradients reach linear_2 (only the last layer is zero)."""
+    """diffusers teacher + hook (class_embed_type='timestep', linear_2 zero): the flow map at the start of
+    training (the head warm-up's teacher_blend = 1) is the teacher's DDIM step for every (s, t); gradients reach linear_2 (only the last layer is zero)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -237,7 +245,8 @@ def test_target_time_hook_torch_reproduces_teacher():
     assert torch.count_nonzero(student.class_embedding.linear_1.weight) > 0
     schedule = SCHEDULES["ddpm"]
     teacher = tt.Teacher.create(tt.unet_teacher_fn(teacher_unet), schedule, "epsilon")
-    fmap = tf.FlowMap(tf.unet_network(student), schedule, "epsilon")
+    # The head warm-up's start (teacher_blend = 1): the map training begins from.
+    fmap = tf.FlowMap(tf.unet_network(student), schedule, "epsilon").with_teacher_blend(1.0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     cond = {"encoder_hidden_states": torch.randn(2, 3, 8, generator=gen)}

@@ -1,5 +1,6 @@
 """Presets and command-line overrides of the trainer (pure Python, fast)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -49,6 +50,12 @@ def test_preset_applies_before_overrides_whatever_the_order():
     (["--data.source", "shards"], ["--data.path"]),
     (["--sample.spacing", "karras"], ["--sample.spacing", "karras"]),
     (["positional"], ["positional"]),
+    (["--objective.names", "eulerain"], ["--objective.names", "eulerain"]),
+    (["--objective.options", '{"teachr_steps": 3}'], ["--objective.options", "teachr_steps"]),
+    (["--model.dtype", "float16"], ["--model.dtype", "float16", "bfloat16"]),
+    (["--data.sample_shape", "8,x,3"], ["--data.sample_shape", "8,x,3"]),
+    (["--run.no_exportt"], ["--run.no_exportt"]),
+    (["--preset"], ["--preset", "digits"]),
 ])
 def test_bad_flags_name_the_flag(argv, words):
     with pytest.raises(presets.ConfigError) as info:
@@ -71,3 +78,91 @@ def test_cli_help_and_bad_flag_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--optim.lrr", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown flag --optim.lrr; did you mean --optim.lr?" in bad.stderr
+
+
+def _flat(text):
+    """Help text with tyro's box borders and line wrapping removed."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_help_shows_the_chosen_presets_values():
+    sd15, digits = _flat(presets.help_text("sd15")), _flat(presets.help_text("digits"))
+    for value in ("(default: runs/sd15)", "(default: 20000)", "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)",
+                  "(default: bfloat16)", "(default: 1e-05)", "(default: cosine)"):
+        assert value in sd15 and value not in digits, value
+    for value in ("(default: runs/digits)", "(default: 300)", "(default: float32)"):
+        assert value in digits and value not in sd15, value
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--help", "--preset", "sd15"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "(default: runs/sd15)" in _flat(done.stdout)
+
+
+def test_help_shows_choices_and_aliases():
+    text = _flat(presets.help_text())
+    for choices in ("{float32,bfloat16}", "{digits,folder,shards}", "{constant,cosine}", "{uniform,logsnr}",
+                    "{pairs,lagrangian,eulerian,progressive}"):
+        assert choices in text, choices
+    for aliases in ("-n INT, --steps INT, --run.steps INT", "-b INT, --batch_size INT, --data.batch_size INT",
+                    "-t STR, --teacher STR, --teacher.path STR", "--lr FLOAT, --optim.lr FLOAT"):
+        assert aliases in text, aliases
+
+
+def test_choice_lists_match_the_code_that_uses_them():
+    import typing
+
+    from flowmap_jax.spec.time_grid import GRID_SPACINGS
+    from flowmap_jax.objectives import OBJECTIVES
+
+    assert set(typing.get_args(presets.ObjectiveName)) == set(OBJECTIVES)
+    hint = typing.get_type_hints(presets.SampleConfig)["spacing"]
+    assert set(typing.get_args(hint)) == set(GRID_SPACINGS)
+
+
+def test_aliases_booleans_and_spellings():
+    c = presets.parse_args(["-n", "5", "-b", "8", "-t", "/x", "-o", "/d", "-r", "never", "--lr", "1e-3",
+                            "--run.no_export", "--progress_bar", "false", "--run.async-checkpoints=0",
+                            "--run.log-every", "4", "--sample.jumps", "1", "2", "--mesh.data", "-1", "--steps", "6e2"])
+    assert (c.run.steps, c.data.batch_size, c.teacher.path, c.run.dir, c.run.resume, c.optim.lr) == \
+        (600, 8, "/x", "/d", "never", 1e-3)
+    assert not c.run.export and not c.run.progress_bar and not c.run.async_checkpoints
+    assert c.run.log_every == 4 and c.sample.jumps == (1, 2) and c.mesh.data == -1
+    assert presets.parse_args(["--export=yes", "--no_progress_bar"]).run.progress_bar is False
+    c = presets.parse_args(["--run.dir=-odd-name", "--objective.names", "pairs,eulerian", "--objective.weights", "1,-0.5"])
+    assert c.run.dir == "-odd-name" and c.objective.weights == (1.0, -0.5)
+
+
+def test_config_file_round_trip(tmp_path):
+    """A parsed run's config, written as the trainer writes config.json, comes back identical; flags
+    after --config override it; the preset in the file is kept."""
+    config = presets.parse_args(["--preset", "sd15", "--data.path", "/shards", "--objective.names", "eulerian,pairs",
+                                 "--objective.weights", "1,0.5", "--steps", "77", "--run.no_export"])
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert presets.parse_args(["--config", str(path)]) == config
+    again = presets.parse_args(["-n", "5", "-c", str(path)])
+    assert again.run.steps == 5 and again.preset == "sd15" and dataclasses.replace(again, run=config.run) == config
+    help_text = subprocess.run([sys.executable, "-m", "flowmap_jax.train", "--config", str(path), "--help"], cwd=ROOT,
+                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "(default: 77)" in _flat(help_text.stdout)
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"run": {"stepz": 3}}', ["stepz", "config.json"]),
+    ('{"model": {"dtype": "float16"}}', ["--model.dtype", "float16"]),
+    ('{"run": {"steps": "many"}}', ["--run.steps", "many"]),
+    ("[1, 2]", ["config.json", "JSON object"]),
+    ("{not json", ["config.json", "JSON"]),
+])
+def test_bad_config_file_names_the_problem(tmp_path, content, words):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(presets.ConfigError) as info:
+        presets.parse_args(["--config", str(path)])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_preset_and_config_together_is_an_error(tmp_path):
+    with pytest.raises(presets.ConfigError, match="--preset or --config"):
+        presets.parse_args(["--preset", "sd15", "--config", str(tmp_path / "c.json")])

@@ -49,8 +49,15 @@ def test_label_conditioner():
     out = cond(np.array([0, 9]))["encoder_hidden_states"]
     assert out.shape == (2, 1, 3) and np.array_equal(out[1, 0], table[9])
     assert np.array_equal(cond.uncond()["encoder_hidden_states"][0, 0], table[10])
+    # Label 10 is the null label: the unconditional row, as the export's label table reads it
+    # (spec.label_table); it is no class of the data, so a dataset holding it is refused.
+    assert np.array_equal(cond(np.array([10]))["encoder_hidden_states"], cond.uncond()["encoder_hidden_states"])
     with pytest.raises(datasets.DataError, match="labels"):
-        cond(np.array([10]))
+        cond(np.array([11]))
+    with pytest.raises(datasets.DataError, match="labels"):
+        cond.check_data_labels(np.array([10]))
+    with pytest.raises(datasets.DataError, match=r"labels must lie in 0\.\.9"):
+        datasets.ArrayDataset(np.zeros((2, 4, 4, 1), np.float32), np.array([3, 10]), cond)
 
 
 def test_shards_round_trip_through_npz_command(tmp_path):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import presets
+from flowmap_jax import objectives, presets
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
 from tests import train_support
@@ -82,7 +82,7 @@ def test_combine_objectives_weights_and_metrics():
     def constant(value):
         return lambda params, teacher, batch, rng: (jnp.float32(value), {"extra": jnp.float32(2 * value)})
 
-    fn = ts.combine_objectives([("a", 0.5, constant(1.0)), ("b", 2.0, constant(3.0))])
+    fn = objectives.combine_objectives([("a", 0.5, constant(1.0)), ("b", 2.0, constant(3.0))])
     loss, metrics = fn(None, None, {}, jax.random.key(0))
     assert float(loss) == 0.5 * 1.0 + 2.0 * 3.0
     assert set(metrics) == {"loss", "a/loss", "a/extra", "b/loss", "b/extra"}

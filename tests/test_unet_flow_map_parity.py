@@ -20,14 +20,16 @@ from flowmap_jax import flow_map as jf  # noqa: E402
 from flowmap_jax import objectives as jo  # noqa: E402
 from flowmap_jax import samplers as js  # noqa: E402
 from flowmap_jax import teacher as jt  # noqa: E402
-from flowmap_jax.flow_config import ScheduleConfig  # noqa: E402
+from flowmap_jax.spec.schedule import ScheduleConfig  # noqa: E402
 from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig  # noqa: E402
 from tests import flow_map_helpers as H  # noqa: E402
 from torch_ref import flow_map as tf  # noqa: E402
 from torch_ref import objectives as to  # noqa: E402
 from torch_ref import teacher as tt  # noqa: E402
 
-TOL = 1e-4
+# ~10x the error measured (fp32 CPU): predictions 4.4e-7, DDIM 10 steps 3.9e-7, DPM-Solver++(2M) 10 steps 5.8e-7.
+TOL = 6e-6
+TOL_SLOW = 1e-4  # the slow tests (DDIM 50 steps, the Eulerian loss through the UNet): not re-measured
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 TINY_UNET = dict(block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=8, attention_head_dim=2,
@@ -78,7 +80,8 @@ def test_jax_hook_reproduces_the_teacher(unets):
     assert np.any(params["class_embedding"]["linear_1"]["kernel"])
     schedule = ScheduleConfig.ddpm(**SD)
     teacher = jt.Teacher.create(jt.unet_teacher_fn(_flax(unets["config"])), unets["teacher_params"], schedule, "epsilon")
-    fmap = jf.FlowMap(jf.unet_network(_flax(flow_config)), schedule, "epsilon")
+    # The head warm-up's start (teacher_blend = 1), where training begins.
+    fmap = jf.FlowMap(jf.unet_network(_flax(flow_config)), schedule, "epsilon").with_teacher_blend(1.0)
     x, cond = H.nhwc(unets["x"]), {"encoder_hidden_states": jnp.asarray(unets["context"].numpy())}
     s, t = jnp.asarray([900.0, 300.0]), jnp.asarray([-1.0, 700.0])
     ours, ddim = jax.jit(lambda p, tch: (fmap(p, x, s, t, cond), tch.ddim_step(x, s, t, cond)))(params, teacher)
@@ -124,7 +127,7 @@ def test_jax_solvers_match_diffusers_schedulers(unets, solver, num_steps):
     grid = jnp.asarray(list(scheduler.timesteps.numpy()) + [schedule.t_clean], jnp.float32)
     ours = jax.jit(lambda tch, x, c, g: js.teacher_sample(tch, x, g, solver, cond={"encoder_hidden_states": c}))(
         teacher, H.nhwc(unets["x"]), jnp.asarray(unets["context"].numpy()), grid)
-    assert H.max_scaled_err(H.nchw(ours).numpy(), reference.numpy()) < TOL
+    assert H.max_scaled_err(H.nchw(ours).numpy(), reference.numpy()) < (TOL if num_steps == 10 else TOL_SLOW)
 
 
 @pytest.mark.slow  # one large compile (~30 s on 2 shared cores)
@@ -147,4 +150,4 @@ def test_eulerian_through_the_unet(unets):
                                                            jax.random.key(0))[0]
     with torch.no_grad():
         loss_t = to.make_objective("eulerian", fmap_t)(None, teacher_t, batch_t, 0)[0]
-    assert H.rel_err(loss_j, loss_t.numpy()) < TOL
+    assert H.rel_err(loss_j, loss_t.numpy()) < TOL_SLOW

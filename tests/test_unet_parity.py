@@ -15,7 +15,10 @@ pytest.importorskip("diffusers")
 from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig  # noqa: E402
 from tests.unet_helpers import convert, make_torch_unet, rel_error, run_both  # noqa: E402
 
-TOL = 1e-4
+# ~10x the error measured (fp32 CPU, rel_error): forward 1.1e-6 (diffusers_tiny) to 2.3e-6 (sd2), other shapes
+# and timestep forms <= 2.2e-6, chunked attention 1.9e-6. Issue 2's criterion was 1e-4; at 1e-4 a transformer
+# GroupNorm eps of 1e-5 instead of 1e-6 (1.8e-5) and a tanh-approximate GELU passed.
+TOL = 2.5e-5
 
 SD1 = dict(  # SD 1.x layout at small width
     block_out_channels=[32, 64, 64, 64], norm_num_groups=8, cross_attention_dim=48, attention_head_dim=8,

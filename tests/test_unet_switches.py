@@ -83,6 +83,40 @@ def test_bad_inputs_name_the_problem(setup):
         model.apply({"params": params}, **dict(inputs, encoder_hidden_states=None))
 
 
+RICH_CONFIG = UNetConfig.from_dict(dict(  # every optional input: class labels, timestep_cond, SDXL's text_time
+    block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=8, attention_head_dim=2,
+    in_channels=2, out_channels=2, layers_per_block=1, class_embed_type="timestep", time_cond_proj_dim=6,
+    addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=10 + 6 * 4,
+    use_linear_projection=True,
+))
+
+
 def test_dummy_inputs_cover_every_parameter():
-    params = jax.eval_shape(lambda: FlaxUNet2DConditionModel(CONFIG).init(jax.random.key(0), **dummy_inputs(CONFIG)))
-    assert "class_embedding" in params["params"]
+    """init on `dummy_inputs` creates as many tensors as diffusers' UNet has, and each of them reaches the
+    output: with random values in the dummy inputs' shapes and perturbed parameters, every parameter's
+    gradient is nonzero somewhere (8x8 and 3 tokens: with one token an attention's keys get no gradient)."""
+    config = RICH_CONFIG
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    model = FlaxUNet2DConditionModel(config)
+    dummy = dummy_inputs(config, batch=2, height=8, seq_len=3)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy))["params"]
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(**config.to_dict()).state_dict()
+    assert len(jax.tree_util.tree_leaves(abstract)) == len(reference)
+    rng = np.random.default_rng(1)  # random parameters (no init compile): none zero, none constant
+    params = jax.tree_util.tree_map(lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32), abstract)
+
+    def randomise(path, leaf):
+        if jax.tree_util.keystr(path).endswith(("['timesteps']", "['class_labels']")):
+            return jnp.asarray(rng.uniform(0, 999, leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype)
+
+    inputs = jax.tree_util.tree_map_with_path(randomise, dummy)
+    probe = rng.standard_normal(jax.eval_shape(lambda: model.apply({"params": params}, **inputs)).shape)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, **inputs) * probe)))(params)
+    dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
+            if not np.any(np.asarray(g) != 0)]
+    assert not dead, dead

@@ -8,7 +8,9 @@ Run as a program it is the trainer with these parts:
 
 Extra environment knobs (subprocess tests): STANDIN_STEP_SLEEP (seconds to sleep after each batch is
 drawn, to make a run slow enough to kill), STANDIN_NAN_AFTER=K (batches after the K-th are NaN, so
-the loss of step K + 1 is NaN).
+the loss of step K + 1 is NaN), STANDIN_DISK_FULL_AT=K (the checkpoint of step K fails as on a full
+disk: its metadata file is cut short and the write raises OSError(ENOSPC) in Orbax's save thread,
+after the arrays were written into the step's temporary folder).
 """
 
 from __future__ import annotations
@@ -139,10 +141,29 @@ def _flatten(tree, prefix=()):
             yield prefix + (key,), value
 
 
-STANDIN_FLAGS = ["--data.sample_shape", "4,4,1", "--objective.names", "standin", "--data.batch_size", "16",
+STANDIN_FLAGS = ["--data.sample_shape", "4,4,1", "--objective.names", "pairs", "--data.batch_size", "16",
                  "--optim.lr", "3e-3", "--optim.warmup_steps", "5", "--run.quality_samples", "32",
                  "--run.progress_bar", "false"]
-"""Flags that describe the stand-in (prepended; later flags override)."""
+"""Flags that describe the stand-in (prepended; later flags override). Its `build` ignores the objective;
+`--objective.names` is a real name because the parser accepts only those."""
+
+
+def fill_disk_at(step: int) -> None:
+    """Make the checkpoint of `step` fail with ENOSPC inside Orbax's background save (see the module
+    docstring): the JSON item handler is the last writer of a step, so its arrays are on disk by then."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+
+    write = handler.JsonCheckpointHandler._save_fn
+
+    async def full(self, x, directory):
+        if str(directory).split(os.sep)[-2].startswith(f"{step}."):  # <checkpoints>/<step>.orbax-checkpoint-tmp*/meta*
+            (directory / self._filename).write_text('{"step": ')
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / self._filename))
+        return await write(self, x, directory)
+
+    handler.JsonCheckpointHandler._save_fn = full
 
 
 def main(argv) -> int:
@@ -150,6 +171,8 @@ def main(argv) -> int:
     process index): also write the final params and EMA ("params/dense1/kernel", ...) of each process."""
     from flowmap_jax import train
 
+    if os.environ.get("STANDIN_DISK_FULL_AT"):
+        fill_disk_at(int(os.environ["STANDIN_DISK_FULL_AT"]))
     dump = os.environ.get("STANDIN_DUMP")
     if not dump:
         return train.main(STANDIN_FLAGS + argv, build=build)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from conversion import state_dict_to_flax
-from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
 
 def make_torch_unet(config: dict, seed: int = 0):

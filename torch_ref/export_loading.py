@@ -1,7 +1,7 @@
 """Load an exported flow map (`python -m conversion export`) in PyTorch, with no jax.
 
 The folder is a stock diffusers `UNet2DConditionModel` (class_embed_type="timestep": `class_labels` is the
-target time t) plus flowmap.json (`flowmap_jax.export_format`: schedule, prediction type, guidance,
+target time t) plus flowmap.json (`flowmap_jax.spec.export_format`: schedule, prediction type, guidance,
 conditioning). `load_flow_map_export(folder, device, dtype)` builds the UNet from config.json, loads the
 safetensors strictly (every key, every shape), checks flowmap.json, and wraps it as a
 `torch_ref.flow_map.FlowMap`: X(x_s, s, t) in the teacher's own parameterisation, images (B, C, H, W).
@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmap_jax.export_format import (
-    ExportFormatError,
-    FlowMapConfig,
-    read_export,
-    read_label_embeddings,
-    resolve_guidance,
-)
+from flowmap_jax.spec.export_format import ExportFormatError, FlowMapConfig, read_export
+from flowmap_jax.spec.label_table import check_labels, read_label_embeddings
+from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
 
 __all__ = ["ExportedUNetNetwork", "TorchFlowMapExport", "load_flow_map_export", "load_unet", "DTYPES"]
@@ -82,10 +78,8 @@ class TorchFlowMapExport:
         if labels is not None:
             if self.label_table is None:
                 raise ValueError(f"{self.folder} has no label embeddings; pass encoder_hidden_states")
-            labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-            k = self.label_table.shape[0] - 1
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > k):
-                raise ValueError(f"labels must lie in 0..{k - 1} (or {k}, the null label)")
+            labels = torch.as_tensor(labels).cpu().numpy()
+            labels = torch.as_tensor(check_labels(labels, self.label_table.shape[0] - 1), device=self.device)
             cond["encoder_hidden_states"] = self.label_table[labels][:, None, :]
         if encoder_hidden_states is not None:
             cond["encoder_hidden_states"] = torch.as_tensor(encoder_hidden_states, dtype=torch.float32,
@@ -135,7 +129,8 @@ def load_flow_map_export(folder, device="cpu", dtype=torch.float32) -> TorchFlow
     device = torch.device(device)
     unet, info = load_unet(folder, device, dtype)
     flow_map = FlowMap(net=ExportedUNetNetwork(unet), schedule=info.config.schedule,
-                       prediction_type=info.config.prediction_type)
+                       prediction_type=info.config.prediction_type,
+                       parameterization=info.config.parameterization)
     table = None
     if info.config.label_embeddings is not None:
         table = torch.as_tensor(np.asarray(read_label_embeddings(info.config.label_embeddings)), device=device)

@@ -1,8 +1,10 @@
 """The flow map X(x_s, s, t) in PyTorch, mirroring `flowmap_jax.flow_map` (see its docstring for the
-parameterisation: X = alpha_t x0_hat + sigma_t eps_hat from the network's prediction at (x_s, s) told t,
-so X(x, s, s) = x exactly).
+parameterisations "angle" (VP: X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "linear"
+(rectified flow: X = x + (tau_t - tau_s) F, F a flow velocity) and "teacher_step" (export format 1: the
+teacher's DDIM step with F in the teacher's prediction type), the teacher blend of the head warm-up, and
+X(x, s, s) = x exactly).
 
-A *network* is an `nn.Module` (or callable) `net(x, t_source, t_target, cond) -> prediction`, x (B, ...)
+A *network* is an `nn.Module` (or callable) `net(x, t_source, t_target, cond) -> F`, x (B, ...)
 (PyTorch images (B, C, H, W)), times (B,) float32 in teacher units, cond a dict of UNet keyword arguments
 or None. `FlowMap.__call__(params, x_s, t_source, t_target, cond)` takes `params` like the JAX side: None
 (the module's own parameters) or a dict name -> tensor used through `torch.func.functional_call` (what the
@@ -14,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from flowmap_jax.flow_config import ScheduleConfig, add_target_time_hook_config, check_prediction_type
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
-from torch_ref.schedules import expand_time
-from torch_ref.teacher import batch_times
+from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "guidance_scale_embedding",
-           "batch_times", "call_network"]
+           "batch_times", "call_network", "finite_difference_jvp"]
 
 
 def call_network(net, params, x, t_source, t_target, cond):
@@ -35,24 +40,45 @@ def call_network(net, params, x, t_source, t_target, cond):
     return torch.func.functional_call(net, params, (x, t_source, t_target, cond))
 
 
+def finite_difference_jvp(fn, primals, tangents, eps: float):
+    """(fn(*primals), (fn(p + eps t) - fn(p - eps t)) / (2 eps)): the central-difference stand-in for jvp."""
+    plus = fn(*[p + eps * d for p, d in zip(primals, tangents, strict=True)])
+    minus = fn(*[p - eps * d for p, d in zip(primals, tangents, strict=True)])
+    return fn(*primals), (plus - minus) / (2.0 * eps)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowMap:
-    """X(x_s, s, t) from a network in the teacher's prediction type. net: nn.Module
-    (x, t_source, t_target, cond) -> prediction; schedule and prediction_type: the teacher's."""
+    """X(x_s, s, t) (see the module docstring). net: nn.Module (x, t_source, t_target, cond) -> F;
+    schedule and prediction_type: the teacher's; parameterization: "auto" or one of
+    `spec.parameterization.PARAMETERIZATIONS`; teacher_blend: weight of the teacher's DDIM step in the coefficients."""
 
     net: nn.Module
     schedule: ScheduleConfig
     prediction_type: str
+    parameterization: str = "auto"
+    teacher_blend: Any = 0.0
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
+        object.__setattr__(self, "parameterization", resolve_parameterization(self.schedule, self.parameterization))
 
     @classmethod
-    def from_teacher(cls, net, teacher) -> "FlowMap":
+    def from_teacher(cls, net, teacher, parameterization: str = "auto") -> "FlowMap":
         """A flow map with the teacher's schedule and prediction type."""
-        return cls(net=net, schedule=teacher.schedule, prediction_type=teacher.prediction_type)
+        return cls(net=net, schedule=teacher.schedule, prediction_type=teacher.prediction_type,
+                   parameterization=parameterization)
+
+    def with_teacher_blend(self, blend) -> "FlowMap":
+        """The same map with coefficients (1 - blend) own + blend teacher's DDIM step."""
+        return dataclasses.replace(self, teacher_blend=blend)
+
+    @property
+    def output_type(self) -> str:
+        """The prediction type F is read in (see `flowmap_jax.flow_map.FlowMap.output_type`)."""
+        return {"angle": "v_prediction", "linear": "flow"}.get(self.parameterization, self.prediction_type)
 
     def _times(self, x_s, t_source, t_target):
         if x_s.ndim < 1:
@@ -62,36 +88,110 @@ class FlowMap:
         batch = x_s.shape[0]
         return batch_times(t_source, batch, "t_source", x_s), batch_times(t_target, batch, "t_target", x_s)
 
-    def prediction(self, params, x_s, t_source, t_target, cond=None):
-        """The network's raw prediction F(x_s, s, t), shape of x_s."""
-        s, t = self._times(x_s, t_source, t_target)
-        out = call_network(self.net, params, x_s, s, t, cond)
-        if out.shape != x_s.shape:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for x_s of shape {tuple(x_s.shape)}")
+    def _net(self, params, x, s, t, cond):
+        out = call_network(self.net, params, x, s, t, cond)
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for x_s of shape {tuple(x.shape)}")
         return out
 
-    def coefficients(self, t_source, t_target):
-        """(c_x, c_pred): X = c_x x_s + c_pred F."""
+    def prediction(self, params, x_s, t_source, t_target, cond=None):
+        """The network's raw output F(x_s, s, t), shape of x_s (in `output_type`)."""
+        s, t = self._times(x_s, t_source, t_target)
+        return self._net(params, x_s, s, t, cond)
+
+    def own_coefficients(self, t_source, t_target):
+        """(c_x, c_F) of the map's own parameterisation (no teacher blend)."""
+        if self.parameterization == "angle":
+            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+            return torch.cos(delta), -torch.sin(delta)
+        if self.parameterization == "linear":
+            d_tau = (torch.as_tensor(t_target, dtype=torch.float32) - torch.as_tensor(t_source, dtype=torch.float32)
+                     ) / self.schedule.time_unit
+            return torch.ones_like(d_tau), d_tau
+        return self.teacher_step_coefficients(t_source, t_target)
+
+    def teacher_step_coefficients(self, t_source, t_target):
+        """(c_x, c_pred) of the teacher's DDIM step with F in the teacher's prediction type."""
         a_s, s_s = schedules.alpha_sigma(self.schedule, t_source)
         a_t, s_t = schedules.alpha_sigma(self.schedule, t_target)
         return pred_lib.jump_coefficients(a_s, s_s, a_t, s_t, self.prediction_type)
 
+    def coefficients(self, t_source, t_target):
+        """(c_x, c_F): X = c_x x_s + c_F F."""
+        c_x, c_f = self.own_coefficients(t_source, t_target)
+        blend = self.teacher_blend
+        if isinstance(blend, (int, float)) and blend == 0:
+            return c_x, c_f
+        b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
+        return (1.0 - blend) * c_x + blend * b_x, (1.0 - blend) * c_f + blend * b_f
+
     def __call__(self, params, x_s, t_source, t_target, cond=None):
         """X(x_s, s, t): x_s (B, ...); t_source, t_target numbers or (B,) in teacher units. Shape of x_s."""
         s, t = self._times(x_s, t_source, t_target)
-        prediction = call_network(self.net, params, x_s, s, t, cond)
-        if prediction.shape != x_s.shape:
-            raise ValueError(f"the network returned shape {tuple(prediction.shape)} for x_s of shape "
-                             f"{tuple(x_s.shape)}")
-        c_x, c_pred = self.coefficients(s, t)
-        return expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
+        out = self._net(params, x_s, s, t, cond)
+        c_x, c_f = self.coefficients(s, t)
+        return expand_time(c_x, x_s) * x_s + expand_time(c_f, x_s) * out
+
+    def jvp(self, params, x_s, t_source, t_target, cond=None, tangents=(None, None, None), *,
+            network_tangent_scale=None, method: str = "exact", fd_eps: float = 5e-3):
+        """(X, dX, F) along tangents (dx, ds, dt) (None: zero); see `flowmap_jax.flow_map.FlowMap.jvp`.
+        Forward mode is `torch.func.jvp`."""
+        s, t = self._times(x_s, t_source, t_target)
+        b = x_s.shape[0]
+        given = [i for i, d in enumerate(tangents) if d is not None]
+        primals = (x_s, s, t)
+        tans = {0: tangents[0], 1: None if tangents[1] is None else batch_times(tangents[1], b, "ds", x_s),
+                2: None if tangents[2] is None else batch_times(tangents[2], b, "dt", x_s)}
+        ds, dt = tans[1], tans[2]
+
+        def net_fn(*moving):  # only the moving arguments (a zero tangent through an infinite derivative is NaN)
+            args = list(primals)
+            for i, value in zip(given, moving, strict=True):
+                args[i] = value
+            return self._net(params, args[0], args[1], args[2], cond)
+
+        moving_primals = tuple(primals[i] for i in given)
+        moving_tangents = tuple(tans[i] for i in given)
+        if not given:
+            out = net_fn()
+            d_out = torch.zeros_like(out)
+        elif method == "finite_difference":
+            out, d_out = finite_difference_jvp(net_fn, moving_primals, moving_tangents, fd_eps)
+        elif method == "exact":
+            out, d_out = torch.func.jvp(net_fn, moving_primals, moving_tangents)
+        else:
+            raise ValueError(f"unknown jvp method {method!r}: expected 'exact' or 'finite_difference'")
+        dx = torch.zeros_like(x_s) if tangents[0] is None else tangents[0]
+        # Coefficients differentiated only along the times that move: at the clean end (sigma = 0) the
+        # time derivative of the DDPM/cosine angle is infinite, and inf * 0 would be NaN.
+        if tangents[1] is None and tangents[2] is None:
+            c_x, c_f = self.coefficients(s, t)
+            dc_x, dc_f = torch.zeros_like(c_x), torch.zeros_like(c_x)
+        elif tangents[1] is None:
+            (c_x, c_f), (dc_x, dc_f) = torch.func.jvp(lambda tt: self.coefficients(s, tt), (t,), (dt,))
+        elif tangents[2] is None:
+            (c_x, c_f), (dc_x, dc_f) = torch.func.jvp(lambda ss: self.coefficients(ss, t), (s,), (ds,))
+        else:
+            (c_x, c_f), (dc_x, dc_f) = torch.func.jvp(self.coefficients, (s, t), (ds, dt))
+        k = torch.ones(b, device=x_s.device) if network_tangent_scale is None else network_tangent_scale
+        x_map = expand_time(c_x, x_s) * x_s + expand_time(c_f, x_s) * out
+        d_map = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * dx + expand_time(dc_f, x_s) * out
+                 + expand_time(k * c_f, x_s) * d_out)
+        return x_map, d_map, out
+
+    def velocity(self, params, x_s, t_source, cond=None):
+        """d/dtheta_t X(x_s, s, t) at t = s (per unit angle). Shape of x_s."""
+        s, _ = self._times(x_s, t_source, t_source)
+        dt = 1.0 / schedules.dtheta_dt(self.schedule, s)
+        _, d_map, _ = self.jvp(params, x_s, s, s, cond, (None, None, dt))
+        return d_map
 
     def x0_eps(self, params, x_s, t_source, t_target, cond=None):
-        """(x0_hat, eps_hat) the network implies at (x_s, s) told t."""
+        """(x0_hat, eps_hat) the network implies at (x_s, s) told t, F read in `output_type`."""
         s, _ = self._times(x_s, t_source, t_target)
         alpha, sigma = schedules.alpha_sigma(self.schedule, s)
         return pred_lib.to_x0_eps(self.prediction(params, x_s, t_source, t_target, cond), x_s, alpha, sigma,
-                                  self.prediction_type)
+                                  self.output_type)
 
 
 class UNetNetwork(nn.Module):

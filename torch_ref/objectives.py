@@ -17,10 +17,9 @@ from typing import Callable
 
 import torch
 
-from flowmap_jax.flow_config import ObjectiveOptions
-from torch_ref import predictions as pred_lib
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 from torch_ref import samplers, schedules, time_pairs
-from torch_ref.flow_map import call_network, guidance_scale_embedding
+from torch_ref.flow_map import finite_difference_jvp, guidance_scale_embedding  # noqa: F401 (re-export)
 from torch_ref.schedules import expand_time
 from torch_ref.teacher import _leaves
 
@@ -58,19 +57,6 @@ def _per_example_mean(x):
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def finite_difference_jvp(fn, primals, tangents, eps: float):
-    """(fn(*primals), (fn(p + eps t) - fn(p - eps t)) / (2 eps)): the central-difference stand-in for jvp."""
-    plus = fn(*[p + eps * d for p, d in zip(primals, tangents, strict=True)])
-    minus = fn(*[p - eps * d for p, d in zip(primals, tangents, strict=True)])
-    return fn(*primals), (plus - minus) / (2.0 * eps)
-
-
-def _jvp(fn, primals, tangents, options: ObjectiveOptions):
-    if options.jvp == "finite_difference":
-        return finite_difference_jvp(fn, primals, tangents, options.fd_eps)
-    return torch.func.jvp(fn, tuple(primals), tuple(tangents))
-
-
 def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
     lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)
     hi = schedule.t_noise
@@ -88,6 +74,16 @@ def _warmup(options: ObjectiveOptions, batch, batch_size, device):
         raise ValueError("tangent_warmup_steps > 0 needs batch['step'] (the optimiser step)")
     step = torch.as_tensor(batch["step"], dtype=torch.float32, device=device).expand(batch_size)
     return options.tangent_warmup_max * torch.clamp(step / options.tangent_warmup_steps, max=1.0)
+
+
+def _student_map(flow_map, options: ObjectiveOptions, batch, batch_size, device):
+    """The map the loss trains, blended with the teacher's DDIM step during the head warm-up."""
+    if options.head_warmup_steps <= 0:
+        return flow_map
+    if "step" not in batch:
+        raise ValueError("head_warmup_steps > 0 needs batch['step'] (the optimiser step)")
+    step = torch.as_tensor(batch["step"], dtype=torch.float32, device=device).expand(batch_size)
+    return flow_map.with_teacher_blend(torch.clamp(1.0 - step / options.head_warmup_steps, min=0.0))
 
 
 def _check_batch(batch):
@@ -175,11 +171,12 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
 def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
+    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     with torch.no_grad():
         target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
                                         options.teacher_solver, p["cond"], p["w"],
                                         spacing=options.teacher_spacing)
-    x_map = flow_map(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+    x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - target.detach()
     return _finish(_per_example_mean(err.square()), options, err)
 
@@ -189,18 +186,16 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
+    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     x_s, s, t = p["x_s"], p["s"], p["t"]
     dt = 1.0 / schedules.dtheta_dt(flow_map.schedule, t)  # d/dtheta = (dt/dtheta) d/dt
-    net_fn = lambda tt: call_network(flow_map.net, params, x_s, s, tt, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (t,), (dt,), options)
-    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda tt: flow_map.coefficients(s, tt), (t,), (dt,))
-    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
-    r_factor = _warmup(options, batch, p["b"], p["device"])
-    d_map = (expand_time(dc_x, x_s) * x_s + expand_time(dc_pred, x_s) * prediction
-             + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    x_map, d_map, _ = fmap.jvp(params, x_s, s, t, p["student_cond"], (None, None, dt),
+                               network_tangent_scale=_warmup(options, batch, p["b"], p["device"]),
+                               method=options.jvp, fd_eps=options.fd_eps)
     with torch.no_grad():
         v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - v
+    c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options))
 
 
@@ -209,17 +204,15 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
+    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     x_s, s, t = p["x_s"], p["s"], p["t"]
     ds = 1.0 / schedules.dtheta_dt(flow_map.schedule, s)  # d/dtheta = (ds/dtheta) d/ds
     with torch.no_grad():
         v = teacher.velocity(x_s, s, p["cond"], p["w"]) * expand_time(ds, x_s)
-    net_fn = lambda xx, ss: call_network(flow_map.net, params, xx, ss, t, p["student_cond"])  # noqa: E731
-    prediction, d_prediction = _jvp(net_fn, (x_s, s), (v, ds), options)
-    (c_x, c_pred), (dc_x, dc_pred) = torch.func.jvp(lambda ss: flow_map.coefficients(ss, t), (s,), (ds,))
-    x_map = expand_time(c_x, x_s) * x_s + expand_time(c_pred, x_s) * prediction
-    r_factor = _warmup(options, batch, p["b"], p["device"])
-    residual = (expand_time(dc_x, x_s) * x_s + expand_time(c_x, x_s) * v + expand_time(dc_pred, x_s) * prediction
-                + expand_time(r_factor * c_pred, x_s) * d_prediction)
+    x_map, residual, _ = fmap.jvp(params, x_s, s, t, p["student_cond"], (v, ds, None),
+                                  network_tangent_scale=_warmup(options, batch, p["b"], p["device"]),
+                                  method=options.jvp, fd_eps=options.fd_eps)
+    c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options))
 
 
@@ -228,23 +221,19 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
+    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     x_s, s, t, cond = p["x_s"], p["s"], p["t"], p["student_cond"]
     ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
     if "t_mid" in batch:
         u = torch.as_tensor(batch["t_mid"], dtype=torch.float32, device=p["device"])
     else:
         u = time_pairs.sample_mid_times(p["rng"], s, t)
-    x_u = flow_map(params, x_s, s, u, cond)
-    target = flow_map(params, x_u, u, t, cond).detach()
-    err = flow_map(params, x_s, s, t, cond) - target
-    alpha, sigma = schedules.alpha_sigma(schedule, s)
-    d_alpha, d_sigma = schedules.alpha_sigma_derivatives(schedule, s)
-    x0_hat, eps_hat = pred_lib.to_x0_eps(call_network(flow_map.net, params, x_s, s, s, cond), x_s, alpha, sigma,
-                                         flow_map.prediction_type)
-    v_map = pred_lib.velocity(x0_hat, eps_hat, d_alpha, d_sigma) * ds
+    x_u = fmap(params, x_s, s, u, cond)
+    target = fmap(params, x_u, u, t, cond).detach()
+    err = fmap(params, x_s, s, t, cond) - target
     with torch.no_grad():
         v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
-    anchor = v_map - v_teacher
+    anchor = fmap.velocity(params, x_s, s, cond) - v_teacher
     per_example = (_per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)

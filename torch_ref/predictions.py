@@ -13,7 +13,7 @@ derivatives: scalars, (B,) per example (reshaped here to (B, 1, ..., 1)), or alr
 
 from __future__ import annotations
 
-from flowmap_jax.flow_config import PREDICTION_TYPES, check_prediction_type
+from flowmap_jax.spec.prediction_types import PREDICTION_TYPES, check_prediction_type
 from torch_ref.schedules import expand_time
 
 __all__ = ["PREDICTION_TYPES", "check_prediction_type", "to_x0_eps", "from_x0_eps", "velocity",

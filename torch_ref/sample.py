@@ -19,8 +19,8 @@ import sys
 import numpy as np
 import torch
 
-from flowmap_jax import sample_cli
-from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+from flowmap_jax.spec import sample_cli
+from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 from torch_ref import samplers
 from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
 
@@ -82,4 +82,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flowmap_jax.spec.cli_exit import run_main
+
+    run_main(main)

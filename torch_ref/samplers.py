@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowmap_jax.flow_config import TEACHER_SOLVERS, TEACHER_SPACINGS, check_time_values
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
+from flowmap_jax.spec.schedule import check_time_values
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
-           "flow_map_sample", "SOLVERS", "SOLVE_SPACINGS"]
+           "flow_map_sample", "make_jump", "SOLVERS", "SOLVE_SPACINGS"]
 
 
 def check_grid(schedule, timesteps) -> np.ndarray:
@@ -187,12 +188,14 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     return _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
 
 
-def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None):
+def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,
+                    jump=None):
     """N = len(timesteps) - 1 flow-map jumps X(x, t_i, t_{i+1}) from x_init (B, ...) at timesteps[0].
 
     gamma in [0, 1]: stochastic re-noising after every jump but the last (decreasing grids only), with
     standard normal noise drawn from `rng` (a torch.Generator, or an int seed) or given as `noise`
     (N - 1 tensors of x's shape). params: None (the network's own) or a dict for functional_call.
+    jump: `make_jump(flow_map)` or None (the same in eager PyTorch: the map itself).
     """
     _check_x(x_init)
     grid = check_grid(flow_map.schedule, timesteps)
@@ -209,6 +212,7 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
             raise ValueError(f"noise must hold {n - 1} tensors (one per jump but the last), got {len(noise)}")
         if isinstance(rng, int):
             rng = torch.Generator(device=x_init.device).manual_seed(rng)
+    step = flow_map if jump is None else jump
     x = x_init
     for i in range(n):
         t_cur, t_next = float(grid[i]), float(grid[i + 1])
@@ -216,7 +220,7 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
             a_n, s_n = schedules.alpha_sigma(flow_map.schedule, t_next)
             u = schedules.time_from_rho(flow_map.schedule, (1.0 - gamma ** 2) ** 0.5 * s_n / a_n)
             a_u, _ = schedules.alpha_sigma(flow_map.schedule, u)
-            x_u = flow_map(params, x, t_cur, u, cond)
+            x_u = step(params, x, t_cur, u, cond)
             if noise is not None:
                 z = torch.as_tensor(noise[i], dtype=x.dtype, device=x.device)
             else:
@@ -225,5 +229,10 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
                 raise ValueError(f"noise[{i}] has shape {tuple(z.shape)}, expected {tuple(x.shape)}")
             x = (a_n / a_u) * x_u + gamma * s_n * z
         else:
-            x = flow_map(params, x, t_cur, t_next, cond)
+            x = step(params, x, t_cur, t_next, cond)
     return x
+
+
+def make_jump(flow_map):
+    """The twin of `flowmap_jax.samplers.make_jump`: eager PyTorch compiles nothing, so the map itself."""
+    return flow_map

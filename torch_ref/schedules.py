@@ -1,6 +1,6 @@
 """Noise schedules in PyTorch, mirroring `flowmap_jax.schedules` (same names, same signatures).
 
-The schedule is the shared pure-Python `flowmap_jax.flow_config.ScheduleConfig` (its module docstring fixes
+The schedule is the shared pure-Python `flowmap_jax.spec.schedule.ScheduleConfig` (its module docstring fixes
 the time convention: teacher units; DDPM t in [-1, N - 1] with t = -1 clean and log(alpha) piecewise linear;
 VP cosine and rectified flow t in [0, T] with t = 0 clean). Tensors are float32 on t's device; every
 function takes `t` as a number or a tensor of any shape and returns tensors of t's shape.
@@ -13,10 +13,11 @@ import math
 import numpy as np
 import torch
 
-from flowmap_jax.flow_config import ScheduleConfig, check_time_values, time_grid  # noqa: F401 (re-export)
+from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa: F401 (re-export)
+from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
-           "check_times", "expand_time", "time_grid"]
+           "check_times", "expand_time", "batch_times", "time_grid"]
 
 
 def _as_tensor(t, like=None):
@@ -143,6 +144,17 @@ def expand_time(values, x):
     if values.ndim == 1 and x.ndim > 1:
         return values.reshape(values.shape + (1,) * (x.ndim - 1))
     return values
+
+
+def batch_times(t, batch: int, name: str, like=None):
+    """Number or (B,) times -> (B,) float32 tensor; any other shape raises ValueError naming `name`."""
+    device = like.device if isinstance(like, torch.Tensor) else None
+    t = t.to(torch.float32) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch), got shape {tuple(t.shape)}")
+    return t
 
 
 def add_noise(schedule: ScheduleConfig, x0, noise, t):

@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from flowmap_jax.flow_config import ScheduleConfig, check_prediction_type
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
-from torch_ref.schedules import expand_time
+from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow", "gaussian_mixture_teacher_fn",
            "tree_map"]
@@ -44,17 +45,6 @@ def _leaves(tree, path=""):
             yield from _leaves(v, f"{path}[{i}]")
     elif tree is not None:
         yield path, tree
-
-
-def batch_times(t, batch: int, name: str, like=None):
-    """Number or (B,) times -> (B,) float32 tensor; any other shape raises ValueError naming `name`."""
-    device = like.device if isinstance(like, torch.Tensor) else None
-    t = t.to(torch.float32) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float32, device=device)
-    if t.ndim == 0:
-        return t.expand(batch)
-    if tuple(t.shape) != (batch,):
-        raise ValueError(f"{name} must be a scalar or have shape ({batch},) (the batch), got shape {tuple(t.shape)}")
-    return t
 
 
 def _check_cond_batch(cond, batch: int, name: str = "cond"):

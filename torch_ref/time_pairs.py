@@ -1,12 +1,13 @@
 """Training (t_source, t_target) pairs in PyTorch, mirroring `flowmap_jax.time_pairs` (the distribution is
-documented there and in `flow_config.TimePairConfig`). rng: a torch.Generator (or an int seed); the draws
+documented there and in `spec.time_pairs.TimePairConfig`). rng: a torch.Generator (or an int seed); the draws
 differ from JAX's, the distribution is the same. Outputs are (B,) float32 in teacher units."""
 
 from __future__ import annotations
 
 import torch
 
-from flowmap_jax.flow_config import ScheduleConfig, TimePairConfig
+from flowmap_jax.spec.schedule import ScheduleConfig
+from flowmap_jax.spec.time_pairs import TimePairConfig
 
 __all__ = ["sample_time_pairs", "sample_mid_times", "as_generator"]
 

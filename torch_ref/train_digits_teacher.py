@@ -5,15 +5,17 @@ at about 0.55 s each on an idle core, ~28 minutes; the defaults are these values
 
     python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --seed 0 \
         --steps 3000 --ema-decay 0.999 --no-eval
-    python -m torch_ref.train_digits_teacher --out flowmap_jax/assets/digits_teacher --eval-only \
+    python benchmarks/digits_teacher_quality.py --teacher flowmap_jax/assets/digits_teacher \
         --guidance-scale 1.5
 
 The second samples DDIM-50 at several CFG scales, writes grids into the folder and the quality
-numbers and guidance recommendation into its `teacher_info.json` (about 10 CPU-minutes).
+numbers and guidance recommendation into its `teacher_info.json` (about 10 CPU-minutes). It scores
+with the JAX digits classifier, so it lives in `benchmarks/`: this module (like all of `torch_ref`)
+never imports jax.
 
 The teacher (see `UNET_CONFIG`, `SCHEDULER_CONFIG`):
 - data: `flowmap_jax.digits.data.load_digits("train")`, 16x16x1 in [-1, 1] (PyTorch layout
-  (B, 1, 16, 16) here; the flip is `flowmap_jax.layout.nhwc_to_nchw`).
+  (B, 1, 16, 16) here; the flip is `flowmap_jax.spec.layout.nhwc_to_nchw`).
 - network: stock diffusers blocks only, `class_embed_type=None`, no added embeddings. Labels enter
   through cross-attention: a learned table `label_embeddings` of shape (11, 32), row 10 the null
   label for classifier-free guidance, gives `encoder_hidden_states` (B, 1, 32). Labels are replaced
@@ -44,15 +46,15 @@ import time
 import numpy as np
 import torch
 
+from flowmap_jax.spec.cli_exit import ArgumentParser
 from flowmap_jax.digits import TEACHER_DIR
 from flowmap_jax.digits.data import (
     IMAGE_SIZE,
     NULL_LABEL,
     NUM_CLASSES,
     load_digits,
-    make_grid,
 )
-from flowmap_jax.layout import nchw_to_nhwc, nhwc_to_nchw
+from flowmap_jax.spec.layout import nhwc_to_nchw
 
 LABEL_DIM = 32
 UNET_CONFIG = {
@@ -82,7 +84,6 @@ SCHEDULER_CONFIG = {
 }
 LABEL_EMBEDDINGS_FILE = "label_embeddings.safetensors"
 INFO_FILE = "teacher_info.json"
-EVAL_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def build_unet(config=None):
@@ -235,42 +236,6 @@ def train(args):
     return {"train_seconds": round(train_seconds, 1), "final_loss": round(float(np.mean(running or [loss.item()])), 5)}
 
 
-def evaluate(folder, scales=EVAL_SCALES, num_samples=500, num_steps=50, seed=1234, threads=1):
-    """DDIM-`num_steps` CFG samples at each guidance scale: grid PNGs and quality numbers.
-
-    Samples `num_samples` images (labels cycling 0..9, the same noise for every scale), writes
-    `samples_ddim{num_steps}_cfg{scale}.png` (10 x 10 grid, one digit class per column) into `folder`,
-    and scores them with `flowmap_jax.digits.quality.digits_quality_report` (Frechet distance against
-    the held-out real digits, classifier accuracy against the label).
-
-    Returns:
-      {str(scale): report dict}.
-    """
-    from PIL import Image
-
-    from flowmap_jax.digits.quality import digits_quality_report
-
-    torch.set_num_threads(threads)
-    unet, label_table, scheduler = load_teacher(folder)
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_samples) % NUM_CLASSES
-    noise = torch.randn((num_samples, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
-    results = {}
-    for scale in scales:
-        start = time.time()
-        chunks = [sample_ddim(unet, label_table, scheduler.config, labels[i: i + 250], scale, num_steps,
-                              noise=noise[i: i + 250]) for i in range(0, num_samples, 250)]
-        samples = nchw_to_nhwc(torch.cat(chunks).numpy())
-        report = digits_quality_report(samples, labels.numpy())
-        report["sample_seconds"] = round(time.time() - start, 1)
-        results[str(scale)] = report
-        print(f"DDIM-{num_steps} cfg {scale}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                           for k, v in report.items()), flush=True)
-        grid = make_grid(samples[:100], nrow=NUM_CLASSES)
-        Image.fromarray(grid).save(os.path.join(folder, f"samples_ddim{num_steps}_cfg{scale:g}.png"))
-    return results
-
-
 def _write_info(folder, info):
     path = os.path.join(folder, INFO_FILE)
     old = {}
@@ -284,7 +249,7 @@ def _write_info(folder, info):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m torch_ref.train_digits_teacher", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=TEACHER_DIR, help="output diffusers-style folder")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,36 +263,25 @@ def parse_args(argv=None):
     parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of the null label")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for reproducibility)")
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate --out")
-    parser.add_argument("--no-eval", action="store_true", help="skip the sample-quality evaluation")
-    parser.add_argument("--eval-samples", type=int, default=500)
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="recommended CFG scale to record (default: best Frechet distance in the eval)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="accepted and ignored (the evaluation is benchmarks/digits_teacher_quality.py)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.eval_only:
-        stats = train(args)
-        command = "python -m torch_ref.train_digits_teacher " + " ".join(sys.argv[1:] if argv is None else argv)
-        _write_info(args.out, {
-            "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "warmup": args.warmup, "ema_decay": args.ema_decay, "p_uncond": args.p_uncond,
-            "threads": args.threads, "command": command.strip(), "weights": "EMA",
-            "torch_version": torch.__version__, **stats,
-            "null_label": NULL_LABEL, "label_embedding_shape": [NUM_CLASSES + 1, LABEL_DIM],
-            "scheduler": SCHEDULER_CONFIG, "data": "flowmap_jax.digits.data.load_digits('train'): "
-            "sklearn digits 8x8 -> 16x16 bilinear (half-pixel centres), [-1, 1], 1297 images",
-        })
-    if not args.no_eval:
-        results = evaluate(args.out, num_samples=args.eval_samples, threads=args.threads)
-        best = min(results, key=lambda s: results[s]["frechet_distance"])
-        scale = args.guidance_scale if args.guidance_scale is not None else float(best)
-        _write_info(args.out, {"eval_ddim50_cfg": results, "recommended_guidance_scale": scale,
-                               "eval_note": f"DDIM 50 steps (eta 0, trailing), {args.eval_samples} samples, "
-                                            "labels cycling 0..9, seed 1234; Frechet distance vs the "
-                                            "held-out real digits in digits-classifier feature space"})
+    stats = train(args)
+    command = "python -m torch_ref.train_digits_teacher " + " ".join(sys.argv[1:] if argv is None else argv)
+    _write_info(args.out, {
+        "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "warmup": args.warmup, "ema_decay": args.ema_decay, "p_uncond": args.p_uncond,
+        "threads": args.threads, "command": command.strip(), "weights": "EMA",
+        "torch_version": torch.__version__, **stats,
+        "null_label": NULL_LABEL, "label_embedding_shape": [NUM_CLASSES + 1, LABEL_DIM],
+        "scheduler": SCHEDULER_CONFIG, "data": "flowmap_jax.digits.data.load_digits('train'): "
+        "sklearn digits 8x8 -> 16x16 bilinear (half-pixel centres), [-1, 1], 1297 images",
+    })
+    print(f"trained {args.out}; score it with python benchmarks/digits_teacher_quality.py --teacher {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from flowmap_jax.spec import cli_exit
 from flowmap_jax.digits import CLASSIFIER_DIR
 from flowmap_jax.digits.data import load_digits
 
@@ -109,7 +110,8 @@ def train(seed=0, steps=1500, batch_size=128, lr=2e-3, weight_decay=1e-4, max_sh
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the digits classifier for the quality metrics.",
+    parser = cli_exit.ArgumentParser(prog="python -m flowmap_jax.digits.train_classifier",
+                                     description="Train the digits classifier for the quality metrics.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=CLASSIFIER_DIR)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_exit.run_main(main)

@@ -1,7 +1,7 @@
 """Down, mid and up blocks of diffusers' UNet2DConditionModel, in Flax, NHWC.
 
 Sub-module names follow diffusers' state-dict keys with list indices joined by `_`
-(`resnets_0` <-> `resnets.0`); see `conversion/key_map.py`.
+(`resnets_0` <-> `resnets.0`); see `flowmap_jax/unet/key_map.py`.
 """
 
 import flax.linen as nn

@@ -5,11 +5,16 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_jax
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
+    python -m flowmap_jax.sample --model EXPORT --direction invert --timesteps=-1,499,999 --init samples/samples.npy
 
-Everything random is drawn here with numpy (`export_format.initial_noise`: PCG64 from --seed), so the two
+The grid goes from noise to data (strictly decreasing times); an increasing grid is an error unless
+`--direction invert` asks for inversion (from `--init` data to noise).
+
+Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
-Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32 (channels last in
+Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32, the state at the grid's
+first time (drawn noise, or --init) (channels last in
 both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
 3-channel samples in [-1, 1] are shown as images, other channel counts (latents) per-channel rescaled),
 and sample_info.json (the flags, the time grid, backend, device, dtype, seconds).
@@ -21,32 +26,35 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax.export_format import (
-    ExportInfo,
+from flowmap_jax.spec import cli_exit
+from flowmap_jax.spec.export_format import ExportInfo, read_export
+from flowmap_jax.spec.label_table import (
+    labels_to_encoder_hidden_states,
+    read_label_embeddings,
+)
+from flowmap_jax.spec.sampling_inputs import (
     default_sample_shape,
     initial_noise,
-    labels_to_encoder_hidden_states,
-    read_export,
-    read_label_embeddings,
     resolve_guidance,
 )
-from flowmap_jax.flow_config import GRID_SPACINGS, check_time_values, time_grid
+from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
+DIRECTIONS = ("generate", "invert")
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
 def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     """The flags of both sampling commands (`backend` only changes the help text)."""
-    p = argparse.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
+    p = cli_exit.ArgumentParser(prog=prog, description=f"Few-step flow-map sampling ({backend}) from an exported "
                                 f"flow map (python -m conversion export).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json)")
@@ -57,6 +65,12 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default=None, help="explicit time grid instead of --steps, comma-separated "
                    "teacher times from noise to data, e.g. 999,749,499,249,-1 (a grid that starts with a minus sign "
                    "needs the = form: --timesteps=-1,999)")
+    p.add_argument("--direction", choices=DIRECTIONS, default=None, help="generate (the default): a decreasing "
+                   "grid, from noise to data; invert: an increasing grid, from data (--init) to noise. A --timesteps "
+                   "grid that does not go the chosen way is an error")
+    p.add_argument("--init", default=None, help="the state at the grid's first time, a .npy (B, H, W, C) float "
+                   "array, instead of drawn noise (with --direction invert: the samples to invert, e.g. a "
+                   "samples.npy); --batch is then its length")
     p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noising) noise (default 0)")
     p.add_argument("--labels", default=None, help="class labels where the export has label embeddings: 'all' "
@@ -112,6 +126,33 @@ def parse_timesteps(text: str) -> np.ndarray:
     if len(values) < 2:
         raise ValueError(f"--timesteps needs at least 2 times (one jump), got {text!r}")
     return np.asarray(values, np.float64)
+
+
+def check_direction(grid: np.ndarray, direction: str | None) -> None:
+    """ValueError unless `grid` goes the way `direction` says: strictly decreasing for generate (the
+    default, noise to data), strictly increasing for invert (data to noise)."""
+    text = ",".join(f"{t:g}" for t in grid)
+    steps = np.diff(grid)
+    if direction == "invert":
+        if not np.all(steps > 0):
+            raise ValueError(f"--timesteps {text} is not strictly increasing: --direction invert goes from data to "
+                             f"noise (e.g. -1,499,999)")
+    elif not np.all(steps < 0):
+        raise ValueError(f"--timesteps {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
+                         f"999,499,-1); to invert samples (data to noise) pass --direction invert and --init")
+
+
+def read_init(path: str) -> np.ndarray:
+    """--init: a (B, H, W, C) float .npy (no pickle) -> float32."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init: no file {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"--init: {path} is not a plain .npy array: {err}") from None
+    if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"--init: {path} holds {array.dtype} {array.shape}; expected float (B, H, W, C)")
+    return np.ascontiguousarray(array, np.float32)
 
 
 def needs_encoder_hidden_states(unet_config: dict) -> bool:
@@ -189,15 +230,27 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         grid = time_grid(config.schedule, args.steps, spacing=args.spacing)
+        if args.direction == "invert":
+            grid = grid[::-1].copy()
     if not 0.0 <= args.gamma <= 1.0:
         raise ValueError(f"--gamma must lie in [0, 1], got {args.gamma}")
     if args.gamma > 0 and not np.all(np.diff(grid) < 0):
         raise ValueError("--gamma > 0 needs a decreasing time grid (from noise to data)")
+    check_direction(grid, args.direction)
+    init = read_init(args.init) if args.init is not None else None
+    if args.direction == "invert" and init is None:
+        raise ValueError("--direction invert needs --init FILE.npy: the samples to carry from data to noise")
+    if init is not None:
+        args.batch = init.shape[0]
     h, w, c = default_sample_shape(info)
     shape = (args.height or h, args.width or w, c)
     jumps = grid.shape[0] - 1
     noise, renoise = initial_noise(args.seed, args.batch, shape, jumps - 1 if args.gamma > 0 else 0)
-
+    if init is not None:
+        if init.shape[1:] != shape:
+            raise ValueError(f"--init holds examples of shape {init.shape[1:]}; this export samples {shape} "
+                             f"(--height/--width change it)")
+        noise = init
     cond, labels = {}, None
     if args.cond is not None:
         cond.update(read_cond_file(args.cond, args.batch))
@@ -222,7 +275,7 @@ def prepare(args: argparse.Namespace) -> SampleRequest:
 
 def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str) -> dict:
     """samples.npy, noise.npy, labels.npy, grid.png and sample_info.json in request.out; returns the paths."""
-    from flowmap_jax.reporting import save_grid
+    from flowmap_jax.spec.image_grid import save_grid
 
     samples = np.asarray(samples, np.float32)
     out = request.out
@@ -252,7 +305,8 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
 
 def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]]) -> int:
     """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write.
-    Exit codes: 0 done, 2 bad flags or a folder that is not a flow-map export."""
+    Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
+    flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:
         request = prepare(args)
@@ -260,8 +314,8 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
         samples, device = run(request)
         seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cli_exit.report(err)
+        return cli_exit.USAGE
     paths = write_outputs(request, samples, backend, seconds, device)
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")

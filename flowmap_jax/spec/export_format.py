@@ -1,6 +1,7 @@
 """The exported flow map on disk: a stock diffusers UNet folder plus `flowmap.json`. Pure Python (numpy
-only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX sampler
-(`flowmap_jax.sample`) and the PyTorch loader (`torch_ref.export_loading`).
+only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX loader
+(`flowmap_jax.export_loading`) and the PyTorch loader (`torch_ref.export_loading`). The label table is read by
+`flowmap_jax.spec.label_table`; the backend-independent sampling inputs are in `flowmap_jax.spec.sampling_inputs`.
 
 Folder layout (written by `conversion.export.export_flow_map`, atomically as a whole)::
 
@@ -13,12 +14,13 @@ Folder layout (written by `conversion.export.export_flow_map`, atomically as a w
 `UNet2DConditionModel.from_pretrained(folder)` loads it with no custom code. A stock pipeline cannot misuse
 it: it calls the UNet without `class_labels` and diffusers raises "class_labels should be provided".
 
-flowmap.json (format "flowmap-jax/flow-map", format_version 1)::
+flowmap.json (format "flowmap-jax/flow-map", format_version 2; version 1 is read too)::
 
     format, format_version, flowmap_jax_version
     network:     {"class": "UNet2DConditionModel", "config": "config.json", "weights": "...safetensors"}
+    parameterization: "angle" | "linear" | "teacher_step" (new in version 2; version 1 is "teacher_step")
     flow_map:    "X(x_s, s, t) = ..." (the parameterisation, in words)
-    prediction_type: "epsilon" | "v_prediction" | "sample" | "flow"
+    prediction_type: "epsilon" | "v_prediction" | "sample" | "flow" (the teacher's)
     schedule:    ScheduleConfig fields (kind, num_train_timesteps, betas..., time_scale, ...); authoritative
     scheduler_config: the teacher's full diffusers scheduler config, or null (checked against `schedule`)
     time:        {"units", "t_clean", "t_noise", "time_unit", "convention"}
@@ -31,12 +33,13 @@ flowmap.json (format "flowmap-jax/flow-map", format_version 1)::
     sample_shape: [H, W, C] the flow map was trained on (channels last), or null
     provenance:  free-form: teacher, objectives, steps, date, checkpoint, ...
 
-Time convention: floats in the teacher's own timestep units (`flowmap_jax.flow_config`): DDPM t in
+Time convention: floats in the teacher's own timestep units (`flowmap_jax.spec.schedule`): DDPM t in
 [-1, N - 1] with t = -1 the clean end; VP cosine and rectified flow t in [0, T] with t = 0 clean. The UNet's
 `timestep` argument is the source time s, `class_labels` the target time t, both (B,) float32. The map is
-X(x_s, s, t) = c_x(s, t) x_s + c_pred(s, t) F(x_s, s, t) with F the UNet's output in `prediction_type`
-(`predictions.jump_coefficients`), i.e. the teacher's own first-order (DDIM) step from s to t with the
-network's prediction.
+X(x_s, s, t) = c_x(s, t) x_s + c_F(s, t) F(x_s, s, t) with F the UNet's output and (c_x, c_F) those of
+`parameterization` (`flowmap_jax.flow_map.FlowMap.coefficients`): "angle" cos/sin of theta_s - theta_t with F
+read as v; "linear" 1 and (t - s) / time_unit with F a flow velocity; "teacher_step" (format 1) the teacher's
+DDIM step with F in `prediction_type`.
 
 Errors (`ExportFormatError`, a ValueError) name the file and the key at fault.
 """
@@ -52,14 +55,12 @@ from typing import Any
 
 import numpy as np
 
-from flowmap_jax.flow_config import (
-    ScheduleConfig,
-    check_prediction_type,
-    prediction_type_from_diffusers,
-)
+from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.prediction_types import check_prediction_type
+from flowmap_jax.spec.schedule import ScheduleConfig, prediction_type_from_diffusers
 
 FORMAT_NAME = "flowmap-jax/flow-map"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FLOWMAP_JSON = "flowmap.json"
 UNET_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -67,10 +68,17 @@ LABEL_EMBEDDINGS_NAME = "label_embeddings.safetensors"
 GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
 GUIDANCE_EMBEDDING = "lcm_guidance_scale_embedding"
 
-MAP_DESCRIPTION = (
-    "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat, (x0_hat, eps_hat) from the UNet's prediction F in "
-    "`prediction_type` at (x_s, timestep=s, class_labels=t): the teacher's first-order (DDIM) step from s to t "
-    "with F (rectified flow: x_s + (t - s) / time_unit * F). X(x, s, s) = x.")
+MAP_DESCRIPTIONS = {
+    "angle": "X(x_s, s, t) = cos(theta_s - theta_t) * x_s - sin(theta_s - theta_t) * F, theta_t = arctan(sigma_t / "
+             "alpha_t), F the UNet's output at (x_s, timestep=s, class_labels=t) read as v = alpha eps - sigma x0 "
+             "(VP schedules; TrigFlow). X(x, s, s) = x.",
+    "linear": "X(x_s, s, t) = x_s + (t - s) / time_unit * F, F the UNet's output at (x_s, timestep=s, "
+              "class_labels=t) read as the flow velocity u = eps - x0 (rectified flow). X(x, s, s) = x.",
+    "teacher_step": "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat, (x0_hat, eps_hat) from the UNet's "
+                    "prediction F in `prediction_type` at (x_s, timestep=s, class_labels=t): the teacher's first-order "
+                    "(DDIM) step from s to t with F (rectified flow: x_s + (t - s) / time_unit * F). X(x, s, s) = x.",
+}
+"""flowmap.json's `flow_map` text for each parameterisation (`parameterization` is the key readers use)."""
 TIME_CONVENTION = (
     "floats in the teacher's own timestep units. ddpm: t in [-1, N - 1], alpha_t^2 = alphas_cumprod[t] at integers, "
     "log(alpha) linear in between, t = -1 clean (alpha = 1). vp_cosine and rectified_flow: t in [0, T], t = 0 "
@@ -85,7 +93,9 @@ class ExportFormatError(ValueError):
 class FlowMapConfig:
     """Everything besides the network weights that defines an exported flow map.
 
-    schedule, prediction_type: the teacher's (the map's parameterisation).
+    schedule, prediction_type: the teacher's.
+    parameterization: the map's own (`spec.parameterization.PARAMETERIZATIONS`; "auto" resolves from the schedule).
+        Format-1 exports are "teacher_step".
     scheduler_config: the teacher's full diffusers scheduler config (dict), or None for a schedule not read
         from diffusers; when given it must agree with `schedule` and `prediction_type`.
     guidance: how the teacher was guided when distilled: "none", "cfg" (classifier-free) or "autoguidance".
@@ -103,6 +113,7 @@ class FlowMapConfig:
     schedule: ScheduleConfig
     prediction_type: str
     scheduler_config: dict | None = None
+    parameterization: str = "auto"
     guidance: str = "none"
     guidance_scale: float = 1.0
     guidance_embedding_dim: int | None = None
@@ -114,6 +125,7 @@ class FlowMapConfig:
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
         check_prediction_type(self.prediction_type)
+        object.__setattr__(self, "parameterization", resolve_parameterization(self.schedule, self.parameterization))
         if self.guidance not in GUIDANCE_KINDS:
             raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance!r}")
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
@@ -236,7 +248,8 @@ def flow_map_metadata(config: FlowMapConfig, unet_config: dict, provenance: dict
         "flowmap_jax_version": version,
         "network": {"class": "UNet2DConditionModel", "config": UNET_CONFIG_NAME, "weights": WEIGHTS_NAME,
                     "layout": "PyTorch (B, C, H, W); the Flax port takes (B, H, W, C)"},
-        "flow_map": MAP_DESCRIPTION,
+        "flow_map": MAP_DESCRIPTIONS[config.parameterization],
+        "parameterization": config.parameterization,
         "prediction_type": config.prediction_type,
         "schedule": schedule_to_json(schedule),
         "scheduler_config": None if config.scheduler_config is None else _jsonable(config.scheduler_config),
@@ -288,6 +301,12 @@ def config_from_metadata(meta: dict, folder: Path | None = None, where: str = FL
     except ValueError as err:
         raise ExportFormatError(f"{where}: key 'prediction_type': {err}") from None
     schedule = schedule_from_json(_get(meta, "schedule", where), f"{where}: schedule")
+    # Format 1 had one parameterisation, the teacher's DDIM step; format 2 names it.
+    parameterization = "teacher_step" if version == 1 else _get(meta, "parameterization", where, str)
+    try:
+        resolve_parameterization(schedule, parameterization)
+    except ValueError as err:
+        raise ExportFormatError(f"{where}: key 'parameterization': {err}") from None
     scheduler_config = meta.get("scheduler_config")
     if scheduler_config is not None:
         check_scheduler_agrees(scheduler_config, schedule, prediction_type, f"{where}: scheduler_config")
@@ -319,7 +338,7 @@ def config_from_metadata(meta: dict, folder: Path | None = None, where: str = FL
     try:
         return FlowMapConfig(
             schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config,
-            guidance=guidance.get("teacher_guidance", "none"), guidance_scale=guidance.get("scale", 1.0),
+            parameterization=parameterization, guidance=guidance.get("teacher_guidance", "none"), guidance_scale=guidance.get("scale", 1.0),
             guidance_embedding_dim=embedding_dim, guidance_scale_range=guidance.get("scale_range"),
             label_embeddings=label_path, sample_shape=None if shape is None else tuple(shape))
     except (ValueError, TypeError) as err:
@@ -398,63 +417,3 @@ def read_export(folder: str | os.PathLike) -> ExportInfo:
 def is_export(folder: str | os.PathLike) -> bool:
     """True if `folder` holds a flowmap.json (without validating it)."""
     return (Path(folder) / FLOWMAP_JSON).is_file()
-
-
-# --------------------------------------------------------------------------------------------------
-# Backend-independent pieces of sampling (the same numbers in JAX and PyTorch).
-
-def default_sample_shape(info: ExportInfo) -> tuple[int, int, int]:
-    """(H, W, C): flowmap.json's sample_shape, else the UNet's sample_size and in_channels."""
-    if info.config.sample_shape is not None:
-        return info.config.sample_shape
-    size = info.unet_config.get("sample_size") or 64
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(h), int(w), int(info.unet_config.get("in_channels", 4))
-
-
-def resolve_guidance(config: FlowMapConfig, guidance_scale: float | None) -> float | None:
-    """The guidance scale to feed as `timestep_cond`, or None when the map has no guidance input.
-
-    Embedded guidance: `guidance_scale` (default: the recorded scale). Baked-in guidance: None, and a
-    `guidance_scale` other than the baked one is a ValueError (there is no input to change it)."""
-    if config.guidance_embedded:
-        return config.guidance_scale if guidance_scale is None else float(guidance_scale)
-    if guidance_scale is not None and not math.isclose(float(guidance_scale), config.guidance_scale,
-                                                       rel_tol=1e-6, abs_tol=1e-6):
-        raise ValueError(
-            f"this flow map has no guidance input (config.json has no time_cond_proj_dim): it reproduces the teacher "
-            f"guided at scale {config.guidance_scale} ({config.guidance}); --guidance {guidance_scale} cannot "
-            "change it")
-    return None
-
-
-def initial_noise(seed: int, batch: int, shape_hwc, gamma_jumps: int = 0):
-    """(noise (B, H, W, C) float32, renoise list of `gamma_jumps` arrays of the same shape) from numpy's
-    PCG64 `default_rng(seed)`, so both backends start from the same numbers. Layout channels last (the Flax
-    one); PyTorch flips with `flowmap_jax.layout.nhwc_to_nchw`."""
-    rng = np.random.default_rng(int(seed))
-    shape = (int(batch), *(int(v) for v in shape_hwc))
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    renoise = [rng.standard_normal(shape, dtype=np.float32) for _ in range(int(gamma_jumps))]
-    return noise, renoise
-
-
-def read_label_embeddings(path: str | os.PathLike) -> np.ndarray:
-    """The (K + 1, D) float32 "weight" table of a label-embeddings file (row K the null label)."""
-    from safetensors.numpy import load_file
-
-    tensors = load_file(os.fspath(path))
-    if "weight" not in tensors or np.ndim(tensors["weight"]) != 2:
-        raise ExportFormatError(f"{path}: expected a tensor 'weight' of shape (K + 1, D), found "
-                                f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
-    return np.asarray(tensors["weight"], np.float32)
-
-
-def labels_to_encoder_hidden_states(table: np.ndarray, labels) -> np.ndarray:
-    """(B,) int labels in 0..K-1 -> (B, 1, D) float32 rows of the (K + 1, D) table (the digits teacher's
-    "text encoder"); label K (the null label) is allowed: the unconditional embedding."""
-    labels = np.asarray(labels, np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() > table.shape[0] - 1):
-        raise ValueError(f"labels must lie in 0..{table.shape[0] - 2} (or {table.shape[0] - 1} for the null label), "
-                         f"got {labels.min()}..{labels.max()}")
-    return table[labels][:, None, :]

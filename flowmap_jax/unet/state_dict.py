@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from conversion.key_map import expected_key_map, flax_path_to_torch_key, flax_to_torch_layout, torch_to_flax_layout
 from flowmap_jax.unet import UNetConfig, abstract_unet_params
+from flowmap_jax.unet.key_map import (
+    expected_key_map,
+    flax_path_to_torch_key,
+    flax_to_torch_layout,
+    torch_to_flax_layout,
+)
 
 
 class ConversionError(ValueError):

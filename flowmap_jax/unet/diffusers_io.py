@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.state_dict import flax_to_state_dict, state_dict_to_flax
 from flowmap_jax.unet import UNetConfig
+from flowmap_jax.unet.state_dict import flax_to_state_dict, state_dict_to_flax
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -96,9 +96,17 @@ def read_state_dict(folder: Path, variant: str | None = None, allow_torch_bin: b
             "torch.load(weights_only=True)."
         )
     if legacy:
+        import pickle
+
         import torch
 
-        state = torch.load(legacy[0], map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(legacy[0], map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+            raise ValueError(f"refused to load {legacy[0]}: torch.load(weights_only=True) found more than tensors "
+                             f"in it or could not read it ({detail}); nothing in it was run") from None
         return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
     raise FileNotFoundError(f"no {WEIGHTS_NAME}{'.' + variant if variant else ''}.safetensors in {folder}")
 

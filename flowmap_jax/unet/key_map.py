@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from flax import traverse_util
 
 # Module names that diffusers keeps in nn.ModuleList / nn.Sequential (their children are indexed).
 LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
@@ -65,14 +66,7 @@ def torch_shape(flax_shape: tuple, flax_leaf: str) -> tuple:
 def expected_key_map(abstract_params) -> dict[str, tuple[tuple[str, ...], tuple]]:
     """{diffusers key: (flax path, diffusers shape)} for every leaf of an (abstract) Flax param tree."""
     out = {}
-    for path, leaf in _flatten(abstract_params):
+    for path, leaf in traverse_util.flatten_dict(abstract_params).items():
         out[flax_path_to_torch_key(path)] = (path, torch_shape(tuple(leaf.shape), path[-1]))
     return out
 
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict) or hasattr(value, "items"):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value

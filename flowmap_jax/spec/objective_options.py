@@ -1,0 +1,141 @@
+"""The switches of the objectives (`objectives.py` in each backend): `ObjectiveOptions`. Pure Python."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from flowmap_jax.spec.time_pairs import TimePairConfig
+
+TEACHER_SOLVERS = ("ddim", "heun", "dpmpp_2m")
+TEACHER_SPACINGS = ("uniform", "karras", "logsnr")
+"""Grids of the teacher's reference solutions (`samplers.solve_grid`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveOptions:
+    """Switches of the objectives, one namespace for all of them (unused ones are ignored by an objective).
+
+    time_pairs: `TimePairConfig` (or a dict of its fields).
+    teacher_steps, teacher_solver, teacher_spacing: `pairs` target: the teacher's PF-ODE solved from s to t
+        with this many steps of this solver (one of TEACHER_SOLVERS) on this grid (one of TEACHER_SPACINGS;
+        `samplers.teacher_solve` / `solve_grid`). Measured on elementwise Gaussian-mixture data with modes of
+        variance 0.01 against a converged solution, over training pairs that include both ends
+        (`python benchmarks/teacher_target_error.py`): the default DPM-Solver++(2M), 32 steps, log-SNR grid
+        leaves 0.2-0.64% relative RMS error depending on the schedule (DDPM linear / scaled_linear /
+        squaredcos, VP cosine, rectified flow); 24 steps 0.3-0.9%, 16 steps 0.6-1.4%, 8 steps 3-6%,
+        4 steps 10-22%.
+    residual_form: JVP objectives. "direct" (LSD of Boffi et al.): loss = |r|^2, differentiated through the
+        JVP; "stopgrad" (sCM / Align Your Flow): loss = |X - sg(X - r)|^2, whose gradient is 2 r . dX/dparams
+        with r the (normalised) residual, needing no backward pass through the JVP. "auto" (default): direct
+        for both. Measured on the Gaussian closed form (tests/test_objectives.py, SD's schedule, the "angle"
+        map started at the teacher's DDIM step, 300 Adam steps): 1-jump RMS error 0.94 -> eulerian direct
+        0.41 (lr 1e-3), eulerian stopgrad 2.6 (lr 3e-4, diverging) and 0.66 (lr 1e-4); lagrangian direct 0.04.
+    tangent_normalization, tangent_norm_c: r <- r / (|r| + c), |r| the per-example L2 norm (sCM, c = 0.1).
+    tangent_warmup_steps, tangent_warmup_max: the network's JVP term is multiplied by
+        tangent_warmup_max * min(step / tangent_warmup_steps, 1) (sCM's linear ramp, 10k steps there; 0 = off,
+        factor 1). `step` comes from batch["step"] (() or (B,)), which the trainer must then provide.
+    adaptive_weight, adaptive_weight_p, adaptive_weight_c: per-example loss l <- l / sg((l + c)^p)
+        (MeanFlow; l is the per-example mean squared error).
+    jvp: "exact" (jax.jvp / torch.func.jvp) or "finite_difference" (central difference with step fd_eps
+        in theta, the angle the objectives differentiate by; for kernels or shardings without forward-mode AD).
+    jump_scale_normalization: JVP objectives: X and the residual of a jump (s, t) are multiplied by
+        1 / max(1, |c_x(s, t)|), c_x the factor by which X(x_s, s, t) = c_x x_s + c_pred F amplifies x_s
+        (alpha_t / alpha_s for an epsilon teacher: about 15 for SD's jump from t = 999 to clean data). Without
+        it, the long jumps of epsilon teachers from the noise end dominate the gradients of the JVP objectives
+        and training stalls (measured on the Gaussian closed form); v, flow and sample teachers have
+        |c_x| <= ~1.4, so it barely changes them.
+    progressive_anchor_weight: weight of the `progressive` objective's anchor term, which matches the map's
+        velocity at t = s to the teacher's (without it the semigroup condition alone has trivial solutions).
+    head_warmup_steps: the student's coefficients are blended with the teacher's DDIM step, weight
+        max(0, 1 - step / head_warmup_steps), so training starts from the teacher's DDIM sampler while the
+        network's head converts from the teacher's prediction type to the map's own (`flow_map`, "Head
+        mismatch"); 0 = off. Needs batch["step"].
+    guidance_scale_range: (lo, hi) to draw a per-example guidance scale w ~ U(lo, hi) for the teacher (guidance
+        distillation); None uses the teacher's own scale. guidance_embedding_dim: if set, the student gets
+        cond["timestep_cond"] = guidance_scale_embedding(w - 1, dim) (LCM's convention, through the UNet's
+        time_cond_proj_dim).
+    """
+
+    time_pairs: TimePairConfig = TimePairConfig()
+    teacher_steps: int = 32
+    teacher_solver: str = "dpmpp_2m"
+    teacher_spacing: str = "logsnr"
+    residual_form: str = "auto"
+    tangent_normalization: bool = False
+    tangent_norm_c: float = 0.1
+    tangent_warmup_steps: int = 0
+    tangent_warmup_max: float = 1.0
+    adaptive_weight: bool = False
+    adaptive_weight_p: float = 1.0
+    adaptive_weight_c: float = 0.01
+    jvp: str = "exact"
+    fd_eps: float = 5e-3
+    jump_scale_normalization: bool = True
+    progressive_anchor_weight: float = 1.0
+    head_warmup_steps: int = 0
+    guidance_scale_range: tuple[float, float] | None = None
+    guidance_embedding_dim: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.time_pairs, dict):
+            object.__setattr__(self, "time_pairs", TimePairConfig(**self.time_pairs))
+        if self.guidance_scale_range is not None:
+            object.__setattr__(self, "guidance_scale_range", tuple(float(v) for v in self.guidance_scale_range))
+            if len(self.guidance_scale_range) != 2:
+                raise ValueError(f"guidance_scale_range must be (lo, hi), got {self.guidance_scale_range}")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ValueError(f"unknown teacher_solver {self.teacher_solver!r}: expected one of {TEACHER_SOLVERS}")
+        if self.teacher_spacing not in TEACHER_SPACINGS:
+            raise ValueError(f"unknown teacher_spacing {self.teacher_spacing!r}: expected one of {TEACHER_SPACINGS}")
+        if self.residual_form not in ("auto", "stopgrad", "direct"):
+            raise ValueError(f"unknown residual_form {self.residual_form!r}: expected 'auto', 'stopgrad' or 'direct'")
+        if self.jvp not in ("exact", "finite_difference"):
+            raise ValueError(f"unknown jvp {self.jvp!r}: expected 'exact' or 'finite_difference'")
+        if int(self.teacher_steps) < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+        if int(self.head_warmup_steps) < 0:
+            raise ValueError(f"head_warmup_steps must be >= 0, got {self.head_warmup_steps}")
+        if not self.fd_eps > 0:
+            raise ValueError(f"fd_eps must be > 0, got {self.fd_eps}")
+
+    def residual_form_for(self, objective: str) -> str:
+        """The residual form a JVP objective uses ("auto" resolved)."""
+        del objective  # the same for both JVP objectives today; kept so a per-objective default can return
+        return "direct" if self.residual_form == "auto" else self.residual_form
+
+    @classmethod
+    def create(cls, options: "ObjectiveOptions | dict | None" = None) -> "ObjectiveOptions":
+        """From None (defaults), a dict (unknown keys raise ValueError naming them) or an instance."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if isinstance(options, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise ValueError(f"unknown objective option(s) {unknown}: known options are {sorted(known)}")
+            return cls(**options)
+        raise TypeError(f"objective options must be a dict or ObjectiveOptions, got {type(options).__name__}")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ObjectiveOptions":
+        """From a JSON object (the `--objective.options` flag, an old run's config.json); ValueError naming
+        the problem (not JSON, not an object, an unknown option, a bad value)."""
+        try:
+            data = json.loads(text or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"must be a JSON object of options, got {type(data).__name__}")
+        return cls.create(data)
+
+    def to_json(self) -> str:
+        """The options that differ from the defaults, as a compact JSON object (`from_json` reads it back)."""
+        default = type(self)()
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name)}
+        if "time_pairs" in changed:
+            changed["time_pairs"] = dataclasses.asdict(self.time_pairs)
+        return json.dumps(changed, separators=(", ", ": "))

@@ -1,0 +1,33 @@
+"""The flow map's own output parameterisation: names and which schedule each needs. Pure Python.
+
+`flowmap_jax.flow_map` (and its twin `torch_ref.flow_map`) owns the algebra; this module only names the
+forms, so the export format and the training configuration can check them without a backend.
+"""
+
+from __future__ import annotations
+
+from flowmap_jax.spec.schedule import ScheduleConfig
+
+__all__ = ["PARAMETERIZATIONS", "resolve_parameterization"]
+
+PARAMETERIZATIONS = ("angle", "linear", "teacher_step")
+"""The flow map's own output parameterisation (`flowmap_jax.flow_map` explains each): "angle" for VP
+schedules (X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "linear" for rectified flow
+(X = x + (tau_t - tau_s) F, F a flow velocity), "teacher_step" (the teacher's DDIM step with F in the
+teacher's prediction type; export format 1)."""
+
+
+def resolve_parameterization(schedule: ScheduleConfig, parameterization: str) -> str:
+    """The parameterisation a flow map on `schedule` uses: "auto" -> "angle" (VP schedules) or "linear"
+    (rectified flow); a named one is checked against the schedule (ValueError naming both otherwise)."""
+    if parameterization == "auto":
+        return "linear" if schedule.kind == "rectified_flow" else "angle"
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown flow-map parameterization {parameterization!r}: expected 'auto' or one of "
+                         f"{PARAMETERIZATIONS}")
+    if parameterization == "angle" and schedule.kind == "rectified_flow":
+        raise ValueError("parameterization 'angle' needs a VP schedule (alpha^2 + sigma^2 = 1); rectified flow "
+                         "uses 'linear'")
+    if parameterization == "linear" and schedule.kind != "rectified_flow":
+        raise ValueError(f"parameterization 'linear' is for rectified flow; a {schedule.kind} schedule uses 'angle'")
+    return parameterization
