@@ -43,11 +43,21 @@ def _where(mask, a, b, x):
     return torch.where(expand_time(mask.to(torch.float32), x) > 0, a, b)
 
 
+HEUN_EDM_MAX_RHO = 20.0
+"""Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
+
+
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     """Heun's trapezoid correction to the DDIM step of a VP schedule: the cos^2 / sin^2 (theta_c) blend of
     EDM's eps form and the x0 form, finite at both ends (see flowmap_jax.samplers._heun_correction)."""
     coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
-    return expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
+    blend = expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
+    # diffusers' HeunDiscrete (EDM's eps form) wherever it is well conditioned (sigma_c / alpha_c <= 20,
+    # SD's whole range), so the solver is diffusers' Heun there; the blend only beyond, up to alpha = 0.
+    use_edm = s_c <= HEUN_EDM_MAX_RHO * a_c
+    a_safe = torch.where(use_edm, a_c, torch.ones_like(a_c))
+    edm = expand_time(0.5 * (s_n - a_n * s_c / a_safe), x) * (eps_2 - eps_1)
+    return torch.where(expand_time(use_edm, x), edm, blend)
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
