@@ -26,7 +26,8 @@ Metrics (`flowmap_jax.digits.quality.digits_quality_report`, the shipped digits 
 distance in its feature space against the 500 held-out real digits (comparable only at equal sample
 counts), its label accuracy against the conditioning label, and the mean squared distance to the teacher's
 100-step DPM-Solver++(2M) solution from the same noise (`--reference-steps`; that sampler's own row is 0 by
-construction). For scale, the same Frechet distance of the 1297 real training digits is printed.
+construction) on `--reference-grid` (uniform by default, as the recorded results; "logsnr" is ~6x more
+accurate on SD's schedule, see benchmarks/README.md and benchmarks/teacher_target_error.py). For scale, the same Frechet distance of the 1297 real training digits is printed.
 
 Outputs (`--out`, default benchmarks/results): quality_vs_steps.json, quality_vs_steps.png (the three
 metrics side by side, for the README), quality_vs_steps_{frechet,accuracy,mse}.png (one per metric), and
@@ -86,12 +87,24 @@ def flow_map_key(jumps: int, spacing: str = "uniform") -> str:
     return f"flow_map_{jumps}" if spacing == "uniform" else f"flow_map_{spacing}_{jumps}"
 
 
+REFERENCE_GRIDS = ("uniform", "logsnr")
+
+
+def reference_key(reference_steps: int, reference_grid: str = "uniform") -> str:
+    """The plan key of the MSE reference: "dpmpp_2m_<steps>" on the uniform grid (the same run as that
+    sampler's own row), "dpmpp_2m_<grid>_<steps>" otherwise."""
+    if reference_grid not in REFERENCE_GRIDS:
+        raise ValueError(f"unknown reference grid {reference_grid!r}: expected one of {REFERENCE_GRIDS}")
+    return f"dpmpp_2m_{reference_steps}" if reference_grid == "uniform" else \
+        f"dpmpp_2m_{reference_grid}_{reference_steps}"
+
+
 def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_map: bool,
-              flow_map_grids=("uniform",)) -> list[dict]:
+              flow_map_grids=("uniform",), reference_grid: str = "uniform") -> list[dict]:
     """The sampler runs: dicts with key (unique id), kind ("teacher"/"flow_map"), solver, steps, nfe, name,
     unet_passes (per sample), spacing (the time grid's). Teacher runs of the same solver and step count
-    appear once; the MSE reference (DPM-Solver++(2M), `reference_steps`) is always in the plan (key
-    "dpmpp_2m_<steps>")."""
+    appear once; the MSE reference (DPM-Solver++(2M), `reference_steps` on `reference_grid`) is always in
+    the plan (key `reference_key(...)`)."""
     runs, seen = [], set()
     for solver in solvers:
         for nfe in nfe_list:
@@ -101,10 +114,12 @@ def plan_runs(solvers, nfe_list, jumps_list, reference_steps: int, include_flow_
                 seen.add(key)
                 runs.append(dict(key=key, kind="teacher", solver=solver, steps=steps, nfe=actual,
                                  name=SOLVER_NAMES[solver], unet_passes=2 * actual))
-    ref_key = f"dpmpp_2m_{reference_steps}"
+    ref_key = reference_key(reference_steps, reference_grid)
     if ref_key not in seen:
+        grid = "" if reference_grid == "uniform" else f", {reference_grid} grid"
         runs.append(dict(key=ref_key, kind="teacher", solver="dpmpp_2m", steps=reference_steps, nfe=reference_steps,
-                         name=SOLVER_NAMES["dpmpp_2m"] + " (reference)", unet_passes=2 * reference_steps))
+                         name=SOLVER_NAMES["dpmpp_2m"] + f" (reference{grid})", unet_passes=2 * reference_steps,
+                         spacing=reference_grid))
     if include_flow_map:
         for spacing in flow_map_grids:
             if spacing not in FLOW_MAP_SOLVER:
@@ -284,9 +299,12 @@ STYLES = {"ddim": ("tab:blue", "o"), "heun": ("tab:orange", "s"), "dpmpp_2m": ("
 
 
 def curves(rows):
-    """{solver: [rows sorted by nfe]} (the reference-only run belongs to the DPM-Solver++ curve)."""
+    """{solver: [rows sorted by nfe]} (the reference-only run belongs to the DPM-Solver++ curve, unless it is
+    on another grid than the curves: then it is left out, its MSE being 0 by construction)."""
     out = {}
     for row in rows:
+        if row.get("kind") == "teacher" and row.get("spacing", "uniform") != "uniform":
+            continue
         out.setdefault(row["solver"], []).append(row)
     return {k: sorted(v, key=lambda r: r["nfe"]) for k, v in out.items()}
 
@@ -367,6 +385,9 @@ def build_parser():
                    "(default), logsnr")
     p.add_argument("--jumps", type=parse_int_list, default=DEFAULT_JUMPS, help="flow-map jumps (default 1,2,4,8)")
     p.add_argument("--reference-steps", type=int, default=100, help="DPM-Solver++(2M) steps of the MSE reference")
+    p.add_argument("--reference-grid", default="uniform", choices=REFERENCE_GRIDS,
+                   help="time grid of the MSE reference (default uniform, as the recorded results; its own error "
+                        "on SD's schedule: benchmarks/README.md)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNGs (default benchmarks/results)")
     p.add_argument("--cache", default=None, help="sample cache folder (default ~/.cache/flowmap_jax/"
                    "quality_vs_steps; 'none' to switch it off)")
@@ -426,7 +447,7 @@ def main(argv=None) -> int:
 
     try:
         runs = plan_runs(solvers, args.nfe, args.jumps, args.reference_steps, flow_map is not None,
-                         tuple(g for g in args.flow_map_grids.split(",") if g))
+                         tuple(g for g in args.flow_map_grids.split(",") if g), args.reference_grid)
     except ValueError as error:
         raise SystemExit(f"--flow-map-grids: {error}") from None
     n = args.num_samples
@@ -463,7 +484,7 @@ def main(argv=None) -> int:
 
     samples, seconds = {}, {}
     # The reference first (MSE needs it), then the rest in plan order.
-    ref_key = f"dpmpp_2m_{args.reference_steps}"
+    ref_key = reference_key(args.reference_steps, args.reference_grid)
     order = sorted(runs, key=lambda r: r["key"] != ref_key)
     for run in order:
         t0 = time.perf_counter()
@@ -500,7 +521,7 @@ def main(argv=None) -> int:
     summary = {
         "teacher": str(teacher_dir), "model": None if model_dir is None else str(model_dir),
         "guidance_scale": guidance, "num_samples": n, "seed": args.seed, "batch": args.batch,
-        "reference": f"dpmpp_2m {args.reference_steps} steps", "real_train_digits": real,
+        "reference": f"dpmpp_2m {args.reference_steps} steps, {args.reference_grid} grid", "real_train_digits": real,
         "rows": rows, "targets": checks, "notes": notes, "seconds": seconds_total,
         "unet_passes_per_s": done["passes"] / done["seconds"] if done["seconds"] else None,
         "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
@@ -508,7 +529,7 @@ def main(argv=None) -> int:
     }
     (out / "quality_vs_steps.json").write_text(json.dumps(summary, indent=2))
     print(f"digits teacher {teacher_dir} (CFG {guidance:g}), flow map {model_dir}; {n} samples per sampler, "
-          f"seed {args.seed}; reference DPM-Solver++(2M) {args.reference_steps} steps\n")
+          f"seed {args.seed}; reference DPM-Solver++(2M) {args.reference_steps} steps ({args.reference_grid} grid)\n")
     print(markdown_table(rows))
     print(f"\nreal training digits (1297): Frechet distance {real['frechet_distance']:.4g}, label accuracy "
           f"{real['label_accuracy']:.4f}")

@@ -216,7 +216,8 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"])
     target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
-                                    options.teacher_solver, p["cond"], p["w"])
+                                    options.teacher_solver, p["cond"], p["w"],
+                                    spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
     return _finish(_per_example_mean(jnp.square(err)), options, err)

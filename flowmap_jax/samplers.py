@@ -9,17 +9,29 @@ To reproduce diffusers' schedulers take their `timesteps` and append the clean e
 Teacher solvers (`ddim_sample`, `heun_sample`, `dpmpp_2m_sample`; `teacher_sample` picks by name):
 - DDIM (eta = 0): x_t = alpha_t x0_hat + sigma_t eps_hat; Euler in (x / alpha, sigma / alpha) (for
   rectified flow also Euler in t). Matches diffusers' `DDIMScheduler` with `set_alpha_to_one=True`.
-- Heun (2nd order): EDM's Heun in (x / alpha, sigma / alpha) for VP schedules, in (x, t) with the flow
-  velocity for rectified flow (diffusers' HeunDiscrete / FlowMatchHeunDiscrete); the step into the clean
-  end is Euler (EDM's rule), so the teacher is never evaluated there.
-- DPM-Solver++(2M) (data prediction, midpoint): first step first-order; the last step first-order when
-  landing on clean data, or with `lower_order_final` and fewer than 15 steps (diffusers' rules for
-  `DPMSolverMultistepScheduler` with its defaults).
+- Heun (2nd order): for VP schedules, the DDIM step plus a trapezoid correction that blends EDM's Heun in
+  (x / alpha, sigma / alpha) (diffusers' HeunDiscrete; used near the clean end) with the same rule in
+  (x / sigma, alpha / sigma) (near the noise end), so it is finite from alpha = 0 (`_heun_correction`);
+  in (x, t) with the flow velocity for rectified flow (FlowMatchHeunDiscrete); the step into the clean end
+  is Euler (EDM's rule).
+- DPM-Solver++(2M) (data prediction, midpoint): first step first-order; a step is also first-order when
+  any of its three times (previous, current, next) is an end of the schedule, where log(alpha / sigma) is
+  infinite (sigma = 0 clean; alpha = 0 for VP cosine and rectified flow at T), or with `lower_order_final`
+  and fewer than 15 steps on the last step (diffusers' rules for `DPMSolverMultistepScheduler` with its
+  defaults).
+Every solver runs from and to both ends of every schedule, either direction (tests/test_samplers.py checks
+them against exact solutions there). An epsilon-prediction teacher cannot start at alpha = 0 (its
+x0 = (x - sigma eps) / alpha is undefined): use v, flow or sample prediction for such schedules.
 The fixed-grid loops run under `jax.lax.scan` (one compiled body whatever the step count).
 
-`teacher_solve` solves from per-example t_source to t_target (B,) on a uniform grid of `num_steps` (the
-`pairs` target). `flow_map_sample` makes N jumps on any grid, with optional stochastic re-noising
-(gamma sampling of consistency models): jump to the time u where sigma_u / alpha_u = sqrt(1 - gamma^2) *
+`teacher_solve` solves from per-example t_source to t_target (B,) with `num_steps` steps on a per-example
+grid (`solve_grid`, log-SNR spacing by default): the `pairs` target and other reference solutions. Its
+error on Gaussian-mixture data (modes of variance 0.01) against the exact ODE solution, with
+DPM-Solver++(2M) on the log-SNR grid over training pairs that include both ends, is 0.2-0.64% at 32 steps,
+0.3-0.9% at 24, 0.6-1.4% at 16, 3-6% at 8 and 10-22% at 4, depending on the schedule (DDPM linear,
+scaled_linear, squaredcos_cap_v2, VP cosine, rectified flow; `python benchmarks/teacher_target_error.py`
+prints the table for every spacing). `flow_map_sample` makes N jumps on any grid, with optional stochastic
+re-noising (gamma sampling of consistency models): jump to the time u where sigma_u / alpha_u = sqrt(1 - gamma^2) *
 sigma_t / alpha_t, then re-noise to t with the forward transition (x_t = alpha_t / alpha_u x_u +
 gamma sigma_t z); gamma = 0 is deterministic, gamma = 1 denoises fully at each jump.
 """
@@ -33,11 +45,11 @@ import numpy as np
 from flowmap_jax import predictions as pred_lib
 from flowmap_jax import schedules
 from flowmap_jax.schedules import expand_time
-from flowmap_jax.spec.objective_options import TEACHER_SOLVERS
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
-           "flow_map_sample", "make_jump", "SOLVERS"]
+           "flow_map_sample", "make_jump", "SOLVERS", "SOLVE_SPACINGS"]
 
 
 def check_grid(schedule, timesteps):
@@ -62,6 +74,34 @@ def _step_times(grid, batch):
 def _check_x(x):
     if jnp.ndim(x) < 1:
         raise ValueError(f"x_init must have a batch axis, got shape {jnp.shape(x)}")
+
+
+HEUN_EDM_MAX_RHO = 20.0
+"""Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
+
+
+def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
+    """Heun's trapezoid correction to the DDIM (Euler) step from (a_c, s_c) to (a_n, s_n) of a VP schedule,
+    given the teacher's (x0, eps) at the start (_1) and at the Euler point (_2). Shapes: x's; a/s (B,).
+
+    Two second-order trapezoid rules exist: EDM's in y = x / alpha, rho = sigma / alpha (dy/drho = eps;
+    diffusers' HeunDiscrete), correction c_eps (eps_2 - eps_1) with c_eps = 0.5 (s_n - a_n s_c / a_c),
+    infinite from alpha_c = 0 and ill-conditioned where alpha_c is tiny; and the same rule in y' = x / sigma,
+    rho' = alpha / sigma (dy'/drho' = x0), c_x0 (x0_2 - x0_1) with c_x0 = 0.5 (a_n - s_n a_c / s_c),
+    infinite from sigma_c = 0. This is their blend with weights cos^2 and sin^2 of the angle theta_c (still
+    second order, smooth, finite at both ends):
+        0.5 (a_c s_n - a_n s_c) / (a_c^2 + s_c^2) * (a_c (eps_2 - eps_1) - s_c (x0_2 - x0_1)).
+    EDM's form near the clean end, the x0 form near the noise end. On the mixture test EDM's form alone
+    left 46% error at 32 uniform steps from DDPM squaredcos_cap_v2's t = 999 (alpha = 5e-5), the blend 1.5%;
+    elsewhere they agree to within a few percent of the error."""
+    coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
+    blend = expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
+    # diffusers' HeunDiscrete (EDM's eps form) wherever it is well conditioned (sigma_c / alpha_c <= 20,
+    # SD's whole range), so the solver is diffusers' Heun there; the blend only beyond, up to alpha = 0.
+    use_edm = s_c <= HEUN_EDM_MAX_RHO * a_c
+    a_safe = jnp.where(use_edm, a_c, jnp.ones_like(a_c))
+    edm = expand_time(0.5 * (s_n - a_n * s_c / a_safe), x) * (eps_2 - eps_1)
+    return jnp.where(expand_time(use_edm, x), edm, blend)
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
@@ -95,9 +135,8 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
                 v_2 = teacher.velocity(x_euler, t_next, cond, guidance_scale)
                 x_heun = x_cur + expand_time(t_next - t_cur, x_cur) * 0.5 * (v_1 + v_2)
             else:
-                _, eps_2 = x0_eps(x_euler, t_next)
-                d_rho = s_n / a_n - s_c / a_c
-                x_heun = x_euler + expand_time(0.5 * a_n * d_rho, x_cur) * (eps_2 - eps_1)
+                x0_2, eps_2 = x0_eps(x_euler, t_next)
+                x_heun = x_euler + _heun_correction(x_cur, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2)
             correct = expand_time(s_n > 0, x_cur)
             return jnp.where(correct, x_heun, x_euler), None
 
@@ -114,19 +153,23 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
             x0, eps = x0_eps(x_cur, t_cur)
             # First order (DPM-Solver++1 = DDIM): a_n x0 + s_n eps = (s_n / s_c) x + a_n (1 - e^{-h}) x0.
             first = expand_time(a_n, x_cur) * x0 + expand_time(s_n, x_cur) * eps
-            use_second = (i > 0) & (s_n > 0) & (s_c > 0)
+            # Second order needs finite log-SNRs lambda = log(a / s) at t_prev, t_cur and t_next: not at either
+            # end of the schedule (sigma = 0 clean, alpha = 0 for VP cosine / rectified flow at T).
+            use_second = (i > 0) & (s_n > 0) & (s_c > 0) & (a_n > 0) & (a_c > 0) & (a_p > 0)
             if lower_order_final and n < 15:
                 use_second = use_second & (i < n - 1)
             # Second order (midpoint): + 0.5 a_n (1 - e^{-h}) (h / h_0) (x0 - x0_prev), lambda = log(a / s).
-            s_n_safe, s_c_safe = jnp.where(use_second, s_n, 1.0), jnp.where(use_second, s_c, 1.0)
-            lam_n = jnp.log(a_n) - jnp.log(s_n_safe)
-            lam_c = jnp.log(a_c) - jnp.log(s_c_safe)
-            lam_p = jnp.log(a_p) - jnp.log(jnp.where(use_second, s_p, 1.0))
+            a_n_safe, a_c_safe, a_p_safe, s_n_safe, s_c_safe, s_p_safe = (
+                jnp.where(use_second, v, 1.0) for v in (a_n, a_c, a_p, s_n, s_c, s_p))
+            lam_n = jnp.log(a_n_safe) - jnp.log(s_n_safe)
+            lam_c = jnp.log(a_c_safe) - jnp.log(s_c_safe)
+            lam_p = jnp.log(a_p_safe) - jnp.log(s_p_safe)
             h = jnp.where(use_second, lam_n - lam_c, 1.0)
             h_0 = jnp.where(use_second, lam_c - lam_p, 1.0)
-            exp_neg_h = (s_n_safe * a_c) / (a_n * s_c_safe)
+            h_0 = jnp.where(h_0 == 0, 1.0, h_0)  # a repeated time (zero-length step): no extrapolation
+            exp_neg_h = (s_n_safe * a_c_safe) / (a_n_safe * s_c_safe)
             d_1 = expand_time(h / h_0, x_cur) * (x0 - x0_prev)
-            second = first + expand_time(0.5 * a_n * (1.0 - exp_neg_h), x_cur) * d_1
+            second = first + expand_time(0.5 * a_n_safe * (1.0 - exp_neg_h), x_cur) * d_1
             x_next = jnp.where(expand_time(use_second, x_cur), second, first)
             return (x_next, x0, t_cur), None
 
@@ -168,37 +211,70 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
-def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "karras"):
-    """(num_steps + 1, B) per-example time grids from t_source to t_target ((B,) each), either direction.
+SOLVE_SPACINGS = TEACHER_SPACINGS
+SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
+"""The noise-to-signal ratios rho = sigma / alpha at which the "karras" and "logsnr" spacings of
+`solve_grid` saturate: the spacing variable is g(rho) = rho_min + rho / (1 + rho / rho_max), finite at both
+ends of every schedule (rho = 0 clean, rho = inf where alpha = 0). Chosen by measurement (the target error
+of benchmarks/teacher_target_error.py, 128 pairs, with these constants changed): rho_max = 20 rather than
+EDM's sigma_max = 80 spends fewer steps where the ODE is nearly straight (24 log-SNR steps on VP cosine:
+0.57% error with (5e-3, 20), 1.1% with (2e-3, 80); rho_max = 5 or 10 gave 0.3-1.3%)."""
 
-    "uniform": uniform in t. "karras" (default for VP schedules; EDM's rho = 7 spacing of the noise level
-    sigma / alpha, dense near the clean end where the ODE is stiffest): sigma/alpha^(1/7) uniform between the
-    ends, mapped back with `schedules.time_from_rho`; the ends are clipped to t_eval_min (the teacher's
-    last trained time, DDPM t = 0; the final jump to the clean end is then `teacher_solve`'s DDIM step).
-    Rectified flow always uses "uniform" (its noise end has sigma / alpha = inf).
+
+def _spacing_variable(schedule, t, spacing):
+    """The variable a grid is uniform in, at times t (float32): t itself, g(rho_t)^(1/7) (Karras) or
+    log g(rho_t), g computed from the angle theta = arctan2(sigma, alpha), so finite at alpha = 0."""
+    if spacing == "uniform":
+        return t
+    theta = schedules.angle(schedule, t)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    g = SPACING_RHO_MIN + sin / (cos + sin / SPACING_RHO_MAX)
+    return g ** (1.0 / 7.0) if spacing == "karras" else jnp.log(g)
+
+
+def _time_from_spacing_variable(schedule, w, spacing):
+    """The inverse of `_spacing_variable` (interior grid points only)."""
+    if spacing == "uniform":
+        return w
+    v = jnp.clip((w ** 7 if spacing == "karras" else jnp.exp(w)) - SPACING_RHO_MIN, 0.0, SPACING_RHO_MAX * (1 - 1e-6))
+    return schedules.time_from_rho(schedule, v / (1.0 - v / SPACING_RHO_MAX))
+
+
+def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "logsnr"):
+    """(num_steps + 1, B) float32 per-example time grids from t_source to t_target ((B,) each), either
+    direction, for the teacher's reference solutions (`teacher_solve`). The ends are exact (the clean end
+    of DDPM is taken at t_eval_min, see `teacher_solve`); the interior is uniform in the variable
+    `spacing` names (one of SOLVE_SPACINGS):
+
+    - "uniform": t;
+    - "karras": g(rho_t)^(1/7) (EDM's rho = 7 spacing of the noise-to-signal ratio rho = sigma / alpha);
+    - "logsnr" (default): log g(rho_t) (DPM-Solver's log-SNR spacing);
+    with g(rho) = rho_min + rho / (1 + rho / rho_max) (`SPACING_RHO_MIN`, `SPACING_RHO_MAX`): rho itself
+    between the two, finite at both ends of every schedule (rho = 0 at the clean end, rho = inf where
+    alpha = 0: VP cosine at T, rectified flow at T), so every spacing works for every schedule and pair
+    of ends. Measured accuracy of each: benchmarks/teacher_target_error.py.
     """
+    if spacing not in SOLVE_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SOLVE_SPACINGS}")
     frac = jnp.arange(int(num_steps) + 1, dtype=jnp.float32)[:, None] / int(num_steps)
-    if spacing == "uniform" or schedule.kind == "rectified_flow":
-        times = t_source[None] + (t_target - t_source)[None] * frac
-    elif spacing == "karras":
-        def rho_root(t):
-            alpha, sigma = schedules.alpha_sigma(schedule, jnp.maximum(t, schedule.t_eval_min))
-            return (sigma / alpha) ** (1.0 / 7.0)
-        r_s, r_t = rho_root(t_source), rho_root(t_target)
-        times = schedules.time_from_rho(schedule, (r_s[None] + (r_t - r_s)[None] * frac) ** 7)
-        times = times.at[0].set(t_source)
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}: expected 'karras' or 'uniform'")
-    return times.at[-1].set(jnp.maximum(t_target, schedule.t_eval_min) if spacing == "karras" and
-                            schedule.kind != "rectified_flow" else t_target)
+    first = jnp.asarray(t_source, jnp.float32)
+    last = jnp.maximum(jnp.asarray(t_target, jnp.float32), schedule.t_eval_min)
+    w_s = _spacing_variable(schedule, jnp.maximum(first, schedule.t_eval_min), spacing)
+    w_t = _spacing_variable(schedule, last, spacing)
+    times = _time_from_spacing_variable(schedule, w_s[None] + (w_t - w_s)[None] * frac, spacing)
+    return times.at[0].set(first).at[-1].set(last)
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="karras"):
-    """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction) with
-    `num_steps` steps of `solver` on the per-example grid `solve_grid(..., spacing)`, then the teacher's
-    DDIM step from max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in DDPM's
-    [-1, 0), where it is DDIM's own last step into the clean end). x_s (B, ...). Traceable."""
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
+    """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction, either
+    end of the schedule included) with `num_steps` steps of `solver` on the per-example grid
+    `solve_grid(..., spacing)` (log-SNR by default), then for DDPM the teacher's DDIM step from
+    max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in [-1, 0), where it is
+    DDIM's own last step into the clean end; one more teacher evaluation). x_s exactly where
+    t_source = t_target. lower_order_final: diffusers' rule (the last step first order below 15 steps); off
+    by default here, where the second-order last step is measured more accurate (DPM-Solver++(2M), 4 log-SNR
+    steps on SD's schedule: 9.9% against 13.8%; identical from 15 steps). x_s (B, ...). Traceable."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -209,9 +285,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
-    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
-        return x
-    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
+        x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    return jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,

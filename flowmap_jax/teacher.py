@@ -35,7 +35,7 @@ from flowmap_jax.schedules import batch_times, expand_time
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
 
-__all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow"]
+__all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow", "gaussian_mixture_teacher_fn"]
 
 
 def _check_cond_batch(cond, batch: int, name: str = "cond"):
@@ -207,3 +207,30 @@ def gaussian_exact_flow(schedule: ScheduleConfig, mean, var, x_s, t_source, t_ta
     std_s = jnp.sqrt(a_s * a_s * var + s_s * s_s)
     std_t = jnp.sqrt(a_t * a_t * var + s_t * s_t)
     return a_t * mean + std_t * (x_s - a_s * mean) / std_s
+
+
+def gaussian_mixture_teacher_fn(schedule: ScheduleConfig, prediction_type: str):
+    """apply_fn for the exact denoiser of data whose every element is drawn independently from a 1-D
+    Gaussian mixture sum_k w_k N(mean_k, var_k), with params = {"weights": (K,), "means": (K,),
+    "vars": (K,)} (weights summing to 1): a multimodal closed-form teacher (narrow modes make its PF-ODE
+    stiff near the clean end, unlike a single Gaussian's). With std_k^2 = alpha^2 var_k + sigma^2 and
+    responsibilities r_k proportional to w_k N(x_t; alpha mean_k, std_k^2) (a softmax, float32):
+    x0_hat = sum_k r_k (mean_k + alpha var_k (x_t - alpha mean_k) / std_k^2),
+    eps_hat = sum_k r_k sigma (x_t - alpha mean_k) / std_k^2. Finite at both ends (alpha = 0 or sigma = 0)."""
+    check_prediction_type(prediction_type)
+
+    def apply_fn(params, x, t, cond):
+        del cond
+        alpha, sigma = schedules.alpha_sigma(schedule, t)
+        alpha, sigma = expand_time(alpha, x)[..., None], expand_time(sigma, x)[..., None]
+        weights, means, var = (jnp.asarray(params[k], jnp.float32) for k in ("weights", "means", "vars"))
+        xk = x[..., None]
+        total = alpha * alpha * var + sigma * sigma
+        resid = (xk - alpha * means) / total
+        logits = jnp.log(weights) - 0.5 * jnp.log(total) - 0.5 * resid * (xk - alpha * means)
+        resp = jax.nn.softmax(logits, axis=-1)
+        x0_hat = jnp.sum(resp * (means + alpha * var * resid), axis=-1)
+        eps_hat = jnp.sum(resp * sigma * resid, axis=-1)
+        return pred_lib.from_x0_eps(x0_hat, eps_hat, alpha[..., 0], sigma[..., 0], prediction_type)
+
+    return apply_fn

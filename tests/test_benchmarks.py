@@ -144,6 +144,17 @@ def test_plan_runs_flow_map_grids():
         qs.plan_runs(("ddim",), (50,), (2,), 100, True, ("karras",))
 
 
+def test_plan_runs_reference_grid():
+    """The MSE reference on the log-SNR grid is its own run (not the uniform dpmpp_2m_100 row)."""
+    runs = qs.plan_runs(("dpmpp_2m",), (100,), (2,), 100, False, reference_grid="logsnr")
+    assert [(r["key"], r.get("spacing", "uniform")) for r in runs] == [("dpmpp_2m_100", "uniform"),
+                                                                        ("dpmpp_2m_logsnr_100", "logsnr")]
+    assert qs.reference_key(100) == "dpmpp_2m_100" and qs.reference_key(50, "logsnr") == "dpmpp_2m_logsnr_50"
+    assert [r["key"] for r in qs.curves(runs)["dpmpp_2m"]] == ["dpmpp_2m_100"]
+    with pytest.raises(ValueError, match="unknown reference grid 'karras'"):
+        qs.plan_runs(("ddim",), (50,), (2,), 100, False, reference_grid="karras")
+
+
 def test_resolve_model_errors(tmp_path):
     with pytest.raises(SystemExit, match="no exported flow map"):
         qs.resolve_model(str(tmp_path), None)

@@ -201,3 +201,29 @@ def test_objective_loss_and_gradient(name, guidance, options):
     assert H.rel_err(metrics_j["residual_rms"], metrics_t["residual_rms"].numpy()) < TOL_OBJECTIVE
     flat_j, flat_t = jax.tree.leaves(grads_j), jax.tree.leaves(H.torch_grads_to_jax_layout(grads_t))
     assert H.rel_err(np.concatenate([np.ravel(g) for g in flat_j]), np.concatenate([np.ravel(g) for g in flat_t])) < TOL_OBJECTIVE
+
+
+@pytest.mark.parametrize("schedule, prediction_type", [(ScheduleConfig.vp_cosine(1000.0), "v_prediction"),
+                                                       (ScheduleConfig.rectified_flow(1000.0), "flow")],
+                         ids=["vp_cosine_to_alpha_0", "rectified_flow"])
+def test_pairs_at_the_alpha_zero_end(schedule, prediction_type):
+    """The `pairs` loss with jumps from and to t = T, where alpha = 0 (VP cosine without t_max, rectified
+    flow): finite and equal in both backends, with the default target settings. (Before issue 15: NaN,
+    from the Karras grid and from DPM-Solver++(2M)'s log(alpha_n) with alpha_n = 0.)"""
+    module, net, params = _nets("mlp", schedule.time_unit, seed=21, context_dim=3)
+    teacher_j, teacher_t = _teachers(schedule, "cfg", prediction_type)
+    x0, noise = _data(seed=6)
+    ctx = _context(seed=7)
+    s = np.array([1000, 1000, 500, 200, 1000, 10], np.float32)
+    t = np.array([0, 400, 1000, 1000, 1000, 1000], np.float32)  # s = t = T in the fifth
+    batch_j = {"x0": jnp.asarray(x0), "noise": jnp.asarray(noise), "cond": {"context": jnp.asarray(ctx)},
+               "t_source": jnp.asarray(s), "t_target": jnp.asarray(t)}
+    batch_t = {"x0": H.nchw(x0), "noise": H.nchw(noise), "cond": {"context": torch.from_numpy(ctx)},
+               "t_source": torch.from_numpy(s), "t_target": torch.from_numpy(t)}
+    value_j, _ = jo.make_objective("pairs", jf.FlowMap(net, schedule, prediction_type))(params, teacher_j, batch_j,
+                                                                                       jax.random.key(0))
+    with torch.no_grad():
+        value_t, _ = to.make_objective("pairs", tf.FlowMap(module, schedule, prediction_type))(None, teacher_t,
+                                                                                             batch_t, 0)
+    assert np.isfinite(float(value_j)) and float(value_j) > 0
+    assert H.rel_err(value_j, value_t.numpy()) < TOL_OBJECTIVE

@@ -20,6 +20,7 @@ from flowmap_jax import teacher as jt
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_grid import time_grid
 from tests import flow_map_helpers as H
+from tests import mixture_reference as MR
 from torch_ref import samplers as ts
 from torch_ref import teacher as tt
 
@@ -264,3 +265,190 @@ def test_sampler_bad_inputs():
         js.flow_map_sample(fmap, None, x, [-1, 500, 999], gamma=0.5, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="needs rng"):
         js.flow_map_sample(fmap, None, x, [999, 500, -1], gamma=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Both ends of every schedule (issue 15): alpha = 0 at the noise end of VP cosine (no t_max) and rectified
+# flow, sigma = 0 at the clean end; every solver, both directions, both backends, against exact solutions
+# computed independently in float64 (Gaussian data: closed form; Gaussian-mixture data with modes of
+# variance 0.01: scipy at rtol 1e-10, tests/mixture_reference.py).
+
+END_SCHEDULES = {
+    "ddpm_linear": (ScheduleConfig.ddpm(), "epsilon"),
+    "ddpm_scaled_linear": (ScheduleConfig.ddpm(**SD), "epsilon"),
+    "ddpm_squaredcos": (ScheduleConfig.ddpm("squaredcos_cap_v2"), "epsilon"),
+    "vp_cosine": (ScheduleConfig.vp_cosine(time_scale=1000.0), "v_prediction"),  # alpha = 0 at t = T
+    "rectified_flow": (ScheduleConfig.rectified_flow(1000.0), "flow"),  # alpha = 0 at t = T
+}
+G_MEAN, G_VAR = 0.3, 0.5  # the Gaussian data of the end tests (elementwise)
+
+
+def _end_teachers(schedule, prediction_type, data):
+    """(JAX teacher, torch teacher, exact flow (x, s, t) -> float64) for "gaussian" or "mixture" data."""
+    if data == "gaussian":
+        fn_j = jt.gaussian_teacher_fn(schedule, prediction_type)
+        params = {"mean": jnp.float32(G_MEAN), "var": jnp.float32(G_VAR)}
+        model_t = tt.gaussian_teacher_fn(torch.tensor(G_MEAN), torch.tensor(G_VAR), schedule, prediction_type)
+
+        def exact(x, s, t):
+            a_s, s_s = (np.reshape(v, (-1, 1)) for v in MR.alpha_sigma(schedule, s))
+            a_t, s_t = (np.reshape(v, (-1, 1)) for v in MR.alpha_sigma(schedule, t))
+            std_s, std_t = np.sqrt(a_s ** 2 * G_VAR + s_s ** 2), np.sqrt(a_t ** 2 * G_VAR + s_t ** 2)
+            return a_t * G_MEAN + std_t * (np.asarray(x, np.float64) - a_s * G_MEAN) / std_s
+    else:
+        fn_j = jt.gaussian_mixture_teacher_fn(schedule, prediction_type)
+        params = {k: jnp.asarray(v) for k, v in MR.mixture_params().items()}
+        model_t = tt.gaussian_mixture_teacher_fn(*(torch.from_numpy(v) for v in MR.mixture_params().values()),
+                                                 schedule, prediction_type)
+
+        def exact(x, s, t):
+            return MR.mixture_flow(schedule, x, s, t)
+    teacher_j = jt.Teacher.create(fn_j, params, schedule, prediction_type)
+    teacher_t = tt.Teacher.create(model_t, schedule, prediction_type)
+    return teacher_j, teacher_t, exact
+
+
+def _end_states(schedule, data, batch=8, dim=16, seed=0):
+    """(x at the noise end, x at the clean end) float32 (batch, dim): points of the data's own marginals."""
+    rng = np.random.default_rng(seed)
+    if data == "gaussian":
+        x0 = G_MEAN + np.sqrt(G_VAR) * rng.normal(size=(batch, dim))
+    else:
+        x0 = MR.sample_mixture(rng, (batch, dim))
+    a, s = MR.alpha_sigma(schedule, schedule.t_noise)
+    return (a * x0 + s * rng.normal(size=x0.shape)).astype(np.float32), x0.astype(np.float32)
+
+
+# Relative RMS errors measured on 48 uniform steps, worst over the five schedules, both data and both
+# directions (the mixture on DDPM linear / scaled_linear: from t = -1 towards noise the first step uses the
+# teacher's t = 0 prediction, towards data the last step is first order from t = 0): DDIM 0.109, Heun 0.049,
+# DPM-Solver++(2M) 0.095; on the Gaussian 0.045, 0.017, 0.015. Bounds ~2.5x. JAX and torch agree to 1e-4
+# of the output scale on every schedule but squaredcos_cap_v2 (see the test).
+END_BOUNDS = {"ddim": 0.25, "heun": 0.12, "dpmpp_2m": 0.25}
+
+
+@pytest.mark.parametrize("name", sorted(END_SCHEDULES))
+def test_solvers_hold_at_both_ends(name):
+    """DDIM, Heun and DPM-Solver++(2M) on the full uniform grid, noise end -> clean end and clean end -> noise
+    end, JAX and torch: finite, and within END_BOUNDS of the exact solution, for Gaussian and mixture data.
+    (Before issue 15: Heun from VP cosine's alpha = 0 and DPM-Solver++(2M) landing on alpha = 0 were NaN.)"""
+    schedule, prediction_type = END_SCHEDULES[name]
+    grid = time_grid(schedule, 48)
+    # squaredcos_cap_v2's alpha at t = 999 is 5e-5: the epsilon teacher's x0 = (x - sigma eps) / alpha
+    # amplifies float32 rounding by 1 / alpha, and on the mixture the trajectories that pass near a boundary
+    # between modes amplify it again (measured JAX vs torch: 4.6e-2 of the output scale for DPM-Solver++(2M)).
+    # There each backend is held to the exact solution only; elsewhere they agree to < 1e-4 (bound 1e-3).
+    parity_tol = 0.1 if name == "ddpm_squaredcos" else 1e-3
+    errors = {}
+    for data in ("gaussian", "mixture"):
+        teacher_j, teacher_t, exact = _end_teachers(schedule, prediction_type, data)
+        x_noise, x_clean = _end_states(schedule, data)
+        for solver in ("ddim", "heun", "dpmpp_2m"):
+            run = jax.jit(lambda tch, x, g: js.teacher_sample(tch, x, g, solver))  # noqa: B023 (one per solver)
+            for direction, x, g in (("to data", x_noise, grid), ("to noise", x_clean, grid[::-1].copy())):
+                ref = exact(x, g[0], g[-1])
+                ours_j = np.asarray(run(teacher_j, jnp.asarray(x), jnp.asarray(g, jnp.float32)), np.float64)
+                with torch.no_grad():
+                    ours_t = ts.teacher_sample(teacher_t, torch.from_numpy(x), g, solver).double().numpy()
+                assert np.all(np.isfinite(ours_j)) and np.all(np.isfinite(ours_t)), (data, solver, direction)
+                errors[data, solver, direction] = max(MR.rel_rms(ours_j, ref), MR.rel_rms(ours_t, ref))
+                assert errors[data, solver, direction] < END_BOUNDS[solver], (data, solver, direction, errors)
+                assert H.max_scaled_err(ours_t, ours_j) < parity_tol, (data, solver, direction)
+
+
+def _end_pairs(schedule):
+    """(s, t) (8,) float32: from each end to the other, from each end to the middle and back, s = t at each end."""
+    lo, hi, mid = schedule.t_clean, schedule.t_noise, 0.5 * (schedule.t_clean + schedule.t_noise)
+    s = np.array([hi, lo, hi, mid, lo, mid, hi, lo], np.float32)
+    t = np.array([lo, hi, mid, hi, mid, lo, hi, lo], np.float32)
+    return s, t
+
+
+@pytest.mark.parametrize("name", sorted(END_SCHEDULES))
+def test_teacher_solve_at_both_ends(name):
+    """teacher_solve (the `pairs` target) per example between the ends and the middle, every solver and
+    every grid spacing, JAX and torch, mixture data: finite and close to the exact solution. (Before issue
+    15 the "karras" grid was NaN for VP cosine from or to T, and DPM-Solver++(2M) into rectified flow's
+    T was NaN.)"""
+    schedule, prediction_type = END_SCHEDULES[name]
+    teacher_j, teacher_t, exact = _end_teachers(schedule, prediction_type, "mixture")
+    s, t = _end_pairs(schedule)
+    rng = np.random.default_rng(1)
+    x0 = MR.sample_mixture(rng, (8, 16))
+    a, sg = MR.alpha_sigma(schedule, s)
+    x_s = (a[:, None] * x0 + sg[:, None] * rng.normal(size=x0.shape)).astype(np.float32)
+    ref = exact(x_s, s, t)
+    errors = {}
+    # (DPM-Solver++(2M) on the log-SNR grid, the default, is test_pairs_target_error_at_the_default's.)
+    cases = [("dpmpp_2m", "uniform"), ("dpmpp_2m", "karras"), ("ddim", "logsnr"), ("heun", "logsnr")]
+    for solver, spacing in cases:
+        ours_j = np.asarray(js.teacher_solve(teacher_j, jnp.asarray(x_s), jnp.asarray(s), jnp.asarray(t), 24, solver,
+                                             spacing=spacing), np.float64)
+        with torch.no_grad():
+            ours_t = ts.teacher_solve(teacher_t, torch.from_numpy(x_s), torch.from_numpy(s), torch.from_numpy(t), 24,
+                                      solver, spacing=spacing).double().numpy()
+        assert np.all(np.isfinite(ours_j)) and np.all(np.isfinite(ours_t)), (solver, spacing)
+        assert H.max_scaled_err(ours_t, ours_j) < 1e-4, (solver, spacing)
+        np.testing.assert_array_equal(ours_j[s == t], x_s[s == t])  # s = t: the identity, at either end
+        errors[solver, spacing] = MR.rel_rms(ours_j, ref)
+    for (solver, spacing), err in errors.items():
+        assert err < TEACHER_SOLVE_BOUNDS[solver, spacing], (solver, spacing, errors)
+
+
+# Measured with 24 steps, worst of the five schedules: DPM-Solver++(2M) uniform 0.115 (DDPM linear), karras
+# 0.0093 (logsnr 0.0085); DDIM logsnr 0.089; Heun logsnr 0.014. Bounds ~2.5x.
+TEACHER_SOLVE_BOUNDS = {("dpmpp_2m", "uniform"): 0.3, ("dpmpp_2m", "karras"): 0.025, ("ddim", "logsnr"): 0.2,
+                        ("heun", "logsnr"): 0.035}
+
+# The `pairs` target at the default settings (ObjectiveOptions(): DPM-Solver++(2M), 32 steps, log-SNR grid),
+# relative RMS error against the exact solution over 128 training pairs with both ends in the mix. Measured
+# here: DDPM linear 0.24%, scaled_linear 0.18%, squaredcos_cap_v2 0.28%, VP cosine 0.33%, rectified flow
+# 0.36% (benchmarks/teacher_target_error.py, 256 other pairs: 0.64 / 0.20 / 0.29 / 0.34 / 0.38%). The bound
+# is the requirement itself (issue 15: < 1%), ~1.5-5x the measured errors.
+PAIRS_TARGET_BOUND = 0.01
+
+
+@pytest.mark.parametrize("name", sorted(END_SCHEDULES))
+def test_pairs_target_error_at_the_default(name):
+    """`samplers.teacher_solve` with ObjectiveOptions' defaults (what `objectives.pairs` regresses onto) on
+    Gaussian-mixture data: relative RMS error < 1% against the converged solution."""
+    from flowmap_jax import time_pairs
+    from flowmap_jax.spec.objective_options import ObjectiveOptions
+    from flowmap_jax.spec.time_pairs import TimePairConfig
+
+    schedule, prediction_type = END_SCHEDULES[name]
+    options = ObjectiveOptions()
+    teacher_j, _, exact = _end_teachers(schedule, prediction_type, "mixture")
+    s, t = time_pairs.sample_time_pairs(jax.random.key(0), 128, schedule, TimePairConfig(p_noise=0.25,
+                                                                                       bidirectional=True))
+    lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)  # as objectives.pairs clips s
+    s = np.clip(np.asarray(s), lo, schedule.t_noise).astype(np.float32)
+    t = np.asarray(t, np.float32)
+    rng = np.random.default_rng(0)
+    x0 = MR.sample_mixture(rng, (128, 16))
+    a, sg = MR.alpha_sigma(schedule, s)
+    x_s = (a[:, None] * x0 + sg[:, None] * rng.normal(size=x0.shape)).astype(np.float32)
+    target = js.teacher_solve(teacher_j, jnp.asarray(x_s), jnp.asarray(s), jnp.asarray(t), options.teacher_steps,
+                              options.teacher_solver, spacing=options.teacher_spacing)
+    error = MR.rel_rms(np.asarray(target, np.float64), exact(x_s, s, t))
+    print(f"pairs target error {name}: {error:.4%}")
+    assert error < PAIRS_TARGET_BOUND, error
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "karras", "logsnr"])
+def test_solve_grid_at_both_ends(spacing):
+    """solve_grid between the ends of every schedule, both directions, both backends: finite, monotone, the
+    given ends exact (DDPM's clean end at t_eval_min = 0), JAX = torch. (Before issue 15 "karras" gave
+    [T, nan, nan, nan, 0] towards data and [0, T, T, T, T] towards noise for VP cosine.)"""
+    for schedule, _ in END_SCHEDULES.values():
+        lo, hi = schedule.t_clean, schedule.t_noise
+        s = np.array([hi, lo, hi, 0.5 * (lo + hi)], np.float32)
+        t = np.array([lo, hi, 0.5 * (lo + hi), hi], np.float32)
+        grid_j = np.asarray(js.solve_grid(schedule, jnp.asarray(s), jnp.asarray(t), 8, spacing))
+        grid_t = ts.solve_grid(schedule, torch.from_numpy(s), torch.from_numpy(t), 8, spacing).numpy()
+        assert np.all(np.isfinite(grid_j)), (schedule.kind, grid_j)
+        np.testing.assert_allclose(grid_t, grid_j, rtol=1e-5, atol=1e-3 * schedule.time_unit / 1000)
+        np.testing.assert_array_equal(grid_j[0], s)
+        np.testing.assert_array_equal(grid_j[-1], np.maximum(t, schedule.t_eval_min))
+        steps = np.diff(grid_j, axis=0) * np.sign(t - s)[None]
+        assert np.all(steps > 0), (schedule.kind, spacing, grid_j)

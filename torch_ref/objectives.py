@@ -174,7 +174,8 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
     fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     with torch.no_grad():
         target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
-                                        options.teacher_solver, p["cond"], p["w"])
+                                        options.teacher_solver, p["cond"], p["w"],
+                                        spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - target.detach()
     return _finish(_per_example_mean(err.square()), options, err)

@@ -8,21 +8,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowmap_jax.spec.objective_options import TEACHER_SOLVERS
+from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
-           "flow_map_sample", "make_jump", "SOLVERS"]
+           "flow_map_sample", "make_jump", "SOLVERS", "SOLVE_SPACINGS"]
 
 
 def check_grid(schedule, timesteps) -> np.ndarray:
     """A concrete 1-D grid of >= 2 times inside the schedule -> (n + 1,) float64. ValueError otherwise."""
     if isinstance(timesteps, torch.Tensor):
         timesteps = timesteps.detach().cpu().numpy()
-    grid = np.asarray(timesteps, dtype=np.float64)
+    grid = np.ascontiguousarray(timesteps, dtype=np.float64)
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"timesteps must be a 1-D sequence of at least 2 times, got shape {grid.shape}")
     check_time_values(schedule, grid, "timesteps")
@@ -41,6 +41,23 @@ def _check_x(x):
 
 def _where(mask, a, b, x):
     return torch.where(expand_time(mask.to(torch.float32), x) > 0, a, b)
+
+
+HEUN_EDM_MAX_RHO = 20.0
+"""Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
+
+
+def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
+    """Heun's trapezoid correction to the DDIM step of a VP schedule: the cos^2 / sin^2 (theta_c) blend of
+    EDM's eps form and the x0 form, finite at both ends (see flowmap_jax.samplers._heun_correction)."""
+    coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
+    blend = expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
+    # diffusers' HeunDiscrete (EDM's eps form) wherever it is well conditioned (sigma_c / alpha_c <= 20,
+    # SD's whole range), so the solver is diffusers' Heun there; the blend only beyond, up to alpha = 0.
+    use_edm = s_c <= HEUN_EDM_MAX_RHO * a_c
+    a_safe = torch.where(use_edm, a_c, torch.ones_like(a_c))
+    edm = expand_time(0.5 * (s_n - a_n * s_c / a_safe), x) * (eps_2 - eps_1)
+    return torch.where(expand_time(use_edm, x), edm, blend)
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
@@ -65,27 +82,30 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
                 v_2 = teacher.velocity(first, t_next, cond, guidance_scale)
                 x_heun = x + expand_time(t_next - t_cur, x) * 0.5 * (v_1 + v_2)
             else:
-                _, eps_2 = teacher.x0_eps(first, t_next, cond, guidance_scale)
-                d_rho = s_n / a_n - s_c / a_c
-                x_heun = first + expand_time(0.5 * a_n * d_rho, x) * (eps_2 - eps)
+                x0_2, eps_2 = teacher.x0_eps(first, t_next, cond, guidance_scale)
+                x_heun = first + _heun_correction(x, a_c, s_c, a_n, s_n, x0, eps, x0_2, eps_2)
             x = _where(s_n > 0, x_heun, first, x)
             continue
         # dpmpp_2m
         t_prev = times[i - 1] if i > 0 else times[0]
         a_p, s_p = schedules.alpha_sigma(schedule, t_prev)
-        use_second = (s_n > 0) & (s_c > 0) & torch.full_like(s_n, i > 0, dtype=torch.bool)
+        # Second order needs finite log-SNRs at t_prev, t_cur and t_next (see flowmap_jax.samplers).
+        use_second = ((s_n > 0) & (s_c > 0) & (a_n > 0) & (a_c > 0) & (a_p > 0)
+                      & torch.full_like(s_n, i > 0, dtype=torch.bool))
         if lower_order_final and n < 15 and i == n - 1:
             use_second = torch.zeros_like(use_second)
         one = torch.ones_like(s_n)
-        s_n_safe, s_c_safe = torch.where(use_second, s_n, one), torch.where(use_second, s_c, one)
-        lam_n = torch.log(a_n) - torch.log(s_n_safe)
-        lam_c = torch.log(a_c) - torch.log(s_c_safe)
-        lam_p = torch.log(a_p) - torch.log(torch.where(use_second, s_p, one))
+        a_n_safe, a_c_safe, a_p_safe, s_n_safe, s_c_safe, s_p_safe = (
+            torch.where(use_second, v, one) for v in (a_n, a_c, a_p, s_n, s_c, s_p))
+        lam_n = torch.log(a_n_safe) - torch.log(s_n_safe)
+        lam_c = torch.log(a_c_safe) - torch.log(s_c_safe)
+        lam_p = torch.log(a_p_safe) - torch.log(s_p_safe)
         h = torch.where(use_second, lam_n - lam_c, one)
         h_0 = torch.where(use_second, lam_c - lam_p, one)
-        exp_neg_h = (s_n_safe * a_c) / (a_n * s_c_safe)
+        h_0 = torch.where(h_0 == 0, one, h_0)  # a repeated time (zero-length step): no extrapolation
+        exp_neg_h = (s_n_safe * a_c_safe) / (a_n_safe * s_c_safe)
         d_1 = expand_time(h / h_0, x) * (x0 - x0_prev)
-        second = first + expand_time(0.5 * a_n * (1.0 - exp_neg_h), x) * d_1
+        second = first + expand_time(0.5 * a_n_safe * (1.0 - exp_neg_h), x) * d_1
         x0_prev = x0
         x = _where(use_second, second, first, x)
     return x
@@ -123,27 +143,43 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
     return SOLVERS[solver](teacher, x_init, timesteps, cond=cond, guidance_scale=guidance_scale)
 
 
-def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "karras"):
+SOLVE_SPACINGS = TEACHER_SPACINGS
+SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
+"""Where the "karras" and "logsnr" spacings saturate (see `flowmap_jax.samplers.SPACING_RHO_MIN`)."""
+
+
+def _spacing_variable(schedule, t, spacing):
+    if spacing == "uniform":
+        return t
+    theta = schedules.angle(schedule, t)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    g = SPACING_RHO_MIN + sin / (cos + sin / SPACING_RHO_MAX)
+    return g ** (1.0 / 7.0) if spacing == "karras" else torch.log(g)
+
+
+def _time_from_spacing_variable(schedule, w, spacing):
+    if spacing == "uniform":
+        return w
+    v = torch.clamp((w ** 7 if spacing == "karras" else torch.exp(w)) - SPACING_RHO_MIN, 0.0,
+                    SPACING_RHO_MAX * (1 - 1e-6))
+    return schedules.time_from_rho(schedule, v / (1.0 - v / SPACING_RHO_MAX))
+
+
+def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "logsnr"):
     """(num_steps + 1, B) per-example time grids (see `flowmap_jax.samplers.solve_grid`)."""
+    if spacing not in SOLVE_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: expected one of {SOLVE_SPACINGS}")
     frac = torch.arange(int(num_steps) + 1, dtype=torch.float32, device=t_source.device)[:, None] / int(num_steps)
-    karras = spacing == "karras" and schedule.kind != "rectified_flow"
-    if spacing == "uniform" or schedule.kind == "rectified_flow":
-        times = t_source[None] + (t_target - t_source)[None] * frac
-    elif spacing == "karras":
-        def rho_root(t):
-            alpha, sigma = schedules.alpha_sigma(schedule, torch.clamp(t, min=schedule.t_eval_min))
-            return (sigma / alpha) ** (1.0 / 7.0)
-        r_s, r_t = rho_root(t_source), rho_root(t_target)
-        times = schedules.time_from_rho(schedule, (r_s[None] + (r_t - r_s)[None] * frac) ** 7)
-        times = torch.cat([t_source[None], times[1:]], 0)
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}: expected 'karras' or 'uniform'")
-    last = torch.clamp(t_target, min=schedule.t_eval_min) if karras else t_target
-    return torch.cat([times[:-1], last[None]], 0)
+    first = t_source.to(torch.float32)
+    last = torch.clamp(t_target.to(torch.float32), min=schedule.t_eval_min)
+    w_s = _spacing_variable(schedule, torch.clamp(first, min=schedule.t_eval_min), spacing)
+    w_t = _spacing_variable(schedule, last, spacing)
+    times = _time_from_spacing_variable(schedule, w_s[None] + (w_t - w_s)[None] * frac, spacing)
+    return torch.cat([first[None], times[1:-1], last[None]], 0)
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="karras"):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
     """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): `num_steps`
     steps on `solve_grid(..., spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
     `flowmap_jax.samplers.teacher_solve`). x_s (B, ...)."""
@@ -157,9 +193,9 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
     x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
-    if teacher.schedule.t_eval_min <= teacher.schedule.t_clean:  # the grid already ends on t_target
-        return x
-    return teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
+        x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
+    return _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,

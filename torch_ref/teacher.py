@@ -21,7 +21,8 @@ from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import batch_times, expand_time
 
-__all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow", "tree_map"]
+__all__ = ["Teacher", "unet_teacher_fn", "gaussian_teacher_fn", "gaussian_exact_flow", "gaussian_mixture_teacher_fn",
+           "tree_map"]
 
 
 def tree_map(fn, tree, *rest):
@@ -195,3 +196,26 @@ def gaussian_exact_flow(schedule: ScheduleConfig, mean, var, x_s, t_source, t_ta
     std_s = torch.sqrt(a_s * a_s * var + s_s * s_s)
     std_t = torch.sqrt(a_t * a_t * var + s_t * s_t)
     return a_t * mean + std_t * (x_s - a_s * mean) / std_s
+
+
+def gaussian_mixture_teacher_fn(weights, means, variances, schedule: ScheduleConfig, prediction_type: str):
+    """model(x, t, cond) for the exact denoiser of elementwise 1-D Gaussian-mixture data (weights, means,
+    variances: (K,) tensors). Mirrors `flowmap_jax.teacher.gaussian_mixture_teacher_fn`, whose parameters
+    are a pytree instead."""
+    check_prediction_type(prediction_type)
+    weights, means, variances = (torch.as_tensor(v, dtype=torch.float32) for v in (weights, means, variances))
+
+    def model(x, t, cond):
+        del cond
+        alpha, sigma = schedules.alpha_sigma(schedule, t)
+        alpha, sigma = expand_time(alpha, x)[..., None], expand_time(sigma, x)[..., None]
+        xk = x[..., None]
+        total = alpha * alpha * variances + sigma * sigma
+        resid = (xk - alpha * means) / total
+        logits = torch.log(weights) - 0.5 * torch.log(total) - 0.5 * resid * (xk - alpha * means)
+        resp = torch.softmax(logits, dim=-1)
+        x0_hat = torch.sum(resp * (means + alpha * variances * resid), dim=-1)
+        eps_hat = torch.sum(resp * sigma * resid, dim=-1)
+        return pred_lib.from_x0_eps(x0_hat, eps_hat, alpha[..., 0], sigma[..., 0], prediction_type)
+
+    return model
