@@ -185,7 +185,8 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     from flowmap_jax import flow_map, objectives, presets
     from flowmap_jax import sharding as sh
     from flowmap_jax import train_step as ts
-    from flowmap_jax.flow_config import add_target_time_hook_config, load_scheduler
+    from flowmap_jax.spec.schedule import load_scheduler
+    from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
     from flowmap_jax.teacher import Teacher, unet_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
     from flowmap_jax.unet.unet_2d_condition import abstract_unet_params
