@@ -42,6 +42,8 @@ SIGNATURE_DIFFERENCES = {
     ("flow_map", "batch_times"): "re-export of schedules.batch_times (same reason)",
     ("teacher", "gaussian_teacher_fn"): "JAX passes mean and var as the teacher's params (jit arguments); torch "
                                         "closes over them",
+    ("teacher", "gaussian_mixture_teacher_fn"): "JAX passes the mixture's weights, means and variances as the "
+                                                "teacher's params (jit arguments); torch closes over them",
     ("teacher", "Teacher.create"): "JAX: (apply_fn, params, ...) and weak_apply_fn/weak_params, a pytree whose "
                                    "weights are jit arguments; torch: a model (nn.Module or callable) that holds "
                                    "its weights",

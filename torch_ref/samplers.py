@@ -57,7 +57,7 @@ def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     use_edm = s_c <= HEUN_EDM_MAX_RHO * a_c
     a_safe = torch.where(use_edm, a_c, torch.ones_like(a_c))
     edm = expand_time(0.5 * (s_n - a_n * s_c / a_safe), x) * (eps_2 - eps_1)
-    return torch.where(expand_time(use_edm, x), edm, blend)
+    return torch.where(use_edm.reshape(use_edm.shape + (1,) * (x.ndim - 1)), edm, blend)
 
 
 def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
