@@ -27,14 +27,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from conversion.output_folder import replace_folder_atomically
 from flowmap_jax import __version__
 from flowmap_jax.checkpointing import read_checkpoint_params
 from flowmap_jax.export_loading import load_flow_map_export
@@ -65,42 +63,16 @@ __all__ = ["export_flow_map", "export_checkpoint", "student_unet_config"]
 # Export.
 
 def _write_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Runs `write(tmp)` on a fresh temporary sibling of `out_dir`, then renames it into place.
-
-    An existing `out_dir` is replaced only after `write` succeeded (moved aside, the new folder renamed in,
-    the old one deleted); any failure removes the temporary folder and leaves `out_dir` as it was. Refuses
-    to replace a non-empty folder that is not a flow-map export.
-    """
+    """`conversion.output_folder.replace_folder_atomically` (write a temporary sibling, then rename it into
+    place; a failure leaves `out_dir` as it was), refusing to replace a non-empty folder that is not a
+    flow-map export."""
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir):
         raise ValueError(f"refusing to replace {out_dir}: it is not empty and not a flow-map export "
                               f"(no {FLOWMAP_JSON}); choose another output folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp create private (0700/0600) entries
-        for entry in tmp.iterdir():
-            os.chmod(entry, 0o666 & ~umask)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return replace_folder_atomically(out_dir, write)
 
 
 def _as_unet_config(unet_config) -> UNetConfig:

@@ -36,16 +36,25 @@ def check_output_folder(out_dir: Path, own_files: Iterable[str], command: str) -
 
 
 def write_folder_atomically(out_dir, write: Callable[[Path], None], own_files: Iterable[str], command: str) -> Path:
-    """Run `write(tmp)`, then rename tmp to `out_dir` (see the module docstring). Returns `out_dir` (absolute)."""
+    """Check `out_dir` (`check_output_folder`), then `replace_folder_atomically`. Returns `out_dir` (absolute)."""
     out_dir = Path(os.path.abspath(out_dir))
     check_output_folder(out_dir, own_files, command)
+    return replace_folder_atomically(out_dir, write)
+
+
+def replace_folder_atomically(out_dir, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a fresh temporary sibling of `out_dir`, give its entries the normal permissions,
+    then rename it to `out_dir`; an existing `out_dir` is moved aside first and deleted only once the new
+    folder is in place. Any failure removes the temporary folder and leaves `out_dir` as it was. No check of
+    what `out_dir` holds: callers apply their own rule first. Returns `out_dir` (absolute)."""
+    out_dir = Path(os.path.abspath(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp create private (0700/0600) entries
         for entry in tmp.iterdir():
             os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
         if out_dir.exists():

@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
+from conversion.output_folder import replace_folder_atomically
 from flowmap_jax.spec.pipeline_folder import (
     PIPELINE_CLASS_NAME,
     PIPELINE_MODULE_FILE,
@@ -79,9 +78,8 @@ def write_pipeline(flow_map_folder, teacher_pipeline: str, out_dir) -> Path:
         raise ValueError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_flow_map_pipeline(out_dir):
         raise ValueError(f"refusing to replace {out_dir}: it is not empty and not a FlowMapPipeline folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         shutil.copytree(info.folder, tmp / "unet")
         index = {"_class_name": PIPELINE_CLASS_NAME,
                  "_diffusers_version": teacher_index.get("_diffusers_version"),
@@ -103,21 +101,5 @@ def write_pipeline(flow_map_folder, teacher_pipeline: str, out_dir) -> Path:
         index["flow_map"] = info.metadata
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / PIPELINE_MODULE_FILE).write_text(PIPELINE_MODULE_SOURCE)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return replace_folder_atomically(out_dir, write)
