@@ -189,9 +189,10 @@ def test_finite_difference_jvp_is_second_order():
     assert abs(float(fd_loss) / float(exact_loss) - 1) < 1e-2
 
 
-def test_time_pairs_distribution_both_backends():
+@pytest.mark.parametrize("length_power", [1.0, 2.0])
+def test_time_pairs_distribution_both_backends(length_power):
     n = 20000
-    config = TimePairConfig()
+    config = TimePairConfig(length_power=length_power)
     s, t = time_pairs.sample_time_pairs(jax.random.key(0), n, SD, config)
     s_t, t_t = tp_torch.sample_time_pairs(0, n, SD, config)
     for s_np, t_np in ((np.asarray(s), np.asarray(t)), (s_t.numpy(), t_t.numpy())):
@@ -200,8 +201,9 @@ def test_time_pairs_distribution_both_backends():
         clean = t == -1.0
         assert abs(clean.mean() - config.p_clean) < 0.015
         tau = (s[~clean] - t[~clean]) / 1000.0
-        assert abs(tau.mean() - 2 / 3) < 0.01  # length density 2d: long jumps weighted up (two uniforms: 1/3)
-        assert np.mean(tau > 0.9) > 0.15  # near-full jumps are common (density 2d -> 19%)
+        p = length_power  # length density p d^(p - 1): mean p / (p + 1), P(d > 0.9) = 1 - 0.9^p
+        assert abs(tau.mean() - p / (p + 1)) < 0.01  # (two independent uniform times would give 1/3)
+        assert abs(np.mean(tau > 0.9) - (1 - 0.9 ** p)) < 0.01  # binomial sd ~0.0025 at n ~ 15000
     s, t = time_pairs.sample_time_pairs(jax.random.key(1), n, SD, TimePairConfig(bidirectional=True),
                                         source_range=(0.0, 999.0))
     assert abs(np.mean(np.asarray(s) < np.asarray(t)) - 0.5) < 0.02 and float(jnp.min(s)) >= 0.0
@@ -213,7 +215,7 @@ def test_time_pairs_distribution_both_backends():
 
 def test_time_pairs_p_noise_both_backends():
     n = 20000
-    config = TimePairConfig(p_noise=0.3, p_clean=0.2)
+    config = TimePairConfig(length_power=2.0, p_noise=0.3, p_clean=0.2)
     s_j, t_j = time_pairs.sample_time_pairs(jax.random.key(0), n, SD, config)
     s_t, t_t = tp_torch.sample_time_pairs(0, n, SD, config)
     for s, t in ((np.asarray(s_j), np.asarray(t_j)), (s_t.numpy(), t_t.numpy())):

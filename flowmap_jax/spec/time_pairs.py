@@ -16,13 +16,16 @@ class TimePairConfig:
     starts with, where an epsilon-parameterised map is least well conditioned: x0_hat = (x - sigma eps_hat) /
     alpha amplifies the network's error by sigma / alpha, ~160 at DDPM t = 999 with linear betas), the length
     kept. With `bidirectional`, half the pairs are swapped (jumps towards noise, for inversion).
-    length_power = 1 makes all lengths equally likely; the default 2 weights up long jumps
-    (density 2d, against 2(1 - d) for two independent uniform times), because short jumps are right by
-    construction of the parameterisation (the teacher's own DDIM step) while few-step sampling lives on
-    long ones.
+    length_power = 1 (the default) makes all lengths equally likely; > 1 weights up long jumps (2: density
+    2d, against 2(1 - d) for two independent uniform times). The default was 2 while the map was the
+    teacher's DDIM step ("teacher_step"), where short jumps are right by construction. In the bounded forms
+    ("angle", "linear") they are not for a teacher of another prediction type (an epsilon network is not
+    v-like at high noise), and the multi-jump samplers live on them: on the digits default job (pairs, 8
+    teacher steps, 300 steps, 100 samples, seed 0) length_power 1 against 2 gave MSE to the teacher
+    0.0218 / 0.0167 / 0.0204 at 1 / 2 / 4 jumps against 0.0198 / 0.0271 / 0.0426.
     """
 
-    length_power: float = 2.0
+    length_power: float = 1.0
     p_clean: float = 0.25
     p_noise: float = 0.0
     bidirectional: bool = False
