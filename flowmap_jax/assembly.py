@@ -24,6 +24,8 @@
   "step" (the optimiser step, for the tangent warm-up).
 - Samplers: flow map with N jumps on `spec.time_grid.time_grid(schedule, N)` (uniform in teacher time
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
+- Grids of a latent teacher: decoded through the pipeline's VAE in PyTorch (`grid_decoder`), else shown as
+  latents with a note.
 - Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
   `python -m conversion export RUN_DIR OUT`.
@@ -61,6 +63,9 @@ class Parts:
     quality: `(samples, labels) -> dict of floats or None` (the digits metrics where they apply).
     export: `(params (numpy), folder, provenance dict) -> folder`, or None when not available.
     info: free-form description (teacher folder, UNet size...), logged and written to the run.
+    decode: `(latents (n, h, w, C)) -> images (n, H, W, 3)` in [-1, 1] for the sample grids of a latent teacher
+        (`grid_decoder`: the pipeline's VAE, in PyTorch), or None (pixels, or no VAE).
+    notes: one-line warnings for the run's log (e.g. why grids show latents).
     """
 
     params: Any
@@ -73,6 +78,8 @@ class Parts:
     quality: Callable
     export: Callable | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    decode: Callable | None = None
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
@@ -195,6 +202,9 @@ def build(config, mesh) -> Parts:
         return noise, None, None
 
     quality = _quality_function(config, conditioner)
+    from flowmap_jax.grid_decoder import grid_decoder
+
+    decode, grid_note = grid_decoder(config, channels)
 
     def export(params, folder, provenance):
         from conversion.export import export_flow_map
@@ -213,8 +223,11 @@ def build(config, mesh) -> Parts:
     if w_dim is not None:
         info["guidance_input"] = {"time_cond_proj_dim": w_dim, "scale_range": list(w_range),
                                   "default_scale": guidance_scale}
+    if decode is not None:
+        info["grid_vae"] = os.path.join(decode.folder, decode.subfolder)
     return Parts(params=params, teacher=teacher, loss_fn=loss_fn, dataset=dataset, eval_inputs=eval_inputs,
-                 sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info)
+                 sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info,
+                 decode=decode, notes=[grid_note] if grid_note else [])
 
 
 def _quality_function(config, conditioner):
