@@ -101,10 +101,11 @@ def test_train_with_guidance_as_an_input_and_sample_the_export_at_two_scales(tmp
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
     text = jax.random.normal(jax.random.key(1), (2, 1, 8))
     t = jnp.array([999.0, 10.0])
-    ref = parts.teacher.raw_prediction(x, t, {"encoder_hidden_states": text})
+    ref = jax.jit(lambda tch: tch.raw_prediction(x, t, {"encoder_hidden_states": text}))(parts.teacher)
+    student = jax.jit(lambda p, emb: unet.apply({"params": p}, x, t, class_labels=t, encoder_hidden_states=text,
+                                                timestep_cond=emb))
     for w in (1.0, 3.0):
-        emb = guidance_scale_embedding(jnp.full((2,), w - 1.0), DIM)
-        out = unet.apply({"params": parts.params}, x, t, class_labels=t, encoder_hidden_states=text, timestep_cond=emb)
+        out = student(parts.params, guidance_scale_embedding(jnp.full((2,), w - 1.0), DIM))
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
     assert train.main(flags) == 0
