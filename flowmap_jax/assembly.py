@@ -13,11 +13,19 @@
   autoguidance with `--teacher.weak_path` (a second folder of the same layout).
 - Flow map: the teacher's UNet plus the target-time hook (`flow_map.add_target_time_hook`: class
   embedding with a zero last layer), so at step 0 the flow map is exactly the teacher's DDIM step.
+  Guidance as an input (`--objective.options` with guidance_scale_range [lo, hi] and guidance_embedding_dim D):
+  the student's config gains time_cond_proj_dim = D with a zero `time_embedding.cond_proj`
+  (`flow_map.add_guidance_input`: at step 0 the student is the teacher at every w; the teacher keeps its own
+  config); the objectives draw w ~ U(lo, hi) per example for the teacher's classifier-free guidance (on even at
+  --teacher.guidance_scale 1) and feed the student timestep_cond = embedding(w - 1, D); grids and the quality
+  table use w = --teacher.guidance_scale, the export's default.
 - Objectives: `objectives.make_objective(name, flow_map, options)` for each `--objective.names`,
   summed with `--objective.weights` (`objectives.combine_objectives`); the batch also carries
   "step" (the optimiser step, for the tangent warm-up).
 - Samplers: flow map with N jumps on `spec.time_grid.time_grid(schedule, N)` (uniform in teacher time
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
+- Grids of a latent teacher: decoded through the pipeline's VAE in PyTorch (`grid_decoder`), else shown as
+  latents with a note.
 - Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
   `python -m conversion export RUN_DIR OUT`.
@@ -55,6 +63,9 @@ class Parts:
     quality: `(samples, labels) -> dict of floats or None` (the digits metrics where they apply).
     export: `(params (numpy), folder, provenance dict) -> folder`, or None when not available.
     info: free-form description (teacher folder, UNet size...), logged and written to the run.
+    decode: `(latents (n, h, w, C)) -> images (n, H, W, 3)` in [-1, 1] for the sample grids of a latent teacher
+        (`grid_decoder`: the pipeline's VAE, in PyTorch), or None (pixels, or no VAE).
+    notes: one-line warnings for the run's log (e.g. why grids show latents).
     """
 
     params: Any
@@ -67,6 +78,8 @@ class Parts:
     quality: Callable
     export: Callable | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    decode: Callable | None = None
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
@@ -110,32 +123,43 @@ def build(config, mesh) -> Parts:
         raise datasets.DataError(f"--data.sample_shape {tuple(config.data.sample_shape)} has {config.data.sample_shape[-1]} "
                                  f"channels but the teacher UNet takes in_channels={channels}")
     guidance_scale = float(config.teacher.guidance_scale)
+    options = config.objective.options
+    w_range, w_dim = options.guidance_scale_range, options.guidance_embedding_dim
     uncond, weak_kwargs = None, {}
     if config.teacher.weak_path:
         weak_config, weak_params = load_teacher_unet(resolve_teacher_path(config.teacher.weak_path),
                                                      config.teacher.subfolder)
         weak_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(weak_config), dtype=dtype, remat=config.model.remat)
         weak_kwargs = {"weak_apply_fn": unet_teacher_fn(weak_unet), "weak_params": weak_params}
-    elif guidance_scale != 1.0:
+    elif guidance_scale != 1.0 or w_range is not None:
         if dataset.uncond is None:
+            what = (f"--teacher.guidance_scale {guidance_scale}" if w_range is None else
+                    f"--objective.options guidance_scale_range {list(w_range)}")
             raise datasets.DataError(
-                f"--teacher.guidance_scale {guidance_scale}: classifier-free guidance needs the unconditional "
+                f"{what}: classifier-free guidance needs the unconditional "
                 f"conditioning, and --data.source {config.data.source} provides none (label embeddings in the "
                 f"teacher folder, or uncond.safetensors in the shards); use --teacher.guidance_scale 1")
         uncond = jax.tree.map(jnp.asarray, dataset.uncond)
     teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params, schedule, prediction_type,
                              guidance_scale=jnp.float32(guidance_scale), uncond=uncond, **weak_kwargs)
 
-    # Flow map: the teacher's UNet plus the zero-initialised target-time hook.
+    # Flow map: the teacher's UNet plus the zero-initialised target-time hook, and, with guidance distilled as an
+    # input, the zero-initialised guidance input (time_cond_proj_dim; the teacher keeps its own config).
     flow_config, params = flow_map.add_target_time_hook(unet_config, teacher_params,
                                                         jax.random.key(config.run.seed))
+    if w_dim is not None:
+        try:
+            flow_config, params = flow_map.add_guidance_input(flow_config, params, w_dim)
+        except ValueError as error:
+            from flowmap_jax.presets import ConfigError
+
+            raise ConfigError(f"--objective.options guidance_embedding_dim: {error}") from None
     params = jax.tree.map(np.asarray, params)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
     fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type,
                             parameterization=config.model.parameterization)
 
     # Objectives.
-    options = config.objective.options
     named = []
     for name, weight in zip(config.objective.names, config.objective.weights):
         try:
@@ -154,6 +178,9 @@ def build(config, mesh) -> Parts:
     def sample_flow(params, teacher, noise, cond, jumps):
         del teacher  # the flow map alone
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
+        if w_dim is not None:  # the guidance input at the teacher's own scale (the export's default w)
+            w = jnp.full((noise.shape[0],), guidance_scale, jnp.float32)
+            cond = dict(cond or {}, timestep_cond=flow_map.guidance_scale_embedding(w - 1.0, w_dim))
         return samplers.flow_map_sample(fmap, params, jnp.asarray(noise), grid, cond, jump=jump)
 
     def sample_teacher(teacher, noise, cond, steps):
@@ -175,6 +202,9 @@ def build(config, mesh) -> Parts:
         return noise, None, None
 
     quality = _quality_function(config, conditioner)
+    from flowmap_jax.grid_decoder import grid_decoder
+
+    decode, grid_note = grid_decoder(config, channels)
 
     def export(params, folder, provenance):
         from conversion.export import export_flow_map
@@ -190,8 +220,14 @@ def build(config, mesh) -> Parts:
     n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
     info = {"teacher": path, "unet_parameters": n_params, "schedule": schedule.kind,
             "prediction_type": prediction_type, "guidance": teacher.guidance, "examples": dataset.num_examples}
+    if w_dim is not None:
+        info["guidance_input"] = {"time_cond_proj_dim": w_dim, "scale_range": list(w_range),
+                                  "default_scale": guidance_scale}
+    if decode is not None:
+        info["grid_vae"] = os.path.join(decode.folder, decode.subfolder)
     return Parts(params=params, teacher=teacher, loss_fn=loss_fn, dataset=dataset, eval_inputs=eval_inputs,
-                 sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info)
+                 sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info,
+                 decode=decode, notes=[grid_note] if grid_note else [])
 
 
 def _quality_function(config, conditioner):

@@ -35,7 +35,9 @@ A *network* is `net(params, x, t_source, t_target, cond) -> F` with x (B, ...) (
 (B, H, W, C)), t_source and t_target (B,) float32 in teacher units, cond a dict of keyword arguments of the
 UNet (encoder_hidden_states, timestep_cond, added_cond_kwargs) or None. `unet_network(unet)` adapts
 `flowmap_jax.unet.FlaxUNet2DConditionModel`: the target time goes in as `class_labels`
-(class_embed_type="timestep"; `add_target_time_hook` builds that from a teacher).
+(class_embed_type="timestep"; `add_target_time_hook` builds that from a teacher). With the guidance scale w
+distilled as an input, `add_guidance_input` adds `time_cond_proj_dim` and a zero `time_embedding.cond_proj`, and
+cond carries timestep_cond = guidance_scale_embedding(w - 1, dim).
 
 `FlowMap` alone knows this algebra: the objectives and samplers ask it for X (`__call__`), its
 directional derivative (`jvp`), its velocity at t = s (`velocity`) and its coefficients.
@@ -57,9 +59,13 @@ from flowmap_jax.schedules import batch_times, expand_time
 from flowmap_jax.spec.parameterization import resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
-from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
+from flowmap_jax.spec.target_time_hook import (
+    add_guidance_input_config,
+    add_target_time_hook_config,
+)
 
-__all__ = ["FlowMap", "unet_network", "add_target_time_hook", "guidance_scale_embedding", "batch_times",
+__all__ = ["FlowMap", "unet_network", "add_target_time_hook", "add_guidance_input", "guidance_scale_embedding",
+           "batch_times",
            "finite_difference_jvp"]
 
 
@@ -275,6 +281,20 @@ def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, di
                      "bias": jnp.zeros((out_dim,), jnp.float32)},
     }
     return config, dict(params, class_embedding=hook)
+
+
+def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> tuple[dict, dict]:
+    """(config, params) of a flow-map UNet that takes the guidance scale w as an input (guidance distilled as an
+    input): `time_cond_proj_dim = embedding_dim` (`spec.target_time_hook.add_guidance_input_config`) and
+    `time_embedding/cond_proj/kernel` (embedding_dim, time projection width) zero, so the UNet equals the one
+    it was built from at every w until training moves it (gradients reach the kernel from the first step).
+    The network is then fed timestep_cond = guidance_scale_embedding(w - 1, embedding_dim). params are not
+    mutated."""
+    config = add_guidance_input_config(unet_config, embedding_dim)
+    time_embedding = params["time_embedding"]
+    in_dim = np.shape(time_embedding["linear_1"]["kernel"])[0]
+    cond_proj = {"kernel": jnp.zeros((int(embedding_dim), in_dim), jnp.float32)}
+    return config, dict(params, time_embedding=dict(time_embedding, cond_proj=cond_proj))
 
 
 def guidance_scale_embedding(w, embedding_dim: int):

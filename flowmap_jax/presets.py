@@ -232,7 +232,12 @@ def digits() -> TrainConfig:
 
 def sd15() -> TrainConfig:
     """Stable Diffusion 1.5: 64x64x4 latents (512px images), 768-d CLIP text embeddings from
-    precomputed shards (`python -m flowmap_jax.write_shards`), bf16 compute, remat, 8-way data parallel."""
+    precomputed shards (`python -m flowmap_jax.write_shards`), bf16 compute, remat, 8-way data parallel.
+
+    Guidance: baked in at --teacher.guidance_scale 7.5. To distil it as an input instead (w drawn per example,
+    the student's UNet gains time_cond_proj_dim; sample later at any w in the range, 7.5 the default):
+    `--objective.options '{"guidance_scale_range": [2, 12], "guidance_embedding_dim": 256}'` (256 as the
+    LCM SD 1.5 UNets; the JSON replaces the preset's options, which are the defaults here)."""
     return TrainConfig(
         preset="sd15",
         run=RunConfig(dir="runs/sd15", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
@@ -254,7 +259,9 @@ def sdxl() -> TrainConfig:
     """Stable Diffusion XL base: 128x128x4 latents (1024px images), two text encoders' 2048-d hidden states
     plus the pooled text embedding and the six size/crop time ids (`added_cond_kwargs`), all from precomputed
     shards (`python -m flowmap_jax.write_shards --pipeline SDXL_FOLDER`), bf16 compute, remat, FSDP over 8
-    devices (the 2.6 B-parameter UNet's AdamW state does not fit one device replicated)."""
+    devices (the 2.6 B-parameter UNet's AdamW state does not fit one device replicated). Guidance as an input
+    instead of baked in at 5.0: as for sd15, e.g. `--objective.options '{"guidance_scale_range": [2, 8],
+    "guidance_embedding_dim": 256}'`."""
     return TrainConfig(
         preset="sdxl",
         run=RunConfig(dir="runs/sdxl", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
@@ -613,6 +620,7 @@ def validate(config: TrainConfig) -> None:
                           f"{len(c.objective.names)} objective names {c.objective.names}")
     if not isinstance(c.objective.options, ObjectiveOptions):
         raise ConfigError(f"--objective.options must be ObjectiveOptions, got {type(c.objective.options).__name__}")
+    _check_guidance_input(c)
     if not 0.0 <= c.optim.ema_decay < 1.0:
         raise ConfigError(f"--optim.ema_decay must be in [0, 1), got {c.optim.ema_decay}")
     if c.mesh.fsdp < 1 or (c.mesh.data < 1 and c.mesh.data != -1):
@@ -623,3 +631,20 @@ def validate(config: TrainConfig) -> None:
 
     if c.sample.spacing not in GRID_SPACINGS:
         raise ConfigError(f"--sample.spacing must be one of {', '.join(GRID_SPACINGS)}, got {c.sample.spacing!r}")
+
+
+def _check_guidance_input(c: TrainConfig) -> None:
+    """Guidance as an input: `guidance_scale_range` and `guidance_embedding_dim` of --objective.options come
+    together (the student must be told the w its teacher was guided with), and --teacher.guidance_scale (the
+    exported map's default w) lies in the range."""
+    options = c.objective.options
+    w_range, dim = options.guidance_scale_range, options.guidance_embedding_dim
+    if dim is not None and w_range is None:
+        raise ConfigError(f"--objective.options: guidance_embedding_dim {dim} needs guidance_scale_range [lo, hi] "
+                          "(the range of w drawn per example in training)")
+    if w_range is not None and dim is None:
+        raise ConfigError(f"--objective.options: guidance_scale_range {list(w_range)} needs guidance_embedding_dim "
+                          "(without the w input the student cannot tell the teacher's scales apart)")
+    if w_range is not None and not w_range[0] <= c.teacher.guidance_scale <= w_range[1]:
+        raise ConfigError(f"--teacher.guidance_scale {c.teacher.guidance_scale} (the exported map's default w) lies "
+                          f"outside --objective.options guidance_scale_range {list(w_range)}")

@@ -52,7 +52,9 @@ def flow_map_config_from_train_config(config, teacher: str | None = None, guidan
     Reads the teacher's scheduler_config.json (full, recorded) and finds label_embeddings.safetensors in
     the teacher folder (`teacher` overrides `config.teacher.path`). Guidance: autoguidance when
     `teacher.weak_path` is set, classifier-free when `teacher.guidance_scale` != 1, at that scale, baked in
-    unless the objective options set `guidance_embedding_dim` (or `guidance_embedding_dim` is given).
+    unless the objective options set `guidance_embedding_dim` (or `guidance_embedding_dim` is given): then an input,
+    `teacher.guidance_scale` its default, the options' `guidance_scale_range` its range (classifier-free even at
+    a default of 1).
     """
     config = read_train_config(config)
     path = resolve_teacher_path(teacher or config.teacher.path)
@@ -64,11 +66,13 @@ def flow_map_config_from_train_config(config, teacher: str | None = None, guidan
     options = config.objective.options
     embedding_dim = guidance_embedding_dim or options.guidance_embedding_dim
     scale = float(config.teacher.guidance_scale)
-    guidance = "autoguidance" if config.teacher.weak_path else ("cfg" if scale != 1.0 else "none")
+    w_range = options.guidance_scale_range if embedding_dim else None
+    guided = scale != 1.0 or w_range is not None  # a w range turns the teacher's guidance on at any default scale
+    guidance = "autoguidance" if config.teacher.weak_path else ("cfg" if guided else "none")
     return FlowMapConfig(
         schedule=schedule, prediction_type=prediction_type, scheduler_config=scheduler_config,
         parameterization=config.model.parameterization, guidance=guidance, guidance_scale=scale, guidance_embedding_dim=embedding_dim,
-        guidance_scale_range=options.guidance_scale_range if embedding_dim else None,
+        guidance_scale_range=w_range,
         label_embeddings=label_table_file(path),
         sample_shape=tuple(config.data.sample_shape))
 

@@ -77,16 +77,15 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
 
     out = None if cond is None else jax.tree.map(lambda v: jax.device_put(jnp.asarray(v, jnp.float32),
                                                                            loaded.device), dict(cond))
-    dim = loaded.export.config.guidance_embedding_dim
-    if dim is not None:
-        if guidance_scale is None:
-            guidance_scale = loaded.export.config.guidance_scale
-        w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
-        out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
-    elif guidance_scale is not None:
-        from flowmap_jax.spec.sampling_inputs import resolve_guidance
+    from flowmap_jax.spec.sampling_inputs import resolve_guidance
 
-        resolve_guidance(loaded.export.config, guidance_scale)  # raises unless it is the baked-in scale
+    # None where the map has no guidance input (a scale other than the baked-in one raises), else the scale,
+    # checked against the trained range.
+    scale = resolve_guidance(loaded.export.config, guidance_scale)
+    if scale is not None:
+        dim = loaded.export.config.guidance_embedding_dim
+        w = jnp.full((batch,), scale, jnp.float32)
+        out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
     return out
 
 

@@ -17,8 +17,9 @@ The story of a run, top to bottom in `run`:
   6. a baseline: the untrained flow map (teacher weights read in the map's own parameterisation) with 1, 2, 4 jumps against the
      teacher's 50-step ODE solution from the same noise, and its quality numbers;
   7. the loop: one jitted step per batch, NaN check, scalars, sample grids, checkpoints, SIGTERM;
-  8. the end: last checkpoint, sample grid, quality table, the flow map exported as a diffusers
-     folder, and finished.json (a rerun of a finished run does nothing).
+  8. the end: last checkpoint, sample grid (a latent teacher's decoded through its pipeline's VAE,
+     `grid_decoder`), quality table, the flow map exported as a diffusers folder, and finished.json (a rerun
+     of a finished run does nothing).
 
 Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
 running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
@@ -121,6 +122,8 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
                          f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")
         for note in folder.notes:
             reporter.message(note)
+        for note in getattr(parts, "notes", None) or []:
+            reporter.message(f"warning: {note}")
 
         # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
         evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
@@ -304,6 +307,7 @@ class _Evaluator:
         n = max(config.run.quality_samples, config.sample.grid_columns)
         self.noise, self.cond, self.labels = parts.eval_inputs(n, config.run.seed + 1)
         self._reference = None
+        self.decode = getattr(parts, "decode", None)  # latents -> images for the grids, or None
 
     def _flow(self, params, jumps, n):
         noise, cond = sh.put_replicated(self.mesh, (self.noise[:n], _head(self.cond, n)))
@@ -342,10 +346,26 @@ class _Evaluator:
         return rows
 
     def grid(self, params, step: int) -> None:
+        """samples/step_N.png: one row per --sample.jumps and the teacher's; a latent teacher's rows decoded
+        through its VAE (`parts.decode`, on process 0, in one batch)."""
         n = self.config.sample.grid_columns
         rows = [(f"{j} jump{'s' if j > 1 else ''}", np.asarray(self._flow(params, j, n)))
                 for j in self.config.sample.jumps]
         rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
+        if self.is_main and self.decode is not None:
+            t0 = time.perf_counter()
+            try:
+                images = self.decode(np.concatenate([x for _, x in rows]))
+            except Exception as error:  # noqa: BLE001 - a grid never stops the run: latents instead
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                self.reporter.message(f"warning: decoding the sample grid through the VAE failed ({first}); grids "
+                                      "show latents")
+                self.decode = None
+            else:
+                sizes = np.cumsum([len(x) for _, x in rows])[:-1]
+                rows = [(name, x) for (name, _), x in zip(rows, np.split(images, sizes))]
+                self.reporter.message(f"decoded {len(images)} grid latents through the VAE in "
+                                      f"{time.perf_counter() - t0:.1f}s")
         if self.is_main:
             path = image_grid.save_grid(os.path.join(self.run_dir, "samples", f"step_{step:06d}.png"), rows)
             self.reporter.image("samples", path, step)

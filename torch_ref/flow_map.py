@@ -24,13 +24,16 @@ from torch import nn
 from flowmap_jax.spec.parameterization import resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
-from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
+from flowmap_jax.spec.target_time_hook import (
+    add_guidance_input_config,
+    add_target_time_hook_config,
+)
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import batch_times, expand_time
 
-__all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "guidance_scale_embedding",
-           "batch_times", "call_network", "finite_difference_jvp"]
+__all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "add_guidance_input",
+           "guidance_scale_embedding", "batch_times", "call_network", "finite_difference_jvp"]
 
 
 def call_network(net, params, x, t_source, t_target, cond):
@@ -238,6 +241,18 @@ def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, di
     state["class_embedding.linear_1.bias"] = uniform(embed_dim)
     state["class_embedding.linear_2.weight"] = torch.zeros(out_dim, embed_dim, dtype=w2.dtype)
     state["class_embedding.linear_2.bias"] = torch.zeros(out_dim, dtype=w2.dtype)
+    return config, state
+
+
+def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> tuple[dict, dict]:
+    """(config, state_dict) of a flow-map UNet that takes the guidance scale as an input (mirrors
+    `flowmap_jax.flow_map.add_guidance_input`): `time_cond_proj_dim = embedding_dim` and
+    `time_embedding.cond_proj.weight` (time projection width, embedding_dim) zero, so the UNet equals the one it
+    was built from at every w. Load with `UNet2DConditionModel.from_config(config)` then `load_state_dict`."""
+    config = add_guidance_input_config(unet_config, embedding_dim)
+    w1 = params["time_embedding.linear_1.weight"]
+    state = dict(params)
+    state["time_embedding.cond_proj.weight"] = torch.zeros(w1.shape[1], int(embedding_dim), dtype=w1.dtype)
     return config, state
 
 

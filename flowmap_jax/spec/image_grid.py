@@ -28,16 +28,23 @@ def to_display(images: np.ndarray) -> np.ndarray:
     return np.round(np.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
 
 
-def save_grid(path: str, rows: list[tuple[str, np.ndarray]], scale: int = 3, pad: int = 2) -> str:
+def display_scale(height: int) -> int:
+    """The default upscaling of `save_grid`: 3 for images under 64 px (16x16 digits, tiny latents), else 1."""
+    return 3 if height < 64 else 1
+
+
+def save_grid(path: str, rows: list[tuple[str, np.ndarray]], scale: int | None = None, pad: int = 2) -> str:
     """Write a PNG with one row per (name, images (N, H, W, C)), names on the left.
 
-    Images are upscaled `scale` times (nearest) so 16x16 digits are visible. Returns `path`.
+    Images are upscaled `scale` times (nearest; default `display_scale(H)`) so 16x16 digits are visible and
+    512 px images stay 512 px. Tile size (H * scale, W * scale), `pad` pixels apart. Returns `path`.
     """
     from PIL import Image, ImageDraw
 
     tiles = [(name, to_display(images)) for name, images in rows]
     n = max(t.shape[0] for _, t in tiles)
     h, w = tiles[0][1].shape[1:3]
+    scale = display_scale(h) if scale is None else int(scale)
     h, w = h * scale, w * scale
     label_width = 8 + 7 * max(len(name) for name, _ in tiles)
     canvas = Image.new("RGB", (label_width + n * (w + pad) + pad, len(tiles) * (h + pad) + pad), (255, 255, 255))

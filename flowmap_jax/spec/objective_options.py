@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from flowmap_jax.spec.time_pairs import TimePairConfig
 
@@ -52,9 +53,10 @@ class ObjectiveOptions:
         network's head converts from the teacher's prediction type to the map's own (`flow_map`, "Head
         mismatch"); 0 = off. Needs batch["step"].
     guidance_scale_range: (lo, hi) to draw a per-example guidance scale w ~ U(lo, hi) for the teacher (guidance
-        distillation); None uses the teacher's own scale. guidance_embedding_dim: if set, the student gets
-        cond["timestep_cond"] = guidance_scale_embedding(w - 1, dim) (LCM's convention, through the UNet's
-        time_cond_proj_dim).
+        distillation); None uses the teacher's own scale. lo <= hi. guidance_embedding_dim (>= 4): if set, the
+        student gets cond["timestep_cond"] = guidance_scale_embedding(w - 1, dim) (LCM's convention, through the
+        UNet's time_cond_proj_dim). The trainer needs both or neither (`presets.validate`): it then adds
+        time_cond_proj_dim to the student's UNet (`flow_map.add_guidance_input`).
     """
 
     time_pairs: TimePairConfig = TimePairConfig()
@@ -84,6 +86,15 @@ class ObjectiveOptions:
             object.__setattr__(self, "guidance_scale_range", tuple(float(v) for v in self.guidance_scale_range))
             if len(self.guidance_scale_range) != 2:
                 raise ValueError(f"guidance_scale_range must be (lo, hi), got {self.guidance_scale_range}")
+            lo, hi = self.guidance_scale_range
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+                raise ValueError(f"guidance_scale_range must be (lo, hi) with lo <= hi, got [{lo}, {hi}]")
+        if self.guidance_embedding_dim is not None:
+            if isinstance(self.guidance_embedding_dim, bool) or int(self.guidance_embedding_dim) != \
+                    self.guidance_embedding_dim or self.guidance_embedding_dim < 4:
+                raise ValueError(f"guidance_embedding_dim must be an integer >= 4 (the embedding divides by "
+                                 f"dim // 2 - 1), got {self.guidance_embedding_dim!r}")
+            object.__setattr__(self, "guidance_embedding_dim", int(self.guidance_embedding_dim))
         if self.teacher_solver not in TEACHER_SOLVERS:
             raise ValueError(f"unknown teacher_solver {self.teacher_solver!r}: expected one of {TEACHER_SOLVERS}")
         if self.teacher_spacing not in TEACHER_SPACINGS:

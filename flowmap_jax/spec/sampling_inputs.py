@@ -21,10 +21,17 @@ def default_sample_shape(info: ExportInfo) -> tuple[int, int, int]:
 def resolve_guidance(config: FlowMapConfig, guidance_scale: float | None) -> float | None:
     """The guidance scale to feed as `timestep_cond`, or None when the map has no guidance input.
 
-    Embedded guidance: `guidance_scale` (default: the recorded scale). Baked-in guidance: None, and a
+    Embedded guidance: `guidance_scale` (default: the recorded scale); one outside the recorded training range
+    (flowmap.json guidance.scale_range) is a ValueError, as the map never saw it. Baked-in guidance: None, and a
     `guidance_scale` other than the baked one is a ValueError (there is no input to change it)."""
     if config.guidance_embedded:
-        return config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        w = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        w_range = config.guidance_scale_range
+        if w_range is not None and not (w_range[0] - 1e-6 <= w <= w_range[1] + 1e-6):
+            raise ValueError(f"guidance scale {w} (--guidance / guidance_scale) lies outside [{w_range[0]}, "
+                             f"{w_range[1]}], the range of w this flow map was trained on (flowmap.json "
+                             "guidance.scale_range)")
+        return w
     if guidance_scale is not None and not math.isclose(float(guidance_scale), config.guidance_scale,
                                                        rel_tol=1e-6, abs_tol=1e-6):
         raise ValueError(
