@@ -114,7 +114,7 @@ class ObjectiveConfig:
 
     names: tuple[ObjectiveName, ...] = ("pairs",)  # objectives by name: pairs, lagrangian, eulerian, progressive
     weights: tuple[float, ...] = (1.0,)  # one weight per name
-    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(teacher_steps=4)  # options of every objective (spec.objective_options.ObjectiveOptions), a JSON object on the command line
+    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(teacher_steps=4)  # options of every objective (spec.objective_options.ObjectiveOptions); on the command line a JSON object of the options to change (the rest keep the preset's values)
 
     def __post_init__(self):
         if not isinstance(self.options, ObjectiveOptions):  # a JSON string (the flag, an old config.json) or a dict
@@ -567,6 +567,15 @@ def parse_args(argv: typing.Sequence[str] | None = None) -> TrainConfig:
         preset = preset or DEFAULT_PRESET
         base, source = PRESETS[preset](), f"the {preset} preset's"
     config = _tyro_cli(base, ["--help"] if wants_help else args, source, typed)
+    if "objective.options" in typed and not wants_help:  # the JSON updates the base's options, not the defaults
+        flag, text = typed["objective.options"]
+        try:
+            changes = json.loads(text or "{}")
+            if not isinstance(changes, dict):
+                raise ValueError(f"must be a JSON object of options, got {type(changes).__name__}")
+            config.objective.options = base.objective.options.updated(changes)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{flag}: {error}") from None
     validate(config)
     return config
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from flowmap_jax import presets
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,3 +182,21 @@ def test_bad_config_file_names_the_problem(tmp_path, content, words):
 def test_preset_and_config_together_is_an_error(tmp_path):
     with pytest.raises(presets.ConfigError, match="--preset or --config"):
         presets.parse_args(["--preset", "sd15", "--config", str(tmp_path / "c.json")])
+
+
+def test_objective_options_flag_updates_the_presets_options():
+    """`--objective.options` changes only the options it names: the preset's others stay (the digits preset's
+    teacher_steps, sd15's eulerian switches), and a partial `time_pairs` keeps the other pair fields."""
+    digits = presets.PRESETS["digits"]().objective.options
+    config = presets.parse_args(["--objective.options", '{"time_pairs": {"p_noise": 0.1}}'])
+    options = config.objective.options
+    assert options.time_pairs.p_noise == 0.1
+    assert options.time_pairs.p_clean == digits.time_pairs.p_clean
+    assert options.time_pairs.length_power == digits.time_pairs.length_power
+    assert options.teacher_steps == digits.teacher_steps != ObjectiveOptions().teacher_steps
+    sd15 = presets.PRESETS["sd15"]().objective.options
+    changed = presets.parse_args(["--preset", "sd15", "--data.path", "shards", "--options", '{"jvp": "finite_difference"}']).objective.options
+    assert changed.jvp == "finite_difference"
+    assert dataclasses.replace(changed, jvp=sd15.jvp) == sd15
+    with pytest.raises(presets.ConfigError, match="time_pairs.*lenght_power"):
+        presets.parse_args(["--objective.options", '{"time_pairs": {"lenght_power": 1}}'])

@@ -81,6 +81,7 @@ class ObjectiveOptions:
 
     def __post_init__(self):
         if isinstance(self.time_pairs, dict):
+            _check_time_pair_keys(self.time_pairs)
             object.__setattr__(self, "time_pairs", TimePairConfig(**self.time_pairs))
         if self.guidance_scale_range is not None:
             object.__setattr__(self, "guidance_scale_range", tuple(float(v) for v in self.guidance_scale_range))
@@ -130,6 +131,19 @@ class ObjectiveOptions:
             return cls(**options)
         raise TypeError(f"objective options must be a dict or ObjectiveOptions, got {type(options).__name__}")
 
+    def updated(self, changes: dict) -> "ObjectiveOptions":
+        """These options with `changes` (a dict of option names) applied on top; `time_pairs` given as a dict
+        updates this one's fields (the others kept). Unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown objective option(s) {unknown}: known options are {sorted(known)}")
+        changes = dict(changes)
+        if isinstance(changes.get("time_pairs"), dict):
+            _check_time_pair_keys(changes["time_pairs"])
+            changes["time_pairs"] = dataclasses.replace(self.time_pairs, **changes["time_pairs"])
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def from_json(cls, text: str) -> "ObjectiveOptions":
         """From a JSON object (the `--objective.options` flag, an old run's config.json); ValueError naming
@@ -150,3 +164,11 @@ class ObjectiveOptions:
         if "time_pairs" in changed:
             changed["time_pairs"] = dataclasses.asdict(self.time_pairs)
         return json.dumps(changed, separators=(", ", ": "))
+
+
+def _check_time_pair_keys(fields: dict) -> None:
+    """ValueError naming the keys of a `time_pairs` dict that are not `TimePairConfig` fields."""
+    known = {f.name for f in dataclasses.fields(TimePairConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown time_pairs option(s) {unknown}: known are {sorted(known)}")
