@@ -5,13 +5,15 @@ captioned images -> `write_shards --pipeline` -> `train --preset sd15|sdxl` -> `
 Two versions of each path:
 - fast (the default suite, CI): the preset with overrides for size and steps plus `FAST`: float32 without remat,
   the `pairs` objective with one DDIM teacher step, 1 training step, 1-jump grid rows, no quality table. What it
-  skips and why: the presets' bf16 compute, remat and eulerian (JVP) objective, whose train step alone took
-  327 s to compile for the tiny SD 1.x UNet on this project's loaded 2-core CPU (those parts have their own
+  skips and why: the presets' bf16 compute, remat and 8-step teacher targets (and the eulerian JVP objective,
+  the presets' objective until this session), whose train step alone took 327 s to compile for the tiny
+  SD 1.x UNet on this project's loaded 2-core CPU (those parts have their own
   tests: tests/test_objectives.py, tests/test_train_step.py, benchmarks/sd15_step_plan.py). The rest of the
   preset is kept and checked (preset name, shards, guidance scale, optimiser, text conditioning). sd15 also
   distils guidance as an input (w in [2, 12]) and samples FlowMapPipeline at two w; sdxl keeps it baked in.
   Even so, compiling the train step is most of the time (64 s for sd15 under load average 6 here).
-- slow (`pytest -m slow`): the presets as they are (bf16, remat, eulerian) with the same size overrides.
+- slow (`pytest -m slow`): the presets as they are (bf16, remat, pairs with 8-step targets) with the same size
+  overrides.
 """
 
 import json
@@ -58,7 +60,8 @@ def _whole_path(tmp_path, pipeline, preset, *extra, fast=False):
                        "--run.dir", str(run), *SIZE_AND_STEPS, *(FAST if fast else ()), *extra]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == preset
-    assert config["objective"]["names"] == (["pairs"] if fast else ["eulerian"])
+    assert config["objective"]["names"] == ["pairs"]
+    assert config["objective"]["options"].get("teacher_steps") == (1 if fast else 8)
     # The grid is decoded through the pipeline's VAE: RGB, tiles of the image size (shown 3x below 64 px), one row
     # per --sample.jumps and the teacher's, not of the 8x8 latents.
     steps, jumps = config["run"]["steps"], config["sample"]["jumps"]
