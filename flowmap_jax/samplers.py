@@ -47,6 +47,11 @@ from flowmap_jax import schedules
 from flowmap_jax.schedules import expand_time
 from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.solver_settings import (
+    HEUN_EDM_MAX_RHO,
+    SPACING_RHO_MAX,
+    SPACING_RHO_MIN,
+)
 
 __all__ = ["ddim_sample", "heun_sample", "dpmpp_2m_sample", "teacher_sample", "teacher_solve", "solve_grid",
            "flow_map_sample", "make_jump", "SOLVERS", "SOLVE_SPACINGS"]
@@ -74,10 +79,6 @@ def _step_times(grid, batch):
 def _check_x(x):
     if jnp.ndim(x) < 1:
         raise ValueError(f"x_init must have a batch axis, got shape {jnp.shape(x)}")
-
-
-HEUN_EDM_MAX_RHO = 20.0
-"""Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
 
 
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
@@ -212,13 +213,6 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
 
 
 SOLVE_SPACINGS = TEACHER_SPACINGS
-SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
-"""The noise-to-signal ratios rho = sigma / alpha at which the "karras" and "logsnr" spacings of
-`solve_grid` saturate: the spacing variable is g(rho) = rho_min + rho / (1 + rho / rho_max), finite at both
-ends of every schedule (rho = 0 clean, rho = inf where alpha = 0). Chosen by measurement (the target error
-of benchmarks/teacher_target_error.py, 128 pairs, with these constants changed): rho_max = 20 rather than
-EDM's sigma_max = 80 spends fewer steps where the ODE is nearly straight (24 log-SNR steps on VP cosine:
-0.57% error with (5e-3, 20), 1.1% with (2e-3, 80); rho_max = 5 or 10 gave 0.3-1.3%)."""
 
 
 def _spacing_variable(schedule, t, spacing):

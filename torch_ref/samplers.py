@@ -10,6 +10,11 @@ import torch
 
 from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec.solver_settings import (
+    HEUN_EDM_MAX_RHO,
+    SPACING_RHO_MAX,
+    SPACING_RHO_MIN,
+)
 from torch_ref import predictions as pred_lib
 from torch_ref import schedules
 from torch_ref.schedules import expand_time
@@ -43,8 +48,6 @@ def _where(mask, a, b, x):
     return torch.where(expand_time(mask.to(torch.float32), x) > 0, a, b)
 
 
-HEUN_EDM_MAX_RHO = 20.0
-"""Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
 
 
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
@@ -144,8 +147,6 @@ def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidanc
 
 
 SOLVE_SPACINGS = TEACHER_SPACINGS
-SPACING_RHO_MIN, SPACING_RHO_MAX = 5e-3, 20.0
-"""Where the "karras" and "logsnr" spacings saturate (see `flowmap_jax.samplers.SPACING_RHO_MIN`)."""
 
 
 def _spacing_variable(schedule, t, spacing):
