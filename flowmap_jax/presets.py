@@ -586,10 +586,7 @@ def parse_args(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     if "objective.options" in typed and not wants_help:  # the JSON updates the base's options, not the defaults
         flag, text = typed["objective.options"]
         try:
-            changes = json.loads(text or "{}")
-            if not isinstance(changes, dict):
-                raise ValueError(f"must be a JSON object of options, got {type(changes).__name__}")
-            config.objective.options = base.objective.options.updated(changes)
+            config.objective.options = ObjectiveOptions.from_json(text, base=base.objective.options)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{flag}: {error}") from None
     validate(config)

@@ -124,11 +124,7 @@ class ObjectiveOptions:
         if isinstance(options, cls):
             return options
         if isinstance(options, dict):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(options) - known)
-            if unknown:
-                raise ValueError(f"unknown objective option(s) {unknown}: known options are {sorted(known)}")
-            return cls(**options)
+            return cls().updated(options)
         raise TypeError(f"objective options must be a dict or ObjectiveOptions, got {type(options).__name__}")
 
     def updated(self, changes: dict) -> "ObjectiveOptions":
@@ -145,16 +141,17 @@ class ObjectiveOptions:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_json(cls, text: str) -> "ObjectiveOptions":
-        """From a JSON object (the `--objective.options` flag, an old run's config.json); ValueError naming
-        the problem (not JSON, not an object, an unknown option, a bad value)."""
+    def from_json(cls, text: str, base: "ObjectiveOptions | None" = None) -> "ObjectiveOptions":
+        """From a JSON object (the `--objective.options` flag, an old run's config.json) of the options that
+        differ from `base` (None: the defaults; `updated`); ValueError naming the problem (not JSON, not an
+        object, an unknown option, a bad value)."""
         try:
             data = json.loads(text or "{}")
         except json.JSONDecodeError as err:
             raise ValueError(f"not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"must be a JSON object of options, got {type(data).__name__}")
-        return cls.create(data)
+        return (cls() if base is None else base).updated(data)
 
     def to_json(self) -> str:
         """The options that differ from the defaults, as a compact JSON object (`from_json` reads it back)."""
