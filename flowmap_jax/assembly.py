@@ -180,7 +180,7 @@ def build(config, mesh) -> Parts:
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
         if w_dim is not None:  # the guidance input at the teacher's own scale (the export's default w)
             w = jnp.full((noise.shape[0],), guidance_scale, jnp.float32)
-            cond = dict(cond or {}, timestep_cond=flow_map.guidance_scale_embedding(w - 1.0, w_dim))
+            cond = flow_map.guidance_input_cond(cond, w, w_dim)
         return samplers.flow_map_sample(fmap, params, jnp.asarray(noise), grid, cond, jump=jump)
 
     def sample_teacher(teacher, noise, cond, steps):

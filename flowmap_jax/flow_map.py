@@ -65,7 +65,7 @@ from flowmap_jax.spec.target_time_hook import (
 )
 
 __all__ = ["FlowMap", "unet_network", "add_target_time_hook", "add_guidance_input", "guidance_scale_embedding",
-           "batch_times",
+           "guidance_input_cond", "batch_times",
            "finite_difference_jvp"]
 
 
@@ -295,6 +295,13 @@ def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> t
     in_dim = np.shape(time_embedding["linear_1"]["kernel"])[0]
     cond_proj = {"kernel": jnp.zeros((int(embedding_dim), in_dim), jnp.float32)}
     return config, dict(params, time_embedding=dict(time_embedding, cond_proj=cond_proj))
+
+
+def guidance_input_cond(cond, w, embedding_dim: int):
+    """cond (a dict of UNet keyword arguments, or None) with the guidance input of a map that distilled
+    guidance as an input: timestep_cond = guidance_scale_embedding(w - 1, embedding_dim), w (B,) the scales
+    (LCM's w - 1 convention; `flowmap.json`'s "guidance" records it). A new dict; cond is not mutated."""
+    return dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, embedding_dim))
 
 
 def guidance_scale_embedding(w, embedding_dim: int):

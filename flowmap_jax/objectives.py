@@ -50,7 +50,11 @@ import jax
 import jax.numpy as jnp
 
 from flowmap_jax import samplers, schedules, time_pairs
-from flowmap_jax.flow_map import finite_difference_jvp, guidance_scale_embedding  # noqa: F401 (re-export)
+from flowmap_jax.flow_map import (  # noqa: F401 (re-export)
+    finite_difference_jvp,
+    guidance_input_cond,
+    guidance_scale_embedding,
+)
 from flowmap_jax.schedules import expand_time
 from flowmap_jax.spec.objective_options import ObjectiveOptions
 
@@ -172,7 +176,7 @@ def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None,
     if options.guidance_embedding_dim is not None:
         if w is None:
             raise ValueError("guidance_embedding_dim needs guidance_scale_range or batch['guidance_scale']")
-        student_cond = dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, options.guidance_embedding_dim))
+        student_cond = guidance_input_cond(cond, w, options.guidance_embedding_dim)
     return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, k_mid=k_mid)
 
 

@@ -73,7 +73,7 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax.flow_map import guidance_scale_embedding
+    from flowmap_jax.flow_map import guidance_input_cond
 
     out = None if cond is None else jax.tree.map(lambda v: jax.device_put(jnp.asarray(v, jnp.float32),
                                                                            loaded.device), dict(cond))
@@ -84,8 +84,8 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
     scale = resolve_guidance(loaded.export.config, guidance_scale)
     if scale is not None:
         dim = loaded.export.config.guidance_embedding_dim
-        w = jnp.full((batch,), scale, jnp.float32)
-        out = dict(out or {}, timestep_cond=jax.device_put(guidance_scale_embedding(w - 1.0, dim), loaded.device))
+        w = jax.device_put(jnp.full((batch,), scale, jnp.float32), loaded.device)
+        out = guidance_input_cond(out, w, dim)
     return out
 
 

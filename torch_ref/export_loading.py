@@ -28,7 +28,7 @@ from flowmap_jax.spec.export_format import (
 )
 from flowmap_jax.spec.label_table import check_labels, read_label_embeddings
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
-from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_scale_embedding
+from torch_ref.flow_map import FlowMap, UNetNetwork, guidance_input_cond
 
 __all__ = [
     "DTYPES",
@@ -103,7 +103,7 @@ class TorchFlowMapExport:
         w = resolve_guidance(self.config, guidance_scale)
         if w is not None:
             scales = torch.full((batch,), float(w), dtype=torch.float32, device=self.device)
-            cond["timestep_cond"] = guidance_scale_embedding(scales - 1.0, self.config.guidance_embedding_dim)
+            cond = guidance_input_cond(cond, scales, self.config.guidance_embedding_dim)
         return cond or None
 
 

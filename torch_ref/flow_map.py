@@ -33,7 +33,7 @@ from torch_ref import schedules
 from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "add_guidance_input",
-           "guidance_scale_embedding", "batch_times", "call_network", "finite_difference_jvp"]
+           "guidance_scale_embedding", "guidance_input_cond", "batch_times", "call_network", "finite_difference_jvp"]
 
 
 def call_network(net, params, x, t_source, t_target, cond):
@@ -254,6 +254,13 @@ def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> t
     state = dict(params)
     state["time_embedding.cond_proj.weight"] = torch.zeros(w1.shape[1], int(embedding_dim), dtype=w1.dtype)
     return config, state
+
+
+def guidance_input_cond(cond, w, embedding_dim: int):
+    """cond (a dict of UNet keyword arguments, or None) with the guidance input of a map that distilled
+    guidance as an input: timestep_cond = guidance_scale_embedding(w - 1, embedding_dim), w (B,) the scales
+    (LCM's w - 1 convention; `flowmap.json`'s "guidance" records it). A new dict; cond is not mutated."""
+    return dict(cond or {}, timestep_cond=guidance_scale_embedding(w - 1.0, embedding_dim))
 
 
 def guidance_scale_embedding(w, embedding_dim: int):
