@@ -223,10 +223,8 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
     # The eulerian (JVP) objective, whatever the preset's: forward-mode AD through the UNet is the heaviest
     # step the trainer can build (the `pairs` step has no tangent and keeps no teacher activations).
-    config.objective.names, config.objective.weights = ("eulerian",), (1.0,)
-    loss_fn = objectives.combine_objectives([(name, float(weight), objectives.make_objective(name, fmap,
-                                                                                            config.objective.options))
-                                             for name, weight in zip(config.objective.names, config.objective.weights)])
+    loss_fn = objectives.combine_objectives(
+        [("eulerian", 1.0, objectives.make_objective("eulerian", fmap, config.objective.options))])
 
     # Optimiser, shardings, step (train.run, step 4).
     optimizer = ts.make_optimizer(config.optim, config.run.steps)
