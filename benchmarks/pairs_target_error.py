@@ -49,46 +49,47 @@ def load_config(run: str | None):
     return presets.load_config_file(path)
 
 
-def draw_problem(parts, config, examples: int, seed: int):
-    """(x_s, s, t, cond) of `examples` training pairs drawn as the `pairs` objective draws them."""
+def draw_problem(parts, config, examples: int, seed: int) -> dict:
+    """`examples` training pairs drawn by the `pairs` objective's own `objectives._prepare` (its time pairs,
+    source clipping, noise and guidance scale): a dict with x_s, s, t, cond, student_cond and w."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from flowmap_jax import objectives, schedules
+    from flowmap_jax import objectives
+    from flowmap_jax.flow_map import FlowMap
 
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, parts.dataset.num_examples, size=examples)
-    batch = parts.dataset.get(idx)
-    schedule = parts.teacher.schedule
-    options = config.objective.options
-    lo_hi = objectives._eval_range(schedule, options, False)
-    from flowmap_jax import time_pairs
-
-    k_times, k_noise = jax.random.split(jax.random.key(seed))
-    s, t = time_pairs.sample_time_pairs(k_times, examples, schedule, options.time_pairs, lo_hi, None)
-    s = jnp.clip(s, *lo_hi)
-    x0 = jnp.asarray(batch["x0"])
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_s = schedules.add_noise(schedule, x0, noise, s)
-    cond = None if batch.get("cond") is None else jax.tree.map(jnp.asarray, batch["cond"])
-    return x_s, s, t, cond
+    batch = parts.dataset.get(np.random.default_rng(seed).integers(0, parts.dataset.num_examples, size=examples))
+    batch = {"x0": jnp.asarray(batch["x0"]),
+             "cond": None if batch.get("cond") is None else jax.tree.map(jnp.asarray, batch["cond"])}
+    schedule, options = parts.teacher.schedule, config.objective.options
+    shape_only = FlowMap(net=lambda *args: None, schedule=schedule, prediction_type=parts.teacher.prediction_type)
+    return objectives._prepare(shape_only, options, batch, jax.random.key(seed),
+                               source_range=objectives._eval_range(schedule, options, False))
 
 
-def solve(parts, options, x_s, s, t, cond, steps: int, spacing: str, chunk: int):
-    """teacher_solve in chunks of `chunk` examples (one compilation per step count)."""
+def in_chunks(fn, problem: dict, chunk: int):
+    """fn(x_s, s, t, cond, student_cond, w) over `chunk` examples at a time, concatenated."""
     import jax
     import jax.numpy as jnp
 
+    keys = ("x_s", "s", "t", "cond", "student_cond", "w")
+
+    def part(start):
+        return [jax.tree.map(lambda v: v[start:start + chunk], problem[k]) for k in keys]
+
+    return jnp.concatenate([fn(*part(i)) for i in range(0, problem["x_s"].shape[0], chunk)])
+
+
+def solve(parts, options, problem: dict, steps: int, spacing: str, chunk: int):
+    """The teacher's PF-ODE from s to t (`teacher_solve`, the objective's solver and guidance scale)."""
+    import jax
+
     from flowmap_jax import samplers
 
-    fn = jax.jit(lambda tch, x, a, b, c: samplers.teacher_solve(tch, x, a, b, steps, options.teacher_solver, c,
-                                                                 spacing=spacing))
-    outs = []
-    for i in range(0, x_s.shape[0], chunk):
-        c = None if cond is None else jax.tree.map(lambda v: v[i:i + chunk], cond)
-        outs.append(fn(parts.teacher, x_s[i:i + chunk], s[i:i + chunk], t[i:i + chunk], c))
-    return jnp.concatenate(outs)
+    fn = jax.jit(lambda tch, x, a, b, c, w: samplers.teacher_solve(tch, x, a, b, steps, options.teacher_solver, c,
+                                                                    w, spacing=spacing))
+    return in_chunks(lambda x, a, b, c, _, w: fn(parts.teacher, x, a, b, c, w), problem, chunk)
 
 
 def errors(estimate, reference) -> tuple[float, float]:
@@ -103,8 +104,8 @@ def errors(estimate, reference) -> tuple[float, float]:
     return overall, float(np.mean(per))
 
 
-def map_estimate(run: str, x_s, s, t, cond, chunk: int):
-    """X(x_s, s, t) of the run's exported flow map (EMA weights), float32."""
+def map_estimate(run: str, problem: dict, chunk: int):
+    """X(x_s, s, t) of the run's exported flow map (EMA weights), float32, and its parameterisation."""
     import jax
     import jax.numpy as jnp
 
@@ -117,11 +118,8 @@ def map_estimate(run: str, x_s, s, t, cond, chunk: int):
     exported = load_flow_map_export(folder)
     fmap = jax_flow_map(exported)
     params = jax.tree.map(jnp.asarray, exported.params)
-    outs = []
-    for i in range(0, x_s.shape[0], chunk):
-        c = None if cond is None else jax.tree.map(lambda v: v[i:i + chunk], cond)
-        outs.append(fmap(params, x_s[i:i + chunk], s[i:i + chunk], t[i:i + chunk], c))
-    return jnp.concatenate(outs), exported.config.parameterization
+    return (in_chunks(lambda x, a, b, _, c, w: fmap(params, x, a, b, c), problem, chunk),
+            exported.config.parameterization)
 
 
 def main(argv=None) -> int:
@@ -136,34 +134,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
     from flowmap_jax import assembly
 
     config = load_config(args.run)
     parts = assembly.build(config, None)
     options = config.objective.options
-    x_s, s, t, cond = draw_problem(parts, config, args.examples, args.seed)
+    problem = draw_problem(parts, config, args.examples, args.seed)
     guided = 2 if parts.teacher.guidance != "none" else 1
     evals_extra = 1 if parts.teacher.schedule.t_eval_min > parts.teacher.schedule.t_clean else 0
 
     start = time.time()
-    reference = solve(parts, options, x_s, s, t, cond, args.reference_steps, "logsnr", args.chunk)
-    half = solve(parts, options, x_s, s, t, cond, args.reference_steps // 2, "logsnr", args.chunk)
+    reference = solve(parts, options, problem, args.reference_steps, "logsnr", args.chunk)
+    half = solve(parts, options, problem, args.reference_steps // 2, "logsnr", args.chunk)
     rows = [dict(what=f"reference check: {args.reference_steps // 2} log-SNR steps",
                  steps=args.reference_steps // 2, teacher_evals=args.reference_steps // 2 + evals_extra,
                  **dict(zip(("rel_rms", "mean_rel"), errors(half, reference))))]
     for steps in args.steps:
-        target = solve(parts, options, x_s, s, t, cond, steps, options.teacher_spacing, args.chunk)
+        target = solve(parts, options, problem, steps, options.teacher_spacing, args.chunk)
         rows.append(dict(what=f"target: {options.teacher_solver}, {options.teacher_spacing}", steps=steps,
                          teacher_evals=steps + evals_extra,
                          **dict(zip(("rel_rms", "mean_rel"), errors(target, reference)))))
         print(f"  {steps} steps done ({time.time() - start:.0f}s)", file=sys.stderr)
     if args.run is not None:
-        estimate, form = map_estimate(args.run, x_s, s, t, cond, args.chunk)
+        estimate, form = map_estimate(args.run, problem, args.chunk)
         rows.append(dict(what=f"the run's flow map ({form}, EMA), one jump", steps=1, teacher_evals=0,
                          **dict(zip(("rel_rms", "mean_rel"), errors(estimate, reference)))))
-    jax.block_until_ready(reference)
 
     print(f"\n{args.examples} training pairs of {'run ' + args.run if args.run else 'the digits preset'} "
           f"(teacher {parts.info['teacher']}, {parts.info['schedule']}, {parts.info['prediction_type']}, guidance "
