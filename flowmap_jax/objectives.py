@@ -23,12 +23,14 @@ swamp the rest and training stalls). d/dtheta = (dt/dtheta) d/dt, with dt/dtheta
 - `progressive` (PSD/shortcut): |X(x_s, s, t) - sg(X(X(x_s, s, u), u, t))|^2 with u uniform between s and t,
   plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 ds/dtheta, v_X the map's velocity at t = s
   (d/dt X(x_s, s, t) at t = s, i.e. the velocity of F(x_s, s, s)).
-Residual forms of the JVP objectives (`residual_form`, default "auto": stopgrad for eulerian, direct for
-lagrangian): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised) residual signed so that X
+Residual forms of the JVP objectives (`residual_form`, default "auto": direct for both, measured in
+`ObjectiveOptions`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised) residual signed so that X
 moves towards its better-anchored neighbour (eulerian: r' = sign(s - t) r, the sCM/AYF target
 X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s, t + dt), t + dt -> t)); its
 value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
-The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`).
+The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`);
+`pairs` and `progressive` may divide each example's squared error by max(|c_F(s, t)|, floor)^p
+(`output_scale_power`), which moves the loss from X's units towards the output F's.
 
 Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
@@ -194,6 +196,15 @@ def _jump_weight(c_x, options: ObjectiveOptions):
     return _sg(1.0 / jnp.maximum(jnp.abs(c_x), 1.0))
 
 
+def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
+    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (`output_scale_power`;
+    ones when the power is 0), c_F the map's own output coefficient."""
+    if options.output_scale_power == 0:
+        return jnp.ones(jnp.shape(s), jnp.float32)
+    _, c_f = flow_map.own_coefficients(s, t)
+    return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -options.output_scale_power)
+
+
 def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
     """Loss of a JVP objective from X (B, ...), its residual r (B, ...) and the jump weight (B,);
     direction (B,) signs r for the stop-gradient form."""
@@ -224,7 +235,8 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                     spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
-    return _finish(_per_example_mean(jnp.square(err)), options, err)
+    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+    return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
 
 
 @register_objective("lagrangian")
@@ -274,7 +286,7 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     err = fmap(params, x_s, s, t, cond) - target
     # Anchor: the map's velocity at t = s (network told t = s) against the teacher's, both per unit angle.
     anchor = fmap.velocity(params, x_s, s, cond) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
-    per_example = (_per_example_mean(jnp.square(err))
+    per_example = (_output_scale_weight(flow_map, s, t, options) * _per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
 

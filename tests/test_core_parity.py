@@ -156,6 +156,7 @@ CASES = [
     ("pairs", "cfg", {}),
     ("pairs", "cfg", {"teacher_solver": "heun", "teacher_steps": 3, "adaptive_weight": True}),
     ("pairs", "autoguidance", dict(GUIDED, teacher_solver="ddim", teacher_steps=4)),
+    ("pairs", "cfg", {"output_scale_power": 2.0}),
     ("lagrangian", "cfg", {}),
     ("lagrangian", "cfg", {"tangent_normalization": True, "adaptive_weight": True, "tangent_warmup_steps": 100}),
     ("lagrangian", "cfg", {"residual_form": "direct"}),
@@ -166,6 +167,7 @@ CASES = [
     ("eulerian", "autoguidance", dict(GUIDED, jvp="finite_difference")),
     ("progressive", "cfg", {}),
     ("progressive", "autoguidance", dict(GUIDED, adaptive_weight=True)),
+    ("progressive", "cfg", {"output_scale_power": 1.5, "output_scale_floor": 0.3}),
 ]
 
 

@@ -153,6 +153,14 @@ def _jump_weight(c_x, options: ObjectiveOptions):
     return (1.0 / torch.clamp(c_x.abs(), min=1.0)).detach()
 
 
+def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
+    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X."""
+    if options.output_scale_power == 0:
+        return torch.ones_like(s, dtype=torch.float32)
+    _, c_f = flow_map.own_coefficients(s, t)
+    return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -options.output_scale_power).detach()
+
+
 def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
@@ -182,7 +190,8 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                         spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - target.detach()
-    return _finish(_per_example_mean(err.square()), options, err)
+    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+    return _finish(weight * _per_example_mean(err.square()), options, err)
 
 
 @register_objective("lagrangian")
@@ -238,6 +247,6 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     with torch.no_grad():
         v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
     anchor = fmap.velocity(params, x_s, s, cond) - v_teacher
-    per_example = (_per_example_mean(err.square())
+    per_example = (_output_scale_weight(flow_map, s, t, options) * _per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)

@@ -46,6 +46,12 @@ class ObjectiveOptions:
         it, the long jumps of epsilon teachers from the noise end dominate the gradients of the JVP objectives
         and training stalls (measured on the Gaussian closed form); v, flow and sample teachers have
         |c_x| <= ~1.4, so it barely changes them.
+    output_scale_power, output_scale_floor: `pairs` and `progressive`: each example's squared error in X is
+        divided by sg(max(|c_F(s, t)|, output_scale_floor))^output_scale_power, c_F the map's own coefficient
+        of its output F (X = c_x x_s + c_F F; `FlowMap.own_coefficients`: -sin(theta_s - theta_t) for "angle",
+        tau_t - tau_s for "linear"). 0 (default): the error in X, where a jump of angle d weighs its output's
+        error by sin(d)^2, so short jumps barely train; 2: the error in the output's own units (MeanFlow's
+        average-velocity loss), every jump length alike; the floor keeps jumps of (almost) zero length finite.
     progressive_anchor_weight: weight of the `progressive` objective's anchor term, which matches the map's
         velocity at t = s to the teacher's (without it the semigroup condition alone has trivial solutions).
     head_warmup_steps: the student's coefficients are blended with the teacher's DDIM step, weight
@@ -74,6 +80,8 @@ class ObjectiveOptions:
     jvp: str = "exact"
     fd_eps: float = 5e-3
     jump_scale_normalization: bool = True
+    output_scale_power: float = 0.0
+    output_scale_floor: float = 0.05
     progressive_anchor_weight: float = 1.0
     head_warmup_steps: int = 0
     guidance_scale_range: tuple[float, float] | None = None
@@ -108,6 +116,10 @@ class ObjectiveOptions:
             raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
         if int(self.head_warmup_steps) < 0:
             raise ValueError(f"head_warmup_steps must be >= 0, got {self.head_warmup_steps}")
+        if not 0 <= self.output_scale_power <= 4:
+            raise ValueError(f"output_scale_power must lie in [0, 4], got {self.output_scale_power}")
+        if not 0 < self.output_scale_floor <= 1:
+            raise ValueError(f"output_scale_floor must lie in (0, 1], got {self.output_scale_floor}")
         if not self.fd_eps > 0:
             raise ValueError(f"fd_eps must be > 0, got {self.fd_eps}")
 
