@@ -52,6 +52,9 @@ class ObjectiveOptions:
         tau_t - tau_s for "linear"). 0 (default): the error in X, where a jump of angle d weighs its output's
         error by sin(d)^2, so short jumps barely train; 2: the error in the output's own units (MeanFlow's
         average-velocity loss), every jump length alike; the floor keeps jumps of (almost) zero length finite.
+        Digits default job, 300 steps, seed 0, 200 samples, MSE to the teacher's 100-step solution at 1 / 2 /
+        4 / 8 jumps: p = 0 0.028 / 0.019 / 0.021 / 0.043, p = 1 0.029 / 0.018 / 0.017 / 0.026, p = 2 0.032 /
+        0.017 / 0.013 / 0.016 (1-jump Frechet distance 44 / 48 / 60; docs/DESIGN.md, "Objectives").
     progressive_anchor_weight: weight of the `progressive` objective's anchor term, which matches the map's
         velocity at t = s to the teacher's (without it the semigroup condition alone has trivial solutions).
     head_warmup_steps: the student's coefficients are blended with the teacher's DDIM step, weight
