@@ -226,9 +226,8 @@ def digits() -> TrainConfig:
     passes per step and did not change the quality table at this budget (2 / 4 jumps MSE 0.0167 / 0.0204
     with 8 steps against 0.0164 / 0.0180 with 4, seed 0), so the longer runs are where 8 pays.
     The other objectives at this budget (300 steps, their default options, seed 0; numbers in the sd15
-    docstring): `progressive` improved every row but less (1-jump FD 236 against 71), `lagrangian` only the
-    MSE (its 4-jump Frechet distance rose, 392 -> 476; run with the old length_power 2), `eulerian` made
-    the Frechet distance of every row worse than the untrained map.
+    docstring): `progressive` and `lagrangian` improved every row but less (1-jump FD 236 and 354 against
+    71), `eulerian` made the Frechet distance of every row worse than the untrained map.
     """
     return TrainConfig(preset="digits")
 
@@ -245,11 +244,12 @@ def sd15() -> TrainConfig:
     Objective: `pairs` with 8-step targets (DPM-Solver++(2M), log-SNR grid; 2.9% relative error on SD's
     schedule against the exact ODE of a narrow-mode mixture, `benchmarks/results/teacher_target_error.md`),
     chosen from what trained in the bounded parameterisation on the digits teacher at the default budget:
-    `pairs` and `progressive` improved every row of the quality table, `lagrangian` only the MSE, and
-    `eulerian` made the Frechet distance of every row worse than the untrained map (300 steps, seed 0; MSE
-    to the teacher 1 / 2 / 4 jumps: pairs 0.024 / 0.016 / 0.018, progressive 0.085 / 0.040 / 0.024,
-    lagrangian 0.25 / 0.21 / 0.11, eulerian 0.45 / 0.43 / 0.34, untrained 1.65 / 0.63 / 0.16; FD against
-    the teacher's 68.9: pairs 71 / 60 / 61, progressive 236 / 109 / 83, untrained 1439 / 1354 / 392). Not
+    `pairs`, `progressive` and `lagrangian` improved every row of the quality table, and `eulerian` made
+    the Frechet distance of every row worse than the untrained map (300 steps, seed 0; MSE to the teacher
+    1 / 2 / 4 jumps: pairs 0.024 / 0.016 / 0.018, progressive 0.085 / 0.040 / 0.024, lagrangian 0.19 /
+    0.099 / 0.040, eulerian 0.45 / 0.43 / 0.34, untrained 1.65 / 0.63 / 0.16; FD against the teacher's
+    68.9: pairs 71 / 60 / 61, progressive 236 / 109 / 83, lagrangian 354 / 228 / 103, untrained 1439 /
+    1354 / 392). Not
     yet measured on SD itself; `progressive` (one guided teacher evaluation per example) is the cheaper
     alternative. Cost: 9 guided teacher evaluations (18 UNet
     passes, forward only) per example against the student's ~3, about 3x an eulerian step's compute and
