@@ -198,9 +198,9 @@ def _jump_weight(c_x, options: ObjectiveOptions):
 
 def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
     """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (`output_scale_power`;
-    ones when the power is 0), c_F the map's own output coefficient."""
+    the scalar 1.0 when the power is 0), c_F the map's own output coefficient."""
     if options.output_scale_power == 0:
-        return jnp.ones(jnp.shape(s), jnp.float32)
+        return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
     return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -options.output_scale_power)
 

@@ -249,10 +249,8 @@ def sd15() -> TrainConfig:
     1 / 2 / 4 jumps: pairs 0.024 / 0.016 / 0.018, progressive 0.085 / 0.040 / 0.024, lagrangian 0.19 /
     0.099 / 0.040, eulerian 0.45 / 0.43 / 0.34, untrained 1.65 / 0.63 / 0.16; FD against the teacher's
     68.9: pairs 71 / 60 / 61, progressive 236 / 109 / 83, lagrangian 354 / 228 / 103, untrained 1439 /
-    1354 / 392). Not
-    yet measured on SD itself; `progressive` (one guided teacher evaluation per example) is the cheaper
-    alternative. Cost: 9 guided teacher evaluations (18 UNet
-    passes, forward only) per example against the student's ~3, about 3x an eulerian step's compute and
+    1354 / 392). Not yet measured on SD itself; `progressive` (one guided teacher evaluation per example) is
+    the cheaper alternative. Cost: 9 guided teacher evaluations (18 UNet passes, forward only) per example against the student's ~3, about 3x an eulerian step's compute and
     less memory (no tangent); `--objective.names eulerian` is the JVP objective of Align Your Flow."""
     return TrainConfig(
         preset="sd15",

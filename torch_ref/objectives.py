@@ -154,9 +154,10 @@ def _jump_weight(c_x, options: ObjectiveOptions):
 
 
 def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
-    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X."""
+    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (1.0 when the power
+    is 0)."""
     if options.output_scale_power == 0:
-        return torch.ones_like(s, dtype=torch.float32)
+        return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
     return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -options.output_scale_power).detach()
 
