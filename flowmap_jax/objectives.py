@@ -205,7 +205,7 @@ def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
     return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -options.output_scale_power)
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale=1.0):
     """Loss of a JVP objective from X (B, ...), its residual r (B, ...) and the jump weight (B,);
     direction (B,) signs r for the stop-gradient form."""
     x_map = expand_time(weight, x_map) * x_map
@@ -219,7 +219,7 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
         per_example = _per_example_mean(jnp.square(x_map - _sg(x_map - r)))
     else:
         per_example = _per_example_mean(jnp.square(r))
-    return _finish(per_example, options, residual)
+    return _finish(output_scale * per_example, options, residual)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +253,8 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - _sg(v)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options))
+    return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("eulerian")
@@ -269,7 +270,8 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   network_tangent_scale=_warmup(options, batch, p["b"]), method=options.jvp,
                                   fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options))
+    return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("progressive")

@@ -162,7 +162,7 @@ def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
     return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -options.output_scale_power).detach()
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight):
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale=1.0):
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
     r = residual
@@ -174,7 +174,7 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
         per_example = _per_example_mean((x_map - (x_map - r).detach()).square())
     else:
         per_example = _per_example_mean(r.square())
-    return _finish(per_example, options, residual)
+    return _finish(output_scale * per_example, options, residual)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +210,8 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
         v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - v
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options))
+    return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("eulerian")
@@ -227,7 +228,8 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   network_tangent_scale=_warmup(options, batch, p["b"], p["device"]),
                                   method=options.jvp, fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options))
+    return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("progressive")
