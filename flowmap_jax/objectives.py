@@ -196,22 +196,23 @@ def _jump_weight(c_x, options: ObjectiveOptions):
     return _sg(1.0 / jnp.maximum(jnp.abs(c_x), 1.0))
 
 
-def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
+def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
     """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (`output_scale_power`;
     the scalar 1.0 when the power is 0), c_F the map's own output coefficient."""
-    if options.output_scale_power == 0:
+    power = options.output_scale_power_for(objective)
+    if power == 0:
         return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
-    return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -options.output_scale_power)
+    return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -power)
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale=1.0):
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale):
     """Loss of a JVP objective from X (B, ...), its residual r (B, ...) and the jump weight (B,);
     direction (B,) signs r for the stop-gradient form."""
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
     r = residual
-    if options.tangent_normalization:
+    if options.tangent_normalization_for(objective):
         norm = jnp.sqrt(jnp.sum(jnp.reshape(jnp.square(r), (r.shape[0], -1)), axis=1))
         r = r / expand_time(_sg(norm) + options.tangent_norm_c, r)
     if options.residual_form_for(objective) == "stopgrad":
@@ -235,7 +236,7 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                     spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
-    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+    weight = _output_scale_weight("pairs", flow_map, p["s"], p["t"], options)
     return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
 
 
@@ -254,7 +255,7 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     residual = d_map - _sg(v)
     c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight(flow_map, s, t, options))
+                     _output_scale_weight("lagrangian", flow_map, s, t, options))
 
 
 @register_objective("eulerian")
@@ -271,7 +272,7 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight(flow_map, s, t, options))
+                     _output_scale_weight("eulerian", flow_map, s, t, options))
 
 
 @register_objective("progressive")
@@ -288,7 +289,8 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     err = fmap(params, x_s, s, t, cond) - target
     # Anchor: the map's velocity at t = s (network told t = s) against the teacher's, both per unit angle.
     anchor = fmap.velocity(params, x_s, s, cond) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
-    per_example = (_output_scale_weight(flow_map, s, t, options) * _per_example_mean(jnp.square(err))
+    scale = _output_scale_weight("progressive", flow_map, s, t, options)
+    per_example = (scale * _per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
 

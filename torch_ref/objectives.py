@@ -153,20 +153,21 @@ def _jump_weight(c_x, options: ObjectiveOptions):
     return (1.0 / torch.clamp(c_x.abs(), min=1.0)).detach()
 
 
-def _output_scale_weight(flow_map, s, t, options: ObjectiveOptions):
+def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
     """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (1.0 when the power
     is 0)."""
-    if options.output_scale_power == 0:
+    power = options.output_scale_power_for(objective)
+    if power == 0:
         return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
-    return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -options.output_scale_power).detach()
+    return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -power).detach()
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale=1.0):
+def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale):
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
     r = residual
-    if options.tangent_normalization:
+    if options.tangent_normalization_for(objective):
         norm = r.reshape(r.shape[0], -1).square().sum(dim=1).sqrt()
         r = r / expand_time(norm.detach() + options.tangent_norm_c, r)
     if options.residual_form_for(objective) == "stopgrad":
@@ -191,7 +192,7 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                         spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - target.detach()
-    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+    weight = _output_scale_weight("pairs", flow_map, p["s"], p["t"], options)
     return _finish(weight * _per_example_mean(err.square()), options, err)
 
 
@@ -211,7 +212,7 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     residual = d_map - v
     c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight(flow_map, s, t, options))
+                     _output_scale_weight("lagrangian", flow_map, s, t, options))
 
 
 @register_objective("eulerian")
@@ -229,7 +230,7 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   method=options.jvp, fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
     return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight(flow_map, s, t, options))
+                     _output_scale_weight("eulerian", flow_map, s, t, options))
 
 
 @register_objective("progressive")
@@ -250,6 +251,7 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     with torch.no_grad():
         v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
     anchor = fmap.velocity(params, x_s, s, cond) - v_teacher
-    per_example = (_output_scale_weight(flow_map, s, t, options) * _per_example_mean(err.square())
+    scale = _output_scale_weight("progressive", flow_map, s, t, options)
+    per_example = (scale * _per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)

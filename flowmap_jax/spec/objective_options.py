@@ -73,7 +73,7 @@ class ObjectiveOptions:
     teacher_solver: str = "dpmpp_2m"
     teacher_spacing: str = "logsnr"
     residual_form: str = "auto"
-    tangent_normalization: bool = False
+    tangent_normalization: bool | None = None
     tangent_norm_c: float = 0.1
     tangent_warmup_steps: int = 0
     tangent_warmup_max: float = 1.0
@@ -83,7 +83,7 @@ class ObjectiveOptions:
     jvp: str = "exact"
     fd_eps: float = 5e-3
     jump_scale_normalization: bool = True
-    output_scale_power: float = 0.0
+    output_scale_power: float | None = None
     output_scale_floor: float = 0.05
     progressive_anchor_weight: float = 1.0
     head_warmup_steps: int = 0
@@ -119,17 +119,35 @@ class ObjectiveOptions:
             raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
         if int(self.head_warmup_steps) < 0:
             raise ValueError(f"head_warmup_steps must be >= 0, got {self.head_warmup_steps}")
-        if not 0 <= self.output_scale_power <= 4:
-            raise ValueError(f"output_scale_power must lie in [0, 4], got {self.output_scale_power}")
+        if self.output_scale_power is not None and (isinstance(self.output_scale_power, bool) or
+                                                    not 0 <= self.output_scale_power <= 4):
+            raise ValueError(f"output_scale_power must lie in [0, 4] (or be null: per objective), got "
+                             f"{self.output_scale_power!r}")
+        if self.tangent_normalization is not None and not isinstance(self.tangent_normalization, bool):
+            raise ValueError(f"tangent_normalization must be true, false or null (per objective), got "
+                             f"{self.tangent_normalization!r}")
         if not 0 < self.output_scale_floor <= 1:
             raise ValueError(f"output_scale_floor must lie in (0, 1], got {self.output_scale_floor}")
         if not self.fd_eps > 0:
             raise ValueError(f"fd_eps must be > 0, got {self.fd_eps}")
 
     def residual_form_for(self, objective: str) -> str:
-        """The residual form a JVP objective uses ("auto" resolved)."""
-        del objective  # the same for both JVP objectives today; kept so a per-objective default can return
-        return "direct" if self.residual_form == "auto" else self.residual_form
+        """The residual form a JVP objective uses ("auto": stopgrad for eulerian, direct for lagrangian)."""
+        if self.residual_form != "auto":
+            return self.residual_form
+        return "stopgrad" if objective == "eulerian" else "direct"
+
+    def tangent_normalization_for(self, objective: str) -> bool:
+        """Whether a JVP objective normalises its residual (None: on for eulerian, off for lagrangian)."""
+        if self.tangent_normalization is not None:
+            return self.tangent_normalization
+        return objective == "eulerian"
+
+    def output_scale_power_for(self, objective: str) -> float:
+        """The output-scale power p an objective uses (None: 2 for eulerian, 0 for the others)."""
+        if self.output_scale_power is not None:
+            return float(self.output_scale_power)
+        return 2.0 if objective == "eulerian" else 0.0
 
     @classmethod
     def create(cls, options: "ObjectiveOptions | dict | None" = None) -> "ObjectiveOptions":
