@@ -23,15 +23,16 @@ swamp the rest and training stalls). d/dtheta = (dt/dtheta) d/dt, with dt/dtheta
 - `progressive` (PSD/shortcut): |X(x_s, s, t) - sg(X(X(x_s, s, u), u, t))|^2 with u uniform between s and t,
   plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 ds/dtheta, v_X the map's velocity at t = s
   (d/dt X(x_s, s, t) at t = s, i.e. the velocity of F(x_s, s, s)).
-Residual forms of the JVP objectives (`residual_form`, default "auto": direct for both, measured in
-`ObjectiveOptions`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised) residual signed so that X
-moves towards its better-anchored neighbour (eulerian: r' = sign(s - t) r, the sCM/AYF target
-X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s, t + dt), t + dt -> t)); its
-value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2 through the JVP.
-The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|) (`jump_scale_normalization`);
-`pairs` and `progressive` may divide each example's squared error by max(|c_F(s, t)|, floor)^p
-(`output_scale_power`), which moves the loss from X's units towards the output F's.
-
+Residual forms of the JVP objectives (`residual_form`, default "auto": stopgrad for eulerian, direct for
+lagrangian, measured in `ObjectiveOptions`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised)
+residual signed so that X moves towards its better-anchored neighbour (eulerian: r' = sign(s - t) r, the
+sCM/AYF target X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s, t + dt),
+t + dt -> t)); its value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2
+through the JVP. The JVP objectives scale X and r of each jump by 1 / max(1, |c_x(s, t)|)
+(`jump_scale_normalization`). Every objective may divide each example's squared error (or residual) by
+max(|c_F(s, t)|, floor)^p (`output_scale_power`), which moves the loss from X's units towards the output F's;
+the default is p = 2 with tangent normalisation for eulerian (its stop-gradient step on F is otherwise
+sin(d) r, which vanishes near the diagonal where r carries the teacher's velocity), p = 0 for the others.
 Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
 finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
 teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +

@@ -28,11 +28,15 @@ class ObjectiveOptions:
         4 steps 10-22%.
     residual_form: JVP objectives. "direct" (LSD of Boffi et al.): loss = |r|^2, differentiated through the
         JVP; "stopgrad" (sCM / Align Your Flow): loss = |X - sg(X - r)|^2, whose gradient is 2 r . dX/dparams
-        with r the (normalised) residual, needing no backward pass through the JVP. "auto" (default): direct
-        for both. Measured on the Gaussian closed form (tests/test_objectives.py, SD's schedule, the "angle"
-        map started at the teacher's DDIM step, 300 Adam steps): 1-jump RMS error 0.94 -> eulerian direct
-        0.41 (lr 1e-3), eulerian stopgrad 2.6 (lr 3e-4, diverging) and 0.66 (lr 1e-4); lagrangian direct 0.04.
+        with r the (normalised) residual, needing no backward pass through the JVP. "auto" (default): stopgrad
+        for eulerian, direct for lagrangian. Measured on the Gaussian closed form (tests/test_objectives.py,
+        SD's schedule, the "angle" map started at the teacher's DDIM step, 300 Adam steps at lr 1e-3): 1-jump
+        RMS error 0.94 -> eulerian direct 0.41, eulerian stopgrad with tangent normalisation and
+        output_scale_power 2 0.36 (0.36 at lr 3e-4 too), the same without tangent normalisation 1.10
+        (diverging); lagrangian direct 0.04.
     tangent_normalization, tangent_norm_c: r <- r / (|r| + c), |r| the per-example L2 norm (sCM, c = 0.1).
+        None (default): on for eulerian, off for lagrangian. Without it eulerian's stop-gradient form
+        diverged on the digits default job (loss 80 -> 1950 in 140 steps, output_scale_power 2).
     tangent_warmup_steps, tangent_warmup_max: the network's JVP term is multiplied by
         tangent_warmup_max * min(step / tangent_warmup_steps, 1) (sCM's linear ramp, 10k steps there; 0 = off,
         factor 1). `step` comes from batch["step"] (() or (B,)), which the trainer must then provide.
@@ -46,15 +50,22 @@ class ObjectiveOptions:
         it, the long jumps of epsilon teachers from the noise end dominate the gradients of the JVP objectives
         and training stalls (measured on the Gaussian closed form); v, flow and sample teachers have
         |c_x| <= ~1.4, so it barely changes them.
-    output_scale_power, output_scale_floor: `pairs` and `progressive`: each example's squared error in X is
-        divided by sg(max(|c_F(s, t)|, output_scale_floor))^output_scale_power, c_F the map's own coefficient
-        of its output F (X = c_x x_s + c_F F; `FlowMap.own_coefficients`: -sin(theta_s - theta_t) for "angle",
-        tau_t - tau_s for "linear"). 0 (default): the error in X, where a jump of angle d weighs its output's
-        error by sin(d)^2, so short jumps barely train; 2: the error in the output's own units (MeanFlow's
-        average-velocity loss), every jump length alike; the floor keeps jumps of (almost) zero length finite.
-        Digits default job, 300 steps, seed 0, 200 samples, MSE to the teacher's 100-step solution at 1 / 2 /
-        4 / 8 jumps: p = 0 0.028 / 0.019 / 0.021 / 0.043, p = 1 0.029 / 0.018 / 0.017 / 0.026, p = 2 0.032 /
-        0.017 / 0.013 / 0.016 (1-jump Frechet distance 44 / 48 / 60; docs/DESIGN.md, "Objectives").
+    output_scale_power, output_scale_floor: each example's squared error in X (pairs, progressive) or residual
+        (lagrangian, eulerian) is divided by sg(max(|c_F(s, t)|, output_scale_floor))^output_scale_power, c_F
+        the map's own coefficient of its output F (X = c_x x_s + c_F F; `FlowMap.own_coefficients`:
+        -sin(theta_s - theta_t) for "angle", tau_t - tau_s for "linear"). p = 0: the error in X, where a jump
+        of angle d weighs its output's error by sin(d)^2, so short jumps barely train; p = 2: the error in the
+        output's own units (MeanFlow's average-velocity loss), every jump length alike; the floor keeps jumps
+        of (almost) zero length finite. None (default): 2 for eulerian, 0 for the others.
+        Why eulerian needs it: its stop-gradient form moves F by sin(d) r, and near the diagonal (d -> 0),
+        where r = v - F carries the teacher's velocity, that vanishes; with p = 2 the step is r / sin(d).
+        Digits default job (300 steps, 100 samples, MSE to the teacher's DDIM-50 at 1 / 2 / 4 jumps, untrained
+        1.65 / 0.63 / 0.16), eulerian stopgrad with tangent normalisation: p = 0 0.15 / 0.16 / 0.43, p = 1
+        0.12 / 0.082 / 0.091, p = 2 0.074 / 0.046 / 0.032 (seed 1: 0.088 / 0.042 / 0.032).
+        pairs (200 samples, MSE to the teacher's 100-step solution at 1 / 2 / 4 / 8 jumps): p = 0 0.028 /
+        0.019 / 0.021 / 0.043, p = 1 0.029 / 0.018 / 0.017 / 0.026, p = 2 0.032 / 0.017 / 0.013 / 0.016
+        (1-jump Frechet distance 44 / 48 / 60; docs/DESIGN.md, "Objectives"): it moves fidelity from the one
+        long jump to the many short ones, so pairs keeps p = 0.
     progressive_anchor_weight: weight of the `progressive` objective's anchor term, which matches the map's
         velocity at t = s to the teacher's (without it the semigroup condition alone has trivial solutions).
     head_warmup_steps: the student's coefficients are blended with the teacher's DDIM step, weight
