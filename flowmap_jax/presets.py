@@ -225,9 +225,8 @@ def digits() -> TrainConfig:
     (`python benchmarks/pairs_target_error.py --run runs/digits`); 8 steps (1.7%) cost ~1.8x the teacher
     passes per step and did not change the quality table at this budget (2 / 4 jumps MSE 0.0167 / 0.0204
     with 8 steps against 0.0164 / 0.0180 with 4, seed 0), so the longer runs are where 8 pays.
-    The other objectives at this budget (300 steps, their default options, seed 0; numbers in the sd15
-    docstring): `progressive` and `lagrangian` improved every row but less (1-jump FD 236 and 354 against
-    71), `eulerian` made the Frechet distance of every row worse than the untrained map.
+    The other objectives at this budget (300 steps, their default options; numbers in the sd15 docstring)
+    improved every row too, but less (1-jump FD: eulerian 160, progressive 236, lagrangian 354, against 71).
     """
     return TrainConfig(preset="digits")
 
@@ -243,15 +242,16 @@ def sd15() -> TrainConfig:
 
     Objective: `pairs` with 8-step targets (DPM-Solver++(2M), log-SNR grid; 2.9% relative error on SD's
     schedule against the exact ODE of a narrow-mode mixture, `benchmarks/results/teacher_target_error.md`),
-    chosen from what trained in the bounded parameterisation on the digits teacher at the default budget:
-    `pairs`, `progressive` and `lagrangian` improved every row of the quality table, and `eulerian` made
-    the Frechet distance of every row worse than the untrained map (300 steps, seed 0; MSE to the teacher
-    1 / 2 / 4 jumps: pairs 0.024 / 0.016 / 0.018, progressive 0.085 / 0.040 / 0.024, lagrangian 0.19 /
-    0.099 / 0.040, eulerian 0.45 / 0.43 / 0.34, untrained 1.65 / 0.63 / 0.16; FD against the teacher's
-    68.9: pairs 71 / 60 / 61, progressive 236 / 109 / 83, lagrangian 354 / 228 / 103, untrained 1439 /
-    1354 / 392). Not yet measured on SD itself; `progressive` (one guided teacher evaluation per example) is
-    the cheaper alternative. Cost: 9 guided teacher evaluations (18 UNet passes, forward only) per example against the student's ~3, about 3x an eulerian step's compute and
-    less memory (no tangent); `--objective.names eulerian` is the JVP objective of Align Your Flow."""
+    chosen from what trained in the bounded parameterisation on the digits teacher at the default budget
+    (300 steps, each objective with its default options, seed 0; docs/DESIGN.md has seed 1): every objective
+    improved every row of the quality table, `pairs` the most. MSE to the teacher at 1 / 2 / 4 jumps:
+    pairs 0.024 / 0.016 / 0.018, eulerian 0.074 / 0.046 / 0.032, progressive 0.085 / 0.040 / 0.024,
+    lagrangian 0.19 / 0.099 / 0.040, untrained 1.65 / 0.63 / 0.16; FD against the teacher's 68.9: pairs 71 /
+    60 / 61, eulerian 160 / 121 / 87, progressive 236 / 109 / 83, lagrangian 354 / 228 / 103, untrained
+    1439 / 1354 / 392. Not yet measured on SD itself. Cost: 9 guided teacher evaluations (18 UNet passes,
+    forward only) per example against the student's ~3, about 3x an eulerian step's compute and less memory
+    (no tangent). The cheaper alternatives: `--objective.names eulerian` (Align Your Flow's JVP objective; one
+    guided teacher evaluation and one JVP per example) and `progressive` (one guided teacher evaluation)."""
     return TrainConfig(
         preset="sd15",
         run=RunConfig(dir="runs/sd15", steps=20_000, log_every=50, sample_every=1000, checkpoint_every=1000,
