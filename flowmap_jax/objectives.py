@@ -198,8 +198,9 @@ def _jump_weight(c_x, options: ObjectiveOptions):
 
 
 def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
-    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (`output_scale_power`;
-    the scalar 1.0 when the power is 0), c_F the map's own output coefficient."""
+    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X or a JVP residual
+    (`output_scale_power`, resolved for `objective`; the scalar 1.0 when the power is 0), c_F the map's own
+    output coefficient."""
     power = options.output_scale_power_for(objective)
     if power == 0:
         return 1.0

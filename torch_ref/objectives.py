@@ -154,8 +154,8 @@ def _jump_weight(c_x, options: ObjectiveOptions):
 
 
 def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
-    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X (1.0 when the power
-    is 0)."""
+    """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X or a JVP residual
+    (`output_scale_power`, resolved for `objective`; 1.0 when the power is 0)."""
     power = options.output_scale_power_for(objective)
     if power == 0:
         return 1.0
