@@ -356,3 +356,16 @@ def test_gpu_check_train_step_option_and_report():
     assert "| 32 | XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory |" in text
     assert "| 16 | 40.00 (30.00) | 42.00 | 0.500 | 32.0 | 154 | 15.6% | 0.25 | 3.0 | 90 |" in text
     assert gc.trainstep_report(None) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# jump_error.py: argument checks before any model is loaded.
+
+def test_jump_error_rejects_bad_arguments(tmp_path):
+    je = _load("jump_error")
+    with pytest.raises(SystemExit, match="--jumps, --num-samples and --segment-steps must be >= 1"):
+        je.main(["--run", str(tmp_path), "--jumps", "0"])
+    with pytest.raises(SystemExit, match="give --run RUN_DIR or --model EXPORT"):
+        je.main([])
+    with pytest.raises(SystemExit, match="no exported flow map"):
+        je.main(["--run", str(tmp_path)])
