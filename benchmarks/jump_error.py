@@ -22,7 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_vs_steps import load_teacher, resolve_model
+from quality_vs_steps import (
+    baked_guidance,
+    default_guidance,
+    evaluation_inputs,
+    load_teacher,
+    resolve_model,
+)
 
 
 def main(argv=None):
@@ -53,18 +59,15 @@ def main(argv=None):
 
     started = time.perf_counter()
     exported = load_flow_map_export(model_dir, dtype=np.float32)
-    if exported.config.guidance_embedded:
-        raise SystemExit(f"{model_dir}: a flow map with the guidance scale as an input is not supported here")
-    guidance = exported.config.guidance_scale if exported.config.guidance == "cfg" else 1.0
+    guidance = baked_guidance(exported, model_dir)
+    guidance = default_guidance() if guidance is None else guidance  # as quality_vs_steps.py chooses it
     flow_map = jax_flow_map(exported, jit=False)
     params = jax.device_put(exported.params)
     teacher, table, schedule, unet_config = load_teacher(Path(args.teacher or TEACHER_DIR), guidance)
     if flow_map.schedule != schedule:
         raise SystemExit("the flow map's schedule differs from the teacher's: pass its teacher with --teacher")
     n = args.num_samples
-    size, channels = int(unet_config.get("sample_size", 16)), int(unet_config.get("in_channels", 1))
-    noise = np.random.default_rng(args.seed).standard_normal((n, size, size, channels)).astype(np.float32)
-    labels = np.arange(n) % (table.shape[0] - 1)
+    noise, labels = evaluation_inputs(unet_config, table, n, args.seed)
     cond = {"encoder_hidden_states": jnp.asarray(table[labels][:, None, :])}
 
     grid = np.asarray(time_grid(schedule, args.jumps), np.float64)

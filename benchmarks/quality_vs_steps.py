@@ -217,6 +217,32 @@ def load_teacher(folder: Path, guidance_scale: float):
     return teacher, table, schedule, unet_config
 
 
+def baked_guidance(exported, model_dir) -> float | None:
+    """The CFG scale a loaded flow-map export distilled (None for an unguided map); SystemExit for a map
+    that takes the guidance scale as an input (not supported by these benchmarks)."""
+    if exported.config.guidance_embedded:
+        raise SystemExit(f"{model_dir}: a flow map with the guidance scale as an input is not supported here")
+    return exported.config.guidance_scale if exported.config.guidance == "cfg" else None
+
+
+def default_guidance() -> float:
+    """The teacher's CFG scale when neither the flag nor the flow map gives one (the trainer's default)."""
+    from flowmap_jax.presets import TeacherConfig
+
+    return TeacherConfig().guidance_scale
+
+
+def evaluation_inputs(unet_config: dict, table, n: int, seed: int):
+    """(noise (n, H, W, C) float32 from `seed`, labels (n,) int: sample i has label i % K): the inputs every
+    row of the quality table (and `jump_error.py`) starts from."""
+    import numpy as np
+
+    size = int(unet_config.get("sample_size", 16))
+    sample_shape = (size, size, int(unet_config.get("in_channels", 1)))
+    noise = np.random.default_rng(seed).standard_normal((n, *sample_shape)).astype(np.float32)
+    return noise, np.arange(n) % (table.shape[0] - 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling with a chunk cache.
 
@@ -427,9 +453,7 @@ def main(argv=None) -> int:
         from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
 
         exported = load_flow_map_export(model_dir, dtype=np.float32)
-        baked = exported.config.guidance_scale if exported.config.guidance == "cfg" else None
-        if exported.config.guidance_embedded:
-            raise SystemExit(f"{model_dir}: a flow map with the guidance scale as an input is not supported here")
+        baked = baked_guidance(exported, model_dir)
         if guidance is None:
             guidance = baked
         elif baked is not None and guidance != baked:
@@ -437,9 +461,7 @@ def main(argv=None) -> int:
         flow_map = jax_flow_map(exported, jit=False)
         flow_params = jax.device_put(exported.params)
     if guidance is None:
-        from flowmap_jax.presets import TeacherConfig
-
-        guidance = TeacherConfig().guidance_scale
+        guidance = default_guidance()
     teacher, table, schedule, unet_config = load_teacher(teacher_dir, guidance)
     if flow_map is not None and flow_map.schedule != schedule:
         raise SystemExit(f"the flow map's schedule ({flow_map.schedule.kind}) differs from the teacher's at "
@@ -451,10 +473,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         raise SystemExit(f"--flow-map-grids: {error}") from None
     n = args.num_samples
-    size = int(unet_config.get("sample_size", 16))
-    sample_shape = (size, size, int(unet_config.get("in_channels", 1)))
-    noise = np.random.default_rng(args.seed).standard_normal((n, *sample_shape)).astype(np.float32)
-    labels = np.arange(n) % (table.shape[0] - 1)
+    noise, labels = evaluation_inputs(unet_config, table, n, args.seed)
     cache_dirs = None
     if (args.cache or "").lower() != "none":
         base = Path(args.cache) if args.cache else (
