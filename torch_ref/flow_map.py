@@ -62,12 +62,14 @@ class FlowMap:
     parameterization: str = "auto"
     teacher_blend: Any = 0.0
 
+    # Copied from flowmap_jax.flow_map.FlowMap.__post_init__
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
         object.__setattr__(self, "parameterization", resolve_parameterization(self.schedule, self.parameterization))
 
+    # Copied from flowmap_jax.flow_map.FlowMap.from_teacher
     @classmethod
     def from_teacher(cls, net, teacher, parameterization: str = "auto") -> "FlowMap":
         """A flow map with the teacher's schedule and prediction type."""
@@ -97,6 +99,7 @@ class FlowMap:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for x_s of shape {tuple(x.shape)}")
         return out
 
+    # Copied from flowmap_jax.flow_map.FlowMap.prediction
     def prediction(self, params, x_s, t_source, t_target, cond=None):
         """The network's raw output F(x_s, s, t), shape of x_s (in `output_type`)."""
         s, t = self._times(x_s, t_source, t_target)
@@ -113,6 +116,7 @@ class FlowMap:
             return torch.ones_like(d_tau), d_tau
         return self.teacher_step_coefficients(t_source, t_target)
 
+    # Copied from flowmap_jax.flow_map.FlowMap.teacher_step_coefficients
     def teacher_step_coefficients(self, t_source, t_target):
         """(c_x, c_pred) of the teacher's DDIM step with F in the teacher's prediction type."""
         a_s, s_s = schedules.alpha_sigma(self.schedule, t_source)
@@ -256,6 +260,7 @@ def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> t
     return config, state
 
 
+# Copied from flowmap_jax.flow_map.guidance_input_cond
 def guidance_input_cond(cond, w, embedding_dim: int):
     """cond (a dict of UNet keyword arguments, or None) with the guidance input of a map that distilled
     guidance as an input: timestep_cond = guidance_scale_embedding(w - 1, embedding_dim), w (B,) the scales

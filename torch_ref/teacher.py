@@ -54,6 +54,7 @@ def _check_cond_batch(cond, batch: int, name: str = "cond"):
             raise ValueError(f"{name}{path} has shape {shape}: its first axis must be the batch ({batch}) or 1")
 
 
+# Copied from flowmap_jax.teacher.fill_uncond
 def fill_uncond(cond, uncond):
     """`uncond` with every key it lacks taken from `cond` (nested dicts): the unconditional branch keeps the
     example's own value there, as diffusers' SDXL pipeline gives both branches the same time_ids. Keys of
