@@ -97,7 +97,7 @@ def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
 
 
 def build(config, mesh) -> Parts:
-    """The parts of the run `config` (a `presets.TrainConfig`) describes. `mesh` is unused here (the
+    """The parts of the run `config` (a `config.TrainConfig`) describes. `mesh` is unused here (the
     trainer places everything), kept so stand-ins can use it."""
     del mesh
     import jax
@@ -151,7 +151,7 @@ def build(config, mesh) -> Parts:
         try:
             flow_config, params = flow_map.add_guidance_input(flow_config, params, w_dim)
         except ValueError as error:
-            from flowmap_jax.presets import ConfigError
+            from flowmap_jax.config import ConfigError
 
             raise ConfigError(f"--objective.options guidance_embedding_dim: {error}") from None
     params = jax.tree.map(np.asarray, params)
@@ -165,7 +165,7 @@ def build(config, mesh) -> Parts:
         try:
             named.append((name, float(weight), objectives.make_objective(name, fmap, options)))
         except (ValueError, TypeError) as error:
-            from flowmap_jax.presets import ConfigError
+            from flowmap_jax.config import ConfigError
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)

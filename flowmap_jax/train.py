@@ -45,12 +45,13 @@ from flowmap_jax import (
     checkpointing,
     datasets,
     distributed,
-    presets,
     reporting,
     run_folder,
+    train_cli,
 )
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.config import TrainConfig
 from flowmap_jax.spec import cli_exit, image_grid
 
 
@@ -73,7 +74,7 @@ class RunResult:
     quality: list | None = None
 
 
-def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult:
+def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
     """One training run as `config` describes. `build(config, mesh) -> assembly.Parts` makes the
     teacher, flow map, objectives, data and samplers (default `assembly.build`; tests pass stand-ins)."""
     # 1. Processes and devices (and the persistent compilation cache: a rerun skips compiling).
@@ -398,7 +399,7 @@ def main(argv=None, build: Callable | None = None) -> int:
     (`flowmap_jax.spec.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
     bug and keeps its traceback)."""
     try:
-        result = run(presets.parse_args(argv), build)
+        result = run(train_cli.parse_args(argv), build)
     except Exception as error:  # mapped below, or re-raised
         code = cli_exit.exit_code(error)
         if code is None:

@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flowmap_jax import presets
+from flowmap_jax import train_cli
 from flowmap_jax.grid_decoder import GridDecoder, grid_decoder
 from flowmap_jax.spec.image_grid import save_grid
 from tests.sd_pipelines import IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE
 
 
 def _config(teacher, *extra):
-    return presets.parse_args(["--preset", "sd15", "--teacher.path", str(teacher), "--data.path", "unused", *extra])
+    return train_cli.parse_args(["--preset", "sd15", "--teacher.path", str(teacher), "--data.path", "unused", *extra])
 
 
 def test_a_pipeline_teacher_decodes_through_its_vae(sd15_pipeline):
