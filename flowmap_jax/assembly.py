@@ -201,10 +201,10 @@ def build(config, mesh) -> Parts:
             return noise, dataset.get(np.arange(n) % dataset.num_examples)["cond"], None
         return noise, None, None
 
-    quality = _quality_function(config, conditioner)
+    quality = _quality_function(config.data, conditioner)
     from flowmap_jax.grid_decoder import grid_decoder
 
-    decode, grid_note = grid_decoder(config, channels)
+    decode, grid_note = grid_decoder(config.teacher, config.data, channels)
 
     def export(params, folder, provenance):
         from conversion.export import export_flow_map
@@ -230,9 +230,9 @@ def build(config, mesh) -> Parts:
                  decode=decode, notes=[grid_note] if grid_note else [])
 
 
-def _quality_function(config, conditioner):
-    """The digits quality report where the data are the digits, else a no-op."""
-    if config.data.source != "digits" or tuple(config.data.sample_shape) != (16, 16, 1):
+def _quality_function(data, conditioner):
+    """The digits quality report where the data (`config.DataConfig`) are the digits, else a no-op."""
+    if data.source != "digits" or tuple(data.sample_shape) != (16, 16, 1):
         return lambda samples, labels: None
     try:
         from flowmap_jax.digits.quality import digits_quality_report
