@@ -39,14 +39,14 @@ def parse_int_list(text: str) -> list[int]:
 
 def load_config(run: str | None):
     """The run's TrainConfig (its config.json), or the digits preset."""
-    from flowmap_jax import presets
+    from flowmap_jax import config, train_cli
 
     if run is None:
-        return presets.parse_args([])
+        return train_cli.parse_args([])
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --run {run}: no config.json (not a training run folder)")
-    return presets.load_config_file(path)
+    return config.load_config_file(path)
 
 
 def draw_problem(parts, config, examples: int, seed: int) -> dict:

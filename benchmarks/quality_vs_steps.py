@@ -227,7 +227,7 @@ def baked_guidance(exported, model_dir) -> float | None:
 
 def default_guidance() -> float:
     """The teacher's CFG scale when neither the flag nor the flow map gives one (the trainer's default)."""
-    from flowmap_jax.presets import TeacherConfig
+    from flowmap_jax.config import TeacherConfig
 
     return TeacherConfig().guidance_scale
 

@@ -97,7 +97,7 @@ def load_teacher_unet(path: str, subfolder: str) -> tuple[dict, dict]:
 
 
 def build(config, mesh) -> Parts:
-    """The parts of the run `config` (a `presets.TrainConfig`) describes. `mesh` is unused here (the
+    """The parts of the run `config` (a `config.TrainConfig`) describes. `mesh` is unused here (the
     trainer places everything), kept so stand-ins can use it."""
     del mesh
     import jax
@@ -151,7 +151,7 @@ def build(config, mesh) -> Parts:
         try:
             flow_config, params = flow_map.add_guidance_input(flow_config, params, w_dim)
         except ValueError as error:
-            from flowmap_jax.presets import ConfigError
+            from flowmap_jax.config import ConfigError
 
             raise ConfigError(f"--objective.options guidance_embedding_dim: {error}") from None
     params = jax.tree.map(np.asarray, params)
@@ -165,7 +165,7 @@ def build(config, mesh) -> Parts:
         try:
             named.append((name, float(weight), objectives.make_objective(name, fmap, options)))
         except (ValueError, TypeError) as error:
-            from flowmap_jax.presets import ConfigError
+            from flowmap_jax.config import ConfigError
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
@@ -201,10 +201,10 @@ def build(config, mesh) -> Parts:
             return noise, dataset.get(np.arange(n) % dataset.num_examples)["cond"], None
         return noise, None, None
 
-    quality = _quality_function(config, conditioner)
+    quality = _quality_function(config.data, conditioner)
     from flowmap_jax.grid_decoder import grid_decoder
 
-    decode, grid_note = grid_decoder(config, channels)
+    decode, grid_note = grid_decoder(config.teacher, config.data, channels)
 
     def export(params, folder, provenance):
         from conversion.export import export_flow_map
@@ -230,9 +230,9 @@ def build(config, mesh) -> Parts:
                  decode=decode, notes=[grid_note] if grid_note else [])
 
 
-def _quality_function(config, conditioner):
-    """The digits quality report where the data are the digits, else a no-op."""
-    if config.data.source != "digits" or tuple(config.data.sample_shape) != (16, 16, 1):
+def _quality_function(data, conditioner):
+    """The digits quality report where the data (`config.DataConfig`) are the digits, else a no-op."""
+    if data.source != "digits" or tuple(data.sample_shape) != (16, 16, 1):
         return lambda samples, labels: None
     try:
         from flowmap_jax.digits.quality import digits_quality_report

@@ -299,7 +299,7 @@ def nest_cond(flat: dict) -> dict:
 
 
 def make_dataset(data_config, conditioner: LabelConditioner | None) -> Dataset:
-    """The dataset named by `data_config.source` (a `presets.DataConfig`), shape-checked against
+    """The dataset named by `data_config.source` (a `config.DataConfig`), shape-checked against
     `data_config.sample_shape`."""
     source = data_config.source
     if source == "digits":

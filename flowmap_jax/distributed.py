@@ -49,7 +49,7 @@ def _from_env(name: str, environ) -> str | None:
 
 
 def resolve(config, environ=None) -> dict | None:
-    """The arguments for `jax.distributed.initialize` from a `presets.DistributedConfig` and the
+    """The arguments for `jax.distributed.initialize` from a `config.DistributedConfig` and the
     environment, or None for a single-process run. Raises ValueError naming what is missing."""
     environ = os.environ if environ is None else environ
     address = config.coordinator_address or _from_env("coordinator_address", environ) or ""

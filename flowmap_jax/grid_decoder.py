@@ -1,7 +1,7 @@
 """Sample grids of a latent teacher as images: the VAE decoder of the teacher's pipeline, run in PyTorch beside
 the training run (`flowmap_jax.encoders.LatentCodec`, diffusers' AutoencoderKL; not a Flax port).
 
-    decoder, note = grid_decoder(config, channels)     # in `assembly.build`
+    decoder, note = grid_decoder(config.teacher, config.data, channels)     # in `assembly.build`
     images = decoder(latents)                          # (n, h, w, C) latents -> (n, h * f, w * f, 3) in [-1, 1]
 
 Which VAE: the teacher folder's `vae/` when the teacher is a pipeline folder (`--teacher.path` with its UNet in
@@ -33,17 +33,17 @@ import numpy as np
 __all__ = ["GridDecoder", "find_grid_vae", "grid_decoder"]
 
 
-def find_grid_vae(config) -> tuple[str, str] | None:
+def find_grid_vae(teacher, data) -> tuple[str, str] | None:
     """(folder, subfolder) of the VAE that decodes the run's latents, or None: the teacher pipeline's `vae/`,
-    else the folder source's --data.vae. `config` a `presets.TrainConfig`."""
+    else the folder source's --data.vae. `teacher`, `data`: the run's `config.TeacherConfig`, `config.DataConfig`."""
     from flowmap_jax.encoders import pipeline_file
     from flowmap_jax.teacher_folder import resolve_teacher_path
 
-    path = resolve_teacher_path(config.teacher.path)
-    if config.teacher.subfolder and pipeline_file(path, "vae/config.json") is not None:
+    path = resolve_teacher_path(teacher.path)
+    if teacher.subfolder and pipeline_file(path, "vae/config.json") is not None:
         return path, "vae"
-    if config.data.source == "folder" and config.data.vae:
-        return config.data.vae, config.data.vae_subfolder
+    if data.source == "folder" and data.vae:
+        return data.vae, data.vae_subfolder
     return None
 
 
@@ -68,16 +68,16 @@ class GridDecoder:
         return images
 
 
-def grid_decoder(config, channels: int) -> tuple[Callable | None, str | None]:
+def grid_decoder(teacher, data, channels: int) -> tuple[Callable | None, str | None]:
     """(decoder or None, one-line note or None) for a teacher UNet of `channels` input channels (see the module
     docstring). The VAE is found now, loaded on the first grid; a VAE that is there but cannot be loaded is a
     note, not an error (the run trains without torch)."""
     if channels in (1, 3):
         return None, None
-    found = find_grid_vae(config)
+    found = find_grid_vae(teacher, data)
     if found is None:
         return None, (f"sample grids show latents (first 3 of {channels} channels, rescaled): the teacher "
-                      f"{config.teacher.path} has no vae/ and --data.vae is not set")
+                      f"{teacher.path} has no vae/ and --data.vae is not set")
     try:  # the import and the config, so a run without torch says so at the start, not at the first grid
         from diffusers import AutoencoderKL
     except ImportError as error:

@@ -1,6 +1,7 @@
 """The run folder of one training run: checked, owned, configured; removed again if the start fails.
 
-`RunFolder.open(config, is_main)`, before anything is built:
+`RunFolder.open(run, config, is_main)` (`run` the `--run.*` section, `config` the whole configuration as a dict,
+`TrainConfig.to_dict()`), before anything is built:
   1. `--run.dir` must be a folder or not exist yet, and not lie under a file (`RunDirError`);
   2. process 0 creates it and takes its lock (`run_lock`: one run per folder; a stale lock of a
      process that is gone is taken over);
@@ -13,6 +14,7 @@ lock); an existing one keeps what it had. `close()` at the end releases the lock
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -56,10 +58,12 @@ class RunFolder:
         self.path, self.created, self.lock, self.changes, self.notes = path, created, lock, changes, notes
 
     @classmethod
-    def open(cls, config, is_main: bool) -> RunFolder:
-        path = os.path.abspath(config.run.dir)
+    def open(cls, run, config: dict, is_main: bool) -> RunFolder:
+        """Check, create and lock `run.dir` (a `config.RunConfig`); `config` (`TrainConfig.to_dict()`) is compared
+        with the run's on resume (`run.allow_config_change` accepts a change) or written as its config.json."""
+        path = os.path.abspath(run.dir)
         check_run_dir(path)
-        allow = bool(getattr(config.run, "allow_config_change", False))
+        allow = bool(getattr(run, "allow_config_change", False))
         if not is_main:  # process 0 owns the folder; the others only check the configuration
             return cls(path, False, None, _check(path, config, allow), [])
         created = not os.path.exists(path)
@@ -103,17 +107,18 @@ class RunFolder:
             self.lock = None
 
 
-def _check(path: str, config, allow: bool) -> dict:
+def _check(path: str, config: dict, allow: bool) -> dict:
     if not has_checkpoints(path):
         return {}
-    return run_config_check.check_resume(path, config.to_dict(), allow)
+    return run_config_check.check_resume(path, config, allow)
 
 
-def _write_config(path: str, config) -> None:
+def _write_config(path: str, config: dict) -> None:
+    """<run>/config.json: `config` as `TrainConfig.to_json` writes it (indent 2), replaced atomically."""
     target = os.path.join(path, run_config_check.CONFIG_NAME)
     tmp = target + ".tmp"
     with open(tmp, "w") as f:
-        f.write(config.to_json())
+        f.write(json.dumps(config, indent=2))
     os.replace(tmp, target)
     changes = os.path.join(path, run_config_check.CHANGES_NAME)
     if os.path.exists(changes):

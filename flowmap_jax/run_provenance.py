@@ -25,9 +25,9 @@ __all__ = ["flow_map_config_from_train_config", "read_train_config", "run_proven
 
 def read_train_config(config):
     """A `presets.TrainConfig` from itself, its dict, or a config.json path; ValueError naming the file."""
-    from flowmap_jax import presets
+    from flowmap_jax.config import TrainConfig
 
-    if isinstance(config, presets.TrainConfig):
+    if isinstance(config, TrainConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
@@ -39,10 +39,10 @@ def read_train_config(config):
             # Runs from before the field existed trained the teacher's DDIM-step parameterisation.
             data = dict(data, model=dict(data.get("model") or {}, parameterization="teacher_step"))
         try:
-            return presets.TrainConfig.from_dict(data)
+            return TrainConfig.from_dict(data)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
-    return presets.TrainConfig.from_dict(dict(config))
+    return TrainConfig.from_dict(dict(config))
 
 
 def flow_map_config_from_train_config(config, teacher: str | None = None, guidance_embedding_dim=None

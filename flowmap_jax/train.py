@@ -45,12 +45,13 @@ from flowmap_jax import (
     checkpointing,
     datasets,
     distributed,
-    presets,
     reporting,
     run_folder,
+    train_cli,
 )
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.config import TrainConfig
 from flowmap_jax.spec import cli_exit, image_grid
 
 
@@ -73,7 +74,7 @@ class RunResult:
     quality: list | None = None
 
 
-def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult:
+def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
     """One training run as `config` describes. `build(config, mesh) -> assembly.Parts` makes the
     teacher, flow map, objectives, data and samplers (default `assembly.build`; tests pass stand-ins)."""
     # 1. Processes and devices (and the persistent compilation cache: a rerun skips compiling).
@@ -84,7 +85,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     if config.data.batch_size % sh.num_batch_shards(mesh):
         raise RunError(f"--data.batch_size {config.data.batch_size} is not divisible by the "
                        f"{sh.num_batch_shards(mesh)} devices of the mesh")
-    folder = run_folder.RunFolder.open(config, process.is_main)  # checked, locked, config compared
+    folder = run_folder.RunFolder.open(config.run, config.to_dict(), process.is_main)  # checked, locked, config compared
     run_dir = folder.path
     distributed.sync("run folder")
     try:  # a start that fails before training removes the run folder it created
@@ -109,7 +110,8 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
         reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)
         checkpointer = checkpointing.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.run.keep_checkpoints,
                                                   async_save=config.run.async_checkpoints)
-        state, rng, data_position, history = _resume(config, checkpointer, state, rng, state_sharding, reporter_say)
+        state, rng, data_position, history = _resume(config.run.resume, checkpointer, state, rng, state_sharding,
+                                                      reporter_say)
         start_step = int(jax.device_get(state.step))
 
         stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
@@ -126,7 +128,9 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
             reporter.message(f"warning: {note}")
 
         # 6. Baseline: the untrained flow map against the teacher (fresh runs; kept in checkpoints).
-        evaluator = _Evaluator(config, parts, mesh, teacher, run_dir, reporter)
+        evaluator = _Evaluator(config.sample, parts, mesh, teacher, run_dir, reporter,
+                               n=max(config.run.quality_samples, config.sample.grid_columns), seed=config.run.seed + 1,
+                               guidance_scale=config.teacher.guidance_scale)
         if start_step == 0 and "baseline" not in history and config.run.quality_samples > 0:
             history["baseline"] = evaluator.flow_rows(state.ema_params, "untrained")
             reporter.message("untrained flow map (teacher weights in the map's parameterisation), MSE to the teacher's "
@@ -146,7 +150,7 @@ def run(config: presets.TrainConfig, build: Callable | None = None) -> RunResult
     t_loop = time.perf_counter()
     try:
         for step in range(start_step + 1, config.run.steps + 1):
-            batch = sh.put_batch(mesh, _require_shape(batches.next(), config, step))
+            batch = sh.put_batch(mesh, _require_shape(batches.next(), config.data.sample_shape, step))
             state, metrics = train_step(state, teacher, batch, rng)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
@@ -242,9 +246,9 @@ def _replicate_arrays(mesh, tree):
     return jax.tree.map(lambda x: sh.put_replicated(mesh, x) if isinstance(x, (np.ndarray, jax.Array)) else x, tree)
 
 
-def _resume(config, checkpointer, state, rng, state_sharding, say):
-    """-> (state, rng, data position, history dict) from a checkpoint, or the fresh ones."""
-    resume = config.run.resume
+def _resume(resume: str, checkpointer, state, rng, state_sharding, say):
+    """-> (state, rng, data position, history dict) from a checkpoint, or the fresh ones. `resume`: --run.resume
+    (auto, never, or a checkpoint path)."""
     source, step = checkpointer, None
     if resume not in ("auto", "never"):
         directory, step = checkpointing.find_checkpoint_dir(resume)
@@ -285,8 +289,9 @@ def _check_finite(pending, last_saved: int, checkpointer) -> None:
                         f"saving; {where}. Lower --optim.lr or raise --optim.warmup_steps and resume.")
 
 
-def _require_shape(batch: dict, config, step: int) -> dict:
-    want = tuple(config.data.sample_shape)
+def _require_shape(batch: dict, sample_shape, step: int) -> dict:
+    """`batch` if its examples have the shape (H, W, C) `sample_shape` (--data.sample_shape), else DataError."""
+    want = tuple(sample_shape)
     got = tuple(batch["x0"].shape[1:])
     if got != want:
         raise datasets.DataError(f"batch at step {step} has examples of shape {got}, expected {want}")
@@ -296,16 +301,16 @@ def _require_shape(batch: dict, config, step: int) -> dict:
 class _Evaluator:
     """Fixed evaluation noise and conditioning; sample grids, 1-jump error and the quality table.
 
-    The teacher's reference samples (`sample.teacher_steps` DDIM steps) are computed once per run
-    and cached in <run>/eval/teacher_reference.npz.
+    `sample` is the run's `config.SampleConfig`; `n` evaluation examples drawn with `seed`; `guidance_scale` the
+    teacher's (its row's NFE). The teacher's reference samples (`sample.teacher_steps` DDIM steps) are computed
+    once per run and cached in <run>/eval/teacher_reference.npz.
     """
 
-    def __init__(self, config, parts, mesh, teacher, run_dir, reporter):
-        self.config, self.parts, self.mesh, self.teacher = config, parts, mesh, teacher
-        self.run_dir, self.reporter = run_dir, reporter
+    def __init__(self, sample, parts, mesh, teacher, run_dir, reporter, *, n: int, seed: int, guidance_scale: float):
+        self.sample, self.parts, self.mesh, self.teacher = sample, parts, mesh, teacher
+        self.run_dir, self.reporter, self.guidance_scale = run_dir, reporter, guidance_scale
         self.is_main = jax.process_index() == 0
-        n = max(config.run.quality_samples, config.sample.grid_columns)
-        self.noise, self.cond, self.labels = parts.eval_inputs(n, config.run.seed + 1)
+        self.noise, self.cond, self.labels = parts.eval_inputs(n, seed)
         self._reference = None
         self.decode = getattr(parts, "decode", None)  # latents -> images for the grids, or None
 
@@ -325,9 +330,9 @@ class _Evaluator:
                 t0 = time.perf_counter()
                 noise, cond = sh.put_replicated(self.mesh, (self.noise, self.cond))
                 self._reference = np.asarray(_to_host(self.parts.sample_teacher(
-                    self.teacher, noise, cond, self.config.sample.teacher_steps)))
+                    self.teacher, noise, cond, self.sample.teacher_steps)))
                 self.reporter.message(f"teacher reference: {len(self.noise)} samples with "
-                                      f"{self.config.sample.teacher_steps} steps in {time.perf_counter() - t0:.1f}s")
+                                      f"{self.sample.teacher_steps} steps in {time.perf_counter() - t0:.1f}s")
                 if self.is_main:
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     np.savez(path, samples=self._reference)
@@ -337,7 +342,7 @@ class _Evaluator:
         """One quality-table row per `sample.jumps`: NFE, MSE to the teacher reference, quality numbers."""
         reference = self.reference()
         rows = []
-        for jumps in self.config.sample.jumps:
+        for jumps in self.sample.jumps:
             samples = np.asarray(self._flow(params, jumps, len(self.noise)))
             name = f"flow map {jumps} jump{'s' if jumps > 1 else ''}" + (f", {suffix}" if suffix else "")
             row = {"sampler": name, "nfe": jumps, "mse_to_teacher": float(np.mean((samples - reference) ** 2))}
@@ -348,10 +353,10 @@ class _Evaluator:
     def grid(self, params, step: int) -> None:
         """samples/step_N.png: one row per --sample.jumps and the teacher's; a latent teacher's rows decoded
         through its VAE (`parts.decode`, on process 0, in one batch)."""
-        n = self.config.sample.grid_columns
+        n = self.sample.grid_columns
         rows = [(f"{j} jump{'s' if j > 1 else ''}", np.asarray(self._flow(params, j, n)))
-                for j in self.config.sample.jumps]
-        rows.append((f"teacher {self.config.sample.teacher_steps}", self.reference()[:n]))
+                for j in self.sample.jumps]
+        rows.append((f"teacher {self.sample.teacher_steps}", self.reference()[:n]))
         if self.is_main and self.decode is not None:
             t0 = time.perf_counter()
             try:
@@ -373,10 +378,10 @@ class _Evaluator:
 
     def quality_table(self, params, history: dict, step: int) -> list:
         reference = self.reference()
-        guided = self.config.teacher.guidance_scale
+        guided = self.guidance_scale
         rows = []
-        teacher_row = {"sampler": f"teacher DDIM {self.config.sample.teacher_steps} steps",
-                       "nfe": self.config.sample.teacher_steps * (2 if guided != 1.0 else 1), "mse_to_teacher": 0.0}
+        teacher_row = {"sampler": f"teacher DDIM {self.sample.teacher_steps} steps",
+                       "nfe": self.sample.teacher_steps * (2 if guided != 1.0 else 1), "mse_to_teacher": 0.0}
         teacher_row.update(self.parts.quality(reference, self.labels) or {})
         rows.append(teacher_row)
         rows += list(history.get("baseline", []))
@@ -398,7 +403,7 @@ def main(argv=None, build: Callable | None = None) -> int:
     (`flowmap_jax.spec.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
     bug and keeps its traceback)."""
     try:
-        result = run(presets.parse_args(argv), build)
+        result = run(train_cli.parse_args(argv), build)
     except Exception as error:  # mapped below, or re-raised
         code = cli_exit.exit_code(error)
         if code is None:

@@ -73,7 +73,7 @@ def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, sched
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     """AdamW (weight decay on matrices and kernels only, not on biases and norm scales) after
-    global-norm clipping. `optim` is a `presets.OptimConfig`."""
+    global-norm clipping. `optim` is a `config.OptimConfig`."""
     schedule = learning_rate_schedule(optim.lr, optim.warmup_steps, total_steps, optim.schedule)
     decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
     parts = []

@@ -76,14 +76,21 @@ def write_run(run_dir: str, teacher_dir: str, params: dict, ema_params: dict) ->
     (step k holds params + k / 100 and ema_params + k / 1000: each step and each choice is recognisable)."""
     import optax
 
-    from flowmap_jax import checkpointing, presets
+    from flowmap_jax import checkpointing
     from flowmap_jax import train_step as ts
+    from flowmap_jax.config import (
+        DataConfig,
+        ObjectiveConfig,
+        RunConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
 
-    config = presets.TrainConfig(
-        run=presets.RunConfig(dir=run_dir, steps=STEPS[-1], seed=0),
-        teacher=presets.TeacherConfig(path=teacher_dir, guidance_scale=2.0),
-        data=presets.DataConfig(sample_shape=SAMPLE_SHAPE, batch_size=4),
-        objective=presets.ObjectiveConfig(names=("eulerian", "pairs"), weights=(1.0, 0.5), options=json.dumps(
+    config = TrainConfig(
+        run=RunConfig(dir=run_dir, steps=STEPS[-1], seed=0),
+        teacher=TeacherConfig(path=teacher_dir, guidance_scale=2.0),
+        data=DataConfig(sample_shape=SAMPLE_SHAPE, batch_size=4),
+        objective=ObjectiveConfig(names=("eulerian", "pairs"), weights=(1.0, 0.5), options=json.dumps(
             {"guidance_embedding_dim": GUIDANCE_DIM, "guidance_scale_range": [1.0, 3.0]})))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:

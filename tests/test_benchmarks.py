@@ -251,11 +251,11 @@ def test_throughput_table_and_counts():
 
 
 def test_throughput_trainer_flags_parse():
-    from flowmap_jax import presets
+    from flowmap_jax import train_cli
 
     cmd = tt.trainer_command("/tmp/x", 60, 10, ["--objective.names", "eulerian"])
     flags = cmd[cmd.index("flowmap_jax.train") + 1:]
-    config = presets.parse_args(flags)
+    config = train_cli.parse_args(flags)
     assert config.run.steps == 60 and config.run.quality_samples == 0 and not config.run.export
     assert config.run.compilation_cache == "" and config.objective.names == ("eulerian",)
     assert config.run.checkpoint_every > config.run.steps

@@ -212,7 +212,7 @@ def test_the_trainers_export_call(good, tmp_path):
     """What `assembly.build`'s export hook calls at the end of a run (digits-style: CFG baked in at 2.0)."""
     import json as _json
 
-    from flowmap_jax import presets
+    from flowmap_jax.config import DataConfig, TeacherConfig, TrainConfig
     from flowmap_jax.run_provenance import (
         flow_map_config_from_train_config,
         run_provenance,
@@ -220,8 +220,8 @@ def test_the_trainers_export_call(good, tmp_path):
     from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
 
     teacher = os.path.join(good["root"], "teacher")
-    config = presets.TrainConfig(teacher=presets.TeacherConfig(path=teacher, guidance_scale=2.0),
-                                 data=presets.DataConfig(sample_shape=eh.SAMPLE_SHAPE))
+    config = TrainConfig(teacher=TeacherConfig(path=teacher, guidance_scale=2.0),
+                                 data=DataConfig(sample_shape=eh.SAMPLE_SHAPE))
     flow_config = add_target_time_hook_config(eh.TEACHER_UNET_CONFIG)  # assembly's student config
     params = eh.random_params(flow_config)
     folder = export_flow_map(params, flow_config, flow_map_config_from_train_config(config), tmp_path / "export",
@@ -231,7 +231,7 @@ def test_the_trainers_export_call(good, tmp_path):
     assert info.metadata["provenance"]["step"] == 1200 and info.metadata["provenance"]["objectives"][0]["name"]
     assert _json.loads(open(os.path.join(folder, "config.json")).read()).get("time_cond_proj_dim") is None
     with pytest.raises(FileNotFoundError, match="no scheduler_config.json in"):
-        flow_map_config_from_train_config(presets.TrainConfig(teacher=presets.TeacherConfig(
+        flow_map_config_from_train_config(TrainConfig(teacher=TeacherConfig(
             path=str(tmp_path), scheduler_subfolder="scheduler")))
 
 

@@ -10,20 +10,25 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flowmap_jax import presets
+from flowmap_jax import train_cli
 from flowmap_jax.grid_decoder import GridDecoder, grid_decoder
 from flowmap_jax.spec.image_grid import save_grid
 from tests.sd_pipelines import IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE
 
 
 def _config(teacher, *extra):
-    return presets.parse_args(["--preset", "sd15", "--teacher.path", str(teacher), "--data.path", "unused", *extra])
+    return train_cli.parse_args(["--preset", "sd15", "--teacher.path", str(teacher), "--data.path", "unused", *extra])
+
+
+def _sections(config):
+    """The sections `grid_decoder` reads: (teacher, data)."""
+    return config.teacher, config.data
 
 
 def test_a_pipeline_teacher_decodes_through_its_vae(sd15_pipeline):
     from diffusers import AutoencoderKL
 
-    decode, note = grid_decoder(_config(sd15_pipeline), LATENT_CHANNELS)
+    decode, note = grid_decoder(*_sections(_config(sd15_pipeline)), LATENT_CHANNELS)
     assert isinstance(decode, GridDecoder) and note is None
     assert (decode.folder, decode.subfolder) == (str(sd15_pipeline), "vae")
     latents = np.random.default_rng(0).standard_normal((3, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS)).astype(
@@ -41,12 +46,12 @@ def test_fallbacks_keep_the_latent_view_with_a_note(tmp_path, sd15_pipeline):
     teacher = tmp_path / "no_vae"
     for name in ("unet", "scheduler"):
         shutil.copytree(sd15_pipeline / name, teacher / name)
-    decode, note = grid_decoder(_config(teacher), LATENT_CHANNELS)
+    decode, note = grid_decoder(*_sections(_config(teacher)), LATENT_CHANNELS)
     assert decode is None and "has no vae/" in note and str(teacher) in note and "\n" not in note
-    assert grid_decoder(_config(teacher), 1) == (None, None)  # pixels: nothing to decode
+    assert grid_decoder(*_sections(_config(teacher)), 1) == (None, None)  # pixels: nothing to decode
     # an image-folder run's own --data.vae decodes when the teacher folder has none
     config = _config(teacher, "--data.source", "folder", "--data.vae", str(sd15_pipeline))
-    decode, note = grid_decoder(config, LATENT_CHANNELS)
+    decode, note = grid_decoder(*_sections(config), LATENT_CHANNELS)
     assert (decode.folder, decode.subfolder, note) == (str(sd15_pipeline), "vae", None)
 
 

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing, presets, time_pairs
+from flowmap_jax import checkpointing, time_pairs
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.config import OptimConfig
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_pairs import TimePairConfig
 from tests import train_support
@@ -36,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _state(mesh, bump=0.0, step=0):
     params = jax.tree.map(lambda x: x + bump, train_support.init_params())
-    optimizer = ts.make_optimizer(presets.OptimConfig(), 10)
+    optimizer = ts.make_optimizer(OptimConfig(), 10)
     specs = sh.param_specs(params, mesh, 1)
     shardings = ts.state_shardings(params, optimizer, mesh, specs)
     state = ts.init_state(params, optimizer, mesh, specs).replace(step=jnp.int32(step))

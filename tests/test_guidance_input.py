@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import presets, train
+from flowmap_jax import train, train_cli
 from tests import train_support
 
 DIM = 8
@@ -88,7 +88,7 @@ def test_train_with_guidance_as_an_input_and_sample_the_export_at_two_scales(tmp
 
     # At initialisation: the student config gains time_cond_proj_dim with a zero cond_proj, and equals the
     # teacher (the target-time hook's last layer is zero too) at every w; the teacher keeps its config.
-    config = presets.parse_args(flags)
+    config = train_cli.parse_args(flags)
     parts = assembly.build(config, None)
     time_embedding = parts.params["time_embedding"]
     kernel = time_embedding["cond_proj"]["kernel"]

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing, presets
+from flowmap_jax import checkpointing
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.config import OptimConfig
 from tests import train_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _state(mesh, bump=0.0):
     params = jax.tree.map(lambda x: x + bump, train_support.init_params())
-    optimizer = ts.make_optimizer(presets.OptimConfig(), 10)
+    optimizer = ts.make_optimizer(OptimConfig(), 10)
     specs = sh.param_specs(params, mesh, 1)
     shardings = ts.state_shardings(params, optimizer, mesh, specs)
     state = ts.init_state(params, optimizer, mesh, specs)

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from flowmap_jax import datasets, presets, write_shards
+from flowmap_jax import datasets, write_shards
+from flowmap_jax.config import DataConfig
 
 
 def _dataset(n=37):
@@ -76,7 +77,7 @@ def test_shards_round_trip_through_npz_command(tmp_path):
     np.testing.assert_array_equal(got["x0"], x0[[9, 0, 5, 4]])
     np.testing.assert_array_equal(got["cond"]["encoder_hidden_states"], states[[9, 0, 5, 4]])
     assert data.uncond["encoder_hidden_states"].shape == (1, 77, 16)
-    config = presets.DataConfig(source="shards", path=str(out), sample_shape=(8, 8, 4))
+    config = DataConfig(source="shards", path=str(out), sample_shape=(8, 8, 4))
     assert datasets.make_dataset(config, None).num_examples == 10
 
 
@@ -93,7 +94,7 @@ def test_digits_shards_in_float16(tmp_path):
 
 def test_wrong_shape_and_bad_folders_are_clear_errors(tmp_path):
     write_shards.write_shards(str(tmp_path / "s"), np.zeros((3, 8, 8, 4), np.float32))
-    bad = presets.DataConfig(source="shards", path=str(tmp_path / "s"), sample_shape=(16, 16, 1))
+    bad = DataConfig(source="shards", path=str(tmp_path / "s"), sample_shape=(16, 16, 1))
     with pytest.raises(datasets.DataError, match=r"\(8, 8, 4\).*\(16, 16, 1\).*--data.sample_shape"):
         datasets.make_dataset(bad, None)
     with pytest.raises(datasets.DataError, match="index.json"):
@@ -102,7 +103,7 @@ def test_wrong_shape_and_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(datasets.DataError, match="truncated"):
         datasets.ShardsDataset(str(tmp_path / "s"))
     with pytest.raises(datasets.DataError, match="does not exist"):
-        datasets.make_dataset(presets.DataConfig(source="folder", path=str(tmp_path / "nope")), None)
+        datasets.make_dataset(DataConfig(source="folder", path=str(tmp_path / "nope")), None)
 
 
 def test_image_folder_with_class_subfolders(tmp_path):
@@ -113,7 +114,7 @@ def test_image_folder_with_class_subfolders(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((20, 24), 80 * label, np.uint8)).save(tmp_path / str(label) / f"{i}.png")
     table = np.eye(11, 5, dtype=np.float32)
-    config = presets.DataConfig(source="folder", path=str(tmp_path), image_size=16, sample_shape=(16, 16, 1))
+    config = DataConfig(source="folder", path=str(tmp_path), image_size=16, sample_shape=(16, 16, 1))
     data = datasets.make_dataset(config, datasets.LabelConditioner(table))
     assert data.num_examples == 6 and data.sample_shape == (16, 16, 1)
     batch = data.get(np.array([0, 5]))

@@ -10,20 +10,21 @@ import sys
 import numpy as np
 import pytest
 
-from flowmap_jax import distributed, presets
+from flowmap_jax import distributed
+from flowmap_jax.config import DistributedConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_resolve_from_flags_and_environment():
-    none = presets.DistributedConfig()
+    none = DistributedConfig()
     assert distributed.resolve(none, environ={}) is None
     env = {"COORDINATOR_ADDRESS": "10.0.0.1:1234", "NUM_PROCESSES": "4", "PROCESS_ID": "3"}
     assert distributed.resolve(none, env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
                                               "process_id": 3}
     jax_env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
     assert distributed.resolve(none, jax_env)["num_processes"] == 2
-    flags = presets.DistributedConfig(coordinator_address="a:2", num_processes=2, process_id=1)
+    flags = DistributedConfig(coordinator_address="a:2", num_processes=2, process_id=1)
     assert distributed.resolve(flags, env) == {"coordinator_address": "a:2", "num_processes": 2, "process_id": 1}
     with pytest.raises(ValueError, match="PROCESS_ID"):
         distributed.resolve(none, {"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2"})

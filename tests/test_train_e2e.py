@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from flowmap_jax import presets, teacher_folder, train
+from flowmap_jax import teacher_folder, train, train_cli
 from tests import train_support
 
 EMBEDDED = os.path.isdir(os.path.join(teacher_folder.embedded_teacher_folder(), "unet"))
@@ -63,7 +63,7 @@ def test_tiny_teacher_folder_run_writes_the_run_folder(tmp_path, tiny_teacher):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [4] and np.isfinite(records[0]["loss"])
     # The run's own config.json is accepted back (`--config`): the same configuration.
-    assert presets.parse_args(["--config", str(run_dir / "config.json")]) == presets.parse_args(flags)
+    assert train_cli.parse_args(["--config", str(run_dir / "config.json")]) == train_cli.parse_args(flags)
     # Running again finds the finished run: nothing to train, nothing rewritten.
     mtime = (export / "config.json").stat().st_mtime
     assert train.main(flags) == 0

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import objectives, presets
+from flowmap_jax import objectives
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
+from flowmap_jax.config import OptimConfig
 from tests import train_support
 
 GLOBAL_BATCH = 16
@@ -32,7 +33,7 @@ def _batches(n_steps):
 
 def _train(mesh, n_steps=10, loss_fn=None, fsdp_min_size=1):
     params = train_support.init_params()
-    optimizer = ts.make_optimizer(presets.OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.01), n_steps)
+    optimizer = ts.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.01), n_steps)
     specs = sh.param_specs(params, mesh, fsdp_min_size)
     state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
     state = ts.init_state(params, optimizer, mesh, specs)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax import assembly, datasets, presets
+from flowmap_jax import assembly, datasets, train_cli
 
 SHAPE = (4, 4, 1)
 HIDDEN = 64
@@ -201,7 +201,7 @@ def main(argv) -> int:
     dump = os.environ.get("STANDIN_DUMP")
     if not dump:
         return train.main(STANDIN_FLAGS + argv, build=build)
-    config = presets.parse_args(STANDIN_FLAGS + argv)
+    config = train_cli.parse_args(STANDIN_FLAGS + argv)
     result = train.run(config, build)
     host = train._to_host({"params": result.state.params, "ema": result.state.ema_params})
     np.savez(dump.replace("{process}", str(jax.process_index())),
