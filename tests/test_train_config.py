@@ -30,7 +30,7 @@ def test_default_is_digits_and_sd15_is_data():
     xl = presets.sdxl()
     assert xl.preset == "sdxl" and xl.data.sample_shape == (128, 128, 4) and xl.data.image_size == 1024
     assert xl.model.dtype == "bfloat16" and xl.model.remat and xl.data.source == "shards" and xl.mesh.fsdp == 8
-    assert set(presets.PRESETS) == {"digits", "sd15", "sdxl"}
+    assert {"digits", "sd15", "sdxl"} <= set(presets.PRESETS)  # the documented ones; a new preset is one file
     for name, make in presets.PRESETS.items():
         config = make()
         assert config.preset == name and make() is not config and make() == config  # a fresh value each call
