@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flowmap_jax import presets
-from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +117,7 @@ def test_help_shows_the_chosen_presets_values():
 def test_help_shows_choices_and_aliases():
     text = _flat(presets.help_text())
     for choices in ("{float32,bfloat16}", "{digits,folder,shards}", "{constant,cosine}", "{uniform,logsnr}",
-                    "{pairs,lagrangian,eulerian,progressive}"):
+                    "{" + ",".join(objective_names()) + "}"):  # the registered objectives, in their order
         assert choices in text, choices
     for aliases in ("-n INT, --steps INT, --run.steps INT", "-b INT, --batch_size INT, --data.batch_size INT",
                     "-t STR, --teacher STR, --teacher.path STR", "--lr FLOAT, --optim.lr FLOAT"):
@@ -195,7 +195,8 @@ def test_objective_options_flag_updates_the_presets_options():
     assert options.time_pairs.length_power == digits.time_pairs.length_power
     assert options.teacher_steps == digits.teacher_steps != ObjectiveOptions().teacher_steps
     sd15 = presets.PRESETS["sd15"]().objective.options
-    changed = presets.parse_args(["--preset", "sd15", "--data.path", "shards", "--options", '{"jvp": "finite_difference"}']).objective.options
+    changed = presets.parse_args(["--preset", "sd15", "--data.path", "shards", "--objective.names", "eulerian",  # jvp: a JVP objective's
+                                  "--options", '{"jvp": "finite_difference"}']).objective.options
     assert changed.jvp == "finite_difference"
     assert dataclasses.replace(changed, jvp=sd15.jvp) == sd15
     with pytest.raises(presets.ConfigError, match="time_pairs.*lenght_power"):
