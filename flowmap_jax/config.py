@@ -23,7 +23,7 @@ from tyro.conf import Suppress, arg
 from tyro.constructors import PrimitiveConstructorSpec
 
 from flowmap_jax.spec.cli_exit import BadInput
-from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
 from flowmap_jax.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
 _JSON_OPTIONS = PrimitiveConstructorSpec(
@@ -36,8 +36,8 @@ class ConfigError(BadInput, ValueError):
     """A bad command-line flag or configuration value; the message names the flag."""
 
 
-ObjectiveName = Literal["pairs", "lagrangian", "eulerian", "progressive"]
-"""The objectives of `flowmap_jax.objectives.OBJECTIVES` (a test keeps the two lists equal)."""
+ObjectiveName = Literal[objective_names()]
+"""The objectives of `spec.objective_options.OBJECTIVE_OPTIONS` (each backend's OBJECTIVES checks it holds the same)."""
 
 
 @dataclass
@@ -97,9 +97,9 @@ class DataConfig:
 class ObjectiveConfig:
     """What is minimised: a weighted sum of flow-map objectives from `flowmap_jax.objectives`."""
 
-    names: tuple[ObjectiveName, ...] = ("pairs",)  # objectives by name: pairs, lagrangian, eulerian, progressive
+    names: tuple[ObjectiveName, ...] = ("pairs",)  # objectives by name (spec.objective_options.OBJECTIVE_OPTIONS)
     weights: tuple[float, ...] = (1.0,)  # one weight per name
-    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(teacher_steps=4)  # options of every objective (spec.objective_options.ObjectiveOptions); on the command line a JSON object of the options to change (the rest keep the preset's values)
+    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(teacher_steps=4)  # the objectives' options (spec.objective_options: each objective's class and defaults); on the command line a JSON object of the options to change (the rest keep the preset's values), each set on every named objective that has it
 
     def __post_init__(self):
         if not isinstance(self.options, ObjectiveOptions):  # a JSON string (the flag, an old config.json) or a dict

@@ -1,6 +1,6 @@
 """Flow-map objectives in JAX (mirrored by `torch_ref.objectives`): one function each, one registry.
 
-    loss_fn = make_objective(name, flow_map, options)        # options: ObjectiveOptions or a dict
+    loss_fn = make_objective(name, flow_map, options)        # options: its options class, ObjectiveOptions or a dict
     loss, metrics = loss_fn(params, teacher, batch, rng)     # pure; jit/grad/vmap it freely
 
 batch: {"x0": (B, ...) data (Flax images (B, H, W, C)), "cond": dict of (B, ...) UNet keyword arguments or
@@ -23,8 +23,8 @@ swamp the rest and training stalls). d/dtheta = (dt/dtheta) d/dt, with dt/dtheta
 - `progressive` (PSD/shortcut): |X(x_s, s, t) - sg(X(X(x_s, s, u), u, t))|^2 with u uniform between s and t,
   plus `progressive_anchor_weight` |v_X(x_s, s) - sg(v(x_s, s))|^2 ds/dtheta, v_X the map's velocity at t = s
   (d/dt X(x_s, s, t) at t = s, i.e. the velocity of F(x_s, s, s)).
-Residual forms of the JVP objectives (`residual_form`, default "auto": stopgrad for eulerian, direct for
-lagrangian, measured in `ObjectiveOptions`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised)
+Residual forms of the JVP objectives (`residual_form`; each objective's default: stopgrad for eulerian, direct
+for lagrangian, measured in `spec.objective_options.JvpOptions`): "stopgrad" minimises |X - sg(X - r')|^2 with r' the (normalised)
 residual signed so that X moves towards its better-anchored neighbour (eulerian: r' = sign(s - t) r, the
 sCM/AYF target X(x_{s-ds}, s - ds, t); lagrangian: r' = -sign(s - t) r, the target Phi(X(x_s, s, t + dt),
 t + dt -> t)); its value is |r'|^2 and it needs no backward pass through the JVP. "direct" minimises |r|^2
@@ -33,8 +33,10 @@ through the JVP. The JVP objectives scale X and r of each jump by 1 / max(1, |c_
 max(|c_F(s, t)|, floor)^p (`output_scale_power`), which moves the loss from X's units towards the output F's;
 the default is p = 2 with tangent normalisation for eulerian (its stop-gradient step on F is otherwise
 sin(d) r, which vanishes near the diagonal where r carries the teacher's velocity), p = 0 for the others.
-Switches (`spec.objective_options.ObjectiveOptions`): tangent normalisation, tangent warm-up, adaptive weight,
-finite-difference JVP, guidance-scale sampling and embedding. Times at which an objective evaluates the
+Each objective's options are its own dataclass (`spec.objective_options.OBJECTIVE_OPTIONS`: `SharedOptions`,
+which every objective has, and its subclasses `PairsOptions`, `JvpOptions` (lagrangian), `EulerianOptions`,
+`ProgressiveOptions`): tangent normalisation, tangent warm-up, adaptive weight, finite-difference JVP,
+guidance-scale sampling and embedding, each objective's own defaults. Times at which an objective evaluates the
 teacher (lagrangian: t; pairs, eulerian and progressive: s) are clipped into [max(t_eval_min, t_clean +
 1e-3 time_unit), t_noise] (and the finite-difference stencil into the schedule), batch-given times included.
 
@@ -59,7 +61,15 @@ from flowmap_jax.flow_map import (  # noqa: F401 (re-export)
     guidance_scale_embedding,
 )
 from flowmap_jax.schedules import expand_time
-from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.spec.objective_options import (
+    EulerianOptions,
+    JvpOptions,
+    PairsOptions,
+    ProgressiveOptions,
+    SharedOptions,
+    check_objective_names,
+    objective_options,
+)
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
            "finite_difference_jvp", "combine_objectives"]
@@ -68,7 +78,8 @@ OBJECTIVES: dict[str, Callable] = {}
 
 
 def register_objective(name: str):
-    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`."""
+    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`, one of
+    `spec.objective_options.OBJECTIVE_OPTIONS` (`options` an instance of its options class there)."""
     def register(fn):
         OBJECTIVES[name] = fn
         return fn
@@ -76,10 +87,12 @@ def register_objective(name: str):
 
 
 def make_objective(name: str, flow_map, options=None):
-    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES)."""
+    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES).
+    options: None (the objective's defaults), an instance of its options class, an `ObjectiveOptions` (a run's
+    settings) or a dict of option names (`spec.objective_options.objective_options`)."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}: expected one of {tuple(OBJECTIVES)}")
-    options = ObjectiveOptions.create(options)
+    options = objective_options(name, options)
 
     def loss_fn(params, teacher, batch, rng):
         return OBJECTIVES[name](flow_map, options, params, teacher, batch, rng)
@@ -99,7 +112,7 @@ def _per_example_mean(x):
     return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)
 
 
-def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
+def _eval_range(schedule, options: SharedOptions, fd: bool):
     """[lo, hi] (floats) where an objective may evaluate the teacher and, with fd, centre a difference
     stencil t +- fd_eps dt/dtheta (kept inside the schedule with a factor-2 margin)."""
     lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)
@@ -112,7 +125,7 @@ def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
     return lo, hi
 
 
-def _warmup(options: ObjectiveOptions, batch, batch_size):
+def _warmup(options: JvpOptions, batch, batch_size):
     """The factor on the network's JVP term: 1, or tangent_warmup_max * min(step / steps, 1)."""
     if options.tangent_warmup_steps <= 0:
         return jnp.ones((batch_size,), jnp.float32)
@@ -122,7 +135,7 @@ def _warmup(options: ObjectiveOptions, batch, batch_size):
     return options.tangent_warmup_max * jnp.minimum(step / options.tangent_warmup_steps, 1.0)
 
 
-def _student_map(flow_map, options: ObjectiveOptions, batch, batch_size):
+def _student_map(flow_map, options: SharedOptions, batch, batch_size):
     """The flow map the loss trains: during the head warm-up (`head_warmup_steps` > 0) its coefficients are
     blended with the teacher's DDIM step, weight max(0, 1 - step / head_warmup_steps) (see
     `flowmap_jax.flow_map`, "Head mismatch")."""
@@ -153,7 +166,7 @@ def _check_batch(batch):
     return b
 
 
-def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None, target_range=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
     """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces."""
     schedule = flow_map.schedule
     b = _check_batch(batch)
@@ -183,41 +196,40 @@ def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None,
     return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, k_mid=k_mid)
 
 
-def _finish(per_example, options: ObjectiveOptions, raw_residual):
+def _finish(per_example, options: SharedOptions, raw_residual):
     if options.adaptive_weight:
         per_example = per_example / _sg((per_example + options.adaptive_weight_c) ** options.adaptive_weight_p)
     loss = jnp.mean(per_example)
     return loss, {"loss": loss, "residual_rms": jnp.sqrt(jnp.mean(jnp.square(_sg(raw_residual))))}
 
 
-def _jump_weight(c_x, options: ObjectiveOptions):
+def _jump_weight(c_x, options: JvpOptions):
     """(B,) per-example scale 1 / max(1, |c_x(s, t)|) (or ones with jump_scale_normalization off)."""
     if not options.jump_scale_normalization:
         return jnp.ones_like(c_x)
     return _sg(1.0 / jnp.maximum(jnp.abs(c_x), 1.0))
 
 
-def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
+def _output_scale_weight(flow_map, s, t, options: SharedOptions):
     """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X or a JVP residual
-    (`output_scale_power`, resolved for `objective`; the scalar 1.0 when the power is 0), c_F the map's own
-    output coefficient."""
-    power = options.output_scale_power_for(objective)
+    (`output_scale_power`; the scalar 1.0 when the power is 0), c_F the map's own output coefficient."""
+    power = options.output_scale_power
     if power == 0:
         return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
     return _sg(jnp.maximum(jnp.abs(c_f), options.output_scale_floor) ** -power)
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale):
+def _jvp_loss(x_map, residual, direction, options: JvpOptions, weight, output_scale):
     """Loss of a JVP objective from X (B, ...), its residual r (B, ...) and the jump weight (B,);
     direction (B,) signs r for the stop-gradient form."""
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
     r = residual
-    if options.tangent_normalization_for(objective):
+    if options.tangent_normalization:
         norm = jnp.sqrt(jnp.sum(jnp.reshape(jnp.square(r), (r.shape[0], -1)), axis=1))
         r = r / expand_time(_sg(norm) + options.tangent_norm_c, r)
-    if options.residual_form_for(objective) == "stopgrad":
+    if options.residual_form == "stopgrad":
         r = expand_time(direction, r) * _sg(r)
         per_example = _per_example_mean(jnp.square(x_map - _sg(x_map - r)))
     else:
@@ -229,7 +241,7 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
 # The objectives.
 
 @register_objective("pairs")
-def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2 (see the module docstring)."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"])
@@ -238,12 +250,12 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                     spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - _sg(target)
-    weight = _output_scale_weight("pairs", flow_map, p["s"], p["t"], options)
+    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
     return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
 
 
 @register_objective("lagrangian")
-def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def lagrangian(flow_map, options: JvpOptions, params, teacher, batch, rng):
     """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
@@ -256,12 +268,12 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
     v = teacher.velocity(_sg(x_map), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - _sg(v)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("lagrangian", x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight("lagrangian", flow_map, s, t, options))
+    return _jvp_loss(x_map, residual, -jnp.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("eulerian")
-def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def eulerian(flow_map, options: EulerianOptions, params, teacher, batch, rng):
     """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE (see the module docstring)."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
@@ -273,12 +285,12 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   network_tangent_scale=_warmup(options, batch, p["b"]), method=options.jvp,
                                   fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("eulerian", x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight("eulerian", flow_map, s, t, options))
+    return _jvp_loss(x_map, residual, jnp.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("progressive")
-def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, rng):
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor (see the module docstring)."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
@@ -291,10 +303,13 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     err = fmap(params, x_s, s, t, cond) - target
     # Anchor: the map's velocity at t = s (network told t = s) against the teacher's, both per unit angle.
     anchor = fmap.velocity(params, x_s, s, cond) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
-    scale = _output_scale_weight("progressive", flow_map, s, t, options)
+    scale = _output_scale_weight(flow_map, s, t, options)
     per_example = (scale * _per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
+
+
+check_objective_names(OBJECTIVES, __name__)
 
 
 # --------------------------------------------------------------------------------------------------

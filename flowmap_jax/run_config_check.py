@@ -7,19 +7,24 @@ often to log, sample and save, where the processes and devices are); any other d
 `ConfigChanged` error naming every such field with its old and new value, unless
 `--run.allow_config_change` is given: then the changes are appended to `<run>/config_changes.jsonl`
 ({"time", "changes": {"section.field": [old, new]}}) and the run goes on with the new values.
+The objective options are compared as `spec.objective_options.ObjectiveOptions` reads them, so a run written
+before an option was added or renamed to its canonical spelling resumes without a change.
 Pure Python (no jax).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 from flowmap_jax.spec.cli_exit import BadInput
+from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 CONFIG_NAME = "config.json"
 CHANGES_NAME = "config_changes.jsonl"
+OPTIONS_PREFIX = "objective.options."
 
 MAY_CHANGE = frozenset({
     "preset",  # informational: the fields themselves are compared
@@ -74,9 +79,32 @@ def effective_config(run_dir: str) -> dict | None:
     return config
 
 
+def canonical_options(config: dict) -> dict:
+    """A flattened config with its `objective.options.*` fields as `ObjectiveOptions` holds them (every current
+    option, old spellings read, defaults filled in); unchanged if they do not read as options."""
+    nested: dict = {}
+    for key, value in config.items():
+        if key.startswith(OPTIONS_PREFIX):
+            *parents, leaf = key[len(OPTIONS_PREFIX):].split(".")
+            target = nested
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = value
+    if not nested:
+        return config
+    try:
+        options = dataclasses.asdict(ObjectiveOptions.create(nested))
+    except (TypeError, ValueError):
+        return config
+    out = {key: value for key, value in config.items() if not key.startswith(OPTIONS_PREFIX)}
+    out.update(flatten({"objective": {"options": options}}))
+    return out
+
+
 def differences(old: dict, new: dict) -> dict:
     """{field: (old, new)} for every flattened field outside MAY_CHANGE whose values differ (a field
-    missing on one side shows as None)."""
+    missing on one side shows as None; the objective options compared through `canonical_options`)."""
+    old, new = canonical_options(old), canonical_options(new)
     out = {}
     for key in sorted(set(old) | set(new)):
         if key in MAY_CHANGE:

@@ -1,6 +1,6 @@
 """What a training run's config says about its flow map: the export's FlowMapConfig and its provenance.
 
-`config` everywhere is a `presets.TrainConfig`, its dict, or the path of a run's config.json
+`config` everywhere is a `config.TrainConfig`, its dict, or the path of a run's config.json
 (`read_train_config`). `flow_map_config_from_train_config` finds the teacher's scheduler config and label
 table through `flowmap_jax.teacher_folder`; `run_provenance` is the free-form record written into
 flowmap.json (teacher, objectives, steps, seed, the whole training config). No jax, no torch.

@@ -290,7 +290,8 @@ def parse_args(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     if "objective.options" in typed and not wants_help:  # the JSON updates the base's options, not the defaults
         flag, text = typed["objective.options"]
         try:
-            config.objective.options = ObjectiveOptions.from_json(text, base=base.objective.options)
+            config.objective.options = ObjectiveOptions.from_json(text, base=base.objective.options,
+                                                                  objectives=config.objective.names)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{flag}: {error}") from None
     validate(config)

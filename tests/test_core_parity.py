@@ -17,6 +17,7 @@ from flowmap_jax import flow_map as jf
 from flowmap_jax import objectives as jo
 from flowmap_jax import samplers as js
 from flowmap_jax import teacher as jt
+from flowmap_jax.spec.objective_options import objective_names
 from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_grid import time_grid
@@ -152,22 +153,18 @@ def test_flow_map_samples(net_kind, jumps):
 # Objectives: loss and parameter gradients.
 
 GUIDED = {"guidance_scale_range": (1.0, 3.0), "guidance_embedding_dim": 6}
-CASES = [
-    ("pairs", "cfg", {}),
+CASES = [(name, "cfg", {}) for name in objective_names()] + [  # every registered objective at its defaults
     ("pairs", "cfg", {"teacher_solver": "heun", "teacher_steps": 3, "adaptive_weight": True}),
     ("pairs", "autoguidance", dict(GUIDED, teacher_solver="ddim", teacher_steps=4)),
     ("pairs", "cfg", {"output_scale_power": 2.0}),
-    ("lagrangian", "cfg", {}),
     ("lagrangian", "cfg", {"tangent_normalization": True, "adaptive_weight": True, "tangent_warmup_steps": 100}),
     ("lagrangian", "cfg", {"residual_form": "direct"}),
     ("lagrangian", "autoguidance", dict(GUIDED, jvp="finite_difference")),
     ("lagrangian", "cfg", {"output_scale_power": 2.0}),
-    ("eulerian", "cfg", {}),
     ("eulerian", "cfg", {"tangent_normalization": True, "adaptive_weight": True, "tangent_warmup_steps": 100}),
     ("eulerian", "cfg", {"residual_form": "direct", "adaptive_weight": True, "adaptive_weight_p": 0.5}),
     ("eulerian", "autoguidance", dict(GUIDED, jvp="finite_difference")),
     ("eulerian", "cfg", {"tangent_normalization": False, "output_scale_power": 1.0}),
-    ("progressive", "cfg", {}),
     ("progressive", "autoguidance", dict(GUIDED, adaptive_weight=True)),
     ("progressive", "cfg", {"output_scale_power": 1.5, "output_scale_floor": 0.3}),
 ]

@@ -17,7 +17,15 @@ from typing import Callable
 
 import torch
 
-from flowmap_jax.spec.objective_options import ObjectiveOptions
+from flowmap_jax.spec.objective_options import (
+    EulerianOptions,
+    JvpOptions,
+    PairsOptions,
+    ProgressiveOptions,
+    SharedOptions,
+    check_objective_names,
+    objective_options,
+)
 from torch_ref import samplers, schedules, time_pairs
 from torch_ref.flow_map import (  # noqa: F401 (re-export)
     finite_difference_jvp,
@@ -34,7 +42,8 @@ OBJECTIVES: dict[str, Callable] = {}
 
 
 def register_objective(name: str):
-    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`."""
+    """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`, one of
+    `spec.objective_options.OBJECTIVE_OPTIONS` (`options` an instance of its options class there)."""
     def register(fn):
         OBJECTIVES[name] = fn
         return fn
@@ -42,10 +51,12 @@ def register_objective(name: str):
 
 
 def make_objective(name: str, flow_map, options=None):
-    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES)."""
+    """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES).
+    options: None (the objective's defaults), an instance of its options class, an `ObjectiveOptions` (a run's
+    settings) or a dict of option names (`spec.objective_options.objective_options`)."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}: expected one of {tuple(OBJECTIVES)}")
-    options = ObjectiveOptions.create(options)
+    options = objective_options(name, options)
 
     def loss_fn(params, teacher, batch, rng):
         return OBJECTIVES[name](flow_map, options, params, teacher, batch, rng)
@@ -61,7 +72,7 @@ def _per_example_mean(x):
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
+def _eval_range(schedule, options: SharedOptions, fd: bool):
     lo = max(schedule.t_eval_min, schedule.t_clean + 1e-3 * schedule.time_unit)
     hi = schedule.t_noise
     if fd:
@@ -71,7 +82,7 @@ def _eval_range(schedule, options: ObjectiveOptions, fd: bool):
     return lo, hi
 
 
-def _warmup(options: ObjectiveOptions, batch, batch_size, device):
+def _warmup(options: JvpOptions, batch, batch_size, device):
     if options.tangent_warmup_steps <= 0:
         return torch.ones(batch_size, device=device)
     if "step" not in batch:
@@ -80,7 +91,7 @@ def _warmup(options: ObjectiveOptions, batch, batch_size, device):
     return options.tangent_warmup_max * torch.clamp(step / options.tangent_warmup_steps, max=1.0)
 
 
-def _student_map(flow_map, options: ObjectiveOptions, batch, batch_size, device):
+def _student_map(flow_map, options: SharedOptions, batch, batch_size, device):
     """The map the loss trains, blended with the teacher's DDIM step during the head warm-up."""
     if options.head_warmup_steps <= 0:
         return flow_map
@@ -110,7 +121,7 @@ def _check_batch(batch):
     return b
 
 
-def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None, target_range=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
@@ -140,37 +151,37 @@ def _prepare(flow_map, options: ObjectiveOptions, batch, rng, source_range=None,
     return dict(b=b, x_s=x_s, s=s, t=t, cond=cond, student_cond=student_cond, w=w, rng=rng, device=device)
 
 
-def _finish(per_example, options: ObjectiveOptions, raw_residual):
+def _finish(per_example, options: SharedOptions, raw_residual):
     if options.adaptive_weight:
         per_example = per_example / ((per_example + options.adaptive_weight_c) ** options.adaptive_weight_p).detach()
     loss = per_example.mean()
     return loss, {"loss": loss.detach(), "residual_rms": raw_residual.detach().square().mean().sqrt()}
 
 
-def _jump_weight(c_x, options: ObjectiveOptions):
+def _jump_weight(c_x, options: JvpOptions):
     if not options.jump_scale_normalization:
         return torch.ones_like(c_x)
     return (1.0 / torch.clamp(c_x.abs(), min=1.0)).detach()
 
 
-def _output_scale_weight(objective, flow_map, s, t, options: ObjectiveOptions):
+def _output_scale_weight(flow_map, s, t, options: SharedOptions):
     """(B,) per-example factor 1 / max(|c_F(s, t)|, floor)^power on a squared error in X or a JVP residual
-    (`output_scale_power`, resolved for `objective`; 1.0 when the power is 0)."""
-    power = options.output_scale_power_for(objective)
+    (`output_scale_power`; 1.0 when the power is 0)."""
+    power = options.output_scale_power
     if power == 0:
         return 1.0
     _, c_f = flow_map.own_coefficients(s, t)
     return (torch.clamp(c_f.abs(), min=options.output_scale_floor) ** -power).detach()
 
 
-def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, weight, output_scale):
+def _jvp_loss(x_map, residual, direction, options: JvpOptions, weight, output_scale):
     x_map = expand_time(weight, x_map) * x_map
     residual = expand_time(weight, residual) * residual
     r = residual
-    if options.tangent_normalization_for(objective):
+    if options.tangent_normalization:
         norm = r.reshape(r.shape[0], -1).square().sum(dim=1).sqrt()
         r = r / expand_time(norm.detach() + options.tangent_norm_c, r)
-    if options.residual_form_for(objective) == "stopgrad":
+    if options.residual_form == "stopgrad":
         r = expand_time(direction, r) * r.detach()
         per_example = _per_example_mean((x_map - (x_map - r).detach()).square())
     else:
@@ -182,7 +193,7 @@ def _jvp_loss(objective, x_map, residual, direction, options: ObjectiveOptions, 
 # The objectives.
 
 @register_objective("pairs")
-def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
@@ -192,12 +203,12 @@ def pairs(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                         spacing=options.teacher_spacing)
     x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
     err = x_map - target.detach()
-    weight = _output_scale_weight("pairs", flow_map, p["s"], p["t"], options)
+    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
     return _finish(weight * _per_example_mean(err.square()), options, err)
 
 
 @register_objective("lagrangian")
-def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def lagrangian(flow_map, options: JvpOptions, params, teacher, batch, rng):
     """r = dX/dtheta_t (x_s, s, t) - v(sg(X), t) dt/dtheta."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, target_range=_eval_range(flow_map.schedule, options, fd))
@@ -211,12 +222,12 @@ def lagrangian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng)
         v = teacher.velocity(x_map.detach(), t, p["cond"], p["w"]) * expand_time(dt, x_s)
     residual = d_map - v
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("lagrangian", x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight("lagrangian", flow_map, s, t, options))
+    return _jvp_loss(x_map, residual, -torch.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("eulerian")
-def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def eulerian(flow_map, options: EulerianOptions, params, teacher, batch, rng):
     """r = d/dtheta_s X(x_s, s, t) along the teacher's ODE."""
     fd = options.jvp == "finite_difference"
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, fd))
@@ -229,12 +240,12 @@ def eulerian(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
                                   network_tangent_scale=_warmup(options, batch, p["b"], p["device"]),
                                   method=options.jvp, fd_eps=options.fd_eps)
     c_x, _ = fmap.coefficients(s, t)
-    return _jvp_loss("eulerian", x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options),
-                     _output_scale_weight("eulerian", flow_map, s, t, options))
+    return _jvp_loss(x_map, residual, torch.sign(s - t), options, _jump_weight(c_x, options),
+                     _output_scale_weight(flow_map, s, t, options))
 
 
 @register_objective("progressive")
-def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng):
+def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, rng):
     """Semigroup X(x, s, t) = sg(X(X(x, s, u), u, t)) plus the velocity anchor."""
     schedule = flow_map.schedule
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(schedule, options, False))
@@ -251,7 +262,10 @@ def progressive(flow_map, options: ObjectiveOptions, params, teacher, batch, rng
     with torch.no_grad():
         v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
     anchor = fmap.velocity(params, x_s, s, cond) - v_teacher
-    scale = _output_scale_weight("progressive", flow_map, s, t, options)
+    scale = _output_scale_weight(flow_map, s, t, options)
     per_example = (scale * _per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)
+
+
+check_objective_names(OBJECTIVES, __name__)
