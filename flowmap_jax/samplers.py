@@ -123,7 +123,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         return x
 
     if solver == "heun":
-        rectified = schedule.kind == "rectified_flow"
+        rectified = not schedule.variance_preserving  # linear path: Heun on the flow velocity in t
 
         def body(x_cur, inputs):
             t_cur, t_next, _ = inputs

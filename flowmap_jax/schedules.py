@@ -1,10 +1,11 @@
 """Noise schedules in JAX: alpha_t, sigma_t and their time derivatives at float t.
 
-The schedule itself (kind, betas, time range) is the pure-Python `ScheduleConfig` of
-`flowmap_jax.spec.schedule`, shared with `torch_ref.schedules`; its module docstring fixes the time
-convention. Summary: times are floats in the teacher's own units; DDPM: t in [-1, N - 1], alpha_t^2 =
-alphas_cumprod[t] at integers, log(alpha) linear in between, t = -1 clean; VP cosine and rectified flow:
-t in [0, T], t = 0 clean.
+The schedule itself (one class per kind: fields, time range, formulas) is the pure-Python `ScheduleConfig`
+of `flowmap_jax.spec.schedule`, shared with `torch_ref.schedules`; its module docstring fixes the time
+convention. Each class writes its formulas once against an `ArrayOps`; this module passes jax.numpy's
+(float32), so no function here knows the kinds. Summary: times are floats in the teacher's own units; DDPM:
+t in [-1, N - 1], alpha_t^2 = alphas_cumprod[t] at integers, log(alpha) linear in between, t = -1 clean; VP
+cosine and rectified flow: t in [0, T], t = 0 clean.
 
 Every function takes `t` as a scalar or an array of any shape (float32) and returns arrays of t's shape.
 Range checks (`check_times`) run only on concrete values: under `jax.jit` times are traced and unchecked.
@@ -12,13 +13,12 @@ Range checks (`check_times`) run only on concrete values: under `jax.jit` times 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa: F401 (re-export)
+from flowmap_jax.spec.schedule.array_ops import ArrayOps
 from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
@@ -37,38 +37,76 @@ def check_times(schedule: ScheduleConfig, t, name: str = "t") -> None:
     check_time_values(schedule, values, name)
 
 
-def _ddpm_log_alpha(schedule: ScheduleConfig, t):
-    """log(alpha_t) and its slope d log(alpha)/dt, piecewise linear between integer steps."""
-    table = jnp.asarray(schedule.log_alpha_table, jnp.float32)  # entry k is t = k - 1
-    n = schedule.num_train_timesteps
-    u = t + 1.0
-    index = jnp.clip(jnp.floor(u), 0, n - 1)
-    frac = u - index
-    index = index.astype(jnp.int32)
-    lo, hi = table[index], table[index + 1]
-    slope = hi - lo
-    return lo + frac * slope, slope
+class _JaxOps(ArrayOps):
+    """jax.numpy, float32 (`spec.schedule.array_ops`): what the schedule classes' formulas run on here."""
+
+    def asarray(self, values):
+        return jnp.asarray(values, jnp.float32)
+
+    def constant(self, table, like):
+        return jnp.asarray(table, jnp.float32)
+
+    def to_index(self, x):
+        return x.astype(jnp.int32)
+
+    def full_like(self, x, value):
+        return jnp.full_like(x, value)
+
+    def where(self, condition, x, y):
+        return jnp.where(condition, x, y)
+
+    def clip(self, x, lo, hi):
+        return jnp.clip(x, lo, hi)
+
+    def maximum(self, x, value):
+        return jnp.maximum(x, value)
+
+    def interp(self, x, xp, fp):
+        return jnp.interp(x, xp, fp)
+
+    def isinf(self, x):
+        return jnp.isinf(x)
+
+    def floor(self, x):
+        return jnp.floor(x)
+
+    def exp(self, x):
+        return jnp.exp(x)
+
+    def expm1(self, x):
+        return jnp.expm1(x)
+
+    def log(self, x):
+        return jnp.log(x)
+
+    def log1p(self, x):
+        return jnp.log1p(x)
+
+    def sqrt(self, x):
+        return jnp.sqrt(x)
+
+    def sin(self, x):
+        return jnp.sin(x)
+
+    def cos(self, x):
+        return jnp.cos(x)
+
+    def tan(self, x):
+        return jnp.tan(x)
+
+    def arctan(self, x):
+        return jnp.arctan(x)
+
+    def arccos(self, x):
+        return jnp.arccos(x)
 
 
-def _cosine_theta(schedule: ScheduleConfig, t):
-    s = schedule.cosine_s
-    return (t / schedule.time_scale + s) / (1.0 + s) * (math.pi / 2)
+_OPS = _JaxOps()
 
 
 def alpha_sigma(schedule: ScheduleConfig, t):
     """(alpha_t, sigma_t), float32 arrays of t's shape: x_t = alpha_t * x0 + sigma_t * eps."""
-    t = jnp.asarray(t, jnp.float32)
-    if schedule.kind == "ddpm":
-        log_alpha, _ = _ddpm_log_alpha(schedule, t)
-        return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-    if schedule.kind == "vp_cosine":
-        theta = _cosine_theta(schedule, t)
-        if schedule.cosine_s == 0.0:  # cos(pi/2) is -4e-8 in float32: clamp the noise end to alpha = 0
-            return jnp.maximum(jnp.cos(theta), 0.0), jnp.sin(theta)
-        alpha = jnp.maximum(jnp.cos(theta), 0.0) / math.cos(_cosine_theta(schedule, 0.0))
-        return alpha, jnp.sqrt(jnp.maximum(1.0 - alpha * alpha, 0.0))
-    tau = t / schedule.time_scale
-    return 1.0 - tau, tau
+    return schedule.alpha_sigma(t, _OPS)
 
 
 def alpha_sigma_derivatives(schedule: ScheduleConfig, t):
@@ -79,24 +117,7 @@ def alpha_sigma_derivatives(schedule: ScheduleConfig, t):
     infinite at the clean end t = -1 (and at t = 0 for VP cosine with s > 0). Matches autodiff of
     `alpha_sigma` away from those points.
     """
-    t = jnp.asarray(t, jnp.float32)
-    if schedule.kind == "ddpm":
-        log_alpha, slope = _ddpm_log_alpha(schedule, t)
-        alpha, sigma = jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
-        d_alpha = alpha * slope
-        return d_alpha, -alpha * d_alpha / sigma
-    if schedule.kind == "vp_cosine":
-        theta = _cosine_theta(schedule, t)
-        d_theta = math.pi / 2 / ((1.0 + schedule.cosine_s) * schedule.time_scale)
-        if schedule.cosine_s == 0.0:
-            return -jnp.sin(theta) * d_theta, jnp.cos(theta) * d_theta
-        c0 = math.cos(_cosine_theta(schedule, 0.0))
-        alpha = jnp.cos(theta) / c0
-        sigma = jnp.sqrt(jnp.maximum(1.0 - alpha * alpha, 0.0))
-        d_alpha = -jnp.sin(theta) / c0 * d_theta
-        return d_alpha, -alpha * d_alpha / sigma
-    rate = jnp.full_like(t, 1.0 / schedule.time_scale)
-    return -rate, rate
+    return schedule.alpha_sigma_derivatives(t, _OPS)
 
 
 def angle(schedule: ScheduleConfig, t):
@@ -117,23 +138,7 @@ def dtheta_dt(schedule: ScheduleConfig, t):
 def time_from_rho(schedule: ScheduleConfig, rho):
     """The time t at which sigma_t / alpha_t = rho (rho >= 0; the inverse of the schedule's noise-to-signal
     ratio), float32 of rho's shape. rho = 0 gives the clean end; values beyond the noise end clip to it."""
-    rho = jnp.asarray(rho, jnp.float32)
-    if schedule.kind == "ddpm":
-        log_alpha = -0.5 * jnp.log1p(rho * rho)
-        table = schedule.log_alpha_table  # decreasing in t
-        times = np.arange(table.shape[0], dtype=np.float64) - 1.0
-        return jnp.interp(-log_alpha, jnp.asarray(-table, jnp.float32), jnp.asarray(times, jnp.float32))
-    if schedule.kind == "vp_cosine":
-        s, big_t = schedule.cosine_s, schedule.time_scale
-        if s == 0.0:
-            theta = jnp.arctan(rho)
-        else:
-            alpha = 1.0 / jnp.sqrt(1.0 + rho * rho)
-            theta = jnp.arccos(jnp.clip(alpha * math.cos(_cosine_theta(schedule, 0.0)), -1.0, 1.0))
-        t = (theta * 2 / math.pi * (1.0 + s) - s) * big_t
-        return jnp.clip(t, schedule.t_clean, schedule.t_noise)
-    tau = jnp.where(jnp.isinf(rho), 1.0, rho / (1.0 + rho))
-    return jnp.clip(tau * schedule.time_scale, schedule.t_clean, schedule.t_noise)
+    return schedule.time_from_rho(rho, _OPS)
 
 
 def expand_time(values, x):

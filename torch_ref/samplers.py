@@ -80,7 +80,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         x0, eps = teacher.x0_eps(x, t_cur, cond, guidance_scale)
         first = expand_time(a_n, x) * x0 + expand_time(s_n, x) * eps
         if solver == "heun":
-            if schedule.kind == "rectified_flow":
+            if not schedule.variance_preserving:  # linear path: Heun on the flow velocity in t
                 v_1 = pred_lib.velocity(x0, eps, *schedules.alpha_sigma_derivatives(schedule, t_cur))
                 v_2 = teacher.velocity(first, t_next, cond, guidance_scale)
                 x_heun = x + expand_time(t_next - t_cur, x) * 0.5 * (v_1 + v_2)

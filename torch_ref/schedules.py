@@ -1,19 +1,19 @@
 """Noise schedules in PyTorch, mirroring `flowmap_jax.schedules` (same names, same signatures).
 
-The schedule is the shared pure-Python `flowmap_jax.spec.schedule.ScheduleConfig` (its module docstring fixes
-the time convention: teacher units; DDPM t in [-1, N - 1] with t = -1 clean and log(alpha) piecewise linear;
-VP cosine and rectified flow t in [0, T] with t = 0 clean). Tensors are float32 on t's device; every
+The schedule is the shared pure-Python `flowmap_jax.spec.schedule.ScheduleConfig`, one class per kind whose
+formulas are written once against an `ArrayOps`; this module passes torch's, so no function here knows the
+kinds (the spec's module docstring fixes the time convention: teacher units; DDPM t in [-1, N - 1] with
+t = -1 clean and log(alpha) piecewise linear; VP cosine and rectified flow t in [0, T] with t = 0 clean). Tensors are float32 on t's device; every
 function takes `t` as a number or a tensor of any shape and returns tensors of t's shape.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from flowmap_jax.spec.schedule import ScheduleConfig, check_time_values  # noqa: F401 (re-export)
+from flowmap_jax.spec.schedule.array_ops import ArrayOps
 from flowmap_jax.spec.time_grid import time_grid
 
 __all__ = ["ScheduleConfig", "alpha_sigma", "alpha_sigma_derivatives", "angle", "dtheta_dt", "time_from_rho", "add_noise",
@@ -37,59 +37,84 @@ def check_times(schedule: ScheduleConfig, t, name: str = "t") -> None:
     check_time_values(schedule, values, name)
 
 
-def _ddpm_log_alpha(schedule: ScheduleConfig, t):
-    table = torch.as_tensor(schedule.log_alpha_table, dtype=torch.float32, device=t.device)
-    n = schedule.num_train_timesteps
-    u = t + 1.0
-    index = torch.clamp(torch.floor(u), 0, n - 1)
-    frac = u - index
-    index = index.long()
-    lo, hi = table[index], table[index + 1]
-    slope = hi - lo
-    return lo + frac * slope, slope
+class _TorchOps(ArrayOps):
+    """torch, float32 on the times' device (`spec.schedule.array_ops`): what the schedule classes' formulas
+    run on here."""
+
+    def asarray(self, values):
+        return _as_tensor(values)
+
+    def constant(self, table, like):
+        return torch.as_tensor(table, dtype=torch.float32, device=like.device)
+
+    def to_index(self, x):
+        return x.long()
+
+    def full_like(self, x, value):
+        return torch.full_like(x, value)
+
+    def where(self, condition, x, y):
+        x = torch.full_like(y, x) if not isinstance(x, torch.Tensor) else x
+        y = torch.full_like(x, y) if not isinstance(y, torch.Tensor) else y
+        return torch.where(condition, x, y)
+
+    def clip(self, x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
+    def maximum(self, x, value):
+        return torch.clamp(x, min=value)
+
+    def interp(self, x, xp, fp):
+        return _interp(x, xp, fp)
+
+    def isinf(self, x):
+        return torch.isinf(x)
+
+    def floor(self, x):
+        return torch.floor(x)
+
+    def exp(self, x):
+        return torch.exp(x)
+
+    def expm1(self, x):
+        return torch.expm1(x)
+
+    def log(self, x):
+        return torch.log(x)
+
+    def log1p(self, x):
+        return torch.log1p(x)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def sin(self, x):
+        return torch.sin(x)
+
+    def cos(self, x):
+        return torch.cos(x)
+
+    def tan(self, x):
+        return torch.tan(x)
+
+    def arctan(self, x):
+        return torch.atan(x)
+
+    def arccos(self, x):
+        return torch.acos(x)
 
 
-def _cosine_theta(schedule: ScheduleConfig, t):
-    s = schedule.cosine_s
-    return (t / schedule.time_scale + s) / (1.0 + s) * (math.pi / 2)
+_OPS = _TorchOps()
 
 
 def alpha_sigma(schedule: ScheduleConfig, t):
     """(alpha_t, sigma_t), float32 tensors of t's shape: x_t = alpha_t * x0 + sigma_t * eps."""
-    t = _as_tensor(t)
-    if schedule.kind == "ddpm":
-        log_alpha, _ = _ddpm_log_alpha(schedule, t)
-        return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
-    if schedule.kind == "vp_cosine":
-        theta = _cosine_theta(schedule, t)
-        if schedule.cosine_s == 0.0:  # cos(pi/2) is -4e-8 in float32: clamp the noise end to alpha = 0
-            return torch.clamp(torch.cos(theta), min=0.0), torch.sin(theta)
-        alpha = torch.clamp(torch.cos(theta), min=0.0) / math.cos(_cosine_theta(schedule, 0.0))
-        return alpha, torch.sqrt(torch.clamp(1.0 - alpha * alpha, min=0.0))
-    tau = t / schedule.time_scale
-    return 1.0 - tau, tau
+    return schedule.alpha_sigma(t, _OPS)
 
 
 def alpha_sigma_derivatives(schedule: ScheduleConfig, t):
     """(d alpha/dt, d sigma/dt) in teacher time units (see `flowmap_jax.schedules`)."""
-    t = _as_tensor(t)
-    if schedule.kind == "ddpm":
-        log_alpha, slope = _ddpm_log_alpha(schedule, t)
-        alpha, sigma = torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
-        d_alpha = alpha * slope
-        return d_alpha, -alpha * d_alpha / sigma
-    if schedule.kind == "vp_cosine":
-        theta = _cosine_theta(schedule, t)
-        d_theta = math.pi / 2 / ((1.0 + schedule.cosine_s) * schedule.time_scale)
-        if schedule.cosine_s == 0.0:
-            return -torch.sin(theta) * d_theta, torch.cos(theta) * d_theta
-        c0 = math.cos(_cosine_theta(schedule, 0.0))
-        alpha = torch.cos(theta) / c0
-        sigma = torch.sqrt(torch.clamp(1.0 - alpha * alpha, min=0.0))
-        d_alpha = -torch.sin(theta) / c0 * d_theta
-        return d_alpha, -alpha * d_alpha / sigma
-    rate = torch.full_like(t, 1.0 / schedule.time_scale)
-    return -rate, rate
+    return schedule.alpha_sigma_derivatives(t, _OPS)
 
 
 def _interp(x, xp, fp):
@@ -117,25 +142,7 @@ def dtheta_dt(schedule: ScheduleConfig, t):
 def time_from_rho(schedule: ScheduleConfig, rho):
     """The time t at which sigma_t / alpha_t = rho (rho >= 0), float32 of rho's shape; rho = 0 is the clean
     end, values beyond the noise end clip to it."""
-    rho = _as_tensor(rho)
-    if schedule.kind == "ddpm":
-        log_alpha = -0.5 * torch.log1p(rho * rho)
-        table = schedule.log_alpha_table
-        times = np.arange(table.shape[0], dtype=np.float64) - 1.0
-        xp = torch.as_tensor(-table, dtype=torch.float32, device=rho.device)
-        fp = torch.as_tensor(times, dtype=torch.float32, device=rho.device)
-        return _interp(-log_alpha, xp, fp)
-    if schedule.kind == "vp_cosine":
-        s, big_t = schedule.cosine_s, schedule.time_scale
-        if s == 0.0:
-            theta = torch.atan(rho)
-        else:
-            alpha = 1.0 / torch.sqrt(1.0 + rho * rho)
-            theta = torch.acos(torch.clamp(alpha * math.cos(_cosine_theta(schedule, 0.0)), -1.0, 1.0))
-        t = (theta * 2 / math.pi * (1.0 + s) - s) * big_t
-        return torch.clamp(t, schedule.t_clean, schedule.t_noise)
-    tau = torch.where(torch.isinf(rho), torch.ones_like(rho), rho / (1.0 + rho))
-    return torch.clamp(tau * schedule.time_scale, schedule.t_clean, schedule.t_noise)
+    return schedule.time_from_rho(rho, _OPS)
 
 
 def expand_time(values, x):

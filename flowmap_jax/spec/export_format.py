@@ -57,7 +57,7 @@ import numpy as np
 
 from flowmap_jax.spec.parameterization import resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
-from flowmap_jax.spec.schedule import ScheduleConfig, prediction_type_from_diffusers
+from flowmap_jax.spec.schedule import ScheduleConfig, prediction_type_from_diffusers, schedule_fields
 
 FORMAT_NAME = "flowmap-jax/flow-map"
 FORMAT_VERSION = 2
@@ -170,7 +170,8 @@ def check_scheduler_agrees(scheduler_config: dict, schedule: ScheduleConfig, pre
     except ValueError as err:
         raise ExportFormatError(f"{where}: {err}") from None
     if implied != schedule:
-        diff = {k: (v, getattr(schedule, k)) for k, v in implied.to_dict().items() if v != getattr(schedule, k)}
+        ours = schedule.to_dict()
+        diff = {k: (v, ours.get(k)) for k, v in implied.to_dict().items() if v != ours.get(k)}
         raise ExportFormatError(f"{where} describes another schedule than 'schedule' (scheduler config vs "
                                 f"schedule: {diff})")
     if implied_prediction != prediction_type:
@@ -204,18 +205,15 @@ def schedule_from_json(data: Any, where: str) -> ScheduleConfig:
     """ScheduleConfig from its JSON fields; ExportFormatError naming `where` and the key otherwise."""
     if not isinstance(data, dict):
         raise ExportFormatError(f"{where} must be a JSON object of ScheduleConfig fields, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    known = set(schedule_fields())
     unknown = sorted(set(data) - known)
     if unknown:
         raise ExportFormatError(f"{where} has unknown key(s) {unknown}; known: {sorted(known)}")
     if "kind" not in data:
         raise ExportFormatError(f"{where}.kind is missing")
-    values = dict(data)
-    if values.get("trained_betas") is not None:
-        values["trained_betas"] = tuple(values["trained_betas"])
     try:
-        return ScheduleConfig(**values)
-    except (ValueError, TypeError) as err:  # ScheduleConfig's messages name the field
+        return ScheduleConfig.from_dict(data)
+    except (ValueError, TypeError) as err:  # from_dict's and the schedule classes' messages name the field
         raise ExportFormatError(f"{where}: {err}") from None
 
 

@@ -17,17 +17,25 @@ schedules (X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "
 teacher's prediction type; export format 1)."""
 
 
+_REQUIREMENTS = {
+    "angle": "needs a VP schedule (alpha^2 + sigma^2 = 1)",
+    "linear": "is for rectified flow (alpha + sigma = 1)",
+    "teacher_step": "is the teacher's own step",
+}
+"""What each parameterisation asks of the schedule, in words (for the error naming both)."""
+
+
 def resolve_parameterization(schedule: ScheduleConfig, parameterization: str) -> str:
-    """The parameterisation a flow map on `schedule` uses: "auto" -> "angle" (VP schedules) or "linear"
-    (rectified flow); a named one is checked against the schedule (ValueError naming both otherwise)."""
+    """The parameterisation a flow map on `schedule` uses: "auto" -> the schedule's default ("angle" for VP
+    schedules, "linear" for rectified flow); a named one is checked against those the schedule allows
+    (`schedule.parameterizations`; ValueError naming both otherwise)."""
     if parameterization == "auto":
-        return "linear" if schedule.kind == "rectified_flow" else "angle"
+        return schedule.default_parameterization
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown flow-map parameterization {parameterization!r}: expected 'auto' or one of "
                          f"{PARAMETERIZATIONS}")
-    if parameterization == "angle" and schedule.kind == "rectified_flow":
-        raise ValueError("parameterization 'angle' needs a VP schedule (alpha^2 + sigma^2 = 1); rectified flow "
-                         "uses 'linear'")
-    if parameterization == "linear" and schedule.kind != "rectified_flow":
-        raise ValueError(f"parameterization 'linear' is for rectified flow; a {schedule.kind} schedule uses 'angle'")
+    if parameterization not in schedule.parameterizations:
+        raise ValueError(f"parameterization {parameterization!r} {_REQUIREMENTS[parameterization]}; a "
+                         f"{schedule.kind} schedule uses {schedule.default_parameterization!r} (it allows "
+                         f"{schedule.parameterizations})")
     return parameterization

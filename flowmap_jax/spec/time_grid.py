@@ -18,10 +18,11 @@ def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = 
     spacing "uniform" (default): uniform in t. For DDPM with N divisible by num_steps this is diffusers'
     "trailing" spacing plus the clean end: N = 1000, 4 steps -> [999, 749, 499, 249, -1].
     spacing "logsnr": the interior times uniform in log(sigma_t / alpha_t) (DPM-Solver's log-SNR spacing),
-    the clean end taken at the teacher's last trained time (DDPM t = 0, sigma / alpha ~ 0.01; other
-    schedules 1e-3 of the range) for the spacing only; the ends are exact. DDPM with linear betas, 2 steps:
-    [999, ~302, -1]. Needs a finite sigma / alpha at both ends of the spacing (not rectified flow, nor VP
-    cosine up to alpha = 0: give those `t_max` or "uniform").
+    the clean end taken at the teacher's last trained time (`schedule.logsnr_t_min`: DDPM t = 0,
+    sigma / alpha ~ 0.01; other schedules 1e-3 of the range) for the spacing only; the ends are exact. DDPM
+    with linear betas, 2 steps: [999, ~302, -1]. Needs a finite sigma / alpha at both ends of the spacing and a schedule that allows it
+    (`schedule.logsnr_grid`: not rectified flow, nor VP cosine up to alpha = 0: give those `t_max` or
+    "uniform").
     """
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -33,15 +34,13 @@ def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = 
     uniform = np.linspace(t_start, t_end, int(num_steps) + 1)
     if spacing == "uniform" or int(num_steps) == 1:
         return uniform
-    lo = max(min(t_start, t_end), schedule.t_eval_min)
-    if schedule.kind != "ddpm":  # sigma = 0 at the clean end: start the spacing a little after it
-        lo = max(lo, schedule.t_clean + 1e-3 * schedule.time_unit)
+    lo = max(min(t_start, t_end), schedule.logsnr_t_min)
     hi = max(t_start, t_end)
     dense = np.linspace(lo, hi, 8193)
     alpha, sigma = (np.asarray(v, np.float64) for v in alpha_sigma(schedule, dense))
     with np.errstate(divide="ignore"):
         log_rho = np.log(sigma) - np.log(alpha)
-    if schedule.kind == "rectified_flow" or not np.all(np.isfinite(log_rho)) or np.any(np.diff(log_rho) <= 0):
+    if not schedule.logsnr_grid or not np.all(np.isfinite(log_rho)) or np.any(np.diff(log_rho) <= 0):
         raise ValueError(f"grid spacing 'logsnr' needs a finite, increasing sigma/alpha between t = {lo:g} and "
                          f"{hi:g} for this {schedule.kind} schedule; use spacing 'uniform'")
     a, b = (log_rho[0], log_rho[-1]) if t_start <= t_end else (log_rho[-1], log_rho[0])
