@@ -6,6 +6,10 @@ reading an export back is `flowmap_jax.export_loading.load_flow_map_export`. `py
 """
 
 from flowmap_jax.export_loading import load_flow_map_export
-from flowmap_jax.export_writer import export_checkpoint, export_flow_map, student_unet_config
+from flowmap_jax.export_writer import (
+    export_checkpoint,
+    export_flow_map,
+    student_unet_config,
+)
 
 __all__ = ["export_checkpoint", "export_flow_map", "load_flow_map_export", "student_unet_config"]

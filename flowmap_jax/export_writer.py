@@ -29,8 +29,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ from flowmap_jax.unet import UNetConfig
 from flowmap_jax.unet.diffusers_io import atomic_write_bytes, save_state_dict
 from flowmap_jax.unet.state_dict import flax_to_state_dict
 
-__all__ = ["export_flow_map", "export_checkpoint", "student_unet_config"]
+__all__ = ["export_checkpoint", "export_flow_map", "student_unet_config"]
 
 
 # --------------------------------------------------------------------------------------------------
