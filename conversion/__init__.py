@@ -1,8 +1,9 @@
 """diffusers/PyTorch <-> Flax weight conversion for the UNet (numpy and safetensors; torch optional).
 
-The command-line tools (`python -m conversion --help`) and the export writer (`conversion.export`). The
-weight mapping itself lives with the Flax UNet port (`flowmap_jax.unet.key_map`, `.state_dict`,
-`.diffusers_io`); this package re-exports its public functions.
+The command-line tools (`python -m conversion --help`). The weight mapping itself lives with the Flax UNet
+port (`flowmap_jax.unet.key_map`, `.state_dict`, `.diffusers_io`) and the export writer in
+`flowmap_jax.export_writer`; this package re-exports their public functions (`conversion.export`) and
+imports nothing from the trainer (`tests/test_import_graph.py`).
 """
 
 from flowmap_jax.unet.diffusers_io import (

@@ -1,7 +1,7 @@
 """The parts of a run, built from its configuration: teacher, flow map, objectives, data, samplers.
 
 `build(config, mesh) -> Parts` is the one place where the trainer meets the flow-map core
-(`spec`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and `conversion`:
+(`spec`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and the export writer:
 
 - Teacher: a diffusers folder (or hub id) `--teacher.path` with the UNet in `--teacher.subfolder`
   and `scheduler_config.json` in `--teacher.scheduler_subfolder`, found by `flowmap_jax.teacher_folder`
@@ -26,7 +26,7 @@
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
 - Grids of a latent teacher: decoded through the pipeline's VAE in PyTorch (`grid_decoder`), else shown as
   latents with a note.
-- Export: the EMA weights through `conversion.export.export_flow_map` (a stock diffusers UNet folder
+- Export: the EMA weights through `flowmap_jax.export_writer.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
   `python -m conversion export RUN_DIR OUT`.
 """
@@ -207,7 +207,7 @@ def build(config, mesh) -> Parts:
     decode, grid_note = grid_decoder(config.teacher, config.data, channels)
 
     def export(params, folder, provenance):
-        from conversion.export import export_flow_map
+        from flowmap_jax.export_writer import export_flow_map
         from flowmap_jax.run_provenance import (
             flow_map_config_from_train_config,
             run_provenance,

@@ -1,17 +1,14 @@
 """Checkpoints of a run: Orbax CheckpointManager, resume with fallback, preemption.
 
-Layout: `<run>/checkpoints/<step>/` with two items,
-  state: {"train_state": TrainState (params, ema_params, opt_state, step), "rng": (2,) uint32 key data}
-         (Orbax StandardSave: sharded arrays, restored directly onto the current mesh)
-  meta:  JSON {"step", "data_position" (global batches consumed), "fingerprint", "time", "extra"}.
-         fingerprint: [sum, sum of squares] (float32 reductions) of every TrainState leaf in pytree
-         order (step, then params, ema_params, opt_state), followed by the rng's key words; it detects
-         silently corrupted data. `read_checkpoint_params` relies on this order to check the EMA weights.
+Layout: `<run>/checkpoints/<step>/` with two Orbax items, state (StandardSave: sharded arrays,
+restored directly onto the current mesh) and meta (JSON); what they hold, the fingerprint and the check
+of a step folder (`verify`, with its typed `RejectReason`) are `flowmap_jax.run_record`, which both
+readers here call: `Checkpointer.restore` (resume) and `read_checkpoint_params` (the export's reader).
 The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are copied to host before
 `save` returns, so the next step may overwrite the device buffers).
 
 Resume (`restore`): try the newest checkpoint; if it cannot be read or its fingerprint does not match
-(a half-written or corrupted directory), say so and fall back to the next older one, and so on
+(a half-written or corrupted directory: `run_record.verify`), say so and fall back to the next older one, and so on
 (Orbax's abandoned reads of the failed one are kept off stderr: `_quiet_abandoned_orbax_reads`).
 A save interrupted by a kill leaves an `*.orbax-checkpoint-tmp-*` directory that Orbax never lists
 as a step; it is removed when the run restarts. The checkpoints skipped by a fallback are moved to
@@ -37,14 +34,12 @@ import contextlib
 import dataclasses
 import gc
 import glob
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowmap_jax import rejected_checkpoints
+from flowmap_jax import rejected_checkpoints, run_record
 from flowmap_jax.spec.cli_exit import RunFailure
 
 log = logging.getLogger("flowmap_jax.checkpointing")
@@ -90,33 +85,8 @@ class _OrbaxErrorsToFile(logging.Filter):
         return False
 
 
-@jax.jit
-def fingerprint(tree) -> jax.Array:
-    """(2 * num_leaves,) float32: sum and sum of squares of every leaf (float32). Detects corrupted
-    checkpoint data cheaply; compare with `fingerprints_match` (reductions differ across meshes)."""
-    parts = []
-    for leaf in jax.tree.leaves(tree):
-        x = jnp.asarray(leaf, jnp.float32)
-        parts += [jnp.sum(x), jnp.sum(x * x)]
-    return jnp.stack(parts) if parts else jnp.zeros((0,), jnp.float32)
-
-
-def fingerprints_match(a, b, rtol: float = 1e-4) -> bool:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return False
-    return bool(np.all(np.abs(a - b) <= rtol * (np.abs(a) + np.abs(b)) + 1e-6))
-
-
-def _fingerprint_list(tree) -> list[float]:
-    """Fingerprint of the train state (on device) followed by the rng words (on host)."""
-    values = np.asarray(jax.device_get(fingerprint(tree["train_state"])), np.float64)
-    rng_words = np.asarray(jax.device_get(tree["rng"]), np.float64).ravel()
-    return [float(v) for v in np.concatenate([values, rng_words])]
-
-
 def _state_tree(train_state, rng) -> dict:
-    return {"train_state": train_state, "rng": jax.random.key_data(rng) if _is_typed_key(rng) else rng}
+    return run_record.state_tree(train_state, jax.random.key_data(rng) if _is_typed_key(rng) else rng)
 
 
 def _is_typed_key(x) -> bool:
@@ -135,8 +105,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-        self.rejected: list[tuple[int, str]] = []  # (step, reason) skipped by the last fallback
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(run_record.STATE_ITEM, run_record.META_ITEM))
+        self.rejected: list[tuple[int, run_record.Verdict]] = []  # (step, verdict) skipped by the last fallback
         self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be on disk
         self._failed: int | None = None  # the step whose save failed
         self._error_filter = _OrbaxErrorsToFile(os.path.join(self.directory, ERROR_LOG_NAME))
@@ -151,13 +121,12 @@ class Checkpointer:
         self.wait()  # an error of the previous asynchronous save surfaces here, under its own step
         step = int(jax.device_get(train_state.step))
         tree = _state_tree(train_state, rng)
-        meta = {"step": step, "data_position": int(data_position), "time": time.time(),
-                "fingerprint": _fingerprint_list(tree),
-                "extra": extra or {}}
+        meta = run_record.meta_record(tree, step, data_position, extra)
         self._in_flight = step
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(step, args=ocp.args.Composite(**{
+                run_record.STATE_ITEM: ocp.args.StandardSave(tree), run_record.META_ITEM: ocp.args.JsonSave(meta)}),
+                force=True)
         except Exception as error:  # noqa: BLE001 - any failure of the write: report it under its step
             self._write_failed(step, error)
         if wait:
@@ -257,22 +226,23 @@ class Checkpointer:
             return None
         failures = []
         for candidate in reversed(candidates):
-            try:
-                result = self._restore_step(candidate, abstract_state, rng_like)
-            except Exception as error:  # noqa: BLE001 - any failure means: not a good checkpoint
+            verdict = self._restore_step(candidate, abstract_state, rng_like)
+            if not verdict.ok:
                 _quiet_abandoned_orbax_reads()
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                failures.append((candidate, reason))
+                failures.append((candidate, verdict))
                 older = [s for s in candidates if s < candidate]
                 where = f"falling back to step {older[-1]}" if older else "no older checkpoint left"
                 say(f"checkpoint at step {candidate} in {self.directory} is unreadable or corrupted "
-                    f"({reason[:300]}); {where}")
+                    f"({verdict.detail[:300]}); {where}")
                 continue
             if failures:
                 say(f"resumed from the previous good checkpoint, step {candidate}")
             self.rejected = failures
-            return result
-        listing = "; ".join(f"step {s}: {r[:200]}" for s, r in failures)
+            rng = verdict.tree["rng"]
+            if _is_typed_key(rng_like):
+                rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(rng_like))
+            return verdict.tree["train_state"], rng, verdict.meta
+        listing = "; ".join(f"step {s}: {v.detail[:200]}" for s, v in failures)
         raise NoGoodCheckpoint(f"no checkpoint in {self.directory} could be restored ({listing})")
 
     def set_aside_rejected(self, is_main: bool = True, say=print) -> list[str]:
@@ -280,8 +250,8 @@ class Checkpointer:
         process reloads the step list). Call on all processes together. Returns the new paths."""
         moved = []
         if is_main:
-            for step, reason in self.rejected:
-                target = rejected_checkpoints.set_aside(self.directory, step, reason)
+            for step, verdict in self.rejected:
+                target = rejected_checkpoints.set_aside(self.directory, step, verdict.reason)
                 if target:
                     moved.append(target)
                     say(f"moved the rejected checkpoint of step {step} to {target}")
@@ -293,24 +263,18 @@ class Checkpointer:
         self.rejected = []
         return moved
 
-    def _restore_step(self, step, abstract_state, rng_like):
+    def _restore_step(self, step, abstract_state, rng_like) -> run_record.Verdict:
+        """The state of `step` read onto `abstract_state`'s shardings, checked by `run_record.verify`."""
         rng_data = jax.random.key_data(rng_like) if _is_typed_key(rng_like) else rng_like
-        abstract = {"train_state": abstract_state,
-                    "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype,
-                                                sharding=getattr(rng_data, "sharding", None))}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        tree, meta = restored["state"], restored["meta"]
-        if meta is None or "fingerprint" not in meta:
-            raise ValueError("metadata missing")
-        if int(meta["step"]) != step:
-            raise ValueError(f"metadata says step {meta['step']}")
-        if not fingerprints_match(_fingerprint_list(tree), meta["fingerprint"]):
-            raise ValueError("fingerprint mismatch: the saved arrays do not match what was written")
-        rng = tree["rng"]
-        if _is_typed_key(rng_like):
-            rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(rng_like))
-        return tree["train_state"], rng, meta
+        abstract = run_record.state_tree(abstract_state, jax.ShapeDtypeStruct(
+            rng_data.shape, rng_data.dtype, sharding=getattr(rng_data, "sharding", None)))
+
+        def read():  # the meta item too (verify reads its file): alone, the state's failed reads log asyncio errors
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                run_record.STATE_ITEM: ocp.args.StandardRestore(abstract), run_record.META_ITEM: ocp.args.JsonRestore()}))
+            return restored[run_record.STATE_ITEM]
+
+        return run_record.verify(os.path.join(self.directory, str(step)), read, step)
 
 
 def _quiet_abandoned_orbax_reads() -> None:
@@ -382,7 +346,7 @@ def find_checkpoint_dir(path: str) -> tuple[str, int | None]:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
     base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    if base.isdigit() and os.path.isdir(run_record.state_path(path)):
         return os.path.dirname(path), int(base)
     return path, None
 
@@ -436,7 +400,7 @@ class PreemptionGuard:
 WEIGHT_CHOICES = ("ema", "params")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(run_record.ReadError, ValueError):
     """A checkpoint that cannot be exported (unreadable, corrupted, no such step); names the folder."""
 
 
@@ -454,14 +418,6 @@ class CheckpointParams:
     run_dir: Path | None
 
 
-def _checkpoint_steps(directory: Path) -> list[int]:
-    """Finished steps under a checkpoints folder (Orbax's in-progress `*.orbax-checkpoint-tmp-*` excluded)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "state").is_dir())
-
-
 @contextlib.contextmanager
 def _quiet_absl():
     logger = logging.getLogger("absl")
@@ -473,15 +429,10 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
-    """(params, meta) of `weights` from one step folder, fingerprint-checked."""
-    meta_path = step_dir / "meta" / "metadata"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read the checkpoint metadata {meta_path}: {err}") from None
-    state_dir = step_dir / "state"
-    name = "ema_params" if weights == "ema" else "params"
+def _read_weights(step_dir: Path, name: str) -> dict:
+    """{"train_state": {name: params}} (numpy) restored alone from a step folder's state item (partial
+    restore; CheckpointError naming the folder when it is not there or cannot be read)."""
+    state_dir = run_record.state_path(step_dir)
     with _quiet_absl():
         checkpointer = ocp.PyTreeCheckpointer()
         try:
@@ -493,41 +444,21 @@ def _restore_weights(step_dir: Path, weights: str) -> tuple[dict, dict]:
         item = {"train_state": {name: subtree}}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         try:
-            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"cannot restore train_state/{name} from {state_dir}: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    params = restored["train_state"][name]
-    # The checkpoint's fingerprint: (sum, sum of squares) per leaf of TrainState(step, params, ema_params, ...).
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    n = len(leaves)
-    offset = 2 * (1 + (n if weights == "ema" else 0))
-    saved = list(meta.get("fingerprint") or [])
-    if len(saved) < 2 * (1 + 2 * n):
-        raise CheckpointError(f"{meta_path}: its fingerprint has {len(saved)} values, too few for "
-                              f"{n} parameter arrays (not a checkpoint of this flow map?)")
-    bad = [jax.tree_util.keystr(path) for i, (path, leaf) in enumerate(leaves)
-           if not _leaf_matches_fingerprint(leaf, saved[offset + 2 * i], saved[offset + 2 * i + 1])]
-    if bad:
-        raise CheckpointError(f"{state_dir}: the {name} arrays {bad[:5]}{' ...' if len(bad) > 5 else ''} do not "
-                              "match the fingerprint written with them (a corrupted checkpoint)")
-    return jax.tree.map(np.asarray, params), meta
 
 
-def _leaf_matches_fingerprint(leaf, saved_sum: float, saved_sumsq: float) -> bool:
-    """Compares one array with the (sum, sum of squares) the trainer saved (`checkpointing.fingerprint`,
-    float32 reductions on whatever device trained). Ours are float64, so the tolerance covers float32
-    accumulation error, which grows with the size n: |sum| within 1e-4 relative plus 1e-5 * sqrt(n * sumsq)
-    (about 100 float32 epsilons times n * rms), the sum of squares within 1e-3 relative. A corrupted
-    block of more than about 1e-3 of an array's entries (or any non-finite value) fails."""
-    x = np.asarray(leaf, np.float64)
-    total, sumsq = float(x.sum()), float(np.square(x).sum())
-    if not (np.isfinite(total) and np.isfinite(sumsq)):
-        return False
-    ok_sum = abs(saved_sum - total) <= 1e-4 * abs(total) + 1e-5 * np.sqrt(x.size * sumsq) + 1e-6
-    ok_sumsq = abs(saved_sumsq - sumsq) <= 1e-3 * sumsq + 1e-6
-    return bool(ok_sum and ok_sumsq)
+def _restore_weights(step_dir: Path, weights: str, step: int) -> tuple[dict, dict]:
+    """(params, meta) of `weights` from one step folder, checked by `run_record.verify`."""
+    name = "ema_params" if weights == "ema" else "params"
+    with jax.default_device(jax.devices("cpu")[0]):  # the fingerprint of numpy arrays: on the host
+        verdict = run_record.verify(step_dir, lambda: _read_weights(step_dir, name), step)
+    if not verdict.ok:
+        raise CheckpointError(verdict.detail)
+    return jax.tree.map(np.asarray, verdict.tree["train_state"][name]), verdict.meta
 
 
 def read_checkpoint_params(source, weights: str = "ema", step: int | None = None,
@@ -546,7 +477,7 @@ def read_checkpoint_params(source, weights: str = "ema", step: int | None = None
         raise FileNotFoundError(f"no run or checkpoint folder at {source}") from None
     directory = Path(directory)
     step = found_step if step is None else int(step)
-    steps = _checkpoint_steps(directory)
+    steps = run_record.step_folders(directory)
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory} (expected step folders like {directory}/400 with "
                               "state/ and meta/)")
@@ -556,7 +487,7 @@ def read_checkpoint_params(source, weights: str = "ema", step: int | None = None
     failures = []
     for candidate in candidates:
         try:
-            params, meta = _restore_weights(directory / str(candidate), weights)
+            params, meta = _restore_weights(directory / str(candidate), weights, candidate)
         except CheckpointError as err:
             failures.append(str(err))
             if step is None and candidate != candidates[-1]:

@@ -24,7 +24,7 @@ __all__ = ["flow_map_config_from_train_config", "read_train_config", "run_proven
 
 
 def read_train_config(config):
-    """A `presets.TrainConfig` from itself, its dict, or a config.json path; ValueError naming the file."""
+    """A `config.TrainConfig` from itself, its dict, or a config.json path; ValueError naming the file."""
     from flowmap_jax.config import TrainConfig
 
     if isinstance(config, TrainConfig):
@@ -47,7 +47,7 @@ def read_train_config(config):
 
 def flow_map_config_from_train_config(config, teacher: str | None = None, guidance_embedding_dim=None
                                       ) -> FlowMapConfig:
-    """The FlowMapConfig of a run: `config` a `presets.TrainConfig`, its dict, or its config.json path.
+    """The FlowMapConfig of a run: `config` a `config.TrainConfig`, its dict, or its config.json path.
 
     Reads the teacher's scheduler_config.json (full, recorded) and finds label_embeddings.safetensors in
     the teacher folder (`teacher` overrides `config.teacher.path`). Guidance: autoguidance when

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing, time_pairs
+from flowmap_jax import checkpointing, run_record, time_pairs
 from flowmap_jax import sharding as sh
 from flowmap_jax import train_step as ts
 from flowmap_jax.config import OptimConfig
@@ -80,9 +80,9 @@ def test_fingerprint_tells_a_changed_leaf():
     relative, rtol 1e-4 of the sums: it is there for corrupted data, not rounding)."""
     tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(5)}
     changed = {"a": tree["a"].at[1, 2].add(0.1), "b": tree["b"]}
-    base = checkpointing.fingerprint(tree)
-    assert checkpointing.fingerprints_match(base, checkpointing.fingerprint(tree))
-    assert not checkpointing.fingerprints_match(base, checkpointing.fingerprint(changed))
+    base = run_record.fingerprint(tree)
+    assert run_record.fingerprints_match(base, run_record.fingerprint(tree))
+    assert not run_record.fingerprints_match(base, run_record.fingerprint(changed))
 
 
 def test_retention_keeps_the_newest(tmp_path):

@@ -5,7 +5,9 @@
 - nothing under `flowmap_jax/spec/` imports jax, flax, optax, orbax, chex or torch, nor any `flowmap_jax`
   module outside `spec` (the specification is the bottom layer);
 - nothing in `torch_ref` imports jax, flax, optax, orbax or chex, nor `conversion`;
-- `flowmap_jax` never imports `torch_ref`, and `flowmap_jax.sample` does not reach `conversion`.
+- `flowmap_jax` never imports `torch_ref`, and `flowmap_jax.sample` does not reach `conversion`;
+- `conversion` (the command line) imports nothing from the trainer (TRAINER), and no `flowmap_jax` module
+  imports `conversion` (the export writer is `flowmap_jax.export_writer`).
 """
 
 import ast
@@ -14,6 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
+# The trainer: its story, configuration, parts, state, run folder and run record (checkpoints, provenance).
+TRAINER = {f"flowmap_jax.{name}" for name in (
+    "train", "train_step", "assembly", "presets", "run_config_check", "datasets", "sharding", "distributed",
+    "reporting", "run_folder", "run_lock", "checkpointing", "rejected_checkpoints", "run_record",
+    "run_provenance", "objectives", "write_shards", "shard_writer", "grid_decoder")}
 
 
 def _module_name(path: Path) -> str:
@@ -157,3 +164,18 @@ def test_every_python_file_parses():
     for package in ("flowmap_jax", "torch_ref", "conversion"):
         for path in (ROOT / package).rglob("*.py"):
             ast.parse(path.read_text(), filename=os.fspath(path))
+
+
+def test_conversion_imports_nothing_from_the_trainer():
+    graph = {**_graph("flowmap_jax"), **_graph("conversion")}
+    assert TRAINER <= set(graph), sorted(TRAINER - set(graph))  # the list names modules that exist
+    edges = _project_edges(graph, set(graph))
+    conversion = {m: targets for m, targets in edges.items() if m.split(".")[0] == "conversion"}
+    assert "conversion.cli_commands" in conversion and "conversion.export" in conversion
+    for module, targets in conversion.items():
+        assert not targets & TRAINER, f"{module} imports {sorted(targets & TRAINER)} (the trainer)"
+
+
+def test_flowmap_jax_never_imports_conversion():
+    for module, imports in _graph("flowmap_jax").items():
+        assert not any(imp.split(".")[0] == "conversion" for imp in imports), module
