@@ -237,11 +237,11 @@ class JaxCase:
         import optax
 
         from conversion import state_dict_to_flax
-        from flowmap_jax import flow_map as jf
-        from flowmap_jax import objectives as jo
+        from flowmap_jax.core import flow_map as jf
+        from flowmap_jax.core import objectives as jo
         from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
         from flowmap_jax.spec.time_grid import time_grid
-        from flowmap_jax.teacher import Teacher, unet_teacher_fn
+        from flowmap_jax.core.teacher import Teacher, unet_teacher_fn
         from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
         self.jax = jax

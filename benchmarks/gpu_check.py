@@ -302,12 +302,12 @@ def objective_parity(device="cuda"):
     from diffusers.models.attention_processor import AttnProcessor
 
     from conversion import state_dict_to_flax
-    from flowmap_jax import flow_map as jf
-    from flowmap_jax import objectives as jo
+    from flowmap_jax.core import flow_map as jf
+    from flowmap_jax.core import objectives as jo
     from flowmap_jax.spec.layout import nhwc_to_nchw
     from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
-    from flowmap_jax.teacher import Teacher as JTeacher
-    from flowmap_jax.teacher import unet_teacher_fn as j_teacher_fn
+    from flowmap_jax.core.teacher import Teacher as JTeacher
+    from flowmap_jax.core.teacher import unet_teacher_fn as j_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
     from torch_ref import flow_map as tf
     from torch_ref import objectives as to

@@ -1,4 +1,4 @@
-"""What decoding a latent teacher's sample grid through its VAE costs (`flowmap_jax.grid_decoder`).
+"""What decoding a latent teacher's sample grid through its VAE costs (`flowmap_jax.training.grid_decoder`).
 
     python benchmarks/grid_decode_cost.py                 # tiny test pipeline, SD 1.5's decoder at 128 px
     python benchmarks/grid_decode_cost.py --measure-size 256 --json results/grid_decode_cost.json
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     import torch
     from diffusers import AutoencoderKL
 
-    from flowmap_jax.grid_decoder import GridDecoder
+    from flowmap_jax.training.grid_decoder import GridDecoder
     from tests.sd_pipelines import LATENT_CHANNELS, LATENT_SIZE, write_sd15_pipeline
 
     rows, cols = (int(v) for v in args.grid.split(","))

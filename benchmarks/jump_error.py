@@ -52,9 +52,9 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
     from flowmap_jax.digits import TEACHER_DIR
-    from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
+    from flowmap_jax.core.export_loading import jax_flow_map, load_flow_map_export
     from flowmap_jax.spec.time_grid import time_grid
 
     started = time.perf_counter()

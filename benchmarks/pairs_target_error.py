@@ -39,7 +39,7 @@ def parse_int_list(text: str) -> list[int]:
 
 def load_config(run: str | None):
     """The run's TrainConfig (its config.json), or the digits preset."""
-    from flowmap_jax import config, train_cli
+    from flowmap_jax.training import config, train_cli
 
     if run is None:
         return train_cli.parse_args([])
@@ -56,8 +56,8 @@ def draw_problem(parts, config, examples: int, seed: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from flowmap_jax import objectives
-    from flowmap_jax.flow_map import FlowMap
+    from flowmap_jax.core import objectives
+    from flowmap_jax.core.flow_map import FlowMap
 
     batch = parts.dataset.get(np.random.default_rng(seed).integers(0, parts.dataset.num_examples, size=examples))
     batch = {"x0": jnp.asarray(batch["x0"]),
@@ -85,7 +85,7 @@ def solve(parts, options, problem: dict, steps: int, spacing: str, chunk: int):
     """The teacher's PF-ODE from s to t (`teacher_solve`, the objective's solver and guidance scale)."""
     import jax
 
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
 
     fn = jax.jit(lambda tch, x, a, b, c, w: samplers.teacher_solve(tch, x, a, b, steps, options.teacher_solver, c,
                                                                     w, spacing=spacing))
@@ -109,7 +109,7 @@ def map_estimate(run: str, problem: dict, chunk: int):
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
+    from flowmap_jax.core.export_loading import jax_flow_map, load_flow_map_export
 
     folder = os.path.join(run, "export")
     if not os.path.isfile(os.path.join(folder, "flowmap.json")):
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from flowmap_jax import assembly
+    from flowmap_jax.training import assembly
 
     config = load_config(args.run)
     parts = assembly.build(config, None)

@@ -11,7 +11,7 @@
 Samplers, all from the same initial noise and labels (sample i has label i % 10; noise from
 `numpy.random.default_rng(--seed)`), in JAX, jitted and batched (`--batch` samples per call):
 - the teacher (classifier-free guidance at the flow map's distilled scale, else `--guidance-scale`) with
-  DDIM, Heun and DPM-Solver++(2M) (`flowmap_jax.samplers`) on the uniform "trailing" grid in teacher time
+  DDIM, Heun and DPM-Solver++(2M) (`flowmap_jax.core.samplers`) on the uniform "trailing" grid in teacher time
   (`spec.time_grid.time_grid`: 999 ... -1, the clean end) at `--nfe` network evaluations: DDIM and DPM-Solver++
   take that many steps; Heun takes k = (n + 1) // 2 steps = 2k - 1 evaluations (its last step, into the
   clean end, is Euler), so it lands on 1, 3, 7, 15, 31, 49, 99 (n = 2 repeats 1 and is dropped);
@@ -201,10 +201,10 @@ def load_teacher(folder: Path, guidance_scale: float):
     (UNet in unet/, scheduler/, label_embeddings.safetensors), through the same loaders as the trainer."""
     import jax.numpy as jnp
 
-    from flowmap_jax.assembly import load_teacher_unet
+    from flowmap_jax.training.assembly import load_teacher_unet
     from flowmap_jax.spec.label_table import read_label_embeddings
-    from flowmap_jax.teacher import Teacher, unet_teacher_fn
-    from flowmap_jax.teacher_folder import load_schedule
+    from flowmap_jax.core.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.data.teacher_folder import load_schedule
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     unet_config, params = load_teacher_unet(str(folder), "unet")
@@ -227,7 +227,7 @@ def baked_guidance(exported, model_dir) -> float | None:
 
 def default_guidance() -> float:
     """The teacher's CFG scale when neither the flag nor the flow map gives one (the trainer's default)."""
-    from flowmap_jax.config import TeacherConfig
+    from flowmap_jax.training.config import TeacherConfig
 
     return TeacherConfig().guidance_scale
 
@@ -253,7 +253,7 @@ class Sampler:
         import jax
         import jax.numpy as jnp
 
-        from flowmap_jax import samplers
+        from flowmap_jax.core import samplers
 
         self.jax, self.jnp = jax, jnp
         self.teacher, self.table, self.noise, self.labels, self.batch = teacher, table, noise, labels, batch
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
     guidance = args.guidance_scale
     notes = []
     if model_dir is not None:
-        from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
+        from flowmap_jax.core.export_loading import jax_flow_map, load_flow_map_export
 
         exported = load_flow_map_export(model_dir, dtype=np.float32)
         baked = baked_guidance(exported, model_dir)

@@ -4,7 +4,7 @@
     python benchmarks/sd15_step_plan.py --mode fsdp --target-step-s 1,2 --json plan.json
     python benchmarks/sd15_step_plan.py --small --devices 2      # a toy UNet: ~1 min of CPU per mode (tested)
 
-What is compiled is the trainer's own step (`flowmap_jax.train_step.make_train_step`, as
+What is compiled is the trainer's own step (`flowmap_jax.training.train_step.make_train_step`, as
 `python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
 clipping), EMA, bf16 compute with float32 parameters, remat of every UNet block, the `eulerian` objective with
 its exact JVP (`jax.jvp`), the teacher with classifier-free guidance (7.5, two UNet passes per example), on a
@@ -146,7 +146,7 @@ def check_args(args) -> None:
     if args.batch % args.devices:
         raise SystemExit(f"sd15_step_plan: --batch {args.batch} is not divisible by --devices {args.devices}")
     if args.fsdp_min_size is None:
-        from flowmap_jax.presets import sd15
+        from flowmap_jax.training.presets import sd15
 
         args.fsdp_min_size = 2**10 if args.small else sd15().mesh.fsdp_min_size
 
@@ -169,7 +169,7 @@ def set_host_devices(count: int, fast_compile: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The step, built as `flowmap_jax.train.run` and `flowmap_jax.assembly.build` build it, on abstract values.
+# The step, built as `flowmap_jax.train.run` and `flowmap_jax.training.assembly.build` build it, on abstract values.
 
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None):
     """The trainer's jitted step for the sd15 preset (or its --small stand-in) and abstract arguments.
@@ -182,12 +182,13 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax import flow_map, objectives, presets
-    from flowmap_jax import sharding as sh
-    from flowmap_jax import train_step as ts
+    from flowmap_jax.core import flow_map, objectives
+    from flowmap_jax.training import presets
+    from flowmap_jax.training import sharding as sh
+    from flowmap_jax.training import train_step as ts
     from flowmap_jax.spec.schedule import load_scheduler
     from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
-    from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.core.teacher import Teacher, unet_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
     from flowmap_jax.unet.unet_2d_condition import abstract_unet_params
 
@@ -272,9 +273,9 @@ def concrete_args(plan, seed: int = 0):
     import jax.numpy as jnp
     import numpy as np
 
-    from flowmap_jax import flow_map
-    from flowmap_jax import sharding as sh
-    from flowmap_jax import train_step as ts
+    from flowmap_jax.core import flow_map
+    from flowmap_jax.training import sharding as sh
+    from flowmap_jax.training import train_step as ts
     from flowmap_jax.unet import UNetConfig
     from flowmap_jax.unet.unet_2d_condition import init_unet_params
 

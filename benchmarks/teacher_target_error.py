@@ -52,7 +52,7 @@ def make_schedule(name: str):
 def mixture_teacher(schedule, prediction_type):
     import jax.numpy as jnp
 
-    from flowmap_jax import teacher as jt
+    from flowmap_jax.core import teacher as jt
     from tests.mixture_reference import mixture_params
 
     params = {k: jnp.asarray(v) for k, v in mixture_params().items()}
@@ -67,7 +67,7 @@ def pair_problem(schedule, examples: int, dim: int, seed: int = 0, p_noise: floa
     import numpy as np
     from flowmap_jax.spec.time_pairs import TimePairConfig
 
-    from flowmap_jax import time_pairs
+    from flowmap_jax.core import time_pairs
     from tests.mixture_reference import alpha_sigma, sample_mixture
 
     config = TimePairConfig(p_noise=p_noise, bidirectional=bidirectional)
@@ -92,7 +92,7 @@ def solve_targets(teacher, x_s, s, t, steps, solver="dpmpp_2m", spacing="logsnr"
     import jax.numpy as jnp
     import numpy as np
 
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
 
     fn = jax.jit(lambda tch, x, s, t: samplers.teacher_solve(tch, x, s, t, steps, solver, spacing=spacing,
                                                              lower_order_final=lower_order_final))
@@ -141,7 +141,7 @@ def reference_table(dim: int = 2048, seed: int = 0):
     import numpy as np
     from flowmap_jax.spec.time_grid import time_grid
 
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
     from tests.mixture_reference import mixture_flow, rel_rms
 
     schedule = make_schedule("ddpm_scaled_linear")

@@ -1,7 +1,7 @@
 """Command line: `python -m conversion <command> --help`. `--help` lists every command of
 `cli_commands.COMMANDS` (to-flax, to-diffusers, export) with its one-line help.
 
-Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a missing or malformed folder or
+Exit codes (`flowmap_jax.cli.cli_exit`): 0 done, 2 bad flags or bad input (a missing or malformed folder or
 checkpoint); an unexpected failure keeps its traceback and exits 1.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from conversion import cli_commands
-from flowmap_jax.spec import cli_exit
+from flowmap_jax.cli import cli_exit
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Flax params on disk: a folder with `config.json` (the diffusers UNet config) and
 `flax_params.safetensors` (every leaf under its '/'-joined Flax path). No pickle, no Orbax needed to
-read it; training checkpoints use Orbax instead (see flowmap_jax.checkpointing)."""
+read it; training checkpoints use Orbax instead (see flowmap_jax.training.checkpointing)."""
 
 from __future__ import annotations
 

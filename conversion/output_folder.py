@@ -4,7 +4,7 @@
 folder, which is then renamed to `out_dir`. An existing `out_dir` must be empty or hold only files
 this conversion writes (`own_files`: a previous output, which is then replaced once the new one is
 complete); anything else is refused with a ValueError naming the folder. A failure leaves `out_dir`
-as it was and no temporary folder behind (`flowmap_jax.atomic_folder.replace_folder_atomically`, shared with
+as it was and no temporary folder behind (`flowmap_jax.core.atomic_folder.replace_folder_atomically`, shared with
 the export writer).
 """
 
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flowmap_jax.atomic_folder import replace_folder_atomically
+from flowmap_jax.core.atomic_folder import replace_folder_atomically
 
 __all__ = ["check_output_folder", "replace_folder_atomically", "write_folder_atomically"]
 

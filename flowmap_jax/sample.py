@@ -2,7 +2,7 @@
 
     python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
 
-The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.spec.sample_cli`); in fp32
+The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.cli.sample_cli`); in fp32
 the two agree to float rounding. API (mirrored by `torch_ref.sample`):
 
 - `load_flow_map(folder, dtype="fp32", device="auto") -> LoadedFlowMap` (flow_map, params, export);
@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from flowmap_jax import encoders
-from flowmap_jax.spec import sample_cli
+from flowmap_jax.data import encoders
+from flowmap_jax.cli import sample_cli
 
 __all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
 
@@ -28,8 +28,8 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 @dataclasses.dataclass
 class LoadedFlowMap:
-    """flow_map: `flowmap_jax.flow_map.FlowMap` (jitted network); params: its Flax params (on `device`);
-    export: the `flowmap_jax.export_loading.FlowMapExport` it came from; device: a jax.Device."""
+    """flow_map: `flowmap_jax.core.flow_map.FlowMap` (jitted network); params: its Flax params (on `device`);
+    export: the `flowmap_jax.core.export_loading.FlowMapExport` it came from; device: a jax.Device."""
 
     flow_map: object
     params: dict
@@ -55,14 +55,14 @@ def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFl
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax.export_loading import jax_flow_map, load_flow_map_export
+    from flowmap_jax.core.export_loading import jax_flow_map, load_flow_map_export
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     exported = load_flow_map_export(folder, dtype=np.float32)
     dev = _device(device)
     params = jax.device_put(exported.params, dev)
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
 
     flow_map = jax_flow_map(exported, dtype=getattr(jnp, _DTYPES[dtype]), jit=False)
     return LoadedFlowMap(flow_map=flow_map, params=params, export=exported, device=dev,
@@ -73,7 +73,7 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax.flow_map import guidance_input_cond
+    from flowmap_jax.core.flow_map import guidance_input_cond
 
     out = None if cond is None else jax.tree.map(lambda v: jax.device_put(jnp.asarray(v, jnp.float32),
                                                                            loaded.device), dict(cond))
@@ -98,7 +98,7 @@ def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=No
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax import samplers
+    from flowmap_jax.core import samplers
 
     x = jax.device_put(jnp.asarray(noise, jnp.float32), loaded.device)
     c = _cond_arrays(loaded, cond, guidance_scale, x.shape[0])
@@ -129,6 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from flowmap_jax.spec.cli_exit import run_main
+    from flowmap_jax.cli.cli_exit import run_main
 
     run_main(main)

@@ -21,7 +21,7 @@ The story of a run, top to bottom in `run`:
      `grid_decoder`), quality table, the flow map exported as a diffusers folder, and finished.json (a rerun
      of a finished run does nothing).
 
-Exit codes (`flowmap_jax.spec.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
+Exit codes (`flowmap_jax.cli.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
 running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
 another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file; a missing or unusable
 teacher or data; a batch the devices cannot split; a resume whose configuration differs from the run's).
@@ -41,18 +41,13 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from flowmap_jax import (
-    checkpointing,
-    datasets,
-    distributed,
-    reporting,
-    run_folder,
-    train_cli,
-)
-from flowmap_jax import sharding as sh
-from flowmap_jax import train_step as ts
-from flowmap_jax.config import TrainConfig
-from flowmap_jax.spec import cli_exit, image_grid
+from flowmap_jax.training import checkpointing, distributed, reporting, run_folder, train_cli
+from flowmap_jax.data import datasets
+from flowmap_jax.training import sharding as sh
+from flowmap_jax.training import train_step as ts
+from flowmap_jax.training.config import TrainConfig
+from flowmap_jax.cli import cli_exit
+from flowmap_jax.spec import image_grid
 
 
 class NonFiniteLoss(cli_exit.RunFailure, RuntimeError):
@@ -91,7 +86,7 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
     try:  # a start that fails before training removes the run folder it created
         # 2.-3. The parts: teacher, flow map, objectives, data, samplers.
         if build is None:
-            from flowmap_jax import assembly
+            from flowmap_jax.training import assembly
 
             build = assembly.build
         parts = build(config, mesh)
@@ -400,7 +395,7 @@ def _head(cond, n):
 
 def main(argv=None, build: Callable | None = None) -> int:
     """The command line: parse flags, run, turn known failures into one line on stderr and an exit code
-    (`flowmap_jax.spec.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
+    (`flowmap_jax.cli.cli_exit.exit_code`: 2 bad flags or bad input, 1 the run failed; anything else is a
     bug and keeps its traceback)."""
     try:
         result = run(train_cli.parse_args(argv), build)

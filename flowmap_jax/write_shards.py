@@ -1,4 +1,4 @@
-"""Write training shards (format "flowmap-shards/1", see `flowmap_jax.datasets`): model-space
+"""Write training shards (format "flowmap-shards/1", see `flowmap_jax.data.datasets`): model-space
 examples plus their conditioning, so training reads arrays and runs no VAE or text encoder.
 
     # digits with the embedded teacher's label embeddings (a worked example; no torch needed)
@@ -16,7 +16,7 @@ examples plus their conditioning, so training reads arrays and runs no VAE or te
     # uncaptioned images through a VAE only (unconditional latents), or as pixels (no --vae)
     python -m flowmap_jax.write_shards --out /data/latents --source folder --images /data/images --vae SD_FOLDER
 
-Images are encoded in batches (--batch-size) and written shard by shard (`flowmap_jax.shard_writer`): memory
+Images are encoded in batches (--batch-size) and written shard by shard (`flowmap_jax.data.shard_writer`): memory
 holds one batch whatever the number of images. With --pipeline the shards carry the prompt conditioning
 ("cond.encoder_hidden_states"; SDXL also "cond.added_cond_kwargs.text_embeds" and
 "cond.added_cond_kwargs.time_ids" = original size, crop top-left, target size) and uncond.safetensors holds
@@ -35,18 +35,18 @@ import os
 
 import numpy as np
 
-from flowmap_jax.data_error import DataError
-from flowmap_jax.shard_writer import ShardWriter, write_shards
-from flowmap_jax.spec import cli_exit
+from flowmap_jax.data.data_error import DataError
+from flowmap_jax.data.shard_writer import ShardWriter, write_shards
+from flowmap_jax.cli import cli_exit
 
 __all__ = ["main", "write_image_folder", "write_shards"]
 
 
 def _digits(args):
-    from flowmap_jax.datasets import LabelConditioner
+    from flowmap_jax.data.datasets import LabelConditioner
     from flowmap_jax.digits.data import load_digits
     from flowmap_jax.spec.label_table import LABEL_EMBEDDINGS_NAME
-    from flowmap_jax.teacher_folder import resolve_teacher_path
+    from flowmap_jax.data.teacher_folder import resolve_teacher_path
 
     teacher = resolve_teacher_path(args.teacher)
     conditioner = LabelConditioner.from_file(os.path.join(teacher, LABEL_EMBEDDINGS_NAME))
@@ -72,18 +72,18 @@ def write_image_folder(out: str, images: str, image_size: int, pipeline: str = "
     """An image folder -> shards, streaming (one batch of `batch_size` images in memory at a time).
 
     pipeline: a diffusers SD / SDXL pipeline folder: latents through its vae/, captions (required, see
-    `flowmap_jax.captioned_images`) through its text encoder(s), SDXL time ids from each image's geometry, and
+    `flowmap_jax.data.captioned_images`) through its text encoder(s), SDXL time ids from each image's geometry, and
     the unconditional conditioning. vae (without pipeline): latents only, no captions. Neither: pixels
     (RGB in [-1, 1]), no conditioning. Returns `out`.
     """
-    from flowmap_jax.captioned_images import (
+    from flowmap_jax.data.captioned_images import (
         _image_files,
         list_captioned_images,
         load_image,
     )
 
     if pipeline:
-        from flowmap_jax.encoders import LatentCodec, PromptEncoder, sdxl_time_ids
+        from flowmap_jax.data.encoders import LatentCodec, PromptEncoder, sdxl_time_ids
 
         entries = list_captioned_images(images, caption_column)
         codec = LatentCodec.from_pretrained(pipeline, "vae", device, batch_size)
@@ -97,7 +97,7 @@ def write_image_folder(out: str, images: str, image_size: int, pipeline: str = "
             raise DataError(f"--images: no images in {images}")
         codec, prompts, uncond = None, None, None
         if vae:
-            from flowmap_jax.encoders import LatentCodec
+            from flowmap_jax.data.encoders import LatentCodec
 
             codec = LatentCodec.from_pretrained(vae, vae_subfolder, device, batch_size)
     source = {"source": "folder", "images": os.path.abspath(images), "image_size": image_size,
@@ -128,7 +128,7 @@ def write_image_folder(out: str, images: str, image_size: int, pipeline: str = "
 
 
 def main(argv=None) -> int:
-    """Exit codes (`flowmap_jax.spec.cli_exit`): 0 written, 2 bad flags or bad input (a missing or malformed
+    """Exit codes (`flowmap_jax.cli.cli_exit`): 0 written, 2 bad flags or bad input (a missing or malformed
     input file, no images); an unexpected failure keeps its traceback and exits 1."""
     parser = cli_exit.ArgumentParser(prog="python -m flowmap_jax.write_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -76,9 +76,9 @@ def write_run(run_dir: str, teacher_dir: str, params: dict, ema_params: dict) ->
     (step k holds params + k / 100 and ema_params + k / 1000: each step and each choice is recognisable)."""
     import optax
 
-    from flowmap_jax import checkpointing
-    from flowmap_jax import train_step as ts
-    from flowmap_jax.config import (
+    from flowmap_jax.training import checkpointing
+    from flowmap_jax.training import train_step as ts
+    from flowmap_jax.training.config import (
         DataConfig,
         ObjectiveConfig,
         RunConfig,

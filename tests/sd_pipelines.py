@@ -229,7 +229,7 @@ def export_untrained_flow_map(pipeline, out, guidance: str = "none", guidance_sc
 
     from conversion import load_diffusers_unet
     from conversion.export import export_flow_map
-    from flowmap_jax.flow_map import add_target_time_hook
+    from flowmap_jax.core.flow_map import add_target_time_hook
     from flowmap_jax.spec.export_format import FlowMapConfig
     from flowmap_jax.spec.schedule import load_scheduler, read_scheduler_config
 

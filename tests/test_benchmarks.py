@@ -251,7 +251,7 @@ def test_throughput_table_and_counts():
 
 
 def test_throughput_trainer_flags_parse():
-    from flowmap_jax import train_cli
+    from flowmap_jax.training import train_cli
 
     cmd = tt.trainer_command("/tmp/x", 60, 10, ["--objective.names", "eulerian"])
     flags = cmd[cmd.index("flowmap_jax.train") + 1:]

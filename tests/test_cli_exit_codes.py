@@ -1,6 +1,6 @@
 """Every command line of the project, run as a user runs it (a subprocess): bad usage or bad input exits 2
 with one line on stderr naming the bad flag or value and no traceback; `--help` into a closed pipe
-(`--help | head -1`) ends with 0 and nothing on stderr. The rules live in `flowmap_jax.spec.cli_exit`."""
+(`--help | head -1`) ends with 0 and nothing on stderr. The rules live in `flowmap_jax.cli.cli_exit`."""
 
 import os
 import subprocess

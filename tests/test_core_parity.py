@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowmap_jax import flow_map as jf
-from flowmap_jax import objectives as jo
-from flowmap_jax import samplers as js
-from flowmap_jax import teacher as jt
+from flowmap_jax.core import flow_map as jf
+from flowmap_jax.core import objectives as jo
+from flowmap_jax.core import samplers as js
+from flowmap_jax.core import teacher as jt
 from flowmap_jax.spec.objective_options import objective_names
 from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
 from flowmap_jax.spec.schedule import ScheduleConfig

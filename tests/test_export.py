@@ -15,7 +15,7 @@ import torch
 
 from conversion.__main__ import main as conversion_main
 from conversion.export import export_flow_map
-from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.core.export_loading import load_flow_map_export
 from flowmap_jax.spec.export_format import FLOWMAP_JSON, read_export
 from flowmap_jax.spec.layout import nhwc_to_nchw
 from flowmap_jax.spec.sampling_inputs import initial_noise
@@ -127,7 +127,7 @@ def test_from_pretrained_is_the_flow_map_network(run, loaded):
     """A stock from_pretrained UNet told class_labels=t gives the flow map's network output; t matters."""
     from diffusers import UNet2DConditionModel
 
-    from flowmap_jax.flow_map import guidance_scale_embedding
+    from flowmap_jax.core.flow_map import guidance_scale_embedding
 
     loaded_jax, _ = loaded
     unet = UNet2DConditionModel.from_pretrained(run["export"]).eval()
@@ -294,7 +294,7 @@ def test_format_1_export_loads_and_samples_as_before(run, loaded, tmp_path):
 
     c = jax_sample._cond_arrays(old_jax, cond, 2.5, BATCH)
     f = np.asarray(old_jax.flow_map.prediction(old_jax.params, jnp.asarray(noise), grid[0], grid[1], c))
-    from flowmap_jax import schedules
+    from flowmap_jax.core import schedules
 
     alpha, sigma = (float(v) for v in schedules.alpha_sigma(schedule, grid[0]))
     assert _rel((noise - sigma * f) / alpha, x_jax) <= 1e-4

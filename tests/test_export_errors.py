@@ -11,7 +11,7 @@ import pytest
 from conversion import ConversionError, save_diffusers_unet
 from conversion.__main__ import main as conversion_main
 from conversion.export import export_flow_map
-from flowmap_jax.export_loading import load_flow_map_export
+from flowmap_jax.core.export_loading import load_flow_map_export
 from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     ExportFormatError,
@@ -140,7 +140,7 @@ def test_export_refuses_a_unet_without_the_hook(good, tmp_path):
 
 
 def test_failed_export_keeps_the_previous_folder(good, tmp_path, monkeypatch):
-    import flowmap_jax.export_writer as export_module
+    import flowmap_jax.core.export_writer as export_module
 
     folder = _copy(good, tmp_path, "export")
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
@@ -212,8 +212,8 @@ def test_the_trainers_export_call(good, tmp_path):
     """What `assembly.build`'s export hook calls at the end of a run (digits-style: CFG baked in at 2.0)."""
     import json as _json
 
-    from flowmap_jax.config import DataConfig, TeacherConfig, TrainConfig
-    from flowmap_jax.run_provenance import (
+    from flowmap_jax.training.config import DataConfig, TeacherConfig, TrainConfig
+    from flowmap_jax.training.run_provenance import (
         flow_map_config_from_train_config,
         run_provenance,
     )

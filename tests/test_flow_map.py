@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowmap_jax import flow_map as jf
-from flowmap_jax import predictions as jp
-from flowmap_jax import teacher as jt
+from flowmap_jax.core import flow_map as jf
+from flowmap_jax.core import predictions as jp
+from flowmap_jax.core import teacher as jt
 from flowmap_jax.spec.prediction_types import PREDICTION_TYPES
 from flowmap_jax.spec.schedule import ScheduleConfig
 from tests import flow_map_helpers as H
@@ -55,7 +55,7 @@ def test_prediction_conversions_round_trip(prediction_type):
     x0, eps = (rng.normal(size=(4,) + SHAPE).astype(np.float32) for _ in range(2))
     for schedule in SCHEDULES.values():
         t = np.array([0.1, 0.4, 0.7, 0.95], np.float32) * schedule.t_noise
-        from flowmap_jax import schedules as js
+        from flowmap_jax.core import schedules as js
         alpha, sigma = js.alpha_sigma(schedule, t)
         x_t = np.asarray(js.add_noise(schedule, jnp.asarray(x0), jnp.asarray(eps), t))
         pred = jp.from_x0_eps(jnp.asarray(x0), jnp.asarray(eps), alpha, sigma, prediction_type)

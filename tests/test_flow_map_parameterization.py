@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowmap_jax import flow_map as jf
-from flowmap_jax import samplers as js
+from flowmap_jax.core import flow_map as jf
+from flowmap_jax.core import samplers as js
 from flowmap_jax.spec.schedule import ScheduleConfig
 from torch_ref import flow_map as tf
 from torch_ref import samplers as ts

@@ -1,4 +1,4 @@
-"""Sample grids of a latent teacher decoded through its pipeline's VAE (`flowmap_jax.grid_decoder`): which VAE,
+"""Sample grids of a latent teacher decoded through its pipeline's VAE (`flowmap_jax.training.grid_decoder`): which VAE,
 the decode against diffusers' own AutoencoderKL, the fallbacks with their one-line notes, and the grid's tile
 size. The trainer's grid of a whole tiny-pipeline run is checked in tests/test_sd_e2e.py."""
 
@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flowmap_jax import train_cli
-from flowmap_jax.grid_decoder import GridDecoder, grid_decoder
+from flowmap_jax.training import train_cli
+from flowmap_jax.training.grid_decoder import GridDecoder, grid_decoder
 from flowmap_jax.spec.image_grid import save_grid
 from tests.sd_pipelines import IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE
 

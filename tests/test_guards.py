@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing, run_record, time_pairs
-from flowmap_jax import sharding as sh
-from flowmap_jax import train_step as ts
-from flowmap_jax.config import OptimConfig
+from flowmap_jax.training import checkpointing, run_record
+from flowmap_jax.core import time_pairs
+from flowmap_jax.training import sharding as sh
+from flowmap_jax.training import train_step as ts
+from flowmap_jax.training.config import OptimConfig
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_pairs import TimePairConfig
 from tests import train_support
@@ -185,7 +186,7 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
     from flowmap_jax.spec.sampling_inputs import initial_noise
     from flowmap_jax.spec.schedule import load_scheduler
     from flowmap_jax.spec.time_grid import time_grid
-    from flowmap_jax.flow_map import add_target_time_hook
+    from flowmap_jax.core.flow_map import add_target_time_hook
     from tests import train_support
 
     tmp = sys.argv[1]

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import train, train_cli
+from flowmap_jax import train
+from flowmap_jax.training import train_cli
 from tests import train_support
 
 DIM = 8
@@ -42,7 +43,7 @@ def test_untrained_guidance_input_is_the_teacher_at_every_w_in_diffusers(sd15_pi
     import torch
     from diffusers import UNet2DConditionModel
 
-    from flowmap_jax.flow_map import add_guidance_input as jax_add_guidance_input
+    from flowmap_jax.core.flow_map import add_guidance_input as jax_add_guidance_input
     from torch_ref.flow_map import add_guidance_input, guidance_scale_embedding
 
     teacher = UNet2DConditionModel.from_pretrained(sd15_pipeline, subfolder="unet").eval()
@@ -72,9 +73,9 @@ def test_train_with_guidance_as_an_input_and_sample_the_export_at_two_scales(tmp
     """2 training steps (pairs, 2 teacher steps) with w ~ U(1, 3) per example; then the export in both backends."""
     from safetensors.numpy import load_file
 
-    from flowmap_jax import assembly
+    from flowmap_jax.training import assembly
     from flowmap_jax import sample as jax_sample
-    from flowmap_jax.flow_map import guidance_scale_embedding
+    from flowmap_jax.core.flow_map import guidance_scale_embedding
     from flowmap_jax.spec.sampling_inputs import initial_noise
     from flowmap_jax.spec.time_grid import time_grid
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig

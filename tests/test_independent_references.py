@@ -23,10 +23,10 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from flowmap_jax import predictions as pred
-from flowmap_jax import samplers
-from flowmap_jax import schedules as js
-from flowmap_jax import teacher as jt
+from flowmap_jax.core import predictions as pred
+from flowmap_jax.core import samplers
+from flowmap_jax.core import schedules as js
+from flowmap_jax.core import teacher as jt
 from flowmap_jax.spec.schedule import ScheduleConfig
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}

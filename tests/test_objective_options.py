@@ -11,8 +11,8 @@ import typing
 
 import pytest
 
-from flowmap_jax import presets, run_config_check, train_cli
-from flowmap_jax.config import ConfigError, ObjectiveName, TrainConfig
+from flowmap_jax.training import presets, run_config_check, train_cli
+from flowmap_jax.training.config import ConfigError, ObjectiveName, TrainConfig
 from flowmap_jax.spec import objective_options as oo
 
 # `objective` sections of config.json as the code before the per-objective classes wrote them (one flat
@@ -157,7 +157,7 @@ def test_old_spellings_of_an_unset_option_read_as_unset():
 
 
 def test_both_backends_register_exactly_the_spec_objectives():
-    from flowmap_jax import objectives as jo
+    from flowmap_jax.core import objectives as jo
     from torch_ref import objectives as to
 
     assert tuple(jo.OBJECTIVES) == tuple(to.OBJECTIVES) == oo.objective_names()

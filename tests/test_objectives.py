@@ -12,10 +12,10 @@ import optax
 import pytest
 import torch
 
-from flowmap_jax import flow_map as jf
-from flowmap_jax import objectives as jo
-from flowmap_jax import schedules, time_pairs
-from flowmap_jax import teacher as jt
+from flowmap_jax.core import flow_map as jf
+from flowmap_jax.core import objectives as jo
+from flowmap_jax.core import schedules, time_pairs
+from flowmap_jax.core import teacher as jt
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_pairs import TimePairConfig
 from tests import flow_map_helpers as H

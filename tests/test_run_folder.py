@@ -20,8 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from flowmap_jax import run_config_check, run_lock, train
-from flowmap_jax.spec import cli_exit
+from flowmap_jax.training import run_config_check, run_lock
+from flowmap_jax import train
+from flowmap_jax.cli import cli_exit
 from tests import train_support
 from tests.test_train_checkpoint import ROOT, _env, _losses
 

@@ -1,4 +1,4 @@
-"""`flowmap_jax.run_record`: the one check of a checkpoint step folder (`verify`) and its fingerprint.
+"""`flowmap_jax.training.run_record`: the one check of a checkpoint step folder (`verify`) and its fingerprint.
 
 - verify returns a typed reason for each kind of damage: a missing or broken meta file (BAD_METADATA),
   arrays that cannot be read (UNREADABLE), arrays that differ from what was written (FINGERPRINT_MISMATCH);
@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing, rejected_checkpoints, run_record
-from flowmap_jax import sharding as sh
-from flowmap_jax import train_step as ts
-from flowmap_jax.config import OptimConfig
-from flowmap_jax.run_record import RejectReason
+from flowmap_jax.training import checkpointing, rejected_checkpoints, run_record
+from flowmap_jax.training import sharding as sh
+from flowmap_jax.training import train_step as ts
+from flowmap_jax.training.config import OptimConfig
+from flowmap_jax.training.run_record import RejectReason
 from tests import train_support
 
 

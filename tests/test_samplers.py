@@ -14,9 +14,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
-from flowmap_jax import flow_map as jf
-from flowmap_jax import samplers as js
-from flowmap_jax import teacher as jt
+from flowmap_jax.core import flow_map as jf
+from flowmap_jax.core import samplers as js
+from flowmap_jax.core import teacher as jt
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_grid import time_grid
 from tests import flow_map_helpers as H
@@ -412,7 +412,7 @@ PAIRS_TARGET_BOUND = 0.01
 def test_pairs_target_error_at_the_default(name):
     """`samplers.teacher_solve` with ObjectiveOptions' defaults (what `objectives.pairs` regresses onto) on
     Gaussian-mixture data: relative RMS error < 1% against the converged solution."""
-    from flowmap_jax import time_pairs
+    from flowmap_jax.core import time_pairs
     from flowmap_jax.spec.objective_options import ObjectiveOptions
     from flowmap_jax.spec.time_pairs import TimePairConfig
 

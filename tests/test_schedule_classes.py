@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from flowmap_jax import schedules as js
+from flowmap_jax.core import schedules as js
 from flowmap_jax.spec import schedule as spec_schedule
 from flowmap_jax.spec.export_format import schedule_from_json, schedule_to_json
 from flowmap_jax.spec.parameterization import PARAMETERIZATIONS, resolve_parameterization

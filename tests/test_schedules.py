@@ -17,7 +17,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from flowmap_jax import schedules as js
+from flowmap_jax.core import schedules as js
 from flowmap_jax.spec.objective_options import ObjectiveOptions
 from flowmap_jax.spec.schedule import (
     ScheduleConfig,

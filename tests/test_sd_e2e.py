@@ -48,7 +48,8 @@ def _whole_path(tmp_path, pipeline, preset, *extra, fast=False):
     from PIL import Image
 
     from conversion.__main__ import main as conversion_main
-    from flowmap_jax import datasets, train, write_shards
+    from flowmap_jax.data import datasets
+    from flowmap_jax import train, write_shards
     from torch_ref.pipeline import FlowMapPipeline
 
     images = write_captioned_images(tmp_path / "images", [f"a photo of thing {i}" for i in range(6)])

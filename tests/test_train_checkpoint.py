@@ -18,10 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from flowmap_jax import checkpointing
-from flowmap_jax import sharding as sh
-from flowmap_jax import train_step as ts
-from flowmap_jax.config import OptimConfig
+from flowmap_jax.training import checkpointing
+from flowmap_jax.training import sharding as sh
+from flowmap_jax.training import train_step as ts
+from flowmap_jax.training.config import OptimConfig
 from tests import train_support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

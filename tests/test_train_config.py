@@ -1,14 +1,15 @@
 """Presets and command-line overrides of the trainer (pure Python, fast)."""
 
 import dataclasses
+import glob
 import os
 import subprocess
 import sys
 
 import pytest
 
-from flowmap_jax import presets, train_cli
-from flowmap_jax.config import (
+from flowmap_jax.training import presets, train_cli
+from flowmap_jax.training.config import (
     ConfigError,
     ObjectiveName,
     SampleConfig,
@@ -135,7 +136,7 @@ def test_help_shows_choices_and_aliases():
 def test_choice_lists_match_the_code_that_uses_them():
     import typing
 
-    from flowmap_jax.objectives import OBJECTIVES
+    from flowmap_jax.core.objectives import OBJECTIVES
     from flowmap_jax.spec.time_grid import GRID_SPACINGS
 
     assert set(typing.get_args(ObjectiveName)) == set(OBJECTIVES)
@@ -263,7 +264,6 @@ def test_tyro_private_error_hook():
         with pytest.raises(ConfigError) as info:
             train_cli.parse_args(argv)
         assert str(info.value) == message
-    sources = [os.path.join(ROOT, "flowmap_jax", f) for f in os.listdir(os.path.join(ROOT, "flowmap_jax"))
-               if f.endswith(".py")]
+    sources = sorted(glob.glob(os.path.join(ROOT, "flowmap_jax", "**", "*.py"), recursive=True))
     users = [path for path in sources if "_errors" in open(path).read() and "tyro" in open(path).read()]
-    assert users == [os.path.join(ROOT, "flowmap_jax", "train_cli.py")], users
+    assert users == [os.path.join(ROOT, "flowmap_jax", "training", "train_cli.py")], users

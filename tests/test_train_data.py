@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from flowmap_jax import datasets, write_shards
-from flowmap_jax.config import DataConfig
+from flowmap_jax.data import datasets
+from flowmap_jax import write_shards
+from flowmap_jax.training.config import DataConfig
 
 
 def _dataset(n=37):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from flowmap_jax import distributed
-from flowmap_jax.config import DistributedConfig
+from flowmap_jax.training import distributed
+from flowmap_jax.training.config import DistributedConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pytest
 
-from flowmap_jax import teacher_folder, train, train_cli
+from flowmap_jax.data import teacher_folder
+from flowmap_jax import train
+from flowmap_jax.training import train_cli
 from tests import train_support
 
 EMBEDDED = os.path.isdir(os.path.join(teacher_folder.embedded_teacher_folder(), "unet"))
@@ -70,7 +72,7 @@ def test_tiny_teacher_folder_run_writes_the_run_folder(tmp_path, tiny_teacher):
     assert (export / "config.json").stat().st_mtime == mtime
 
 
-# A teacher, data or batch that does not fit is bad input: exit 2 (flowmap_jax.spec.cli_exit), one line.
+# A teacher, data or batch that does not fit is bad input: exit 2 (flowmap_jax.cli.cli_exit), one line.
 
 def test_missing_teacher_is_a_clear_error(tmp_path, capsys):
     assert train.main(_short(tmp_path / "run", "--teacher", str(tmp_path / "no_such_teacher"))) == 2

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowmap_jax import objectives
-from flowmap_jax import sharding as sh
-from flowmap_jax import train_step as ts
-from flowmap_jax.config import OptimConfig
+from flowmap_jax.core import objectives
+from flowmap_jax.training import sharding as sh
+from flowmap_jax.training import train_step as ts
+from flowmap_jax.training.config import OptimConfig
 from tests import train_support
 
 GLOBAL_BATCH = 16

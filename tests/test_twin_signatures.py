@@ -58,7 +58,8 @@ CLASS_MEMBER_DIFFERENCES = {
 
 
 def _modules(name):
-    return importlib.import_module(f"flowmap_jax.{name}"), importlib.import_module(f"torch_ref.{name}")
+    package = "flowmap_jax" if name == "sample" else "flowmap_jax.core"  # the sampling command stays at the top
+    return importlib.import_module(f"{package}.{name}"), importlib.import_module(f"torch_ref.{name}")
 
 
 def _signature(obj):

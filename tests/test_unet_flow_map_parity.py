@@ -16,10 +16,10 @@ pytest.importorskip("flowmap_jax.unet")
 conversion = pytest.importorskip("conversion")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
 
-from flowmap_jax import flow_map as jf  # noqa: E402
-from flowmap_jax import objectives as jo  # noqa: E402
-from flowmap_jax import samplers as js  # noqa: E402
-from flowmap_jax import teacher as jt  # noqa: E402
+from flowmap_jax.core import flow_map as jf  # noqa: E402
+from flowmap_jax.core import objectives as jo  # noqa: E402
+from flowmap_jax.core import samplers as js  # noqa: E402
+from flowmap_jax.core import teacher as jt  # noqa: E402
 from flowmap_jax.spec.schedule import ScheduleConfig  # noqa: E402
 from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig  # noqa: E402
 from tests import flow_map_helpers as H  # noqa: E402
@@ -71,7 +71,7 @@ def _flax(config):
 
 
 def test_jax_hook_reproduces_the_teacher(unets):
-    """flowmap_jax.flow_map.add_target_time_hook: the same parameter tree as the torch hook converted,
+    """flowmap_jax.core.flow_map.add_target_time_hook: the same parameter tree as the torch hook converted,
     linear_2 zero, and X(x, s, t) = the teacher's DDIM step for every (s, t) (bit-exact UNet output)."""
     flow_config, params = jf.add_target_time_hook(unets["config"], unets["teacher_params"], jax.random.key(0))
     assert flow_config == unets["flow_config"]

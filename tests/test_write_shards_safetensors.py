@@ -1,4 +1,4 @@
-"""The encoders (`flowmap_jax.encoders`, used by the shard writer, the image-folder dataset and the sampling
+"""The encoders (`flowmap_jax.data.encoders`, used by the shard writer, the image-folder dataset and the sampling
 CLIs) load the VAE and the text encoder from safetensors only (`use_safetensors=True`): a folder with only
 pickle weights (.bin) is a clear DataError naming the flag and the folder, never unpickled; the same models
 saved as safetensors load and encode. Tiny random models, saved locally (no hub)."""
@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from flowmap_jax import encoders
-from flowmap_jax.data_error import DataError
+from flowmap_jax.data import encoders
+from flowmap_jax.data.data_error import DataError
 
 
 def _vae():

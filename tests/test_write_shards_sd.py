@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from flowmap_jax import datasets, write_shards
+from flowmap_jax.data import datasets
+from flowmap_jax import write_shards
 from tests.sd_pipelines import IMAGE_SIZE, write_captioned_images
 
 CAPTIONS = ["a photo of the cat", "two dogs and a ball!", "", "A RED CAR, 1999", "the end of it", "gi gi git",

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax import assembly, datasets, train_cli
+from flowmap_jax.training import assembly, train_cli
+from flowmap_jax.data import datasets
 
 SHAPE = (4, 4, 1)
 HIDDEN = 64

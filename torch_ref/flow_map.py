@@ -1,4 +1,4 @@
-"""The flow map X(x_s, s, t) in PyTorch, mirroring `flowmap_jax.flow_map` (see its docstring for the
+"""The flow map X(x_s, s, t) in PyTorch, mirroring `flowmap_jax.core.flow_map` (see its docstring for the
 parameterisations "angle" (VP: X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "linear"
 (rectified flow: X = x + (tau_t - tau_s) F, F a flow velocity) and "teacher_step" (export format 1: the
 teacher's DDIM step with F in the teacher's prediction type), the teacher blend of the head warm-up, and
@@ -62,14 +62,14 @@ class FlowMap:
     parameterization: str = "auto"
     teacher_blend: Any = 0.0
 
-    # Copied from flowmap_jax.flow_map.FlowMap.__post_init__
+    # Copied from flowmap_jax.core.flow_map.FlowMap.__post_init__
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if not isinstance(self.schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__}")
         object.__setattr__(self, "parameterization", resolve_parameterization(self.schedule, self.parameterization))
 
-    # Copied from flowmap_jax.flow_map.FlowMap.from_teacher
+    # Copied from flowmap_jax.core.flow_map.FlowMap.from_teacher
     @classmethod
     def from_teacher(cls, net, teacher, parameterization: str = "auto") -> "FlowMap":
         """A flow map with the teacher's schedule and prediction type."""
@@ -82,7 +82,7 @@ class FlowMap:
 
     @property
     def output_type(self) -> str:
-        """The prediction type F is read in (see `flowmap_jax.flow_map.FlowMap.output_type`)."""
+        """The prediction type F is read in (see `flowmap_jax.core.flow_map.FlowMap.output_type`)."""
         return {"angle": "v_prediction", "linear": "flow"}.get(self.parameterization, self.prediction_type)
 
     def _times(self, x_s, t_source, t_target):
@@ -99,7 +99,7 @@ class FlowMap:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for x_s of shape {tuple(x.shape)}")
         return out
 
-    # Copied from flowmap_jax.flow_map.FlowMap.prediction
+    # Copied from flowmap_jax.core.flow_map.FlowMap.prediction
     def prediction(self, params, x_s, t_source, t_target, cond=None):
         """The network's raw output F(x_s, s, t), shape of x_s (in `output_type`)."""
         s, t = self._times(x_s, t_source, t_target)
@@ -116,7 +116,7 @@ class FlowMap:
             return torch.ones_like(d_tau), d_tau
         return self.teacher_step_coefficients(t_source, t_target)
 
-    # Copied from flowmap_jax.flow_map.FlowMap.teacher_step_coefficients
+    # Copied from flowmap_jax.core.flow_map.FlowMap.teacher_step_coefficients
     def teacher_step_coefficients(self, t_source, t_target):
         """(c_x, c_pred) of the teacher's DDIM step with F in the teacher's prediction type."""
         a_s, s_s = schedules.alpha_sigma(self.schedule, t_source)
@@ -141,7 +141,7 @@ class FlowMap:
 
     def jvp(self, params, x_s, t_source, t_target, cond=None, tangents=(None, None, None), *,
             network_tangent_scale=None, method: str = "exact", fd_eps: float = 5e-3):
-        """(X, dX, F) along tangents (dx, ds, dt) (None: zero); see `flowmap_jax.flow_map.FlowMap.jvp`.
+        """(X, dX, F) along tangents (dx, ds, dt) (None: zero); see `flowmap_jax.core.flow_map.FlowMap.jvp`.
         Forward mode is `torch.func.jvp`."""
         s, t = self._times(x_s, t_source, t_target)
         b = x_s.shape[0]
@@ -224,7 +224,7 @@ def unet_network(unet) -> UNetNetwork:
 
 def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, dict]:
     """(config, state_dict) of a flow-map UNet from a teacher's diffusers config dict and state dict
-    (mirrors `flowmap_jax.flow_map.add_target_time_hook`): `class_embed_type="timestep"` and
+    (mirrors `flowmap_jax.core.flow_map.add_target_time_hook`): `class_embed_type="timestep"` and
     `class_embedding.linear_1` initialised as nn.Linear's default (uniform(+-1/sqrt(fan_in))),
     `class_embedding.linear_2` zero (weight and bias). rng: a torch.Generator or an int seed.
     Load with `UNet2DConditionModel.from_config(config)` then `load_state_dict(state_dict)`."""
@@ -250,7 +250,7 @@ def add_target_time_hook(unet_config: dict, params: dict, rng) -> tuple[dict, di
 
 def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> tuple[dict, dict]:
     """(config, state_dict) of a flow-map UNet that takes the guidance scale as an input (mirrors
-    `flowmap_jax.flow_map.add_guidance_input`): `time_cond_proj_dim = embedding_dim` and
+    `flowmap_jax.core.flow_map.add_guidance_input`): `time_cond_proj_dim = embedding_dim` and
     `time_embedding.cond_proj.weight` (time projection width, embedding_dim) zero, so the UNet equals the one it
     was built from at every w. Load with `UNet2DConditionModel.from_config(config)` then `load_state_dict`."""
     config = add_guidance_input_config(unet_config, embedding_dim)
@@ -260,7 +260,7 @@ def add_guidance_input(unet_config: dict, params: dict, embedding_dim: int) -> t
     return config, state
 
 
-# Copied from flowmap_jax.flow_map.guidance_input_cond
+# Copied from flowmap_jax.core.flow_map.guidance_input_cond
 def guidance_input_cond(cond, w, embedding_dim: int):
     """cond (a dict of UNet keyword arguments, or None) with the guidance input of a map that distilled
     guidance as an input: timestep_cond = guidance_scale_embedding(w - 1, embedding_dim), w (B,) the scales
@@ -270,7 +270,7 @@ def guidance_input_cond(cond, w, embedding_dim: int):
 
 def guidance_scale_embedding(w, embedding_dim: int):
     """LCM's guidance-scale embedding (diffusers `get_guidance_scale_embedding`): (B,) -> (B, embedding_dim)
-    float32 (see `flowmap_jax.flow_map.guidance_scale_embedding`)."""
+    float32 (see `flowmap_jax.core.flow_map.guidance_scale_embedding`)."""
     w = torch.as_tensor(w, dtype=torch.float32)
     if w.ndim != 1:
         raise ValueError(f"guidance_scale_embedding expects (B,) scales, got shape {tuple(w.shape)}")

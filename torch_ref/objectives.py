@@ -1,4 +1,4 @@
-"""Flow-map objectives in PyTorch, mirroring `flowmap_jax.objectives` (same registry, names, options,
+"""Flow-map objectives in PyTorch, mirroring `flowmap_jax.core.objectives` (same registry, names, options,
 formulas; see its docstring). Differences of backend only:
 
 - `params`: None (the network's own parameters) or a dict name -> tensor used through

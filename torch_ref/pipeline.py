@@ -127,9 +127,9 @@ class FlowMapPipeline(DiffusionPipeline):
         return flow_map_from_unet(self.unet, dict(self.unet.config), self.config.flow_map)
 
     def prompt_encoder(self):
-        """`flowmap_jax.encoders.PromptEncoder` over this pipeline's tokenizer(s) and text encoder(s): the
+        """`flowmap_jax.data.encoders.PromptEncoder` over this pipeline's tokenizer(s) and text encoder(s): the
         same encoding as the shards the flow map was trained on."""
-        from flowmap_jax.encoders import PromptEncoder
+        from flowmap_jax.data.encoders import PromptEncoder
 
         tokenizers = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
@@ -155,7 +155,7 @@ class FlowMapPipeline(DiffusionPipeline):
 
     def _sdxl_added(self, cond: dict, height: int, width: int) -> dict:
         if "added_cond_kwargs" in cond:
-            from flowmap_jax.encoders import sdxl_time_ids
+            from flowmap_jax.data.encoders import sdxl_time_ids
 
             rows = cond["encoder_hidden_states"].shape[0]
             ids = sdxl_time_ids((height, width), (0, 0), (height, width))

@@ -1,4 +1,4 @@
-"""Prediction types and their conversions, in PyTorch, mirroring `flowmap_jax.predictions`.
+"""Prediction types and their conversions, in PyTorch, mirroring `flowmap_jax.core.predictions`.
 
 A network at (x_t, t) predicts, in its prediction type (x_t = alpha_t x0 + sigma_t eps):
   "epsilon":      eps
@@ -20,7 +20,7 @@ __all__ = ["PREDICTION_TYPES", "check_prediction_type", "to_x0_eps", "from_x0_ep
            "jump_coefficients", "ddim_step"]
 
 
-# Copied from flowmap_jax.predictions.to_x0_eps
+# Copied from flowmap_jax.core.predictions.to_x0_eps
 def to_x0_eps(prediction, x_t, alpha_t, sigma_t, prediction_type: str):
     """(x0_hat, eps_hat) from a prediction at (x_t, t). Shapes as x_t."""
     check_prediction_type(prediction_type)
@@ -36,7 +36,7 @@ def to_x0_eps(prediction, x_t, alpha_t, sigma_t, prediction_type: str):
     return (x_t - s * prediction) / norm, (x_t + a * prediction) / norm
 
 
-# Copied from flowmap_jax.predictions.from_x0_eps
+# Copied from flowmap_jax.core.predictions.from_x0_eps
 def from_x0_eps(x0, eps, alpha_t, sigma_t, prediction_type: str):
     """The prediction of type `prediction_type` that (x0, eps) correspond to at time t (x_t implied)."""
     check_prediction_type(prediction_type)
@@ -49,13 +49,13 @@ def from_x0_eps(x0, eps, alpha_t, sigma_t, prediction_type: str):
     return eps - x0
 
 
-# Copied from flowmap_jax.predictions.velocity
+# Copied from flowmap_jax.core.predictions.velocity
 def velocity(x0_hat, eps_hat, d_alpha_dt, d_sigma_dt):
     """PF-ODE velocity dx/dt = alpha'_t x0_hat + sigma'_t eps_hat (teacher time units)."""
     return expand_time(d_alpha_dt, x0_hat) * x0_hat + expand_time(d_sigma_dt, x0_hat) * eps_hat
 
 
-# Copied from flowmap_jax.predictions.jump_coefficients
+# Copied from flowmap_jax.core.predictions.jump_coefficients
 def jump_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, prediction_type: str):
     """(c_x, c_pred) with alpha_t x0_hat + sigma_t eps_hat = c_x * x_s + c_pred * prediction, where
     (x0_hat, eps_hat) follow from `prediction` at (x_s, s): the DDIM step from s to t.
@@ -77,7 +77,7 @@ def jump_coefficients(alpha_s, sigma_s, alpha_t, sigma_t, prediction_type: str):
     return (alpha_t + sigma_t) / norm, (sigma_t * alpha_s - alpha_t * sigma_s) / norm
 
 
-# Copied from flowmap_jax.predictions.ddim_step
+# Copied from flowmap_jax.core.predictions.ddim_step
 def ddim_step(prediction, x_s, alpha_s, sigma_s, alpha_t, sigma_t, prediction_type: str):
     """The teacher's first-order (DDIM, eta = 0) step from s to t with `prediction` made at (x_s, s):
     alpha_t x0_hat + sigma_t eps_hat. x_s, prediction: (B, ...); alpha/sigma: scalars or (B,)."""

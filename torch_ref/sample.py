@@ -3,7 +3,7 @@
     python -m torch_ref.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
     python -m torch_ref.sample --model runs/digits/export --steps 2 --dtype bf16 --device cuda
 
-The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.spec.sample_cli`); in fp32
+The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.cli.sample_cli`); in fp32
 the two agree to float rounding. API (mirrors `flowmap_jax.sample`):
 
 - `load_flow_map(folder, dtype="fp32", device="auto") -> TorchFlowMapExport` (`torch_ref.export_loading`);
@@ -19,8 +19,8 @@ import sys
 import numpy as np
 import torch
 
-from flowmap_jax import encoders
-from flowmap_jax.spec import sample_cli
+from flowmap_jax.data import encoders
+from flowmap_jax.cli import sample_cli
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 from torch_ref import samplers
 from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
@@ -88,6 +88,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from flowmap_jax.spec.cli_exit import run_main
+    from flowmap_jax.cli.cli_exit import run_main
 
     run_main(main)

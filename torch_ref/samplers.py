@@ -1,4 +1,4 @@
-"""Samplers in PyTorch, mirroring `flowmap_jax.samplers` (same names, signatures and numerics; see its
+"""Samplers in PyTorch, mirroring `flowmap_jax.core.samplers` (same names, signatures and numerics; see its
 docstring for the solvers, their rules at the clean end, and gamma re-noising). Python loops here where
 JAX uses `lax.scan`. Images are (B, C, H, W). Samplers run under torch.no_grad() unless the caller
 enables gradients (`teacher_solve` inside objectives is wrapped by them)."""
@@ -52,7 +52,7 @@ def _where(mask, a, b, x):
 
 def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     """Heun's trapezoid correction to the DDIM step of a VP schedule: the cos^2 / sin^2 (theta_c) blend of
-    EDM's eps form and the x0 form, finite at both ends (see flowmap_jax.samplers._heun_correction)."""
+    EDM's eps form and the x0 form, finite at both ends (see flowmap_jax.core.samplers._heun_correction)."""
     coef = 0.5 * (a_c * s_n - a_n * s_c) / (a_c * a_c + s_c * s_c)
     blend = expand_time(coef, x) * (expand_time(a_c, x) * (eps_2 - eps_1) - expand_time(s_c, x) * (x0_2 - x0_1))
     # diffusers' HeunDiscrete (EDM's eps form) wherever it is well conditioned (sigma_c / alpha_c <= 20,
@@ -92,7 +92,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         # dpmpp_2m
         t_prev = times[i - 1] if i > 0 else times[0]
         a_p, s_p = schedules.alpha_sigma(schedule, t_prev)
-        # Second order needs finite log-SNRs at t_prev, t_cur and t_next (see flowmap_jax.samplers).
+        # Second order needs finite log-SNRs at t_prev, t_cur and t_next (see flowmap_jax.core.samplers).
         use_second = ((s_n > 0) & (s_c > 0) & (a_n > 0) & (a_c > 0) & (a_p > 0)
                       & torch.full_like(s_n, i > 0, dtype=torch.bool))
         if lower_order_final and n < 15 and i == n - 1:
@@ -167,7 +167,7 @@ def _time_from_spacing_variable(schedule, w, spacing):
 
 
 def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "logsnr"):
-    """(num_steps + 1, B) per-example time grids (see `flowmap_jax.samplers.solve_grid`)."""
+    """(num_steps + 1, B) per-example time grids (see `flowmap_jax.core.samplers.solve_grid`)."""
     if spacing not in SOLVE_SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: expected one of {SOLVE_SPACINGS}")
     frac = torch.arange(int(num_steps) + 1, dtype=torch.float32, device=t_source.device)[:, None] / int(num_steps)
@@ -183,7 +183,7 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
                   guidance_scale=None, lower_order_final=False, spacing="logsnr"):
     """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): `num_steps`
     steps on `solve_grid(..., spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
-    `flowmap_jax.samplers.teacher_solve`). x_s (B, ...)."""
+    `flowmap_jax.core.samplers.teacher_solve`). x_s (B, ...)."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -245,5 +245,5 @@ def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, r
 
 
 def make_jump(flow_map):
-    """The twin of `flowmap_jax.samplers.make_jump`: eager PyTorch compiles nothing, so the map itself."""
+    """The twin of `flowmap_jax.core.samplers.make_jump`: eager PyTorch compiles nothing, so the map itself."""
     return flow_map

@@ -1,4 +1,4 @@
-"""Noise schedules in PyTorch, mirroring `flowmap_jax.schedules` (same names, same signatures).
+"""Noise schedules in PyTorch, mirroring `flowmap_jax.core.schedules` (same names, same signatures).
 
 The schedule is the shared pure-Python `flowmap_jax.spec.schedule.ScheduleConfig`, one class per kind whose
 formulas are written once against an `ArrayOps`; this module passes torch's, so no function here knows the
@@ -113,7 +113,7 @@ def alpha_sigma(schedule: ScheduleConfig, t):
 
 
 def alpha_sigma_derivatives(schedule: ScheduleConfig, t):
-    """(d alpha/dt, d sigma/dt) in teacher time units (see `flowmap_jax.schedules`)."""
+    """(d alpha/dt, d sigma/dt) in teacher time units (see `flowmap_jax.core.schedules`)."""
     return schedule.alpha_sigma_derivatives(t, _OPS)
 
 
@@ -127,7 +127,7 @@ def _interp(x, xp, fp):
 
 
 def angle(schedule: ScheduleConfig, t):
-    """theta_t = arctan(sigma_t / alpha_t) in [0, pi/2] (see `flowmap_jax.schedules.angle`)."""
+    """theta_t = arctan(sigma_t / alpha_t) in [0, pi/2] (see `flowmap_jax.core.schedules.angle`)."""
     alpha, sigma = alpha_sigma(schedule, t)
     return torch.atan2(sigma, alpha)
 

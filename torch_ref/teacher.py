@@ -1,4 +1,4 @@
-"""The teacher in PyTorch, mirroring `flowmap_jax.teacher` (same methods, same guidance, same time rule).
+"""The teacher in PyTorch, mirroring `flowmap_jax.core.teacher` (same methods, same guidance, same time rule).
 
 A teacher wraps any callable `model(x, t, cond) -> prediction` (x (B, ...), PyTorch images (B, C, H, W);
 t (B,) float32 in teacher units; cond a dict of keyword arguments or None): a diffusers UNet through
@@ -54,7 +54,7 @@ def _check_cond_batch(cond, batch: int, name: str = "cond"):
             raise ValueError(f"{name}{path} has shape {shape}: its first axis must be the batch ({batch}) or 1")
 
 
-# Copied from flowmap_jax.teacher.fill_uncond
+# Copied from flowmap_jax.core.teacher.fill_uncond
 def fill_uncond(cond, uncond):
     """`uncond` with every key it lacks taken from `cond` (nested dicts): the unconditional branch keeps the
     example's own value there, as diffusers' SDXL pipeline gives both branches the same time_ids. Keys of
@@ -73,7 +73,7 @@ def _broadcast_batch(tree, batch: int):
 
 @dataclasses.dataclass
 class Teacher:
-    """A diffusion teacher. Build with `Teacher.create(...)` (mirrors `flowmap_jax.teacher.Teacher`).
+    """A diffusion teacher. Build with `Teacher.create(...)` (mirrors `flowmap_jax.core.teacher.Teacher`).
 
     model: (x, t, cond) -> prediction. schedule, prediction_type: the teacher's. guidance_scale: number or
     (B,) tensor. uncond: cond of the unconditional branch (classifier-free guidance) or None. weak_model:
@@ -174,7 +174,7 @@ def unet_teacher_fn(unet):
 
 def gaussian_teacher_fn(mean, var, schedule: ScheduleConfig, prediction_type: str):
     """model(x, t, cond) for the exact denoiser of Gaussian data N(mean, var) (elementwise; mean and var
-    tensors broadcastable to one example). Mirrors `flowmap_jax.teacher.gaussian_teacher_fn`, whose
+    tensors broadcastable to one example). Mirrors `flowmap_jax.core.teacher.gaussian_teacher_fn`, whose
     parameters are a pytree instead."""
     check_prediction_type(prediction_type)
 
@@ -190,7 +190,7 @@ def gaussian_teacher_fn(mean, var, schedule: ScheduleConfig, prediction_type: st
 
 
 def gaussian_exact_flow(schedule: ScheduleConfig, mean, var, x_s, t_source, t_target):
-    """The exact PF-ODE flow map of Gaussian data N(mean, var) (see `flowmap_jax.teacher`)."""
+    """The exact PF-ODE flow map of Gaussian data N(mean, var) (see `flowmap_jax.core.teacher`)."""
     a_s, s_s = schedules.alpha_sigma(schedule, t_source)
     a_t, s_t = schedules.alpha_sigma(schedule, t_target)
     a_s, s_s, a_t, s_t = (expand_time(v, x_s) for v in (a_s, s_s, a_t, s_t))
@@ -201,7 +201,7 @@ def gaussian_exact_flow(schedule: ScheduleConfig, mean, var, x_s, t_source, t_ta
 
 def gaussian_mixture_teacher_fn(weights, means, variances, schedule: ScheduleConfig, prediction_type: str):
     """model(x, t, cond) for the exact denoiser of elementwise 1-D Gaussian-mixture data (weights, means,
-    variances: (K,) tensors). Mirrors `flowmap_jax.teacher.gaussian_mixture_teacher_fn`, whose parameters
+    variances: (K,) tensors). Mirrors `flowmap_jax.core.teacher.gaussian_mixture_teacher_fn`, whose parameters
     are a pytree instead."""
     check_prediction_type(prediction_type)
     weights, means, variances = (torch.as_tensor(v, dtype=torch.float32) for v in (weights, means, variances))

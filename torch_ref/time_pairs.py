@@ -1,4 +1,4 @@
-"""Training (t_source, t_target) pairs in PyTorch, mirroring `flowmap_jax.time_pairs` (the distribution is
+"""Training (t_source, t_target) pairs in PyTorch, mirroring `flowmap_jax.core.time_pairs` (the distribution is
 documented there and in `spec.time_pairs.TimePairConfig`). rng: a torch.Generator (or an int seed); the draws
 differ from JAX's, the distribution is the same. Outputs are (B,) float32 in teacher units."""
 
@@ -23,7 +23,7 @@ def as_generator(rng, device=None):
 
 def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig | None = None,
                       source_range=None, target_range=None):
-    """(t_source, t_target), each (batch_size,) float32 (see `flowmap_jax.time_pairs.sample_time_pairs`)."""
+    """(t_source, t_target), each (batch_size,) float32 (see `flowmap_jax.core.time_pairs.sample_time_pairs`)."""
     config = TimePairConfig() if config is None else config
     rng = as_generator(rng)
     d = torch.rand(batch_size, generator=rng) ** (1.0 / config.length_power)

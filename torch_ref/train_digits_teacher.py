@@ -46,7 +46,7 @@ import time
 import numpy as np
 import torch
 
-from flowmap_jax.spec.cli_exit import ArgumentParser
+from flowmap_jax.cli.cli_exit import ArgumentParser
 from flowmap_jax.digits import TEACHER_DIR
 from flowmap_jax.digits.data import (
     IMAGE_SIZE,

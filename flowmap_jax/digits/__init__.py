@@ -15,7 +15,7 @@ The teacher (a diffusers `UNet2DConditionModel` trained on these digits) lives i
 
 import os
 
-from flowmap_jax.teacher_folder import EMBEDDED_TEACHER_DIR as TEACHER_DIR  # noqa: F401 (the shipped teacher)
+from flowmap_jax.data.teacher_folder import EMBEDDED_TEACHER_DIR as TEACHER_DIR  # noqa: F401 (the shipped teacher)
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CLASSIFIER_DIR = os.path.join(ASSETS_DIR, "digits_classifier")

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from flowmap_jax.spec import cli_exit
+from flowmap_jax.cli import cli_exit
 from flowmap_jax.digits import CLASSIFIER_DIR
 from flowmap_jax.digits.data import load_digits
 

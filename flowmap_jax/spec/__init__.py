@@ -15,7 +15,6 @@ either framework. Each module has one job:
 - `label_table`: the label-embedding table (class labels -> encoder_hidden_states), one reader.
 - `sampling_inputs`: the backend-independent inputs of sampling (noise, shape, guidance).
 - `pipeline_folder`: the FlowMapPipeline folder's fixed names (model_index class, pipeline.py).
-- `sample_cli`: the flags and files of both sampling commands.
 - `image_grid`: the PNG grid writer.
 - `layout`: the flip between (B, C, H, W) and (B, H, W, C).
 

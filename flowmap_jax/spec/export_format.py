@@ -1,6 +1,6 @@
 """The exported flow map on disk: a stock diffusers UNet folder plus `flowmap.json`. Pure Python (numpy
 only, no jax, no torch), shared by the JAX exporter (`conversion.export`), the JAX loader
-(`flowmap_jax.export_loading`) and the PyTorch loader (`torch_ref.export_loading`). The label table is read by
+(`flowmap_jax.core.export_loading`) and the PyTorch loader (`torch_ref.export_loading`). The label table is read by
 `flowmap_jax.spec.label_table`; the backend-independent sampling inputs are in `flowmap_jax.spec.sampling_inputs`.
 
 Folder layout (written by `conversion.export.export_flow_map`, atomically as a whole)::
@@ -37,7 +37,7 @@ Time convention: floats in the teacher's own timestep units (`flowmap_jax.spec.s
 [-1, N - 1] with t = -1 the clean end; VP cosine and rectified flow t in [0, T] with t = 0 clean. The UNet's
 `timestep` argument is the source time s, `class_labels` the target time t, both (B,) float32. The map is
 X(x_s, s, t) = c_x(s, t) x_s + c_F(s, t) F(x_s, s, t) with F the UNet's output and (c_x, c_F) those of
-`parameterization` (`flowmap_jax.flow_map.FlowMap.coefficients`): "angle" cos/sin of theta_s - theta_t with F
+`parameterization` (`flowmap_jax.core.flow_map.FlowMap.coefficients`): "angle" cos/sin of theta_s - theta_t with F
 read as v; "linear" 1 and (t - s) / time_unit with F a flow velocity; "teacher_step" (format 1) the teacher's
 DDIM step with F in `prediction_type`.
 

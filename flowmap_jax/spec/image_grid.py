@@ -1,6 +1,6 @@
 """The one image-grid writer: PNG grids of samples, one row per sampler, names on the left (numpy, pillow).
 
-Used by the trainer's sample grids (`flowmap_jax.reporting`), both sampling commands (`spec.sample_cli`)
+Used by the trainer's sample grids (`flowmap_jax.training.reporting`), both sampling commands (`cli.sample_cli`)
 and the benchmarks. Images are (N, H, W, C) in model space: C = 1 or 3 in [-1, 1]; other channel counts
 (latents without a decoder) are shown per-channel rescaled.
 """

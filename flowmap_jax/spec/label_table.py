@@ -1,7 +1,7 @@
 """Label tables: class labels -> encoder_hidden_states through a (K + 1, D) embedding table.
 
 The one reader of `label_embeddings.safetensors` (in a teacher folder and in an export), used by the
-training data (`flowmap_jax.datasets.LabelConditioner`), the export writer, and both samplers:
+training data (`flowmap_jax.data.datasets.LabelConditioner`), the export writer, and both samplers:
 "weight" (K + 1, D) float32, rows 0..K-1 the class labels, row K the null label (the unconditional
 embedding, used for classifier-free guidance). Numpy only.
 """

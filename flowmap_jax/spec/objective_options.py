@@ -8,7 +8,7 @@ a run's settings of all of them (the typed `--objective.options`). Pure Python.
 
 Adding an objective: its options class here (a subclass of `SharedOptions`, or `SharedOptions` itself when it
 has no options of its own) and its entry in `OBJECTIVE_OPTIONS`; then its loss function, registered under the
-same name, in `flowmap_jax/objectives.py` and `torch_ref/objectives.py` (each checks at import that its names
+same name, in `flowmap_jax/core/objectives.py` and `torch_ref/objectives.py` (each checks at import that its names
 are these). The command line's choices, `ObjectiveOptions`' fields and the registry-driven tests follow.
 """
 

@@ -1,6 +1,6 @@
 """The flow map's own output parameterisation: names and which schedule each needs. Pure Python.
 
-`flowmap_jax.flow_map` (and its twin `torch_ref.flow_map`) owns the algebra; this module only names the
+`flowmap_jax.core.flow_map` (and its twin `torch_ref.flow_map`) owns the algebra; this module only names the
 forms, so the export format and the training configuration can check them without a backend.
 """
 
@@ -11,7 +11,7 @@ from flowmap_jax.spec.schedule import ScheduleConfig
 __all__ = ["PARAMETERIZATIONS", "resolve_parameterization"]
 
 PARAMETERIZATIONS = ("angle", "linear", "teacher_step")
-"""The flow map's own output parameterisation (`flowmap_jax.flow_map` explains each): "angle" for VP
+"""The flow map's own output parameterisation (`flowmap_jax.core.flow_map` explains each): "angle" for VP
 schedules (X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "linear" for rectified flow
 (X = x + (tau_t - tau_s) F, F a flow velocity), "teacher_step" (the teacher's DDIM step with F in the
 teacher's prediction type; export format 1)."""

@@ -6,7 +6,7 @@ the same sinusoidal projection as the timestep when `class_embed_type="timestep"
 target-time hook); `timestep_cond` (B, time_cond_proj_dim) is the guidance-scale embedding;
 `added_cond_kwargs` = {"text_embeds": (B, D), "time_ids": (B, K)} for SDXL's `text_time`.
 
-The network knows nothing of flow maps (see `flowmap_jax.flow_map`).
+The network knows nothing of flow maps (see `flowmap_jax.core.flow_map`).
 
 Switches: `dtype` is the compute dtype (bfloat16 for speed; parameters stay float32), `remat`
 rematerialises each down/mid/up block in the backward pass, `attention_implementation` picks the attention

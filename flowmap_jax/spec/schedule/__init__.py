@@ -7,7 +7,7 @@ Numpy only (no jax, no torch). One class per schedule kind, each a subclass of `
 - `RectifiedFlowSchedule` (`rectified_flow`, kind "rectified_flow"): rectified flow.
 
 Each owns its fields, its time range, its alpha_t / sigma_t formulas (written once against an `ArrayOps`,
-`array_ops`, so numpy here and the float32 `flowmap_jax.schedules` / `torch_ref.schedules` run the same
+`array_ops`, so numpy here and the float32 `flowmap_jax.core.schedules` / `torch_ref.schedules` run the same
 code), its form and default flow-map parameterisation, its log-SNR grid rule and its diffusers scheduler
 mapping. Also here: reading a diffusers scheduler config (`ScheduleConfig.from_diffusers`,
 `load_scheduler`), `check_time_values` (the range check on concrete times) and `alpha_sigma` (float64 numpy,
@@ -36,7 +36,7 @@ was trained on. The forward process is x_t = alpha_t * x0 + sigma_t * eps.
 
 `time_unit` is the length of [clean, noise] in the teacher's units (N for DDPM, T otherwise); the
 (s, t) sampler works in tau = t / time_unit. The objectives differentiate with respect to the angle
-theta = arctan(sigma_t / alpha_t) (unit-free and well conditioned; see `flowmap_jax.objectives`).
+theta = arctan(sigma_t / alpha_t) (unit-free and well conditioned; see `flowmap_jax.core.objectives`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A schedule class (`flowmap_jax.spec.schedule.base.ScheduleConfig`) computes alph
 derivatives and the inverse of sigma / alpha against an `ArrayOps`; each backend passes its own:
 
 - `NUMPY_OPS` (here): float64 numpy, for time grids and other host-side work;
-- `flowmap_jax.schedules` (jax.numpy, float32) and `torch_ref.schedules` (torch, float32 on the times'
+- `flowmap_jax.core.schedules` (jax.numpy, float32) and `torch_ref.schedules` (torch, float32 on the times'
   device).
 
 Each method is one elementary operation with numpy's meaning; the backends map it onto their own function

@@ -308,6 +308,6 @@ def check_time_values(schedule: ScheduleConfig, values, name: str = "t") -> None
 def alpha_sigma(schedule: ScheduleConfig, t) -> tuple[np.ndarray, np.ndarray]:
     """(alpha_t, sigma_t) as float64 numpy arrays of t's shape: x_t = alpha_t * x0 + sigma_t * eps.
 
-    The schedule's own formulas (`ScheduleConfig.alpha_sigma`) in float64 numpy; `flowmap_jax.schedules` and
+    The schedule's own formulas (`ScheduleConfig.alpha_sigma`) in float64 numpy; `flowmap_jax.core.schedules` and
     `torch_ref.schedules` run the same formulas in float32."""
     return schedule.alpha_sigma(t, NUMPY_OPS)

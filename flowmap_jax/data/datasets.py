@@ -15,7 +15,7 @@ Conditioning from class labels (digits, class sub-folders): the teacher folder's
 `label_embeddings.safetensors` ("weight" (K + 1, D), row K the null label) maps label l to
 `{"encoder_hidden_states": weight[l][None, :]}` (1, D) per example, as the digits teacher was trained.
 
-Shards (written by `python -m flowmap_jax.write_shards`, `flowmap_jax.shard_writer`), format "flowmap-shards/1":
+Shards (written by `python -m flowmap_jax.write_shards`, `flowmap_jax.data.shard_writer`), format "flowmap-shards/1":
   <dir>/index.json        {"format": "flowmap-shards/1", "num_examples": N, "sample_shape": [H, W, C],
                            "cond": {name: shape without batch} (may be empty), "uncond": file or null,
                            "shards": [{"file": "shard-00000.safetensors", "num_examples": n}, ...],
@@ -42,7 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flowmap_jax.data_error import DataError
+from flowmap_jax.data.data_error import DataError
 from flowmap_jax.spec import label_table
 
 SHARDS_FORMAT = "flowmap-shards/1"
@@ -177,7 +177,7 @@ def folder_dataset(folder: str, image_size: int, sample_shape, conditioner: Labe
     if not files:
         raise DataError(f"--data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     if vae:
-        from flowmap_jax.encoders import encode_with_vae
+        from flowmap_jax.data.encoders import encode_with_vae
 
         x0 = encode_with_vae(load_images(files, image_size, 3), vae, vae_subfolder)
     else:

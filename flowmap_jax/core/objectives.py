@@ -54,13 +54,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flowmap_jax import samplers, schedules, time_pairs
-from flowmap_jax.flow_map import (  # noqa: F401 (re-export)
+from flowmap_jax.core import samplers, schedules, time_pairs
+from flowmap_jax.core.flow_map import (  # noqa: F401 (re-export)
     finite_difference_jvp,
     guidance_input_cond,
     guidance_scale_embedding,
 )
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.core.schedules import expand_time
 from flowmap_jax.spec.objective_options import (
     EulerianOptions,
     JvpOptions,
@@ -138,7 +138,7 @@ def _warmup(options: JvpOptions, batch, batch_size):
 def _student_map(flow_map, options: SharedOptions, batch, batch_size):
     """The flow map the loss trains: during the head warm-up (`head_warmup_steps` > 0) its coefficients are
     blended with the teacher's DDIM step, weight max(0, 1 - step / head_warmup_steps) (see
-    `flowmap_jax.flow_map`, "Head mismatch")."""
+    `flowmap_jax.core.flow_map`, "Head mismatch")."""
     if options.head_warmup_steps <= 0:
         return flow_map
     if "step" not in batch:

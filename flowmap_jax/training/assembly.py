@@ -4,7 +4,7 @@
 (`spec`, `teacher`, `flow_map`, `samplers`, `objectives`), the UNet port and the export writer:
 
 - Teacher: a diffusers folder (or hub id) `--teacher.path` with the UNet in `--teacher.subfolder`
-  and `scheduler_config.json` in `--teacher.scheduler_subfolder`, found by `flowmap_jax.teacher_folder`
+  and `scheduler_config.json` in `--teacher.scheduler_subfolder`, found by `flowmap_jax.data.teacher_folder`
   and read by `flowmap_jax.unet.diffusers_io.load_diffusers_unet` (safetensors, no torch). The embedded
   digits teacher (`teacher_folder.EMBEDDED_DIGITS_TEACHER`) is just such a folder inside the package. An optional
   `label_embeddings.safetensors` ("weight" (K + 1, D), row K the null label) in the teacher folder
@@ -26,7 +26,7 @@
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
 - Grids of a latent teacher: decoded through the pipeline's VAE in PyTorch (`grid_decoder`), else shown as
   latents with a note.
-- Export: the EMA weights through `flowmap_jax.export_writer.export_flow_map` (a stock diffusers UNet folder
+- Export: the EMA weights through `flowmap_jax.core.export_writer.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
   `python -m conversion export RUN_DIR OUT`.
 """
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from flowmap_jax.teacher_folder import (
+from flowmap_jax.data.teacher_folder import (
     TeacherNotFound,
     label_table_file,
     load_schedule,
@@ -103,9 +103,10 @@ def build(config, mesh) -> Parts:
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax import datasets, flow_map, objectives, samplers
+    from flowmap_jax.data import datasets
+    from flowmap_jax.core import flow_map, objectives, samplers
     from flowmap_jax.spec.time_grid import time_grid
-    from flowmap_jax.teacher import Teacher, unet_teacher_fn
+    from flowmap_jax.core.teacher import Teacher, unet_teacher_fn
     from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
 
     dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
@@ -151,7 +152,7 @@ def build(config, mesh) -> Parts:
         try:
             flow_config, params = flow_map.add_guidance_input(flow_config, params, w_dim)
         except ValueError as error:
-            from flowmap_jax.config import ConfigError
+            from flowmap_jax.training.config import ConfigError
 
             raise ConfigError(f"--objective.options guidance_embedding_dim: {error}") from None
     params = jax.tree.map(np.asarray, params)
@@ -165,7 +166,7 @@ def build(config, mesh) -> Parts:
         try:
             named.append((name, float(weight), objectives.make_objective(name, fmap, options)))
         except (ValueError, TypeError) as error:
-            from flowmap_jax.config import ConfigError
+            from flowmap_jax.training.config import ConfigError
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
@@ -202,13 +203,13 @@ def build(config, mesh) -> Parts:
         return noise, None, None
 
     quality = _quality_function(config.data, conditioner)
-    from flowmap_jax.grid_decoder import grid_decoder
+    from flowmap_jax.training.grid_decoder import grid_decoder
 
     decode, grid_note = grid_decoder(config.teacher, config.data, channels)
 
     def export(params, folder, provenance):
-        from flowmap_jax.export_writer import export_flow_map
-        from flowmap_jax.run_provenance import (
+        from flowmap_jax.core.export_writer import export_flow_map
+        from flowmap_jax.training.run_provenance import (
             flow_map_config_from_train_config,
             run_provenance,
         )

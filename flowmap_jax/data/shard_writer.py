@@ -1,4 +1,4 @@
-"""Streaming writer of training shards (format "flowmap-shards/1", documented in `flowmap_jax.datasets`).
+"""Streaming writer of training shards (format "flowmap-shards/1", documented in `flowmap_jax.data.datasets`).
 
 `ShardWriter(out, num_examples, ...)` takes examples batch by batch (`add(x0, cond)`) and writes each batch's
 rows straight into their place in the current shard file: every shard's safetensors header is written when
@@ -24,8 +24,8 @@ import uuid
 
 import numpy as np
 
-from flowmap_jax.data_error import DataError
-from flowmap_jax.datasets import SHARDS_FORMAT
+from flowmap_jax.data.data_error import DataError
+from flowmap_jax.data.datasets import SHARDS_FORMAT
 
 SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
 

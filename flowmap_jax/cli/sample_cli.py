@@ -15,7 +15,7 @@ backends sample from the same noise and, in fp32, agree to float rounding.
 
 With a FlowMapPipeline folder (`python -m conversion export RUN OUT --pipeline`) and --prompt: the prompts are
 encoded by its text encoder(s) and the latents decoded by its VAE, for either backend, through the
-`PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.encoders`: this module imports no torch);
+`PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.data.encoders`: this module imports no torch);
 images/NNNN.png and prompts.txt join the outputs.
 
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32, the state at the grid's
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax.spec import cli_exit
+from flowmap_jax.cli import cli_exit
 from flowmap_jax.spec.export_format import ExportInfo, read_export
 from flowmap_jax.spec.label_table import (
     labels_to_encoder_hidden_states,
@@ -243,7 +243,7 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
 @dataclasses.dataclass(frozen=True)
 class PipelineCodecs:
     """How a backend reaches a FlowMapPipeline folder's text encoder(s) and VAE (both sampling commands pass
-    `flowmap_jax.encoders.prompt_conditioning` and `decode_latents`, PyTorch; this module imports no torch).
+    `flowmap_jax.data.encoders.prompt_conditioning` and `decode_latents`, PyTorch; this module imports no torch).
 
     encode_prompts(folder, prompts (B,) list of str, image_hw (H, W) pixels) -> the UNet's conditioning
     {"encoder_hidden_states": (B, L, D)[, "added_cond_kwargs": {"text_embeds", "time_ids"}]} float32 numpy;
@@ -374,7 +374,7 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
          codecs: PipelineCodecs | None = None) -> int:
     """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write; `codecs`
     lets --model name a FlowMapPipeline folder (prompts in, images out).
-    Exit codes (`flowmap_jax.spec.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
+    Exit codes (`flowmap_jax.cli.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
     flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
     try:

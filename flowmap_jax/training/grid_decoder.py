@@ -1,5 +1,5 @@
 """Sample grids of a latent teacher as images: the VAE decoder of the teacher's pipeline, run in PyTorch beside
-the training run (`flowmap_jax.encoders.LatentCodec`, diffusers' AutoencoderKL; not a Flax port).
+the training run (`flowmap_jax.data.encoders.LatentCodec`, diffusers' AutoencoderKL; not a Flax port).
 
     decoder, note = grid_decoder(config.teacher, config.data, channels)     # in `assembly.build`
     images = decoder(latents)                          # (n, h, w, C) latents -> (n, h * f, w * f, 3) in [-1, 1]
@@ -36,8 +36,8 @@ __all__ = ["GridDecoder", "find_grid_vae", "grid_decoder"]
 def find_grid_vae(teacher, data) -> tuple[str, str] | None:
     """(folder, subfolder) of the VAE that decodes the run's latents, or None: the teacher pipeline's `vae/`,
     else the folder source's --data.vae. `teacher`, `data`: the run's `config.TeacherConfig`, `config.DataConfig`."""
-    from flowmap_jax.encoders import pipeline_file
-    from flowmap_jax.teacher_folder import resolve_teacher_path
+    from flowmap_jax.data.encoders import pipeline_file
+    from flowmap_jax.data.teacher_folder import resolve_teacher_path
 
     path = resolve_teacher_path(teacher.path)
     if teacher.subfolder and pipeline_file(path, "vae/config.json") is not None:
@@ -58,7 +58,7 @@ class GridDecoder:
         self.seconds = 0.0
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
-        from flowmap_jax.encoders import LatentCodec
+        from flowmap_jax.data.encoders import LatentCodec
 
         start = time.perf_counter()
         if self._codec is None:

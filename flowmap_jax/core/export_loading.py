@@ -4,7 +4,7 @@ The folder is a stock diffusers `UNet2DConditionModel` (class_embed_type="timest
 target time t) plus flowmap.json (`flowmap_jax.spec.export_format`). `load_flow_map_export(folder, dtype)`
 reads config.json, flowmap.json and the safetensors weights into Flax parameters (nested dict of numpy
 arrays, every key and shape checked against the config); `jax_flow_map(exported, dtype)` wraps the Flax UNet
-port as a `flowmap_jax.flow_map.FlowMap` (images (B, H, W, C), channels last). Uses: to continue training,
+port as a `flowmap_jax.core.flow_map.FlowMap` (images (B, H, W, C), channels last). Uses: to continue training,
 to initialise a student or a teacher from it, and to sample (`flowmap_jax.sample`).
 
 Unlike the PyTorch twin, the parameters and the network are separate (Flax modules hold no weights), so
@@ -72,13 +72,13 @@ def load_flow_map_export(folder, dtype=None) -> FlowMapExport:
 
 
 def jax_flow_map(exported: FlowMapExport, dtype=None, jit: bool = True):
-    """A `flowmap_jax.flow_map.FlowMap` over the exported UNet (Flax port, compute dtype `dtype`, default
+    """A `flowmap_jax.core.flow_map.FlowMap` over the exported UNet (Flax port, compute dtype `dtype`, default
     float32; parameters stay as stored). The network is jitted once per input shape (`jit=False` for
     use inside an enclosing jit). Call it as flow_map(params, x (B, H, W, C), s, t, cond)."""
     import jax
     import jax.numpy as jnp
 
-    from flowmap_jax.flow_map import FlowMap, unet_network
+    from flowmap_jax.core.flow_map import FlowMap, unet_network
     from flowmap_jax.unet import FlaxUNet2DConditionModel
 
     unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(exported.unet_config), dtype=dtype or jnp.float32)

@@ -18,9 +18,9 @@ import json
 import os
 import shutil
 
-from flowmap_jax import run_config_check
-from flowmap_jax.run_lock import RunLock
-from flowmap_jax.spec.cli_exit import BadInput
+from flowmap_jax.training import run_config_check
+from flowmap_jax.training.run_lock import RunLock
+from flowmap_jax.cli.cli_exit import BadInput
 
 
 class RunDirError(BadInput, ValueError):

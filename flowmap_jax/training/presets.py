@@ -1,4 +1,4 @@
-"""The presets: each a small delta over the default `TrainConfig` (`flowmap_jax.config`), found by name in `PRESETS`.
+"""The presets: each a small delta over the default `TrainConfig` (`flowmap_jax.training.config`), found by name in `PRESETS`.
 
     python -m flowmap_jax.train                       # digits, the default: TrainConfig() itself
     python -m flowmap_jax.train --preset sd15 --teacher.path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from flowmap_jax.config import TrainConfig
+from flowmap_jax.training.config import TrainConfig
 
 
 def derive(base: TrainConfig, preset: str, **sections: dict) -> TrainConfig:

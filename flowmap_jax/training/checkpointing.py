@@ -2,7 +2,7 @@
 
 Layout: `<run>/checkpoints/<step>/` with two Orbax items, state (StandardSave: sharded arrays,
 restored directly onto the current mesh) and meta (JSON); what they hold, the fingerprint and the check
-of a step folder (`verify`, with its typed `RejectReason`) are `flowmap_jax.run_record`, which both
+of a step folder (`verify`, with its typed `RejectReason`) are `flowmap_jax.training.run_record`, which both
 readers here call: `Checkpointer.restore` (resume) and `read_checkpoint_params` (the export's reader).
 The newest `keep` checkpoints are kept; saves are asynchronous (the arrays are copied to host before
 `save` returns, so the next step may overwrite the device buffers).
@@ -49,10 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowmap_jax import rejected_checkpoints, run_record
-from flowmap_jax.spec.cli_exit import RunFailure
+from flowmap_jax.training import rejected_checkpoints, run_record
+from flowmap_jax.cli.cli_exit import RunFailure
 
-log = logging.getLogger("flowmap_jax.checkpointing")
+log = logging.getLogger("flowmap_jax.training.checkpointing")
 ERROR_LOG_NAME = "save_errors.log"
 _WRITE_WAIT_S = 1200  # the longest wait for the other writes of a failed save (Orbax's AsyncOptions.timeout_secs)
 
@@ -256,7 +256,7 @@ class Checkpointer:
                     moved.append(target)
                     say(f"moved the rejected checkpoint of step {step} to {target}")
         if self.rejected:
-            from flowmap_jax import distributed
+            from flowmap_jax.training import distributed
 
             distributed.sync("rejected checkpoints")
             self.manager.reload()

@@ -2,7 +2,7 @@
 
 `config` everywhere is a `config.TrainConfig`, its dict, or the path of a run's config.json
 (`read_train_config`). `flow_map_config_from_train_config` finds the teacher's scheduler config and label
-table through `flowmap_jax.teacher_folder`; `run_provenance` is the free-form record written into
+table through `flowmap_jax.data.teacher_folder`; `run_provenance` is the free-form record written into
 flowmap.json (teacher, objectives, steps, seed, the whole training config). No jax, no torch.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flowmap_jax.spec.export_format import FlowMapConfig
 from flowmap_jax.spec.schedule import load_scheduler
-from flowmap_jax.teacher_folder import (
+from flowmap_jax.data.teacher_folder import (
     label_table_file,
     read_teacher_scheduler_config,
     resolve_teacher_path,
@@ -25,7 +25,7 @@ __all__ = ["flow_map_config_from_train_config", "read_train_config", "run_proven
 
 def read_train_config(config):
     """A `config.TrainConfig` from itself, its dict, or a config.json path; ValueError naming the file."""
-    from flowmap_jax.config import TrainConfig
+    from flowmap_jax.training.config import TrainConfig
 
     if isinstance(config, TrainConfig):
         return config

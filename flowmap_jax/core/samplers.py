@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax import predictions as pred_lib
-from flowmap_jax import schedules
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.core import predictions as pred_lib
+from flowmap_jax.core import schedules
+from flowmap_jax.core.schedules import expand_time
 from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
 from flowmap_jax.spec.solver_settings import (

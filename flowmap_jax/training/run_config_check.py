@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from flowmap_jax.spec.cli_exit import BadInput
+from flowmap_jax.cli.cli_exit import BadInput
 from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 CONFIG_NAME = "config.json"

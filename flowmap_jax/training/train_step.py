@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from flowmap_jax import sharding as sh
+from flowmap_jax.training import sharding as sh
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
-"""`loss_fn(params, teacher, batch, rng) -> (loss scalar, metrics dict of scalars)` (flowmap_jax.objectives)."""
+"""`loss_fn(params, teacher, batch, rng) -> (loss scalar, metrics dict of scalars)` (flowmap_jax.core.objectives)."""
 
 
 @flax.struct.dataclass

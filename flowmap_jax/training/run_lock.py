@@ -20,7 +20,7 @@ import os
 import socket
 import time
 
-from flowmap_jax.spec.cli_exit import RunFailure
+from flowmap_jax.cli.cli_exit import RunFailure
 
 LOCK_NAME = "run.lock"
 

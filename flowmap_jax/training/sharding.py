@@ -94,7 +94,7 @@ def num_batch_shards(mesh: Mesh) -> int:
 def put_batch(mesh: Mesh, local_batch):
     """Process-local batch (numpy pytree, leading axis = this process's share of the global batch)
     -> global jax.Arrays sharded with `batch_sharding`. Every process calls this with its own rows
-    (process p holds global rows [p * b, (p + 1) * b)), see `flowmap_jax.datasets`."""
+    (process p holds global rows [p * b, (p + 1) * b)), see `flowmap_jax.data.datasets`."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 

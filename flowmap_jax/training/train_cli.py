@@ -10,8 +10,8 @@
     python -m flowmap_jax.train --preset sd15 --help               # every field, its choices and sd15's values
     python -m flowmap_jax.train --preset sdxl --teacher.path SDXL_FOLDER --data.path /data/sdxl_shards
 
-Pure Python (no jax, no torch). The fields, their types and choices are `flowmap_jax.config`'s dataclasses; the
-base values come from a preset (`flowmap_jax.presets.PRESETS`) or a run's config.json. Choice fields are
+Pure Python (no jax, no torch). The fields, their types and choices are `flowmap_jax.training.config`'s dataclasses; the
+base values come from a preset (`flowmap_jax.training.presets.PRESETS`) or a run's config.json. Choice fields are
 `Literal` types: `--help` lists their choices and a bad value fails at parse time.
 
 Command-line rules (`parse_args`): `--section.field value` or `--section.field=value` (`-` and `_` alike);
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import tyro
 
-from flowmap_jax.config import (
+from flowmap_jax.training.config import (
     ConfigError,
     TrainConfig,
     config_fields,
@@ -42,12 +42,12 @@ from flowmap_jax.config import (
     type_name,
     validate,
 )
-from flowmap_jax.presets import DEFAULT_PRESET, PRESETS
+from flowmap_jax.training.presets import DEFAULT_PRESET, PRESETS
 from flowmap_jax.spec.objective_options import ObjectiveOptions
 
 # A thin pass keeps every flag spelling of the README working (short names, bool values, comma lists) and
 # rewrites the flags to tyro's `--section.field` form; tyro parses the values, checks the choices and writes
-# `--help` from `flowmap_jax.config`'s dataclasses, with the chosen preset's values.
+# `--help` from `flowmap_jax.training.config`'s dataclasses, with the chosen preset's values.
 
 PROG = "python -m flowmap_jax.train"
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,

@@ -21,7 +21,7 @@ or one that cannot be loaded, is a `DataError` naming the flag (--vae, --pipelin
   negative prompt.
 - `encode_with_vae(images, vae, subfolder)`: `LatentCodec.encode` in one call (the image-folder dataset).
 - `prompt_conditioning(folder, prompts, image_hw)` and `decode_latents(folder, latents)`: what the sampling CLIs
-  (`flowmap_jax.spec.sample_cli`, which imports no torch) use for a FlowMapPipeline folder.
+  (`flowmap_jax.cli.sample_cli`, which imports no torch) use for a FlowMapPipeline folder.
 - `sdxl_time_ids(original_size, crop_top_left, target_size)`: SDXL's (6,) micro-conditioning
   [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (pixels; diffusers' `_get_add_time_ids` order).
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from flowmap_jax.data_error import DataError
+from flowmap_jax.data.data_error import DataError
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 
 __all__ = [

@@ -13,7 +13,7 @@ derivatives: scalars, (B,) per example (reshaped here to (B, 1, ..., 1)), or alr
 
 from __future__ import annotations
 
-from flowmap_jax.schedules import expand_time
+from flowmap_jax.core.schedules import expand_time
 from flowmap_jax.spec.prediction_types import PREDICTION_TYPES, check_prediction_type
 
 __all__ = ["PREDICTION_TYPES", "check_prediction_type", "to_x0_eps", "from_x0_eps", "velocity",

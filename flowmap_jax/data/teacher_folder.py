@@ -42,7 +42,8 @@ EMBEDDED_DIGITS_TEACHER = "embedded:digits_teacher"
 """Marker for the digits teacher that ships in `flowmap_jax/assets/digits_teacher/` (a diffusers
 folder); the trainer resolves it to that folder and then loads it exactly like a user's folder."""
 
-EMBEDDED_TEACHER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_teacher")
+EMBEDDED_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                                    "digits_teacher")
 """The shipped digits teacher's folder."""
 
 

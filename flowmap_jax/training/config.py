@@ -1,14 +1,14 @@
 """The training configuration's schema: the typed sections, `TrainConfig`, its dict/JSON form, and the checks.
 
-    TrainConfig()                        # the default run: the `digits` preset (flowmap_jax.presets)
+    TrainConfig()                        # the default run: the `digits` preset (flowmap_jax.training.presets)
     TrainConfig.from_dict(d) / .to_dict() / .to_json()
     load_config_file("runs/digits/config.json")   # a run's config.json back, checked
     validate(config)                     # types, choices and cross-field checks; ConfigError naming the flag
 
 Pure Python (no jax, no torch): the PyTorch reference may share it. Choice fields are `Literal` types, so
 `--help` lists their choices and a bad value fails at parse time. The field comments are the `--help` text
-(tyro reads them from this file). The presets (`flowmap_jax.presets`) are deltas over these defaults; the
-command line (`flowmap_jax.train_cli`) is built from these dataclasses.
+(tyro reads them from this file). The presets (`flowmap_jax.training.presets`) are deltas over these defaults; the
+command line (`flowmap_jax.training.train_cli`) is built from these dataclasses.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Annotated, Literal
 from tyro.conf import Suppress, arg
 from tyro.constructors import PrimitiveConstructorSpec
 
-from flowmap_jax.spec.cli_exit import BadInput
+from flowmap_jax.cli.cli_exit import BadInput
 from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
-from flowmap_jax.teacher_folder import EMBEDDED_DIGITS_TEACHER
+from flowmap_jax.data.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
 _JSON_OPTIONS = PrimitiveConstructorSpec(
     nargs=1, metavar="JSON", instance_from_str=lambda args: ObjectiveOptions.from_json(args[0]),
@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What is minimised: a weighted sum of flow-map objectives from `flowmap_jax.objectives`."""
+    """What is minimised: a weighted sum of flow-map objectives from `flowmap_jax.core.objectives`."""
 
     names: tuple[ObjectiveName, ...] = ("pairs",)  # objectives by name (spec.objective_options.OBJECTIVE_OPTIONS)
     weights: tuple[float, ...] = (1.0,)  # one weight per name

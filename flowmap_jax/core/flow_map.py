@@ -53,9 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowmap_jax import predictions as pred_lib
-from flowmap_jax import schedules
-from flowmap_jax.schedules import batch_times, expand_time
+from flowmap_jax.core import predictions as pred_lib
+from flowmap_jax.core import schedules
+from flowmap_jax.core.schedules import batch_times, expand_time
 from flowmap_jax.spec.parameterization import resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig

@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from flowmap_jax.data_error import DataError
-from flowmap_jax.datasets import IMAGE_EXTENSIONS
+from flowmap_jax.data.data_error import DataError
+from flowmap_jax.data.datasets import IMAGE_EXTENSIONS
 
 METADATA_FILE = "metadata.jsonl"
 

@@ -1,5 +1,5 @@
 """Export a trained flow map for PyTorch/diffusers: the folder writer behind `python -m conversion export`
-and the trainer's final export (the twin of `flowmap_jax.export_loading`, which reads the folder back).
+and the trainer's final export (the twin of `flowmap_jax.core.export_loading`, which reads the folder back).
 
     python -m conversion export runs/digits runs/digits/export              # newest checkpoint, EMA weights
     python -m conversion export runs/digits/checkpoints/400 out --weights params
@@ -17,11 +17,11 @@ class_embed_type="timestep", safetensors, plus flowmap.json). API:
   guidance and label embeddings come from the run's `config.json` (its teacher folder); `teacher=...`
   overrides the teacher folder for a checkpoint without its run folder.
 
-Elsewhere: reading an export back into JAX is `flowmap_jax.export_loading`; the partial restore of a
-checkpoint's parameters is `flowmap_jax.checkpointing.read_checkpoint_params` (checked by
-`flowmap_jax.run_record.verify`, like the trainer's resume); what a run's config says
-about its flow map (FlowMapConfig, provenance) is `flowmap_jax.run_provenance`; finding the teacher's
-files is `flowmap_jax.teacher_folder`.
+Elsewhere: reading an export back into JAX is `flowmap_jax.core.export_loading`; the partial restore of a
+checkpoint's parameters is `flowmap_jax.training.checkpointing.read_checkpoint_params` (checked by
+`flowmap_jax.training.run_record.verify`, like the trainer's resume); what a run's config says
+about its flow map (FlowMapConfig, provenance) is `flowmap_jax.training.run_provenance`; finding the teacher's
+files is `flowmap_jax.data.teacher_folder`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from flowmap_jax import __version__
-from flowmap_jax.atomic_folder import replace_folder_atomically
-from flowmap_jax.checkpointing import read_checkpoint_params
-from flowmap_jax.export_loading import load_flow_map_export
-from flowmap_jax.run_provenance import (
+from flowmap_jax.core.atomic_folder import replace_folder_atomically
+from flowmap_jax.training.checkpointing import read_checkpoint_params
+from flowmap_jax.core.export_loading import load_flow_map_export
+from flowmap_jax.training.run_provenance import (
     flow_map_config_from_train_config,
     read_train_config,
     run_provenance,
@@ -54,7 +54,7 @@ from flowmap_jax.spec.export_format import (
 )
 from flowmap_jax.spec.label_table import read_label_embeddings
 from flowmap_jax.spec.target_time_hook import add_target_time_hook_config
-from flowmap_jax.teacher_folder import read_teacher_unet_config, resolve_teacher_path
+from flowmap_jax.data.teacher_folder import read_teacher_unet_config, resolve_teacher_path
 from flowmap_jax.unet import UNetConfig
 from flowmap_jax.unet.diffusers_io import atomic_write_bytes, save_state_dict
 from flowmap_jax.unet.state_dict import flax_to_state_dict
