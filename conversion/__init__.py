@@ -2,7 +2,7 @@
 
 The command-line tools (`python -m conversion --help`). The weight mapping itself lives with the Flax UNet
 port (`flowmap_jax.unet.key_map`, `.state_dict`, `.diffusers_io`) and the export writer in
-`flowmap_jax.core.export_writer`; this package re-exports their public functions (`conversion.export`) and
+`flowmap_jax.training.export_writer`; this package re-exports their public functions (`conversion.export`) and
 imports nothing from the trainer (`tests/test_import_graph.py`).
 """
 

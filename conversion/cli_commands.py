@@ -88,7 +88,7 @@ class Export:
 
     @classmethod
     def add_parser(cls, sub):
-        p = sub.add_parser(cls.name, help=cls.help, description=cls.help + ". See flowmap_jax/core/export_writer.py.")
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help + ". See flowmap_jax/training/export_writer.py.")
         p.add_argument("source", help="run folder, its checkpoints/ folder, one step's folder "
                                       "(run/checkpoints/400), or an existing flow-map export (re-export)")
         p.add_argument("out", help="output folder (replaced atomically if it is a previous export)")
@@ -110,7 +110,7 @@ class Export:
     def run(args):
         import tempfile
 
-        from flowmap_jax.core.export_writer import export_checkpoint
+        from flowmap_jax.training.export_writer import export_checkpoint
 
         start = time.perf_counter()
         if args.pipeline is None:

@@ -140,7 +140,7 @@ def test_export_refuses_a_unet_without_the_hook(good, tmp_path):
 
 
 def test_failed_export_keeps_the_previous_folder(good, tmp_path, monkeypatch):
-    import flowmap_jax.core.export_writer as export_module
+    import flowmap_jax.training.export_writer as export_module
 
     folder = _copy(good, tmp_path, "export")
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}

@@ -7,7 +7,7 @@
 - nothing in `torch_ref` imports jax, flax, optax, orbax or chex, nor `conversion`;
 - `flowmap_jax` never imports `torch_ref`, and `flowmap_jax.sample` does not reach `conversion`;
 - `conversion` (the command line) imports nothing from the trainer (TRAINER), and no `flowmap_jax` module
-  imports `conversion` (the export writer is `flowmap_jax.core.export_writer`).
+  imports `conversion` (the export writer is `flowmap_jax.training.export_writer`).
 """
 
 import ast
@@ -16,9 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
-# The trainer: its story, configuration, parts, state, run folder and run record (checkpoints, provenance).
-TRAINER = {f"flowmap_jax.training.{path.stem}" for path in (ROOT / "flowmap_jax" / "training").glob("*.py")
-           if path.stem != "__init__"} | {
+# The trainer: its story, step, configuration's command line, parts, data and run folder. Not in it: the run
+# record that a finished run is read through (run_record, checkpointing's reader, rejected_checkpoints,
+# run_provenance, the config schema of config.json), the export writer, which `conversion export` calls, and
+# the processes' barrier (`distributed.sync`, which checkpointing's reader calls after setting a checkpoint aside).
+RUN_RECORD = {f"flowmap_jax.training.{name}" for name in (
+    "run_record", "checkpointing", "rejected_checkpoints", "run_provenance", "config", "export_writer",
+    "distributed")}
+TRAINER = ({f"flowmap_jax.training.{path.stem}" for path in (ROOT / "flowmap_jax" / "training").glob("*.py")
+            if path.stem != "__init__"} - RUN_RECORD) | {
     "flowmap_jax.train", "flowmap_jax.write_shards", "flowmap_jax.data.datasets", "flowmap_jax.data.shard_writer",
     "flowmap_jax.core.objectives"}
 
@@ -174,6 +180,15 @@ def test_conversion_imports_nothing_from_the_trainer():
     assert "conversion.cli_commands" in conversion and "conversion.export" in conversion
     for module, targets in conversion.items():
         assert not targets & TRAINER, f"{module} imports {sorted(targets & TRAINER)} (the trainer)"
+    # ... nor through what it imports (the export writer reads a run through the run record only).
+    reached, todo = set(), [m for m in conversion]
+    while todo:
+        for target in edges.get(todo.pop(), ()):
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert RUN_RECORD <= set(graph) and "flowmap_jax.training.export_writer" in reached
+    assert not reached & TRAINER, f"conversion reaches {sorted(reached & TRAINER)} (the trainer)"
 
 
 def test_flowmap_jax_never_imports_conversion():

@@ -3,7 +3,7 @@
 `write(tmp)` fills a fresh temporary sibling folder, which is then renamed to `out_dir`; an existing
 `out_dir` is moved aside first and deleted only once the new folder is in place. A failure leaves `out_dir`
 as it was and no temporary folder behind. Files get the normal permissions (0666 and folders 0777, less the
-umask) rather than mkstemp's private 0600. Used by the export writer (`flowmap_jax.core.export_writer`) and the
+umask) rather than mkstemp's private 0600. Used by the export writer (`flowmap_jax.training.export_writer`) and the
 conversion command line (`conversion.output_folder`, `conversion.pipeline_export`). Pure Python.
 """
 

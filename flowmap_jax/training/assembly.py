@@ -26,7 +26,7 @@
   from the noise end to the clean end); the teacher with DDIM on the same kind of grid.
 - Grids of a latent teacher: decoded through the pipeline's VAE in PyTorch (`grid_decoder`), else shown as
   latents with a note.
-- Export: the EMA weights through `flowmap_jax.core.export_writer.export_flow_map` (a stock diffusers UNet folder
+- Export: the EMA weights through `flowmap_jax.training.export_writer.export_flow_map` (a stock diffusers UNet folder
   with the target-time hook, plus flowmap.json and the label embeddings), the same writer as
   `python -m conversion export RUN_DIR OUT`.
 """
@@ -208,7 +208,7 @@ def build(config, mesh) -> Parts:
     decode, grid_note = grid_decoder(config.teacher, config.data, channels)
 
     def export(params, folder, provenance):
-        from flowmap_jax.core.export_writer import export_flow_map
+        from flowmap_jax.training.export_writer import export_flow_map
         from flowmap_jax.training.run_provenance import (
             flow_map_config_from_train_config,
             run_provenance,
