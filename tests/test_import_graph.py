@@ -194,3 +194,33 @@ def test_conversion_imports_nothing_from_the_trainer():
 def test_flowmap_jax_never_imports_conversion():
     for module, imports in _graph("flowmap_jax").items():
         assert not any(imp.split(".")[0] == "conversion" for imp in imports), module
+
+
+# The layer folders of flowmap_jax, lowest first (docs/ARCHITECTURE.md, "Layers are folders"): a module imports
+# only from its own level or below. Modules at the top of the package (the commands) are the highest level.
+LAYER_LEVELS = {"spec": 0, "cli": 1, "unet": 2, "digits": 2, "data": 2, "core": 3, "training": 4}
+COMMANDS_LEVEL = 5
+
+
+def _level(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "flowmap_jax" or len(parts) == 1 or module == "flowmap_jax.__version__":
+        return None
+    return LAYER_LEVELS.get(parts[1], COMMANDS_LEVEL)
+
+
+def test_layers_import_only_their_level_or_below():
+    graph = _graph("flowmap_jax")
+    edges = _project_edges(graph, set(graph))
+    folders = {m.split(".")[1] for m in graph if m.count(".") >= 2}
+    assert folders == set(LAYER_LEVELS), f"layer folders {sorted(folders)} vs the table {sorted(LAYER_LEVELS)}"
+    checked = 0
+    for module, targets in edges.items():
+        source = _level(module)
+        for target in targets:
+            level = _level(target)
+            if source is None or level is None:
+                continue
+            checked += 1
+            assert level <= source, f"{module} (level {source}) imports {target} (level {level}): an upward import"
+    assert checked > 100
