@@ -66,7 +66,7 @@ def test_verify_names_each_kind_of_damage(tmp_path, damage, reason):
     step_dir = tmp_path / "3"
     meta = _write_step(step_dir, tree)
     path = run_record.meta_path(step_dir)
-    read = lambda: tree  # noqa: E731
+    read = lambda: tree
     if damage == "no_meta_file":
         os.remove(path)
     elif damage == "meta_not_json":
@@ -82,13 +82,13 @@ def test_verify_names_each_kind_of_damage(tmp_path, damage, reason):
         changed = jax.tree.map(lambda x: x, tree)
         changed["train_state"]["params"]["w"] = tree["train_state"]["params"]["w"].copy()
         changed["train_state"]["params"]["w"][1, 2] += 0.5
-        read = lambda: changed  # noqa: E731
+        read = lambda: changed
     elif damage == "array_not_in_fingerprint":
-        read = lambda: dict(tree, extra_leaf=np.ones(3, np.float32))  # noqa: E731
+        read = lambda: dict(tree, extra_leaf=np.ones(3, np.float32))
     else:
         changed = jax.tree.map(lambda x: x, tree)
         changed["train_state"]["params"]["b"] = np.array([1.0, np.nan, 2.0, -2.0], np.float32)
-        read = lambda: changed  # noqa: E731
+        read = lambda: changed
     verdict = run_record.verify(step_dir, read, step=3)
     assert verdict.reason is reason and not verdict.ok
     assert verdict.detail  # one line saying why
@@ -239,7 +239,8 @@ def test_checkpoints_with_the_older_list_fingerprint_still_restore_and_are_check
     path = run_record.meta_path(tmp_path / "2")
     meta = json.loads(path.read_text())
     n = len(jax.tree.leaves(state.params))
-    meta["fingerprint"][2 * (1 + n):2 * (1 + 2 * n)] = [v * 1.5 + 1.0 for v in meta["fingerprint"][2 * (1 + n):2 * (1 + 2 * n)]]
+    ema = slice(2 * (1 + n), 2 * (1 + 2 * n))
+    meta["fingerprint"][ema] = [v * 1.5 + 1.0 for v in meta["fingerprint"][ema]]
     path.write_text(json.dumps(meta))
     said = []
     assert checkpointing.read_checkpoint_params(tmp_path, "ema", say=said.append).step == 1
