@@ -8,7 +8,6 @@
 - checkpoints with the older flat-list fingerprint still restore and are still checked.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -182,7 +181,7 @@ def test_permuted_arrays_are_rejected_by_both_readers(tmp_path):
     assert moved == [str(tmp_path / "run" / "rejected" / "3-fingerprint-mismatch")]
 
 
-@pytest.mark.parametrize("damage, slug", [("remove_meta_file", "bad-metadata"), ("remove_array_files", "unreadable"),
+@pytest.mark.parametrize("damage, slug", [("remove_meta_file", "bad-metadata"), ("remove_state_folder", "unreadable"),
                                           ("edit_fingerprint", "fingerprint-mismatch")])
 def test_damaged_checkpoint_is_set_aside_under_its_reason(tmp_path, damage, slug):
     mesh = sh.make_mesh(1, 1, jax.devices()[:1])
@@ -190,11 +189,8 @@ def test_damaged_checkpoint_is_set_aside_under_its_reason(tmp_path, damage, slug
     step_dir = tmp_path / "2"
     if damage == "remove_meta_file":
         os.remove(run_record.meta_path(step_dir))
-    elif damage == "remove_array_files":
-        files = glob.glob(str(run_record.state_path(step_dir) / "**" / "d" / "*"), recursive=True)
-        assert files
-        for name in files:
-            os.remove(name)
+    elif damage == "remove_state_folder":  # (damaged array files: tests/test_train_checkpoint.py, test_run_folder.py)
+        shutil.rmtree(run_record.state_path(step_dir))
     else:
         meta = json.loads(run_record.meta_path(step_dir).read_text())
         meta["fingerprint"]["train_state/params/dense1/kernel"][3] += 1.0  # the weighted sum only
