@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(run_record.STATE_ITEM, run_record.META_ITEM))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=(run_record.STATE_ITEM, run_record.META_ITEM))
         self.rejected: list[tuple[int, run_record.Verdict]] = []  # (step, verdict) skipped by the last fallback
         self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be on disk
         self._failed: int | None = None  # the step whose save failed
@@ -228,7 +230,6 @@ class Checkpointer:
         for candidate in reversed(candidates):
             verdict = self._restore_step(candidate, abstract_state, rng_like)
             if not verdict.ok:
-                _quiet_abandoned_orbax_reads()
                 failures.append((candidate, verdict))
                 older = [s for s in candidates if s < candidate]
                 where = f"falling back to step {older[-1]}" if older else "no older checkpoint left"
@@ -269,9 +270,17 @@ class Checkpointer:
         abstract = run_record.state_tree(abstract_state, jax.ShapeDtypeStruct(
             rng_data.shape, rng_data.dtype, sharding=getattr(rng_data, "sharding", None)))
 
-        def read():  # the meta item too (verify reads its file): alone, the state's failed reads log asyncio errors
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                run_record.STATE_ITEM: ocp.args.StandardRestore(abstract), run_record.META_ITEM: ocp.args.JsonRestore()}))
+        def read():  # with the meta item (verify reads its file): alone, a failed state read logs asyncio errors
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                    run_record.STATE_ITEM: ocp.args.StandardRestore(abstract),
+                    run_record.META_ITEM: ocp.args.JsonRestore()}))
+            except Exception as error:  # noqa: BLE001 - named by verify (UNREADABLE)
+                failure = run_record.ReadError(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
+                error.__traceback__ = None  # Orbax's frames (and the reads they hold) go now, quietly
+                del error
+                _quiet_abandoned_orbax_reads()
+                raise failure from None
             return restored[run_record.STATE_ITEM]
 
         return run_record.verify(os.path.join(self.directory, str(step)), read, step)
@@ -286,12 +295,15 @@ def _quiet_abandoned_orbax_reads() -> None:
     module's debug log: a narrow `sys.unraisablehook` (only coroutines of Orbax's code; everything else
     goes to the previous hook), installed once for the process. TensorStore finishing such a read later
     into the closed loop ("Event loop is closed" from `call_soon_threadsafe`) is treated the same way.
-    The garbage collection is run here."""
+    The garbage collection is run here (its "coroutine ... was never awaited" warnings, of reads Orbax never
+    started, are dropped)."""
     global _previous_unraisablehook
     if sys.unraisablehook is not _unraisable_orbax_read_to_log:  # not yet, or replaced since (pytest)
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable_orbax_read_to_log
-    gc.collect()
+    with warnings.catch_warnings():  # Orbax's read coroutines that never started, collected here
+        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+        gc.collect()
 
 
 _previous_unraisablehook = None
