@@ -400,9 +400,10 @@ def main(argv=None) -> int:
             finally:
                 with open(full, "w", encoding="utf-8") as f:
                     f.write(original)
-            results.append({"name": m.name, "file": path, "killed": bool(failed), "killed_by": failed,
-                            "tests": total, "seconds": round(seconds, 1), "note": note})
-            print(f"{m.name}: {'KILLED by ' + ', '.join(failed) if failed else 'SURVIVED'} "
+            broken = failed[:1] == ["(pytest did not run)"]  # no verdict: an error of the set-up, not a kill
+            results.append({"name": m.name, "file": path, "killed": bool(failed) and not broken, "killed_by": failed,
+                            "tests": total, "seconds": round(seconds, 1), "note": note, "missing": broken})
+            print(f"{m.name}: {'KILLED by ' + ', '.join(failed) if results[-1]['killed'] else 'SURVIVED'} "
                   f"({total} tests, {seconds:.0f}s)", flush=True)
     killed = sum(r["killed"] for r in results)
     print()
@@ -418,10 +419,11 @@ def main(argv=None) -> int:
 
 
 def _report_missing(missing: list[str]) -> int:
-    """1 (and the list on stderr) when a snippet was not found exactly once, else 0."""
+    """1 (and the list on stderr) when a snippet was not found exactly once (or pytest did not run), else 0."""
     if not missing:
         return 0
-    print(f"error: {len(missing)} mutation(s) whose snippet is not found exactly once (update their entries):",
+    print(f"error: {len(missing)} mutation(s) not run: snippet not found exactly once (update the entry) or "
+          "pytest did not run:",
           file=sys.stderr)
     for line in missing:
         print(f"  {line}", file=sys.stderr)
