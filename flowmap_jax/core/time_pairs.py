@@ -3,7 +3,7 @@
 The distribution (`spec.time_pairs.TimePairConfig`, documented there) lives in normalised time tau in [0, 1]
 (0 the clean end, 1 the noise end, t = t_clean + tau (t_noise - t_clean)):
 
-    d ~ density proportional to d^(length_power - 1)  (d = U^(1 / length_power); default 2: long jumps up)
+    d ~ density proportional to d^(length_power - 1)  (d = U^(1 / length_power); default 1: every length alike)
     tau_s ~ U(d, 1), tau_t = tau_s - d
     with probability p_noise: tau_s = 1, tau_t = 1 - d (the first jump of every sampler)
     with probability p_clean: tau_t = 0 (the last jump of every sampler)
