@@ -29,7 +29,7 @@ so at initialisation F is the teacher's output in the teacher's type. Only a tea
 `teacher_blend` in [0, 1] mixes the coefficients: X = (1 - b) X_teacher_step + b X_own with b =
 teacher_blend, so b = 1 reads the teacher's epsilon output as the teacher's DDIM step (the untrained map is
 the teacher's DDIM sampler) and b = 0 is the bounded map; the trainer ramps b from 1 to 0 over the first
-steps (`ObjectiveOptions.head_warmup_steps`) while the network's head converts.
+steps (`head_warmup_steps`, an option every objective has) while the network's head converts.
 
 A *network* is `net(params, x, t_source, t_target, cond) -> F` with x (B, ...) (Flax images
 (B, H, W, C)), t_source and t_target (B,) float32 in teacher units, cond a dict of keyword arguments of the
