@@ -41,6 +41,7 @@ __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagra
 OBJECTIVES: dict[str, Callable] = {}
 
 
+# Copied from flowmap_jax.core.objectives.register_objective
 def register_objective(name: str):
     """Decorator: adds `fn(flow_map, options, params, teacher, batch, rng) -> (loss, metrics)` as `name`, one of
     `spec.objective_options.OBJECTIVE_OPTIONS` (`options` an instance of its options class there)."""
@@ -50,6 +51,7 @@ def register_objective(name: str):
     return register
 
 
+# Copied from flowmap_jax.core.objectives.make_objective
 def make_objective(name: str, flow_map, options=None):
     """`loss_fn(params, teacher, batch, rng) -> (loss, metrics)` for the objective `name` (see OBJECTIVES).
     options: None (the objective's defaults), an instance of its options class, an `ObjectiveOptions` (a run's

@@ -121,6 +121,7 @@ def ddim_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
     return _integrate(teacher, x_init, _step_times(grid, x_init), "ddim", cond, guidance_scale, True)
 
 
+# Copied from flowmap_jax.core.samplers.heun_sample with x_init.shape[0])->x_init)
 def heun_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
     """Heun's 2nd-order method (2 teacher evaluations per step, Euler into the clean end)."""
     _check_x(x_init)
@@ -139,6 +140,7 @@ def dpmpp_2m_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None, 
 SOLVERS = {"ddim": ddim_sample, "heun": heun_sample, "dpmpp_2m": dpmpp_2m_sample}
 
 
+# Copied from flowmap_jax.core.samplers.teacher_sample
 def teacher_sample(teacher, x_init, timesteps, solver="ddim", cond=None, guidance_scale=None):
     """The teacher solver named `solver` (one of SOLVERS) along `timesteps`."""
     if solver not in SOLVERS:

@@ -107,6 +107,7 @@ class _TorchOps(ArrayOps):
 _OPS = _TorchOps()
 
 
+# Copied from flowmap_jax.core.schedules.alpha_sigma with arrays->tensors
 def alpha_sigma(schedule: ScheduleConfig, t):
     """(alpha_t, sigma_t), float32 tensors of t's shape: x_t = alpha_t * x0 + sigma_t * eps."""
     return schedule.alpha_sigma(t, _OPS)
@@ -132,6 +133,7 @@ def angle(schedule: ScheduleConfig, t):
     return torch.atan2(sigma, alpha)
 
 
+# Copied from flowmap_jax.core.schedules.dtheta_dt
 def dtheta_dt(schedule: ScheduleConfig, t):
     """d theta/dt = (alpha sigma' - sigma alpha') / (alpha^2 + sigma^2) > 0, teacher time units."""
     alpha, sigma = alpha_sigma(schedule, t)
