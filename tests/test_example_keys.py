@@ -74,3 +74,66 @@ def test_objective_on_a_key_batch_is_the_mean_of_each_example_alone(name):
     # ... and the keys matter: another set of keys gives another loss.
     other = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(12), i))(jnp.arange(b))
     assert float(loss(params, teacher, batch, other)[0]) != float(value)
+
+
+def _logit_sizes(jaxpr, tokens: int) -> list[int]:
+    """Element counts of every attention-logits product (a dot_general of rank >= 4 whose last axis is the `tokens`
+    keys) in a jaxpr and the jaxprs inside it (scan bodies, jit, checkpoint, custom derivatives)."""
+    sizes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shape = eqn.outvars[0].aval.shape
+            if len(shape) >= 4 and shape[-1] == tokens:  # (B, H, T, S), or (vmapped, B, H, T, S)
+                sizes.append(int(np.prod(shape)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    sizes += _logit_sizes(inner, tokens)
+    return sizes
+
+
+def test_the_training_loss_takes_the_blocked_attention_for_the_real_batch(monkeypatch):
+    """The trainer's loss (`train_step.per_example_loss` over the `pairs` objective, flow map and teacher on the
+    embedded digits UNet) with the attention's block size shrunk so that one example's logits stay under the
+    blocking threshold and the device's batch of 4 goes over it: no logits product in the program is larger than
+    the threshold (the blocked path), where the per-example vmap the step used before computed the whole
+    (4, heads, 64, 64) logits at once. Read from the traced program, not from a timing."""
+    from flowmap_jax.core import flow_map
+    from flowmap_jax.data.teacher_folder import EMBEDDED_DIGITS_TEACHER, load_schedule, resolve_teacher_path
+    from flowmap_jax.training import train_step
+    from flowmap_jax.training.assembly import load_teacher_unet
+    from flowmap_jax.unet import FlaxUNet2DConditionModel, UNetConfig
+    from flowmap_jax.unet import attention_kernels as ak
+
+    path = resolve_teacher_path(EMBEDDED_DIGITS_TEACHER)
+    unet_config, teacher_params = load_teacher_unet(path, "unet")
+    schedule, prediction_type = load_schedule(path, "scheduler")
+    config = UNetConfig.from_dict(unet_config)
+    heads = unet_config["block_out_channels"][1] // unet_config["attention_head_dim"]  # at the 8x8 level
+    tokens = 8 * 8
+    monkeypatch.setattr(ak, "block_elements", lambda backend=None: heads * tokens * tokens // ak.CHUNK_WHEN_BLOCKS)
+    threshold = ak.CHUNK_WHEN_BLOCKS * ak.block_elements()  # one example's self-attention logits, exactly
+    teacher = jt.Teacher.create(jt.unet_teacher_fn(FlaxUNet2DConditionModel(config)), teacher_params, schedule,
+                                prediction_type)
+    flow_config, params = flow_map.add_target_time_hook(unet_config, teacher_params, jax.random.key(0))
+    student = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config))
+    fmap = jf.FlowMap(flow_map.unet_network(student), schedule, prediction_type)
+    objective = jo.make_objective("pairs", fmap, {"teacher_steps": 1})
+    b = 4
+    batch = {"x0": jnp.zeros((b, 16, 16, 1)), "cond": {"encoder_hidden_states": jnp.zeros((b, 1, 32))},
+             "example_id": jnp.arange(b, dtype=jnp.int32)}
+    key = jax.random.key(0)
+
+    loss = train_step.per_example_loss(objective)
+    sizes = _logit_sizes(jax.make_jaxpr(jax.grad(lambda p: loss(p, teacher, batch, key)[0]))(params).jaxpr, tokens)
+    assert sizes and max(sizes) <= threshold, (max(sizes), threshold)
+
+    def vmapped(p):  # the step's loss before: each example alone, under vmap
+        inputs = {k: v for k, v in batch.items() if k != "example_id"}
+        one = lambda example, i: objective(p, teacher, jax.tree.map(lambda v: v[None], example),
+                                           jax.random.fold_in(key, i))[0]
+        return jnp.mean(jax.vmap(one)(inputs, batch["example_id"]))
+
+    before = _logit_sizes(jax.make_jaxpr(jax.grad(vmapped))(params).jaxpr, tokens)
+    assert max(before) == b * threshold  # the unblocked (4, heads, 64, 64) logits
