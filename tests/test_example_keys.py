@@ -67,8 +67,10 @@ def test_objective_on_a_key_batch_is_the_mean_of_each_example_alone(name):
 
     value, grad = jax.jit(jax.value_and_grad(batched))(params)
     value_alone, grad_alone = jax.jit(jax.value_and_grad(alone))(params)
-    # Measured: relative differences below 1e-6 (float reassociation of the batched matmuls).
-    np.testing.assert_allclose(float(value), float(value_alone), rtol=1e-5)
+    # Measured (float reassociation of the batched matmuls): loss relative difference <= 1.3e-7 (lagrangian), 0
+    # for pairs; gradient entries within the bounds below (relative to entries of 1e-6 and up, up to 1.1e-3 on
+    # near-zero entries, hence the atol).
+    np.testing.assert_allclose(float(value), float(value_alone), rtol=1.5e-6)
     for a, c in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_alone)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-6)
     # ... and the keys matter: another set of keys gives another loss.
