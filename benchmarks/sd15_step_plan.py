@@ -108,6 +108,41 @@ MODEL_PASSES = sum(v for k, v in FORWARD_EQUIVALENTS.items() if k != "remat reco
 HARDWARE_PASSES = sum(FORWARD_EQUIVALENTS.values())
 
 
+def forward_equivalents(names, options, guided: bool = True) -> dict:
+    """UNet-forward equivalents per example of one step of the objectives `names` (their sum), by part:
+    - pairs: the target is `teacher_steps` solver evaluations of the teacher (2 passes each with classifier-free
+      guidance, one batched call; Heun evaluates twice a step), no gradient; the student's forward, its
+      backward (2) and the remat recompute (1).
+    - eulerian: `FORWARD_EQUIVALENTS` (stop-gradient residual: no backward through the tangent).
+    - lagrangian: the teacher at X (2), the student's primal and tangent, the backward through both (direct
+      residual form: 2 x 2) and the recompute of both (2).
+    The model FLOPs of MFU leave out "remat recompute"."""
+    cfg = 2 if guided else 1
+    total: dict = {}
+    for name in names:
+        if name == "pairs":
+            own = options.for_objective("pairs")
+            evals = own.teacher_steps * (2 if own.teacher_solver == "heun" else 1)
+            parts = {f"teacher target ({evals} solver evaluations)": cfg * evals, "student forward": 1,
+                     "student backward": 2, "remat recompute": 1}
+        elif name == "eulerian":
+            parts = dict(FORWARD_EQUIVALENTS, **{"teacher (CFG: cond + uncond)": cfg})
+        elif name == "lagrangian":
+            parts = {"teacher at X": cfg, "student primal": 1, "student JVP tangent": 1,
+                     "backward through primal and tangent": 4, "remat recompute": 2}
+        else:
+            raise ValueError(f"no forward-equivalent count for objective {name!r}")
+        for key, value in parts.items():
+            total[f"{name}: {key}" if len(names) > 1 else key] = value
+    return total
+
+
+def passes(equivalents: dict) -> tuple[int, int]:
+    """(model passes: without the recompute, hardware passes: all)."""
+    hardware = sum(equivalents.values())
+    return hardware - sum(v for k, v in equivalents.items() if k.endswith("remat recompute")), hardware
+
+
 def parse_floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -123,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default 256; --small: 16)")
+    p.add_argument("--per-device-batch", type=int, default=None,
+                   help="examples per device (sets --batch to this x --devices)")
+    p.add_argument("--objective", choices=("preset", "pairs", "eulerian", "lagrangian"), default="preset",
+                   help="the preset's own objective (sd15: pairs with 8-step targets), or one by name")
+    p.add_argument("--record", default=None,
+                   help="merge the rows into this JSON list (benchmarks/results/step_plans.json), replacing rows "
+                        "with the same preset, objective, mode, devices, per-device batch and LoRA rank")
     p.add_argument("--mode", choices=("dp", "fsdp", "both"), default="both", help="data parallel, FSDP or both")
     p.add_argument("--target-step-s", type=parse_floats, default=(1.0, 2.0),
                    help="step times (s, comma-separated) to state the implied MFU for (default 1,2)")
@@ -140,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     size = SIZES["small" if args.small else "sd15"]
+    if args.per_device_batch is not None:
+        args.batch = args.per_device_batch * args.devices
     args.batch = size["batch"] if args.batch is None else args.batch
     if args.devices < 1 or args.batch < 1:
         raise SystemExit("sd15_step_plan: --devices and --batch must be >= 1")
@@ -171,11 +215,13 @@ def set_host_devices(count: int, fast_compile: bool = False) -> None:
 # --------------------------------------------------------------------------------------------------
 # The step, built as `flowmap_jax.train.run` and `flowmap_jax.training.assembly.build` build it, on abstract values.
 
-def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None):
+def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
+               objective: str | None = None):
     """The trainer's jitted step for the sd15 preset (or its --small stand-in) and abstract arguments.
 
     size: "sd15" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
-    devices: the jax devices of the mesh (default all). Returns a dict: step (jitted, `.lower(*args)`),
+    devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
+    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets). Returns a dict: step (jitted, `.lower(*args)`),
     args (state, teacher, batch, rng as ShapeDtypeStructs with shardings), mesh, specs, params (abstract
     student parameters), unet (the student's Flax module), config (the TrainConfig), counts of parameters.
     """
@@ -210,10 +256,14 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     unet_config = {k: v for k, v in spec["unet"].items() if not k.startswith("_")}
     schedule, prediction_type = load_scheduler(SD15_SCHEDULER_CONFIG)
     teacher_params = abstract_unet_params(UNetConfig.from_dict(unet_config))
+    # The trainer holds the frozen teacher in the compute dtype (assembly.in_compute_dtype).
+    teacher_params_compute = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+        teacher_params)
     teacher_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, remat=config.model.remat)
     length, dim = spec["context"]
     uncond = {"encoder_hidden_states": jax.ShapeDtypeStruct((1, length, dim), jnp.float32)}
-    teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params, schedule, prediction_type,
+    teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params_compute, schedule, prediction_type,
                              guidance_scale=jnp.float32(config.teacher.guidance_scale), uncond=uncond)
 
     # Student: the teacher's UNet plus the target-time hook, shapes only.
@@ -222,24 +272,28 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     flow_config = add_target_time_hook_config(unet_config)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
     fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type)
-    # The eulerian (JVP) objective, whatever the preset's: forward-mode AD through the UNet is the heaviest
-    # step the trainer can build (the `pairs` step has no tangent and keeps no teacher activations).
+    # The preset's objective(s) as assembly.build combines them, or the one asked for.
+    names = tuple(config.objective.names) if objective is None else (objective,)
+    weights = tuple(config.objective.weights) if objective is None else (1.0,)
     loss_fn = objectives.combine_objectives(
-        [("eulerian", 1.0, objectives.make_objective("eulerian", fmap, config.objective.options))])
+        [(name, weight, objectives.make_objective(name, fmap, config.objective.options))
+         for name, weight in zip(names, weights)])
 
     # Optimiser, shardings, step (train.run, step 4).
     optimizer = ts.make_optimizer(config.optim, config.run.steps)
     specs = sh.param_specs(params, mesh, config.mesh.fsdp_min_size)
     state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
+    teacher_specs = sh.param_specs(teacher, mesh, config.mesh.fsdp_min_size)  # split like the student
     step = ts.make_train_step(loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                              state_sharding=state_sharding)
+                              state_sharding=state_sharding, teacher_specs=teacher_specs)
 
     abstract_state = jax.eval_shape(
         lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=optimizer.init(p)),
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params))
     state = _with_shardings(abstract_state, state_sharding)
     replicated = sh.replicated(mesh)
-    teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=replicated), teacher)
+    teacher = jax.tree.map(lambda x, spec: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=sh.named(mesh, spec)),
+                           teacher, teacher_specs)
     batch_sharding = sh.batch_sharding(mesh)
     h, w, c = spec["latent"]
     batch_args = {"x0": jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32, sharding=batch_sharding),
@@ -252,6 +306,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     sharded = sum(math.prod(x.shape) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(
         specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))) if sh.FSDP_AXIS in tuple(s))
     return {"step": step, "args": (state, teacher, batch_args, rng), "mesh": mesh, "specs": specs,
+            "teacher_specs": teacher_specs, "objectives": names,
             "params": params, "unet": student_unet, "config": config, "optimizer": optimizer,
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
             "student_params": count(params), "teacher_params": count(teacher_params),
@@ -286,8 +341,11 @@ def concrete_args(plan, seed: int = 0):
     teacher_params = jax.device_put(init_unet_params(UNetConfig.from_dict(plan["unet_config"]), key), replicated)
     _, params = flow_map.add_target_time_hook(plan["unet_config"], teacher_params, jax.random.fold_in(key, 1))
     state = ts.init_state(params, plan["optimizer"], mesh, plan["specs"])
+    compute = {"bfloat16": jnp.bfloat16}.get(plan["config"].model.dtype, jnp.float32)
+    teacher_params_compute = jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, compute), a.sharding),
+                                          teacher_params, abstract_teacher.params)
     teacher = abstract_teacher.replace(
-        params=teacher_params,
+        params=teacher_params_compute,
         guidance_scale=jax.device_put(jnp.float32(plan["config"].teacher.guidance_scale), replicated),
         uncond=jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, np.float32), replicated), abstract_teacher.uncond))
     rng = np.random.default_rng(seed)
@@ -340,24 +398,36 @@ def compile_plan(plan) -> dict:
             "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0))}
 
 
-def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None) -> dict:
+def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None,
+             objective: str | None = None) -> dict:
     import jax
 
     log = log or (lambda _: None)
-    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size)
+    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective)
+    config = plan["config"]
+    equivalents = forward_equivalents(plan["objectives"], config.objective.options,
+                                      guided=config.teacher.guidance_scale != 1.0)
+    model_passes, hardware_passes = passes(equivalents)
     n = plan["mesh"].size
     log(f"{mode}: mesh {dict(plan['mesh'].shape)}, batch {batch} ({batch // n} per device); lowering and compiling")
     result = compile_plan(plan)
     del result["compiled"]
     forward = forward_flops_per_example(plan)
-    model_flops = forward * MODEL_PASSES * batch
-    row = dict(mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
+    model_flops = forward * model_passes * batch
+    row = dict(preset="sd15" if size == "sd15" else f"sd15 ({size})", objective="+".join(plan["objectives"]),
+               lora_rank=0, forward_equivalents=equivalents, model_passes=model_passes,
+               hardware_passes=hardware_passes,
+               mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
                student_params=plan["student_params"], teacher_params=plan["teacher_params"],
                fsdp_sharded_params=plan["fsdp_sharded_params"], fsdp_min_size=fsdp_min_size,
                forward_flops_per_example=forward, model_flops_per_step=model_flops,
-               analytic_flops_per_step=forward * HARDWARE_PASSES * batch,
+               analytic_flops_per_step=forward * hardware_passes * batch,
                xla_flops_per_step=result["xla_flops_per_device"] * n, jax_version=jax.__version__, **result)
     row["xla_vs_analytic"] = row["xla_flops_per_step"] / row["analytic_flops_per_step"]
+    mem = row["memory"]
+    row.update(arguments_gib=mem["argument"] / 2**30, temp_gib=mem["temp"] / 2**30, total_gib=mem["total"] / 2**30,
+               xla_tflop_per_step=row["xla_flops_per_step"] / 1e12,
+               analytic_tflop_per_step=row["analytic_flops_per_step"] / 1e12)
     row["mfu"] = {gpu: {str(t): model_flops / (n * peak * 1e12 * t) for t in target_step_s}
                   for gpu, peak in PEAKS_TFLOPS.items()}
     row["step_s_at_40pct_mfu"] = {gpu: model_flops / (n * peak * 1e12 * REFERENCE_MFU)
@@ -370,7 +440,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
 # --------------------------------------------------------------------------------------------------
 # Tables.
 
-MEMORY_COLUMNS = ("mode", "mesh", "batch / device", "argument GiB", "output GiB", "temp GiB", "generated code MiB",
+MEMORY_COLUMNS = ("objective", "mode", "mesh", "batch / device", "argument GiB", "output GiB", "temp GiB", "generated code MiB",
                   "aliased GiB", "total GiB", "compile s")
 
 
@@ -383,7 +453,7 @@ def memory_table(rows) -> str:
     for r in rows:
         m = r["memory"]
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
-        lines.append(f"| {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
+        lines.append(f"| {r.get('objective', 'eulerian')} | {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
                      f"{_gib(m['temp'])} | {m['generated_code'] / 2**20:.4g} | {_gib(m['alias'])} | "
                      f"{_gib(m['total'])} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
@@ -391,8 +461,8 @@ def memory_table(rows) -> str:
 
 def flops_columns(target_step_s) -> tuple[str, ...]:
     mfu = tuple(f"MFU {gpu} @ {t:g} s" for gpu in PEAKS_TFLOPS for t in target_step_s)
-    return ("mode", "XLA TFLOP / device", "XLA TFLOP / step", f"analytic TFLOP / step ({HARDWARE_PASSES} passes)",
-            "XLA / analytic", f"model TFLOP / step ({MODEL_PASSES} passes)", *mfu,
+    return ("objective", "mode", "UNet-forward equivalents / example (model, with recompute)", "XLA TFLOP / device",
+            "XLA TFLOP / step", "analytic TFLOP / step", "XLA / analytic", "model TFLOP / step", *mfu,
             *(f"step s @ 40% MFU {gpu}" for gpu in PEAKS_TFLOPS))
 
 
@@ -400,7 +470,9 @@ def flops_table(rows, target_step_s) -> str:
     columns = flops_columns(target_step_s)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [r["mode"], f"{r['xla_flops_per_device'] / 1e12:.4g}", f"{r['xla_flops_per_step'] / 1e12:.4g}",
+        cells = [r.get("objective", "eulerian"), r["mode"],
+                 f"{r.get('model_passes', MODEL_PASSES)}, {r.get('hardware_passes', HARDWARE_PASSES)}",
+                 f"{r['xla_flops_per_device'] / 1e12:.4g}", f"{r['xla_flops_per_step'] / 1e12:.4g}",
                  f"{r['analytic_flops_per_step'] / 1e12:.4g}", f"{r['xla_vs_analytic']:.3f}",
                  f"{r['model_flops_per_step'] / 1e12:.4g}"]
         cells += [f"{100 * r['mfu'][gpu][str(t)]:.3g}%" for gpu in PEAKS_TFLOPS for t in target_step_s]
@@ -413,18 +485,40 @@ def describe(rows, args) -> str:
     r = rows[0]
     h, w, c = SIZES["small" if args.small else "sd15"]["latent"]
     length, dim = SIZES["small" if args.small else "sd15"]["context"]
-    passes = ", ".join(f"{k} {v}" for k, v in FORWARD_EQUIVALENTS.items())
+    split = "; ".join(f"{row['objective']}: " + ", ".join(f"{k} {v}" for k, v in row["forward_equivalents"].items())
+                      for row in {row["objective"]: row for row in rows}.values())
     return (f"{'--small UNet' if args.small else 'SD 1.5 UNet'} ({r['student_params'] / 1e6:.1f}M student parameters "
-            f"with the target-time hook, teacher {r['teacher_params'] / 1e6:.1f}M frozen and replicated), latents "
+            f"with the target-time hook, teacher {r['teacher_params'] / 1e6:.1f}M frozen, in the compute dtype, "
+            f"split over the fsdp axis like the student), latents "
             f"{h}x{w}x{c}, context {length}x{dim}, global batch {r['global_batch']} on {r['devices']} simulated devices; "
-            f"eulerian objective (jax.jvp), CFG teacher, bf16 compute, fp32 params, remat per block, AdamW + EMA; "
+            f"objective {', '.join(sorted({row['objective'] for row in rows}))}, CFG teacher (one batched call), "
+            f"bf16 compute, fp32 params, remat per block, AdamW + EMA, the UNet on each device's whole batch; "
             f"FSDP splits parameters of >= {r['fsdp_min_size']} elements ({r['fsdp_sharded_params'] / 1e6:.1f}M "
             f"of them). jax {r['jax_version']}, XLA CPU.\n\n"
             f"Analytic FLOPs: one student UNet forward = {r['forward_flops_per_example'] / 1e9:.4g} GFLOP per example "
-            f"(2 x MACs of its convolutions and matmuls, counted from its jaxpr) x {HARDWARE_PASSES} forward-equivalent "
-            f"passes ({passes}) x batch. Model FLOPs for MFU: {MODEL_PASSES} passes (no recompute). MFU = model FLOPs / "
+            f"(2 x MACs of its convolutions and matmuls, counted from its jaxpr) x the forward-equivalent passes per "
+            f"example ({split}) x batch. Model FLOPs for MFU: without the recompute. MFU = model FLOPs / "
             f"(devices x peak x step time); peaks {', '.join(f'{g} {p:g}' for g, p in PEAKS_TFLOPS.items())} TFLOP/s "
             f"(dense bf16).")
+
+
+RECORD_KEYS = ("preset", "objective", "mode", "devices", "per_device_batch", "lora_rank", "arguments_gib", "temp_gib",
+               "total_gib", "xla_tflop_per_step", "analytic_tflop_per_step")
+"""The keys of each row of benchmarks/results/step_plans.json (plus the rest of the row under "detail")."""
+
+
+def record_rows(path, rows) -> list:
+    """Merge `rows` into the JSON list at `path` (created if missing): a row replaces the one with the same
+    preset, objective, mode, devices, per-device batch and LoRA rank. Returns the new list."""
+    identity = lambda row: tuple(row[k] for k in RECORD_KEYS[:6])
+    existing = json.loads(Path(path).read_text()) if Path(path).exists() else []
+    new = [dict({k: row[k] for k in RECORD_KEYS}, detail={k: v for k, v in row.items() if k not in RECORD_KEYS},
+                recorded=time.strftime("%Y-%m-%d")) for row in rows]
+    keys = {identity(row) for row in new}
+    merged = [row for row in existing if identity(row) not in keys] + new
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    return merged
 
 
 def main(argv=None) -> int:
@@ -439,7 +533,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
     size = "small" if args.small else "sd15"
-    rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log) for mode in modes]
+    objective = None if args.objective == "preset" else args.objective
+    rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective)
+            for mode in modes]
     seconds = time.perf_counter() - started
     print(describe(rows, args) + "\n")
     print("Per-device memory (XLA memory_analysis of the compiled step; total = argument + output + temp + "
@@ -448,6 +544,8 @@ def main(argv=None) -> int:
     print("FLOPs per step and the MFU a step time implies:\n")
     print(flops_table(rows, args.target_step_s) + "\n")
     print(f"{seconds:.0f}s in all; {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end.")
+    if args.record:
+        record_rows(args.record, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "seconds": seconds,
                                                "rows": rows}, indent=2, default=str))

@@ -96,10 +96,12 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
         specs = sh.param_specs(parts.params, mesh, config.mesh.fsdp_min_size)
         state_sharding = ts.state_shardings(parts.params, optimizer, mesh, specs)
         state = ts.init_state(sh.put_replicated(mesh, parts.params), optimizer, mesh, specs)
-        teacher = _replicate_arrays(mesh, parts.teacher)
+        # The frozen teacher: split over the fsdp axis like the student (replicated without FSDP).
+        teacher_specs = sh.param_specs(parts.teacher, mesh, config.mesh.fsdp_min_size)
+        teacher = sh.put_with_specs(mesh, parts.teacher, teacher_specs)
         rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
         train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                                        state_sharding=state_sharding)
+                                        state_sharding=state_sharding, teacher_specs=teacher_specs)
 
         # 5. Resume.
         reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)

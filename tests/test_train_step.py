@@ -37,15 +37,17 @@ def _train(mesh, n_steps=10, loss_fn=None, fsdp_min_size=1):
     specs = sh.param_specs(params, mesh, fsdp_min_size)
     state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
     state = ts.init_state(params, optimizer, mesh, specs)
+    teacher = {"A": (np.eye(16) * 0.9).astype(np.float32)}
+    teacher_specs = sh.param_specs(teacher, mesh, fsdp_min_size)  # split like the student under FSDP
     step = ts.make_train_step(loss_fn or train_support.make_loss(), optimizer, mesh, specs, ema_decay=0.9,
-                              state_sharding=state_sharding)
-    teacher = sh.put_replicated(mesh, {"A": (np.eye(16) * 0.9).astype(np.float32)})
+                              state_sharding=state_sharding, teacher_specs=teacher_specs)
+    teacher = sh.put_with_specs(mesh, teacher, teacher_specs)
     rng = jax.random.key(3)
     losses = []
     for batch in _batches(n_steps):
         state, metrics = step(state, teacher, sh.put_batch(mesh, batch), rng)
         losses.append(float(metrics["loss"]))
-    return state, losses, step
+    return state, losses, step, teacher
 
 
 def _max_diff(a, b):
@@ -55,27 +57,30 @@ def _max_diff(a, b):
 
 def test_eight_devices_equal_one_device():
     assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
-    one, losses_one, _ = _train(sh.make_mesh(1, 1, jax.devices()[:1]))
-    eight, losses_eight, _ = _train(sh.make_mesh(8, 1))
+    one, losses_one, *_ = _train(sh.make_mesh(1, 1, jax.devices()[:1]))
+    eight, losses_eight, *_ = _train(sh.make_mesh(8, 1))
     np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-5)
     assert _max_diff(one.params, eight.params) < 1e-5
     assert _max_diff(one.ema_params, eight.ema_params) < 1e-5
 
 
 def test_fsdp_shards_parameters_and_matches_data_parallel():
-    dp, _, _ = _train(sh.make_mesh(8, 1))
-    fsdp, _, _ = _train(sh.make_mesh(2, 4))
+    dp, *_ = _train(sh.make_mesh(8, 1))
+    fsdp, _, _, teacher = _train(sh.make_mesh(2, 4))
     kernel = fsdp.params["dense1"]["kernel"]  # (18, 64): split along its 64 columns
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, sh.FSDP_AXIS)
     assert kernel.addressable_shards[0].data.shape == (18, 16)
     mu = fsdp.opt_state[1][0].mu["dense1"]["kernel"]
     assert mu.sharding.spec == kernel.sharding.spec
+    teacher = teacher["A"]  # the frozen teacher is split too, and gathered inside the step
+    assert sh.FSDP_AXIS in tuple(teacher.sharding.spec)
+    assert max(shard.data.size for shard in teacher.addressable_shards) == 16 * 16 // 4
     assert _max_diff(dp.params, fsdp.params) < 1e-5
 
 
 def test_step_compiles_once():
     loss = chex.assert_max_traces(train_support.make_loss(), n=1)
-    _, _, step = _train(sh.make_mesh(4, 2), n_steps=5, loss_fn=loss)
+    _, _, step, _ = _train(sh.make_mesh(4, 2), n_steps=5, loss_fn=loss)
     assert step._cache_size() == 1
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowmap_jax.core import example_keys
 from flowmap_jax.training import assembly, train_cli
 from flowmap_jax.data import datasets
 
@@ -57,10 +58,11 @@ def make_loss():
     def loss_fn(params, teacher, batch, rng):
         x0 = batch["x0"]
         b = x0.shape[0]
-        k_noise, k_s, k_t = jax.random.split(rng, 3)
-        s = jax.random.uniform(k_s, (b,))
-        t = s * jax.random.uniform(k_t, (b,))
-        x_s = x0 + s[:, None, None, None] * jax.random.normal(k_noise, x0.shape)
+        k_noise, k_s, k_t = example_keys.split(rng, 3)  # rng: the step's (B,) per-example keys
+        s = example_keys.draw(k_s, b, lambda key, n: jax.random.uniform(key, (n,)))
+        t = s * example_keys.draw(k_t, b, lambda key, n: jax.random.uniform(key, (n,)))
+        x_s = x0 + s[:, None, None, None] * example_keys.draw(
+            k_noise, b, lambda key, n: jax.random.normal(key, (n,) + x0.shape[1:]))
         err = network(params, x_s, s, t) - teacher_map(teacher, x_s, s, t)
         loss = jnp.mean(err ** 2)
         return loss, {"mse": jnp.mean(err ** 2)}

@@ -6,7 +6,10 @@
 batch: {"x0": (B, ...) data (Flax images (B, H, W, C)), "cond": dict of (B, ...) UNet keyword arguments or
 None}, optionally "step" (() or (B,), for the tangent warm-up) and, to make a loss deterministic (parity
 tests, debugging), "noise" (x0's shape), "t_source", "t_target", "t_mid" ((B,) teacher units) and
-"guidance_scale" ((B,)), each replacing what would otherwise be drawn from `rng` (a jax PRNG key).
+"guidance_scale" ((B,)), each replacing what would otherwise be drawn from `rng`: a jax PRNG key, or a (B,)
+batch of keys, one per example, with which each example's draws are those it would get alone
+(`example_keys.draw`; the trainer passes `fold_in(step_key, example_id)`, so a loss does not depend on the
+device split while the network runs on the whole batch).
 x_s = alpha_s x0 + sigma_s noise is the noised data at the source time.
 
 Objectives (X the flow map, v the guided teacher velocity, sg the stop-gradient). Derivatives are taken
@@ -54,7 +57,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flowmap_jax.core import samplers, schedules, time_pairs
+from flowmap_jax.core import example_keys, samplers, schedules, time_pairs
 from flowmap_jax.core.flow_map import (  # noqa: F401 (re-export)
     finite_difference_jvp,
     guidance_input_cond,
@@ -166,20 +169,30 @@ def _check_batch(batch):
     return b
 
 
+def _mid_times(rng, s, t):
+    """`time_pairs.sample_mid_times` from one key or, per example, from a key batch (as `example_keys.draw`)."""
+    if example_keys.is_key_batch(rng):
+        return jax.vmap(lambda key, s_i, t_i: time_pairs.sample_mid_times(key, s_i[None], t_i[None])[0])(rng, s, t)
+    return time_pairs.sample_mid_times(rng, s, t)
+
+
 def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
-    """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces."""
+    """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces. rng: one
+    key, or a (B,) batch of keys, one per example (`draw`)."""
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
-    k_times, k_noise, k_mid, k_w = jax.random.split(rng, 4)
-    s, t = time_pairs.sample_time_pairs(k_times, b, schedule, options.time_pairs, source_range, target_range)
+    k_times, k_noise, k_mid, k_w = example_keys.split(rng, 4)
+    s, t = example_keys.draw(k_times, b, lambda key, n: time_pairs.sample_time_pairs(
+        key, n, schedule, options.time_pairs, source_range, target_range))
     s = jnp.asarray(batch.get("t_source", s), jnp.float32)
     t = jnp.asarray(batch.get("t_target", t), jnp.float32)
     if source_range is not None:  # given times too: the objective cannot evaluate outside
         s = jnp.clip(s, *source_range)
     if target_range is not None:
         t = jnp.clip(t, *target_range)
-    noise = batch["noise"] if "noise" in batch else jax.random.normal(k_noise, x0.shape, x0.dtype)
+    noise = batch["noise"] if "noise" in batch else example_keys.draw(
+        k_noise, b, lambda key, n: jax.random.normal(key, (n,) + x0.shape[1:], x0.dtype))
     x_s = schedules.add_noise(schedule, x0, noise, s)
     cond = batch.get("cond")
     w = None
@@ -187,7 +200,7 @@ def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, ta
         w = jnp.asarray(batch["guidance_scale"], jnp.float32)
     elif options.guidance_scale_range is not None:
         lo, hi = options.guidance_scale_range
-        w = lo + (hi - lo) * jax.random.uniform(k_w, (b,))
+        w = lo + (hi - lo) * example_keys.draw(k_w, b, lambda key, n: jax.random.uniform(key, (n,)))
     student_cond = cond
     if options.guidance_embedding_dim is not None:
         if w is None:
@@ -297,7 +310,7 @@ def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, r
     fmap = _student_map(flow_map, options, batch, p["b"])
     x_s, s, t, cond = p["x_s"], p["s"], p["t"], p["student_cond"]
     ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
-    u = batch["t_mid"] if "t_mid" in batch else time_pairs.sample_mid_times(p["k_mid"], s, t)
+    u = batch["t_mid"] if "t_mid" in batch else _mid_times(p["k_mid"], s, t)
     x_u = fmap(params, x_s, s, u, cond)
     target = _sg(fmap(params, x_u, u, t, cond))
     err = fmap(params, x_s, s, t, cond) - target
@@ -331,7 +344,7 @@ def combine_objectives(named_losses: Sequence[tuple[str, float, Callable]]) -> C
         total = 0.0
         metrics = {}
         for index, (name, weight, fn) in enumerate(named_losses):
-            loss, own = fn(params, teacher, batch, jax.random.fold_in(rng, index))
+            loss, own = fn(params, teacher, batch, example_keys.fold_in(rng, index))
             total = total + weight * loss
             metrics[f"{name}/loss"] = loss
             for key, value in (own or {}).items():

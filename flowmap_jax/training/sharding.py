@@ -99,6 +99,13 @@ def put_batch(mesh: Mesh, local_batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def put_with_specs(mesh: Mesh, tree, specs):
+    """Host values (identical on every process) -> global arrays placed with `specs` (a PartitionSpec per leaf):
+    each device receives only its slice, so a split tree is never whole on any device."""
+    return jax.tree.map(lambda x, spec: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, spec), np.asarray(x), np.shape(x)), tree, specs)
+
+
 def put_replicated(mesh: Mesh, tree):
     """Host values (identical on every process) -> fully replicated global arrays on `mesh`."""
     sharding = replicated(mesh)

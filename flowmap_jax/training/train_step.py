@@ -13,9 +13,11 @@ mean over every device, as for the replicated parameters. The optimiser update r
 shard_map on the sharded arrays (XLA keeps them sharded; the global-norm clip is a true global norm).
 
 Randomness is per example: example i of the global batch uses `fold_in(fold_in(rng, step),
-example_id[i])`, and the objective is applied to each example on its own (`jax.vmap` over a batch of
-one). So the result does not depend on how the batch is split over devices or processes: 8 devices
-and 1 device with the same global batch give the same parameters up to float reassociation.
+example_id[i])`, from which the objective draws that example's times and noise exactly as if it were alone,
+while the network runs once on the device's whole batch (`per_example_loss`). So the result does not depend on
+how the batch is split over devices or processes (8 devices and 1 device with the same global batch give the
+same parameters up to float reassociation), and every kernel sees the real per-device batch: at SD sizes the
+attention takes its blocked path, where a per-example `vmap` chose the unblocked one for a batch of 1.
 
 Shapes: batch leaves are (B, ...) with B the global batch (divisible by the device count); "x0" is
 (B, H, W, C) float32, "cond" a dict of (B, ...) arrays or None, "example_id" (B,) int32. The step
@@ -95,19 +97,15 @@ def ema_decay_at(step, decay: float):
 # Objectives.
 
 def per_example_loss(loss_fn: LossFn) -> Callable:
-    """(params, teacher, batch, rng) -> (mean loss, mean metrics), applying `loss_fn` to each example
-    alone with the key `fold_in(rng, batch["example_id"][i])` (see the module docstring)."""
+    """(params, teacher, batch, rng) -> (mean loss, metrics): `loss_fn` on the device's whole batch, each example
+    with its own key `fold_in(rng, batch["example_id"][i])` (a (B,) key batch; the objectives draw each example's
+    times and noise from its key as if it were alone). One network call sees the whole batch, so every kernel
+    (the attention's blocked path above all) is chosen for the real per-device batch, not for a batch of 1."""
 
     def mean_loss(params, teacher, batch, rng):
-        example_ids = batch["example_id"]
+        keys = jax.vmap(lambda example_id: jax.random.fold_in(rng, example_id))(batch["example_id"])
         inputs = {k: v for k, v in batch.items() if k != "example_id"}
-
-        def one(example, example_id):
-            example = jax.tree.map(lambda x: x[None], example)
-            return loss_fn(params, teacher, example, jax.random.fold_in(rng, example_id))
-
-        losses, metrics = jax.vmap(one)(inputs, example_ids)
-        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+        return loss_fn(params, teacher, inputs, keys)
 
     return mean_loss
 
@@ -145,12 +143,14 @@ def state_shardings(params, optimizer, mesh, specs) -> TrainState:
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh, specs, *,
-                    ema_decay: float, state_sharding: TrainState, donate: bool = True):
+                    ema_decay: float, state_sharding: TrainState, donate: bool = True, teacher_specs=None):
     """The jitted step `(state, teacher, batch, rng) -> (state, metrics)`.
 
     loss_fn: `(params, teacher, batch, rng) -> (loss, metrics)` for a batch (use `objectives.combine_objectives`
     for several objectives). specs: PartitionSpecs of params (`sharding.param_specs`). teacher: any
-    pytree (replicated on every device; its parameters are jit arguments, never constants). batch:
+    pytree (its parameters are jit arguments, never constants), replicated on every device, or, with
+    `teacher_specs` (PartitionSpecs of its leaves, `sharding.param_specs(teacher, ...)`), split over the fsdp axis
+    like the student and all-gathered inside the step just before the loss. batch:
     dict of (B, ...) arrays sharded with `sharding.batch_sharding(mesh)`, with "example_id".
     rng: the run's base key (typed key); the step folds in `state.step`. state_sharding: from
     `state_shardings`; the new state keeps exactly these shardings, so the step compiles once.
@@ -160,17 +160,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     fsdp_size = mesh.shape[sh.FSDP_AXIS]
     batch_loss = per_example_loss(loss_fn)
 
-    def gather(shards):
+    teacher_in_spec = P() if teacher_specs is None else teacher_specs
+
+    def gather(shards, shard_specs):
         def one(x, spec):
             for axis, name in enumerate(spec):
                 if name == sh.FSDP_AXIS:
                     return jax.lax.all_gather(x, sh.FSDP_AXIS, axis=axis, tiled=True)
             return x
-        return jax.tree.map(one, shards, specs)
+        return jax.tree.map(one, shards, shard_specs)
 
     def per_device(param_shards, teacher, batch, step_rng):
+        if teacher_specs is not None:
+            teacher = gather(teacher, teacher_specs)  # frozen: no gradient flows back through this all-gather
+
         def local_loss(shards):
-            return batch_loss(gather(shards), teacher, batch, step_rng)
+            return batch_loss(gather(shards, specs), teacher, batch, step_rng)
 
         (loss, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(param_shards)
 
@@ -183,7 +188,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         metrics = jax.lax.pmean(dict(metrics, loss=loss), sh.BATCH_AXES)
         return grads, metrics
 
-    per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), sh.BATCH_SPEC, P()),
+    per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, teacher_in_spec, sh.BATCH_SPEC, P()),
                                out_specs=(specs, P()), check_vma=False)
 
     def step(state: TrainState, teacher, batch, rng):
