@@ -29,7 +29,7 @@ long is cut off without losing what the others measured); the whole run keeps in
    `--train-batch` examples per GPU (default 32, what each of 8 GPUs gets at the preset's batch 256), with real
    randomly initialised weights: XLA's memory analysis of the compiled step, the device's peak memory, the
    loss (finite), the step time (median of `--repeats`) and its MFU (model FLOPs: 6 UNet forward passes per
-   example, see sd15_step_plan.FORWARD_EQUIVALENTS). A batch that does not fit is recorded and the stage
+   example, see sd15_step_plan.forward_equivalents). A batch that does not fit is recorded and the stage
    tries half of it, down to 1.
 6. **pytest** (only with `--pytest`, in the time left): tests/test_unet_parity.py and tests/test_core_parity.py
    with JAX on the GPU (torch on the CPU, as those tests are written).
@@ -479,7 +479,12 @@ def stage_trainstep(args, work: Path, rec: Recorder):
             result = plan_lib.compile_plan(plan)
             compiled = result.pop("compiled")
             row.update(result)
-            row["model_flops_per_step"] = plan_lib.forward_flops_per_example(plan) * plan_lib.MODEL_PASSES * batch
+            config = plan["config"]  # the preset's objective (sd15: pairs): its own forward-equivalent passes
+            equivalents = plan_lib.forward_equivalents(plan["objectives"], config.objective.options,
+                                                       guided=config.teacher.guidance_scale != 1.0)
+            row["objective"] = "+".join(plan["objectives"])
+            row["model_flops_per_step"] = (plan_lib.forward_flops_per_example(plan) * plan_lib.passes(equivalents)[0]
+                                           * batch)
             rec["rows"] = rows
             state, teacher, batch_arrays, rng = plan_lib.concrete_args(plan)
             log("trainstep: first step")

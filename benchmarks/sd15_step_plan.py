@@ -1,23 +1,26 @@
-"""The full-size Stable Diffusion 1.5 flow-map training step, compiled (never run) for 8 devices (issue 12).
+"""The full-size Stable Diffusion 1.5 flow-map training step, compiled (never run) for 8 devices (issues 12, 24).
 
-    python benchmarks/sd15_step_plan.py                          # batch 256 on 8 simulated devices: dp and fsdp
-    python benchmarks/sd15_step_plan.py --mode fsdp --target-step-s 1,2 --json plan.json
-    python benchmarks/sd15_step_plan.py --small --devices 2      # a toy UNet: ~1 min of CPU per mode (tested)
+    python benchmarks/sd15_step_plan.py --mode dp --per-device-batch 32 --fast-compile \
+        --record benchmarks/results/step_plans.json                       # the sd15 preset's step (pairs)
+    python benchmarks/sd15_step_plan.py --mode dp --per-device-batch 32 --objective eulerian --fast-compile
+    python benchmarks/sd15_step_plan.py --small --devices 2              # a toy UNet: ~1 min of CPU per mode (tested)
 
 What is compiled is the trainer's own step (`flowmap_jax.training.train_step.make_train_step`, as
 `python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
-clipping), EMA, bf16 compute with float32 parameters, remat of every UNet block, the `eulerian` objective with
-its exact JVP (`jax.jvp`), the teacher with classifier-free guidance (7.5, two UNet passes per example), on a
+clipping), EMA, bf16 compute with float32 parameters, remat of every UNet block, the preset's objective (`pairs`
+with 8-step DPM-Solver++(2M) targets) or the one `--objective` names (`eulerian` and `lagrangian` with their
+exact JVP), the teacher with classifier-free guidance (7.5, one batched UNet call for both halves), on a
 (data, fsdp) mesh of `--devices` simulated CPU devices (`--xla_force_host_platform_device_count`, set here
 before jax is imported):
 - **dp**: mesh (data=N, fsdp=1); every parameter replicated; the gradient averaged by the step's explicit
   `pmean` inside `shard_map`.
 - **fsdp**: mesh (data=1, fsdp=N); parameters, EMA and AdamW moments of at least `--fsdp-min-size` elements
   split over the N devices (`sharding.param_specs`, NamedSharding), all-gathered inside the step.
-The teacher is a second copy of the UNet (frozen, without the target-time hook), replicated on every device
-in both modes (the trainer replicates it). Nothing full-size is ever allocated: parameters and optimiser
-state are `jax.eval_shape`s, inputs are `jax.ShapeDtypeStruct`s with their shardings, and the step is only
-`jax.jit(...).lower(...).compile()`d.
+The teacher is the frozen UNet (without the target-time hook) held in the compute dtype, split over the fsdp
+axis like the student (replicated in dp). The UNet runs on each device's whole batch, each example with its own
+key (`core.example_keys`), so the attention takes its blocked path at SD sizes. Nothing full-size is ever
+allocated: parameters and optimiser state are `jax.eval_shape`s, inputs are `jax.ShapeDtypeStruct`s with their
+shardings, and the step is only `jax.jit(...).lower(...).compile()`d.
 
 Printed per mode: XLA's per-device memory analysis of the compiled program (arguments, outputs, temporaries,
 generated code, the outputs that alias donated arguments, and total = arguments + outputs + temporaries +
@@ -25,6 +28,9 @@ code - aliased), the FLOPs per step from `compiled.cost_analysis()` (for the par
 times N for the step), an analytic cross-check (see `FORWARD_EQUIVALENTS`), and the model-FLOPs utilisation
 a target step time (`--target-step-s`) would mean at the A100's (312 TFLOP/s) and H100's (989 TFLOP/s) dense
 bf16 peaks, with the step time that 40% MFU would give.
+
+XLA's FLOP count (`cost_analysis`) counts a loop's body once: the pairs target's solver is a loop over its
+steps, so for pairs the XLA column undercounts and the analytic one (`forward_equivalents`) is the reference.
 
 Caveat: this is the XLA CPU compiler's plan. GPU buffer assignment, fusion and the attention kernel differ
 (and the CPU backend may widen bf16 arithmetic), so the memory figures are an estimate of the GPU's, not a

@@ -285,6 +285,28 @@ def test_sd15_plan_arguments():
     assert (sp.MODEL_PASSES, sp.HARDWARE_PASSES) == (6, 7)
 
 
+def test_forward_equivalents_per_objective(tmp_path):
+    """UNet-forward equivalents per example, counted by hand: pairs with 8 DPM-Solver++(2M) steps and CFG is
+    16 teacher passes + the student's forward, backward (2) and recompute; Heun evaluates twice a step; eulerian
+    6 / 7; lagrangian's direct residual backpropagates through primal and tangent (8 / 10); no guidance halves
+    the teacher. And --record merges rows by their identity."""
+    from flowmap_jax.spec.objective_options import ObjectiveOptions
+
+    options = ObjectiveOptions(teacher_steps=8)
+    assert sp.passes(sp.forward_equivalents(("pairs",), options)) == (19, 20)
+    assert sp.passes(sp.forward_equivalents(("pairs",), options.updated({"teacher_solver": "heun"}))) == (35, 36)
+    assert sp.passes(sp.forward_equivalents(("pairs",), options, guided=False)) == (11, 12)
+    assert sp.passes(sp.forward_equivalents(("eulerian",), options)) == (6, 7)
+    assert sp.passes(sp.forward_equivalents(("lagrangian",), options)) == (8, 10)
+    assert sp.passes(sp.forward_equivalents(("pairs", "eulerian"), options)) == (25, 27)
+    row = {k: 1 for k in sp.RECORD_KEYS}
+    path = tmp_path / "plans.json"
+    sp.record_rows(path, [dict(row, total_gib=5.0, extra="x")])
+    merged = sp.record_rows(path, [dict(row, total_gib=4.0), dict(row, mode="fsdp", total_gib=3.0)])
+    assert [(r["mode"], r["total_gib"]) for r in merged] == [(1, 4.0), ("fsdp", 3.0)]
+    assert set(sp.RECORD_KEYS) <= set(merged[0]) and merged[0]["detail"] == {}
+
+
 def test_sd15_plan_mfu_arithmetic():
     """MFU = model FLOPs / (devices x peak x time), worked by hand for one row."""
     row = {"mode": "dp", "xla_flops_per_device": 1.5e14, "xla_flops_per_step": 1.2e15, "analytic_flops_per_step": 1.4e15,
