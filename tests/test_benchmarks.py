@@ -314,7 +314,7 @@ def test_sd15_plan_mfu_arithmetic():
            "mfu": {"A100": {"1.0": 1.2e15 / (8 * 312e12)}, "H100": {"1.0": 1.2e15 / (8 * 989e12)}},
            "step_s_at_40pct_mfu": {"A100": 1.2e15 / (8 * 312e12 * 0.4), "H100": 1.2e15 / (8 * 989e12 * 0.4)}}
     table = sp.flops_table([row], (1.0,))
-    assert "| dp | 150 | 1200 | 1400 | 0.857 | 1200 | 48.1% | 15.2% | 1.2 | 0.379 |" in table
+    assert "| eulerian | dp | 6, 7 | 150 | 1200 | 1400 | 0.857 | 1200 | 48.1% | 15.2% | 1.2 | 0.379 |" in table
 
 
 def _markdown_rows(text, first_column):
