@@ -154,6 +154,20 @@ def check_direction(grid: np.ndarray, direction: str | None) -> None:
                          f"999,499,-1); to invert samples (data to noise) pass --direction invert and --init")
 
 
+class OutputFolderError(cli_exit.BadInput, ValueError):
+    """--out is a file or lies under a file (exit 2)."""
+
+
+def check_out(path: str) -> None:
+    """OutputFolderError naming --out unless it is a folder or can be made one (it may not exist yet)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.lexists(probe) and not os.path.isdir(probe):
+        where = "is a file, not a folder" if probe == os.path.abspath(path) else f"lies under {probe}, which is a file"
+        raise OutputFolderError(f"--out {path} {where}; choose a folder (the samples are written into it)")
+
+
 def read_init(path: str) -> np.ndarray:
     """--init: a (B, H, W, C) float .npy (no pickle) -> float32."""
     if not os.path.isfile(path):
@@ -257,6 +271,7 @@ class PipelineCodecs:
 def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> SampleRequest:
     """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning (prompts
     through `codecs` for a pipeline folder)."""
+    check_out(args.out)
     pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
     prompts = read_prompts(args)
     if pipeline is not None and codecs is None:
@@ -385,7 +400,14 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
     except (ValueError, FileNotFoundError) as err:
         cli_exit.report(err)
         return cli_exit.USAGE
-    paths = write_outputs(request, samples, backend, seconds, device, codecs)
+    try:
+        paths = write_outputs(request, samples, backend, seconds, device, codecs)
+    except OSError as err:  # --out taken meanwhile (2), disk full (1): the table of cli_exit decides
+        code = cli_exit.exit_code(err)
+        if code is None:
+            raise
+        cli_exit.report(err)
+        return code
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
     return 0
