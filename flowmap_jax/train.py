@@ -112,8 +112,9 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
         stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
                                       process.index, process.count, position=data_position)
         batches = datasets.Prefetcher(stream, depth=2)
+        finished_before = start_step >= config.run.steps and os.path.exists(os.path.join(run_dir, "finished.json"))
         reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
-                                      progress_bar=config.run.progress_bar)
+                                      progress_bar=config.run.progress_bar, files=not finished_before)
         reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
                          f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
                          f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")

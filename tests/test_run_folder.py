@@ -305,3 +305,16 @@ def test_a_start_that_fails_leaves_an_existing_run_folder_as_it_was(finished, tm
                        "--run.progress_bar", "false"])
     assert code == cli_exit.USAGE
     assert _snapshot(run_dir) == before
+
+
+def test_rerunning_a_finished_run_touches_nothing(finished, tmp_path):
+    """A rerun of a finished run says so and changes no byte and no file of its folder (no new tensorboard event
+    file, metrics.jsonl not rewritten)."""
+    run_dir = _copy(finished, tmp_path)
+    before = _snapshot(run_dir)
+    done = _run(run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already finished" in done.stderr
+    after = _snapshot(run_dir)
+    assert sorted(after) == sorted(before)
+    assert [name for name in before if after[name] != before[name]] == []
