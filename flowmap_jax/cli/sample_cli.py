@@ -50,10 +50,11 @@ from flowmap_jax.spec.sampling_inputs import (
     resolve_guidance,
 )
 from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
-DIRECTIONS = ("generate", "invert")
+DIRECTIONS = time_grid_rules.DIRECTIONS
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
@@ -141,17 +142,11 @@ def parse_timesteps(text: str) -> np.ndarray:
 
 
 def check_direction(grid: np.ndarray, direction: str | None) -> None:
-    """ValueError unless `grid` goes the way `direction` says: strictly decreasing for generate (the
-    default, noise to data), strictly increasing for invert (data to noise)."""
-    text = ",".join(f"{t:g}" for t in grid)
-    steps = np.diff(grid)
-    if direction == "invert":
-        if not np.all(steps > 0):
-            raise ValueError(f"--timesteps {text} is not strictly increasing: --direction invert goes from data to "
-                             f"noise (e.g. -1,499,999)")
-    elif not np.all(steps < 0):
-        raise ValueError(f"--timesteps {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
-                         f"999,499,-1); to invert samples (data to noise) pass --direction invert and --init")
+    """`spec.time_grid.check_direction` with the CLIs' words: ValueError unless `grid` goes the way `direction`
+    says (strictly decreasing for generate, the default; strictly increasing for invert)."""
+    time_grid_rules.check_direction(grid, direction, "--timesteps",
+                                    "; to invert samples (data to noise) pass --direction invert and --init",
+                                    direction_name="--direction")
 
 
 class OutputFolderError(cli_exit.BadInput, ValueError):

@@ -7,6 +7,29 @@ import numpy as np
 from flowmap_jax.spec.schedule import ScheduleConfig, alpha_sigma, check_time_values
 
 GRID_SPACINGS = ("uniform", "logsnr")
+DIRECTIONS = ("generate", "invert")
+
+
+def check_direction(grid, direction: str | None = "generate", name: str = "timesteps",
+                    invert_hint: str = "", direction_name: str = "direction") -> None:
+    """The one rule of a sampling grid's direction (the CLIs, `FlowMapPipeline`, `flowmap_jax.sample.sample`):
+    ValueError naming `name` and the grid unless it goes the way `direction` says: strictly decreasing for
+    generate (None, the default: noise to data), strictly increasing for invert (data to noise).
+    `invert_hint` ends the generate message (the CLIs: how to ask for an inversion there); `direction_name`
+    names the direction argument in the invert message (the CLIs: --direction)."""
+    grid = np.asarray(grid, np.float64)
+    text = ",".join(f"{t:g}" for t in grid)
+    steps = np.diff(grid)
+    if direction == "invert":
+        if not np.all(steps > 0):
+            raise ValueError(f"{name} {text} is not strictly increasing: {direction_name} invert goes from data to "
+                             f"noise (e.g. -1,499,999)")
+    elif direction in (None, "generate"):
+        if not np.all(steps < 0):
+            raise ValueError(f"{name} {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
+                             f"999,499,-1){invert_hint}")
+    else:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
 
 
 def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = None,
