@@ -8,6 +8,9 @@ from flowmap_jax.spec.schedule import ScheduleConfig, alpha_sigma, check_time_va
 
 GRID_SPACINGS = ("uniform", "logsnr")
 DIRECTIONS = ("generate", "invert")
+ALPHA_ZERO = 1e-9
+"""alpha below this is the schedule's alpha = 0 (VP cosine at T without t_max) for the log-SNR spacing, which
+needs a finite sigma / alpha: rounding left 6e-17 there, and the grid put most steps within 1e-4 of T."""
 
 
 def check_direction(grid, direction: str | None = "generate", name: str = "timesteps",
@@ -61,6 +64,7 @@ def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = 
     hi = max(t_start, t_end)
     dense = np.linspace(lo, hi, 8193)
     alpha, sigma = (np.asarray(v, np.float64) for v in alpha_sigma(schedule, dense))
+    alpha = np.where(alpha < ALPHA_ZERO, 0.0, alpha)  # cos(pi / 2) is 6e-17 in float64: alpha = 0 there
     with np.errstate(divide="ignore"):
         log_rho = np.log(sigma) - np.log(alpha)
     if not schedule.logsnr_grid or not np.all(np.isfinite(log_rho)) or np.any(np.diff(log_rho) <= 0):
