@@ -24,8 +24,8 @@ The story of a run, top to bottom in `run`:
 Exit codes (`flowmap_jax.cli.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
 running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
 another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file, or a folder of files that
-are not a run's; a missing or unusable teacher or data; a mesh or a batch the devices cannot split; a resume whose configuration differs
-from the run's).
+are not a run's; a missing or unusable teacher or data; a mesh or a batch the devices cannot split; a resume
+whose configuration differs from the run's).
 Either way one line `error: ...` on stderr.
 """
 
