@@ -20,6 +20,7 @@ import numpy as np
 
 from flowmap_jax.data import encoders
 from flowmap_jax.cli import sample_cli
+from flowmap_jax.spec.time_grid import check_direction
 
 __all__ = ["LoadedFlowMap", "load_flow_map", "sample", "main"]
 
@@ -90,11 +91,14 @@ def _cond_arrays(loaded: LoadedFlowMap, cond, guidance_scale, batch: int):
 
 
 def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=None, gamma: float = 0.0,
-           renoise=None) -> np.ndarray:
+           renoise=None, direction: str = "generate") -> np.ndarray:
     """N = len(timesteps) - 1 jumps from `noise` (B, H, W, C) at timesteps[0]; returns (B, H, W, C) float32
     numpy. cond: dict of numpy/jax arrays (encoder_hidden_states (B, L, D), added_cond_kwargs) or None.
     guidance_scale: fed as timestep_cond where the export has a guidance input. renoise: N - 1 arrays of
-    standard normal noise for gamma > 0 (required then: the CLI draws them with numpy)."""
+    standard normal noise for gamma > 0 (required then: the CLI draws them with numpy). direction: "generate"
+    (timesteps strictly decreasing, noise to data) or "invert" (strictly increasing, data to noise); another grid
+    is a ValueError, the CLIs' rule (`spec.time_grid.check_direction`)."""
+    check_direction(timesteps, direction)
     import jax
     import jax.numpy as jnp
 
@@ -119,7 +123,7 @@ PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_condi
 def _run(request: sample_cli.SampleRequest):
     loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
-                     request.renoise)
+                     request.renoise, direction=request.args.get("direction") or "generate")
     return samples, f"{loaded.device.platform}:{loaded.device.id}"
 
 

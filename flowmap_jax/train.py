@@ -23,8 +23,9 @@ The story of a run, top to bottom in `run`:
 
 Exit codes (`flowmap_jax.cli.cli_exit`): 0 done (or saved and stopped on SIGTERM); 1 the run failed while
 running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
-another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file; a missing or unusable
-teacher or data; a batch the devices cannot split; a resume whose configuration differs from the run's).
+another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file, or a folder of files that
+are not a run's; a missing or unusable teacher or data; a mesh or a batch the devices cannot split; a resume
+whose configuration differs from the run's).
 Either way one line `error: ...` on stderr.
 """
 
@@ -114,8 +115,9 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
         stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
                                       process.index, process.count, position=data_position)
         batches = datasets.Prefetcher(stream, depth=2)
+        finished_before = start_step >= config.run.steps and os.path.exists(os.path.join(run_dir, "finished.json"))
         reporter = reporting.Reporter(run_dir, config.run.steps, start_step, enabled=process.is_main,
-                                      progress_bar=config.run.progress_bar)
+                                      progress_bar=config.run.progress_bar, files=not finished_before)
         reporter.message(f"run folder {run_dir}: {jax.device_count()} device(s) ({jax.devices()[0].platform}) in "
                          f"{process.count} process(es), mesh {dict(mesh.shape)}, global batch {config.data.batch_size}, "
                          f"steps {start_step} -> {config.run.steps}; {json.dumps(parts.info, default=str)}")

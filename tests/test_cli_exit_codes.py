@@ -80,3 +80,19 @@ def test_conversion_help_lists_every_command():
     assert done.returncode == 0
     for command in cli_commands.COMMANDS:
         assert command.name in done.stdout and command.help.split(" (")[0] in " ".join(done.stdout.split())
+
+
+from tests.test_backend_independence import export_folder  # noqa: E402,F401  (a tiny export, module-scoped fixture)
+
+
+@pytest.mark.parametrize("module", ["flowmap_jax.sample", "torch_ref.sample"])
+def test_sample_out_naming_an_existing_file_exits_2_with_one_line(module, export_folder, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("user data")
+    done = subprocess.run([sys.executable, "-m", module, "--model", export_folder, "--batch", "2", "--labels", "1,2",
+                           "--steps", "1", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: --out {out} is a file, not a folder; choose a folder (the samples are written into it)"]
+    assert out.read_text() == "user data"

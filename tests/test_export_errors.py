@@ -271,3 +271,17 @@ def test_increasing_timesteps_need_an_explicit_inversion_in_both_samplers(good, 
     error = float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(a))))
     print(f"inversion, max |torch - jax| / max(1, max |jax|): {error:.2e}")
     assert error <= 2e-5  # measured 2.2e-06 (fp32, CPU)
+
+
+def test_the_python_sampling_entry_refuses_an_increasing_grid_as_the_clis_do(good):
+    """`flowmap_jax.sample.sample` checks its grid with the CLIs' rule (`spec.time_grid.check_direction`):
+    increasing times only with direction="invert"."""
+    from flowmap_jax import sample as jax_sample
+
+    loaded = jax_sample.load_flow_map(good["export"], "fp32", "cpu")
+    noise = np.zeros((1, *eh.SAMPLE_SHAPE), np.float32)
+    with pytest.raises(ValueError, match=r"^timesteps 0,500,999 is not strictly decreasing: sampling goes from "
+                                         r"noise to data \(e.g. 999,499,-1\)"):
+        jax_sample.sample(loaded, noise, [0, 500, 999])
+    cond = {"encoder_hidden_states": np.zeros((1, 1, 32), np.float32)}
+    assert jax_sample.sample(loaded, noise, [-1, 999], cond, direction="invert").shape == noise.shape

@@ -90,6 +90,9 @@ def test_sd15_jumps_equal_diffusers_ddim_with_guidance(sd15_flow_pipeline, sd15_
         # Same modules, another rounding order (x0 and eps recombined); measured max |diff| 5.4e-7 (images in [0, 1]).
         np.testing.assert_allclose(ours, ref, rtol=0, atol=6e-6, err_msg=str(kwargs))
     grid = pipe(prompts, timesteps=[999, 499], latents=latents, output_type="latent").images
+    with pytest.raises(ValueError, match=r"^timesteps 0,500,999,-1 is not strictly decreasing: sampling goes from "
+                                         r"noise to data"):  # the CLIs' rule (spec.time_grid.check_direction)
+        pipe(prompts, timesteps=[0, 500, 999], latents=latents, output_type="latent")
     same = pipe(prompts, num_inference_steps=2, latents=latents, output_type="latent").images
     torch.testing.assert_close(grid, same, rtol=0, atol=0)
     assert grid.shape == (2, 4, LATENT_SIZE, LATENT_SIZE)

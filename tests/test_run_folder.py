@@ -259,3 +259,62 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one_then_resume_finis
     assert "resumed from step 10" in resumed.stderr
     assert _losses(run_dir) == _losses(finished["run"])
     _assert_same_arrays(finished["final"], tmp_path / "resumed.npz")
+
+
+def _snapshot(folder):
+    """{relative path: bytes (None for a folder)} of everything under `folder`."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(root, name), folder)] = None
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+def test_a_users_folder_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, capsys):
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "config.json").write_text('{"my": "settings"}')
+    (users / "notes.txt").write_text("keep me")
+    before = _snapshot(users)
+    code = train.main(["--run.dir", str(users), "--teacher", str(tmp_path / "no_teacher"), "--mesh.data", "1",
+                       "--run.progress_bar", "false"])
+    assert code == cli_exit.USAGE
+    assert _errors(capsys.readouterr().err) == [
+        f"error: --run.dir {users} holds files that are not a training run's (notes.txt); choose an empty or "
+        f"new folder, or a previous run's folder to resume it"]
+    assert _snapshot(users) == before
+
+
+def test_an_empty_existing_folder_is_used_and_left_empty_by_a_start_that_fails(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = train.main(["--run.dir", str(empty), "--teacher", str(tmp_path / "no_teacher"), "--mesh.data", "1",
+                       "--run.progress_bar", "false"])
+    assert code == cli_exit.USAGE and "no_teacher" in capsys.readouterr().err
+    assert empty.is_dir() and _snapshot(empty) == {}  # no config.json, no run.lock
+
+
+def test_a_start_that_fails_leaves_an_existing_run_folder_as_it_was(finished, tmp_path, capsys):
+    run_dir = _copy(finished, tmp_path)
+    before = _snapshot(run_dir)
+    code = train.main(["--run.dir", str(run_dir), "--teacher", str(tmp_path / "no_teacher"), "--mesh.data", "1",
+                       "--run.progress_bar", "false"])
+    assert code == cli_exit.USAGE
+    assert _snapshot(run_dir) == before
+
+
+def test_rerunning_a_finished_run_touches_nothing(finished, tmp_path):
+    """A rerun of a finished run says so and changes no byte and no file of its folder (no new tensorboard event
+    file, metrics.jsonl not rewritten)."""
+    run_dir = _copy(finished, tmp_path)
+    before = _snapshot(run_dir)
+    done = _run(run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already finished" in done.stderr
+    after = _snapshot(run_dir)
+    assert sorted(after) == sorted(before)
+    assert [name for name in before if after[name] != before[name]] == []

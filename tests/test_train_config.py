@@ -30,7 +30,7 @@ def test_default_is_digits_and_sd15_is_data():
     assert sd.data.source == "shards"
     xl = presets.sdxl()
     assert xl.preset == "sdxl" and xl.data.sample_shape == (128, 128, 4) and xl.data.image_size == 1024
-    assert xl.model.dtype == "bfloat16" and xl.model.remat and xl.data.source == "shards" and xl.mesh.fsdp == 8
+    assert xl.model.dtype == "bfloat16" and xl.model.remat and xl.data.source == "shards" and xl.mesh.fsdp == -1  # all devices (issue 28: was 8)
     assert {"digits", "sd15", "sdxl"} <= set(presets.PRESETS)  # the documented ones; a new preset is one file
     for name, make in presets.PRESETS.items():
         config = make()
@@ -220,6 +220,9 @@ def test_presets_match_their_values_before_the_config_split():
 
     with open(os.path.join(ROOT, "tests", "fixtures", "preset_configs.json")) as f:
         expected = json.load(f)
+    # The one documented change since: sdxl shards over all the devices there are (--mesh.fsdp -1, issue 28), where the
+    # snapshot has 8, which made the preset fail on a machine with fewer devices.
+    expected["sdxl"]["mesh"]["fsdp"] = -1
     for name, want in expected.items():
         # Read through the schema: the per-objective options write their JSON in another order and spell
         # residual_form "auto" as null; what must not change is the value (every resolved option).
@@ -267,3 +270,46 @@ def test_tyro_private_error_hook():
     sources = sorted(glob.glob(os.path.join(ROOT, "flowmap_jax", "**", "*.py"), recursive=True))
     users = [path for path in sources if "_errors" in open(path).read() and "tyro" in open(path).read()]
     assert users == [os.path.join(ROOT, "flowmap_jax", "training", "train_cli.py")], users
+
+
+def _train_on(devices, *flags):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "flowmap_jax.train", *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sdxl_preset_shards_over_the_devices_there_are(devices, tmp_path):
+    """--preset sdxl gets past the mesh on 1 device and on 8 (--mesh.fsdp -1); here it stops at the missing teacher."""
+    missing = tmp_path / "no_teacher"
+    done = _train_on(devices, "--preset", "sdxl", "--teacher.path", str(missing), "--data.path", str(tmp_path / "no_data"),
+                     "--run.dir", str(tmp_path / "run"), "--run.progress_bar", "false", "--run.compilation_cache", "")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(lines) == 1 and "mesh" not in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_mesh_fsdp_minus_one_takes_every_device_and_a_mesh_that_does_not_fit_is_bad_input():
+    import jax
+
+    from flowmap_jax.cli import cli_exit
+    from flowmap_jax.training import sharding as sh
+
+    n = len(jax.devices())
+    assert dict(sh.make_mesh(-1, -1).shape) == {sh.DATA_AXIS: 1, sh.FSDP_AXIS: n}
+    assert dict(sh.make_mesh(-1, -1, jax.devices()[:1]).shape) == {sh.DATA_AXIS: 1, sh.FSDP_AXIS: 1}
+    if n % 2 == 0:
+        assert dict(sh.make_mesh(2, -1).shape) == {sh.DATA_AXIS: 2, sh.FSDP_AXIS: n // 2}
+    with pytest.raises(sh.MeshError) as caught:
+        sh.make_mesh(-1, 3, jax.devices()[:2])
+    assert cli_exit.exit_code(caught.value) == cli_exit.USAGE
+    assert str(caught.value) == "--mesh.fsdp 3 does not divide the 2 available devices (-1 takes them all)"
+
+
+def test_a_mesh_that_does_not_fit_the_devices_exits_2_naming_the_flag(tmp_path):
+    done = _train_on(2, "--mesh.fsdp", "3", "--run.dir", str(tmp_path / "run"), "--run.progress_bar", "false")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        "error: --mesh.fsdp 3 does not divide the 2 available devices (-1 takes them all)"]
+    assert not (tmp_path / "run").exists()

@@ -111,5 +111,5 @@ def test_mesh_sizes_must_match_devices():
     with pytest.raises(ValueError, match="devices"):
         sh.make_mesh(3, 4)
     assert sh.make_mesh(3, 1).size == 3  # one process may use a subset
-    with pytest.raises(ValueError, match="fsdp=3"):
+    with pytest.raises(ValueError, match="--mesh.fsdp 3 does not divide"):
         sh.make_mesh(-1, 3)

@@ -53,7 +53,7 @@ from flowmap_jax.spec.pipeline_folder import (
 )
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from flowmap_jax.spec.schedule import check_time_values
-from flowmap_jax.spec.time_grid import time_grid
+from flowmap_jax.spec.time_grid import check_direction, time_grid
 
 __all__ = ["FlowMapPipeline"]
 
@@ -148,6 +148,7 @@ class FlowMapPipeline(DiffusionPipeline):
             if grid.shape[0] < 2:
                 raise ValueError(f"timesteps={list(timesteps)} gives no jump")
             check_time_values(schedule, grid, "timesteps")
+            check_direction(grid)  # noise to data, the CLIs' rule
             return grid
         if num_inference_steps is None or int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")

@@ -22,6 +22,7 @@ import torch
 from flowmap_jax.data import encoders
 from flowmap_jax.cli import sample_cli
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
+from flowmap_jax.spec.time_grid import check_direction
 from torch_ref import samplers
 from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
 
@@ -48,11 +49,13 @@ def _to_nchw(array, device) -> torch.Tensor:
 
 
 def sample(loaded: TorchFlowMapExport, noise, timesteps, cond=None, guidance_scale=None, gamma: float = 0.0,
-           renoise=None):
+           renoise=None, direction: str = "generate"):
     """N = len(timesteps) - 1 jumps from `noise` at timesteps[0] (teacher units). cond: numpy/tensor dict
     (encoder_hidden_states (B, L, D), added_cond_kwargs) or None; guidance_scale: fed as timestep_cond where
     the export has a guidance input. renoise: N - 1 noise arrays for gamma > 0 (numpy channels-last like
-    `noise`, or tensors (B, C, H, W)); without it a gamma > 0 run draws torch noise (not the JAX numbers)."""
+    `noise`, or tensors (B, C, H, W)); without it a gamma > 0 run draws torch noise (not the JAX numbers). direction: "generate" (timesteps
+    strictly decreasing) or "invert" (strictly increasing); another grid is a ValueError (`spec.time_grid.check_direction`)."""
+    check_direction(timesteps, direction)
     as_numpy = isinstance(noise, np.ndarray)
     x = _to_nchw(noise, loaded.device) if as_numpy else noise.to(loaded.device, torch.float32)
     cond = dict(cond or {})
@@ -78,7 +81,7 @@ PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_condi
 def _run(request: sample_cli.SampleRequest):
     loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
-                     request.renoise)
+                     request.renoise, direction=request.args.get("direction") or "generate")
     return samples, str(loaded.device)
 
 

@@ -50,10 +50,11 @@ from flowmap_jax.spec.sampling_inputs import (
     resolve_guidance,
 )
 from flowmap_jax.spec.schedule import check_time_values
+from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
-DIRECTIONS = ("generate", "invert")
+DIRECTIONS = time_grid_rules.DIRECTIONS
 DEVICES = ("auto", "cpu", "cuda", "gpu")
 COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 
@@ -141,17 +142,25 @@ def parse_timesteps(text: str) -> np.ndarray:
 
 
 def check_direction(grid: np.ndarray, direction: str | None) -> None:
-    """ValueError unless `grid` goes the way `direction` says: strictly decreasing for generate (the
-    default, noise to data), strictly increasing for invert (data to noise)."""
-    text = ",".join(f"{t:g}" for t in grid)
-    steps = np.diff(grid)
-    if direction == "invert":
-        if not np.all(steps > 0):
-            raise ValueError(f"--timesteps {text} is not strictly increasing: --direction invert goes from data to "
-                             f"noise (e.g. -1,499,999)")
-    elif not np.all(steps < 0):
-        raise ValueError(f"--timesteps {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
-                         f"999,499,-1); to invert samples (data to noise) pass --direction invert and --init")
+    """`spec.time_grid.check_direction` with the CLIs' words: ValueError unless `grid` goes the way `direction`
+    says (strictly decreasing for generate, the default; strictly increasing for invert)."""
+    time_grid_rules.check_direction(grid, direction, "--timesteps",
+                                    "; to invert samples (data to noise) pass --direction invert and --init",
+                                    direction_name="--direction")
+
+
+class OutputFolderError(cli_exit.BadInput, ValueError):
+    """--out is a file or lies under a file (exit 2)."""
+
+
+def check_out(path: str) -> None:
+    """OutputFolderError naming --out unless it is a folder or can be made one (it may not exist yet)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.lexists(probe) and not os.path.isdir(probe):
+        where = "is a file, not a folder" if probe == os.path.abspath(path) else f"lies under {probe}, which is a file"
+        raise OutputFolderError(f"--out {path} {where}; choose a folder (the samples are written into it)")
 
 
 def read_init(path: str) -> np.ndarray:
@@ -257,6 +266,7 @@ class PipelineCodecs:
 def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> SampleRequest:
     """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning (prompts
     through `codecs` for a pipeline folder)."""
+    check_out(args.out)
     pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
     prompts = read_prompts(args)
     if pipeline is not None and codecs is None:
@@ -385,7 +395,14 @@ def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.
     except (ValueError, FileNotFoundError) as err:
         cli_exit.report(err)
         return cli_exit.USAGE
-    paths = write_outputs(request, samples, backend, seconds, device, codecs)
+    try:
+        paths = write_outputs(request, samples, backend, seconds, device, codecs)
+    except OSError as err:  # --out taken meanwhile (2), disk full (1): the table of cli_exit decides
+        code = cli_exit.exit_code(err)
+        if code is None:
+            raise
+        cli_exit.report(err)
+        return code
     print(f"{samples.shape[0]} samples, {request.timesteps.shape[0] - 1} jump(s), {backend} on {device} "
           f"({request.dtype}) in {seconds:.1f}s -> {paths['grid']}, {paths['samples']}")
     return 0

@@ -8,7 +8,9 @@ file writes. Memory therefore holds one batch, whatever the shard size or the nu
 The whole folder is built under a temporary sibling name and renamed into place by `close(...)` (index.json
 written last), so `out` is either the previous complete folder or the new complete one; a failure (or
 `abort()`) removes the temporary folder and leaves `out` as it was. An existing `out` is replaced only if it
-is a shards folder (it has an index.json) or empty.
+is a shards folder (it has an index.json) or empty. The temporary folder's name says whose it is,
+`.NAME.tmp-PID@HOST.XXXXXXXX`: a writer killed with -9 leaves it behind, and the next writer of the same `out`
+removes those of writers that are gone (`remove_dead_writers_folders`: pid no longer running on this host).
 
 Conditioning is a dict of the UNet's keyword arguments; nested dicts (SDXL's added_cond_kwargs) are stored
 under dotted names: {"added_cond_kwargs": {"text_embeds": ...}} -> "cond.added_cond_kwargs.text_embeds".
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 
@@ -99,7 +103,8 @@ class ShardWriter:
         if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isfile(os.path.join(self.out, "index.json")):
             raise DataError(f"refusing to replace {out}: it is not empty and not a shards folder (no index.json)")
         os.makedirs(os.path.dirname(self.out), exist_ok=True)
-        self.tmp = tempfile.mkdtemp(dir=os.path.dirname(self.out), prefix=f".{os.path.basename(self.out)}.tmp-")
+        remove_dead_writers_folders(self.out)
+        self.tmp = tempfile.mkdtemp(dir=os.path.dirname(self.out), prefix=_tmp_prefix(self.out, os.getpid()))
         self.num_examples, self.shard_size, self.dtype = int(num_examples), int(shard_size), dtype
         self.written = 0
         self.shards: list[dict] = []
@@ -204,6 +209,37 @@ class ShardWriter:
     def __exit__(self, kind, value, traceback):
         if kind is not None:
             self.abort()
+
+
+def _tmp_prefix(out: str, pid: int) -> str:
+    return f".{os.path.basename(out)}.tmp-{pid}@{socket.gethostname()}."
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, someone else's
+    return True
+
+
+def remove_dead_writers_folders(out: str) -> list[str]:
+    """Remove the temporary folders beside `out` (absolute) left by writers of it that are gone: named
+    `.NAME.tmp-PID@HOST.*` with HOST this host and no process PID. A live writer's folder, another host's
+    and a name without an owner are kept. Returns the removed paths."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"(\d+)@(.+)\.[^.]+$")
+    removed = []
+    for entry in os.listdir(parent):
+        match = pattern.match(entry)
+        if match is None or match.group(2) != socket.gethostname() or int(match.group(1)) == os.getpid():
+            continue
+        if not _pid_runs(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(os.path.join(parent, entry))
+    return removed
 
 
 def write_shards(out: str, x0: np.ndarray, cond: dict | None = None, uncond: dict | None = None,

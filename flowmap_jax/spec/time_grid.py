@@ -7,6 +7,32 @@ import numpy as np
 from flowmap_jax.spec.schedule import ScheduleConfig, alpha_sigma, check_time_values
 
 GRID_SPACINGS = ("uniform", "logsnr")
+DIRECTIONS = ("generate", "invert")
+ALPHA_ZERO = 1e-9
+"""alpha below this is the schedule's alpha = 0 (VP cosine at T without t_max) for the log-SNR spacing, which
+needs a finite sigma / alpha: rounding left 6e-17 there, and the grid put most steps within 1e-4 of T."""
+
+
+def check_direction(grid, direction: str | None = "generate", name: str = "timesteps",
+                    invert_hint: str = "", direction_name: str = "direction") -> None:
+    """The one rule of a sampling grid's direction (the CLIs, `FlowMapPipeline`, `flowmap_jax.sample.sample`):
+    ValueError naming `name` and the grid unless it goes the way `direction` says: strictly decreasing for
+    generate (None, the default: noise to data), strictly increasing for invert (data to noise).
+    `invert_hint` ends the generate message (the CLIs: how to ask for an inversion there); `direction_name`
+    names the direction argument in the invert message (the CLIs: --direction)."""
+    grid = np.asarray(grid, np.float64)
+    text = ",".join(f"{t:g}" for t in grid)
+    steps = np.diff(grid)
+    if direction == "invert":
+        if not np.all(steps > 0):
+            raise ValueError(f"{name} {text} is not strictly increasing: {direction_name} invert goes from data to "
+                             f"noise (e.g. -1,499,999)")
+    elif direction in (None, "generate"):
+        if not np.all(steps < 0):
+            raise ValueError(f"{name} {text} is not strictly decreasing: sampling goes from noise to data (e.g. "
+                             f"999,499,-1){invert_hint}")
+    else:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
 
 
 def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = None,
@@ -38,6 +64,7 @@ def time_grid(schedule: ScheduleConfig, num_steps: int, t_start: float | None = 
     hi = max(t_start, t_end)
     dense = np.linspace(lo, hi, 8193)
     alpha, sigma = (np.asarray(v, np.float64) for v in alpha_sigma(schedule, dense))
+    alpha = np.where(alpha < ALPHA_ZERO, 0.0, alpha)  # cos(pi / 2) is 6e-17 in float64: alpha = 0 there
     with np.errstate(divide="ignore"):
         log_rho = np.log(sigma) - np.log(alpha)
     if not schedule.logsnr_grid or not np.all(np.isfinite(log_rho)) or np.any(np.diff(log_rho) <= 0):

@@ -130,7 +130,7 @@ class MeshConfig:
     """Device mesh: a data-parallel axis and an FSDP axis (parameters and optimiser state sharded)."""
 
     data: int = -1  # data-parallel size; -1: all devices not used by fsdp
-    fsdp: int = 1  # FSDP size (1: parameters replicated)
+    fsdp: int = 1  # FSDP size (1: parameters replicated; -1: all the devices data leaves)
     fsdp_min_size: int = 2**18  # parameters with fewer elements stay replicated
 
 
@@ -297,8 +297,8 @@ def validate(config: TrainConfig) -> None:
     _check_guidance_input(c)
     if not 0.0 <= c.optim.ema_decay < 1.0:
         raise ConfigError(f"--optim.ema_decay must be in [0, 1), got {c.optim.ema_decay}")
-    if c.mesh.fsdp < 1 or (c.mesh.data < 1 and c.mesh.data != -1):
-        raise ConfigError(f"--mesh.data must be -1 or >= 1 and --mesh.fsdp >= 1, got {c.mesh.data}, {c.mesh.fsdp}")
+    if (c.mesh.fsdp < 1 and c.mesh.fsdp != -1) or (c.mesh.data < 1 and c.mesh.data != -1):
+        raise ConfigError(f"--mesh.data and --mesh.fsdp must be -1 or >= 1, got {c.mesh.data}, {c.mesh.fsdp}")
     if any(j < 1 for j in c.sample.jumps):
         raise ConfigError(f"--sample.jumps must be positive, got {c.sample.jumps}")
     from flowmap_jax.spec.time_grid import GRID_SPACINGS

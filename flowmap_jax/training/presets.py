@@ -2,7 +2,7 @@
 
     python -m flowmap_jax.train                       # digits, the default: TrainConfig() itself
     python -m flowmap_jax.train --preset sd15 --teacher.path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --data.source shards --data.path /data/laion_shards --mesh.fsdp 8
+        --data.source shards --data.path /data/laion_shards --mesh.fsdp -1
     python -m flowmap_jax.train --preset sdxl --teacher.path SDXL_FOLDER --data.path /data/sdxl_shards
 
 A preset is data: a function returning a complete `TrainConfig`, written as the fields that differ from its
@@ -95,7 +95,7 @@ def sdxl() -> TrainConfig:
         run={"dir": "runs/sdxl"},
         teacher={"path": "stabilityai/stable-diffusion-xl-base-1.0", "guidance_scale": 5.0},
         data={"batch_size": 128, "image_size": 1024, "sample_shape": (128, 128, 4)},
-        mesh={"fsdp": 8},
+        mesh={"fsdp": -1},  # shard over all the devices there are (8 on an 8-GPU host; 1 still runs)
     )
 
 

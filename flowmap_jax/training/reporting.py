@@ -22,11 +22,12 @@ import numpy as np
 class Reporter:
     """Progress bar (loss, steps/s, ETA), TensorBoard scalars and metrics.jsonl of a run.
 
-    start_step: the step the run (re)starts from; total_steps: the last step.
+    start_step: the step the run (re)starts from; total_steps: the last step. files=False (the rerun of a
+    finished run) writes no file (metrics.jsonl and tensorboard/ untouched); messages still reach stderr.
     """
 
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, files: bool = True):
         self.enabled = enabled
         self.run_dir = run_dir
         self.total_steps = total_steps
@@ -35,7 +36,7 @@ class Reporter:
         self.bar = None
         self.writer = None
         self._jsonl = None
-        if not enabled:
+        if not enabled or not files:
             return
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, "metrics.jsonl")
@@ -72,7 +73,7 @@ class Reporter:
         self._last_time, self._last_step = now, step
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate}
         record.update(extra or {})
-        if not self.enabled:
+        if not self.enabled or self._jsonl is None:
             return record
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -105,8 +106,9 @@ class Reporter:
             return
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
-        self._jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+            self._jsonl.close()
 
 
 def write_quality_table(run_dir: str, rows: list[dict], notes: list[str] | None = None) -> str:

@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flowmap_jax.cli.cli_exit import BadInput
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -28,23 +30,33 @@ BATCH_SPEC = P(BATCH_AXES)
 """PartitionSpec of a batch array (B, ...): the leading axis split over every device."""
 
 
+class MeshError(BadInput, ValueError):
+    """--mesh.data x --mesh.fsdp does not fit the devices there are (exit 2); the message names the flag."""
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     """A (data, fsdp) mesh over `devices` (default: all devices of all processes).
 
-    data == -1 takes all devices not used by fsdp. A single process may use its first data * fsdp
-    devices; otherwise the sizes must multiply to the device count (ValueError).
+    fsdp == -1 shards over all the devices data leaves (all of them when data is -1 too); data == -1
+    takes all devices not used by fsdp. A single process may use its first data * fsdp devices;
+    otherwise the sizes must multiply to the device count (MeshError, naming the flag and the count).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    if fsdp == -1:
+        if data != -1 and n % data:
+            raise MeshError(f"--mesh.data {data} does not divide the {n} available devices (--mesh.fsdp -1 "
+                            f"shards over the devices it leaves)")
+        fsdp = n if data == -1 else n // data
     if fsdp < 1 or n % fsdp:
-        raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} available devices")
+        raise MeshError(f"--mesh.fsdp {fsdp} does not divide the {n} available devices (-1 takes them all)")
     if data == -1:
         data = n // fsdp
     if data * fsdp < n and jax.process_count() == 1:
         devices, n = devices[:data * fsdp], data * fsdp  # a subset of one process's devices
     if data * fsdp != n:
-        raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} but {n} devices are available "
-                         f"(use --mesh.data -1 to take all)")
+        raise MeshError(f"--mesh.data {data} x --mesh.fsdp {fsdp} = {data * fsdp} but {n} devices are available "
+                        f"(use --mesh.data -1 to take all)")
     # jax.make_mesh orders devices for the physical topology (ICI/NVLink); fall back for a subset.
     if devices == list(jax.devices()):
         return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS),

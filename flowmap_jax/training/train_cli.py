@@ -2,7 +2,7 @@
 
     python -m flowmap_jax.train                                 # the `digits` preset (default)
     python -m flowmap_jax.train --preset sd15 --teacher.path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --data.source shards --data.path /data/laion_shards --mesh.fsdp 8
+        --data.source shards --data.path /data/laion_shards --mesh.fsdp -1
     python -m flowmap_jax.train --optim.lr 3e-4 --run.steps 2000   # any field, `--section.field value`
     python -m flowmap_jax.train --lr 3e-4 --steps 2000             # short form where the name is unique
     python -m flowmap_jax.train -n 2000 -b 64 -t /my/teacher       # short aliases of the common flags
