@@ -49,29 +49,46 @@ def _command(run_dir):
             "--run.export", "false"]
 
 
-def test_two_processes_on_loopback_agree(tmp_path):
+def _run_pair(tmp_path, base):
+    """Both ranks of a two-process run on a fresh port, in `tmp_path`; -> [(returncode, output)] per rank."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(2),
-                PYTHONPATH=ROOT)
     procs = []
     for rank in range(2):
         env = dict(base, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(rank),
                    STANDIN_DUMP=str(tmp_path / "multi_{process}.npz"), STANDIN_DUMP_ALL="1")
         procs.append(subprocess.Popen(_command(tmp_path / "multi"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    single_env = dict(base, XLA_FLAGS=_xla_flags(4),
-                      STANDIN_DUMP=str(tmp_path / "single.npz"))
-    single = subprocess.run(_command(tmp_path / "single"), cwd=ROOT, env=single_env, capture_output=True,
-                            text=True, timeout=300)
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
+GLOO_CONNECT_FAILURE = ("gloo", "connect")  # e.g. "Gloo connectFullMesh failed ... Connect timeout" (lowercased)
+
+
+def test_two_processes_on_loopback_agree(tmp_path):
+    """The two ranks run first, alone (the single-process reference after them, not beside them: three jax
+    processes on two loaded cores slowed the ranks' rendezvous). Gloo's TCP connect has its own timeout, which
+    jax 0.10.2 does not expose (`make_gloo_tcp_collectives(distributed_client, hostname, interface)`), and it
+    failed once at load average 10; so a pair that fails in the Gloo connect, and only there, is run once more
+    on a fresh port and folder. Any other failure fails at once."""
+    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_xla_flags(2), PYTHONPATH=ROOT)
+    folder = tmp_path / "try0"
+    results = _run_pair(folder, base)
+    if any(code != 0 and all(word in out.lower() for word in GLOO_CONNECT_FAILURE) for code, out in results):
+        folder = tmp_path / "try1"
+        results = _run_pair(folder, base)
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    single = subprocess.run(_command(folder / "single"), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(base, XLA_FLAGS=_xla_flags(4), STANDIN_DUMP=str(folder / "single.npz")))
     assert single.returncode == 0, single.stderr[-3000:]
+    outputs = [out for _, out in results]
     assert "4 device(s) (cpu) in 2 process(es)" in outputs[0]
-    a, b = np.load(tmp_path / "multi_0.npz"), np.load(tmp_path / "multi_1.npz")
-    one = np.load(tmp_path / "single.npz")
+    a, b = np.load(folder / "multi_0.npz"), np.load(folder / "multi_1.npz")
+    one = np.load(folder / "single.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
         np.testing.assert_allclose(a[key], one[key], atol=1e-5)
     # Both processes wrote one set of checkpoints together.
-    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["4", "8"]
+    assert sorted(os.listdir(folder / "multi" / "checkpoints")) == ["4", "8"]
