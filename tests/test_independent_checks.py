@@ -116,8 +116,9 @@ def test_progressive_target_is_a_constant_for_the_gradient_jax():
     ref = jax.grad(lambda p: jnp.mean(jnp.square(fmap(p, x_s, s, t, None) - target)))(params)
     worst = max(float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
                 for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
-    # Measured: 2.4e-7 (float32). Differentiating through the target too changes the gradient by O(1).
-    assert worst < 3e-6, worst
+    # Measured: 0 (the same float32 operations; the bound leaves room for XLA reassociating them). Differentiating
+    # through the target too changes the gradient by O(1).
+    assert worst < 1e-6, worst
 
 
 def test_progressive_target_is_a_constant_for_the_gradient_torch():
