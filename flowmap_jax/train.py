@@ -149,6 +149,7 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
     t_loop = time.perf_counter()
     try:
         for step in range(start_step + 1, config.run.steps + 1):
+            guard.check_interrupt()  # a Ctrl-C whose KeyboardInterrupt was swallowed (PreemptionGuard)
             batch = sh.put_batch(mesh, _require_shape(batches.next(), config.data.sample_shape, step))
             state, metrics = train_step(state, teacher, batch, rng)
             if step == start_step + 1:
@@ -174,6 +175,7 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
                 break
         _check_finite(pending, last_saved, checkpointer)
         checkpointer.wait()  # the last checkpoint is on disk before the run is called finished
+        guard.check_interrupt()
     except BaseException:
         reporter.close()
         checkpointer.close()

@@ -370,24 +370,43 @@ def abstract_like(tree, shardings):
 
 
 class PreemptionGuard:
-    """SIGTERM -> save and stop at a step all processes agree on.
+    """SIGTERM -> save and stop at a step all processes agree on; Ctrl-C (SIGINT) -> stop, never swallowed.
 
     Single process: a SIGTERM handler sets a flag that `reached(step)` returns. Several processes:
     JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM and
     `multihost_utils.reached_preemption_sync_point` picks the same step on every process.
+
+    SIGINT raises KeyboardInterrupt at once, as Python's default does, and also records it: Python drops an
+    exception raised inside a garbage-collection callback (XLA's `_xla_gc_callback`: "Exception ignored in"),
+    which let the run go on to the end and exit 0. `check_interrupt()`, called at every step, raises it again,
+    so the command exits 130 (`cli.cli_exit`). A checkpoint being written at that moment is abandoned; the
+    last complete one is kept.
     """
 
     def __init__(self):
         self.requested = False
         self.signal_name = None
+        self.interrupted = False
         self._previous = None
+        self._previous_int = None
         self._multi = jax.process_count() > 1
         if not self._multi:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous_int = signal.signal(signal.SIGINT, self._handle_interrupt)
 
     def _handle(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def _handle_interrupt(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def check_interrupt(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C came and its exception was swallowed on the way."""
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     def reached(self, step: int) -> bool:
         if self._multi:
@@ -404,6 +423,9 @@ class PreemptionGuard:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
 
 # --------------------------------------------------------------------------------------------------
