@@ -252,8 +252,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one_then_resume_finis
                        f"No space left on device: '{checkpoints}/15.orbax-checkpoint-tmp/meta.orbax-checkpoint-tmp/"
                        f"metadata'); its partial folder was removed; the last good checkpoint is step 10 in "
                        f"{checkpoints} (kept); resume from it with the same command once the cause is fixed")
-    assert sorted(os.listdir(checkpoints)) == ["10", "5", "save_errors.log"]  # no half-written folder
-    assert "No space left on device" in (checkpoints / "save_errors.log").read_text()  # Orbax's tracebacks
+    assert sorted(os.listdir(checkpoints)) == ["10", "5"]  # no half-written folder, no log beside them
+    assert "exception was never retrieved" not in full.stderr  # Orbax's own reports of the failure dropped
     resumed = _run(run_dir, env=_env(STANDIN_DUMP=tmp_path / "resumed.npz"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 10" in resumed.stderr

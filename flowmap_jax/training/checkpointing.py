@@ -20,8 +20,10 @@ A save that fails (disk full, permissions; raised by Orbax's background thread a
 checkpoint. Orbax reports the first write of a step that fails while the step's other writes (each in
 its own thread) may still be running, so the failure path first waits for all of them
 (`_wait_for_orbax_writes`), then removes every `<step>.orbax-checkpoint-tmp*` folder of the step; the
-older checkpoints are untouched. Orbax's own error logs of a failed save (tracebacks from its threads)
-go to `<checkpoints>/save_errors.log` instead of stderr, until `close` has released Orbax.
+older checkpoints are untouched. Orbax's own error reports of a failed save are dropped, not printed: the
+ERROR records of its threads (absl logger) and asyncio's "... exception was never retrieved" records of its
+write tasks, logged when they are collected, possibly at exit (hundreds of tracebacks on a full disk). The
+CheckpointWriteError line carries the first failure's reason; nothing is written beside the checkpoints.
 
 Preemption (`PreemptionGuard`): SIGTERM sets a flag; the training loop asks `reached(step)` each step
 and, when true, saves and exits. With several processes JAX's preemption sync point makes every
@@ -40,6 +42,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +57,6 @@ from flowmap_jax.training import rejected_checkpoints, run_record
 from flowmap_jax.cli.cli_exit import RunFailure
 
 log = logging.getLogger("flowmap_jax.training.checkpointing")
-ERROR_LOG_NAME = "save_errors.log"
 _WRITE_WAIT_S = 1200  # the longest wait for the other writes of a failed save (Orbax's AsyncOptions.timeout_secs)
 
 
@@ -66,24 +68,33 @@ class CheckpointWriteError(RunFailure, OSError):
     """A checkpoint could not be written (disk full...); names the step and the last good checkpoint."""
 
 
-class _OrbaxErrorsToFile(logging.Filter):
-    """On the "absl" logger: Orbax's ERROR records (tracebacks of its save threads) are appended to
-    a file instead of being printed; the failure itself reaches the caller as CheckpointWriteError."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops Orbax's own error reports; the failure itself reaches the caller as CheckpointWriteError.
+    On the "absl" logger: ERROR records logged from Orbax's code (tracebacks of its save threads). On the
+    "asyncio" logger: "... exception was never retrieved" records of Orbax's write tasks and futures (their
+    message or traceback names Orbax). Everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+        if record.levelno < logging.ERROR:
             return True
-        try:
-            text = logging.Formatter("%(asctime)s %(levelname)s %(message)s").format(record)
-            with open(self.path, "a") as f:
-                f.write(text + "\n")
-        except OSError:
-            pass  # the disk may be full: the error still reaches the caller
-        return False
+        if record.name == "asyncio":
+            return not ("never retrieved" in str(record.msg) and _names_orbax(record))
+        return f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+def _names_orbax(record: logging.LogRecord) -> bool:
+    """Whether an asyncio record's message (the task's or future's repr) or its exception's traceback is Orbax's."""
+    try:
+        if "orbax" in record.getMessage():
+            return True
+    except Exception:  # noqa: BLE001 (a repr that fails: look at the traceback only)
+        pass
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if any("orbax" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _state_tree(train_state, rng) -> dict:
@@ -111,8 +122,9 @@ class Checkpointer:
         self.rejected: list[tuple[int, run_record.Verdict]] = []  # (step, verdict) skipped by the last fallback
         self._in_flight: int | None = None  # the step of an asynchronous save not yet known to be on disk
         self._failed: int | None = None  # the step whose save failed
-        self._error_filter = _OrbaxErrorsToFile(os.path.join(self.directory, ERROR_LOG_NAME))
-        logging.getLogger("absl").addFilter(self._error_filter)
+        self._error_filter = _QuietOrbaxErrors()
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self._error_filter)
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, train_state, rng, data_position: int, extra: dict | None = None, wait: bool = False) -> int:
@@ -164,7 +176,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish the asynchronous save and release Orbax. After a failed save nothing more is raised.
-        Orbax's error logs go to save_errors.log until its threads are done."""
+        Orbax's error reports stay dropped until its threads are done (after a failed save: for good, since
+        its write tasks may be collected as late as the interpreter's exit)."""
         try:
             self.wait()
         finally:
@@ -177,7 +190,9 @@ class Checkpointer:
                 if self._failed is not None:  # nothing of the failed step may be left behind
                     self._wait_for_orbax_writes()
                     self._remove_partial(self._failed)
-                logging.getLogger("absl").removeFilter(self._error_filter)
+                if self._failed is None:
+                    for name in ("absl", "asyncio"):
+                        logging.getLogger(name).removeFilter(self._error_filter)
 
     def _wait_for_orbax_writes(self) -> None:
         """Block until every write of the last save has ended, successfully or not.
