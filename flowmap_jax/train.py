@@ -242,11 +242,6 @@ def _to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _replicate_arrays(mesh, tree):
-    """Array leaves -> replicated global arrays; other leaves (static values) stay as they are."""
-    return jax.tree.map(lambda x: sh.put_replicated(mesh, x) if isinstance(x, (np.ndarray, jax.Array)) else x, tree)
-
-
 def _resume(resume: str, checkpointer, state, rng, state_sharding, say):
     """-> (state, rng, data position, history dict) from a checkpoint, or the fresh ones. `resume`: --run.resume
     (auto, never, or a checkpoint path)."""
