@@ -104,6 +104,16 @@ class Export:
                        help="write a full diffusers pipeline folder (FlowMapPipeline: the flow map as unet/, the "
                             "teacher pipeline's vae, text encoder(s), tokenizer(s), scheduler); the teacher "
                             "pipeline defaults to the run's teacher.path (conversion/pipeline_export.py)")
+        form = p.add_mutually_exclusive_group()
+        form.add_argument("--lora", action="store_true",
+                          help="a LoRA run: its adapters in diffusers' LoRA format (pytorch_lora_weights.safetensors), "
+                               "the flow map's inputs and flowmap.json (the default for a LoRA run; an error for a "
+                               "full fine-tune); see flowmap_jax/spec/lora_format.py")
+        form.add_argument("--merge", action="store_true",
+                          help="a LoRA run: the adapters merged into the base UNet, a full export like a full "
+                               "fine-tune's")
+        p.add_argument("--lora-dtype", default="float32", choices=["float32", "float16"],
+                       help="dtype of the adapters in pytorch_lora_weights.safetensors (default float32)")
         p.set_defaults(run=cls.run)
 
     @staticmethod
@@ -113,15 +123,22 @@ class Export:
         from flowmap_jax.training.export_writer import export_checkpoint
 
         start = time.perf_counter()
+        form = "lora" if args.lora else "merge" if args.merge else "auto"
         if args.pipeline is None:
             folder = export_checkpoint(args.source, args.out, weights=args.weights, step=args.step,
-                                       teacher=args.teacher, run_config=args.run_config)
+                                       teacher=args.teacher, run_config=args.run_config, form=form,
+                                       lora_dtype=args.lora_dtype)
         else:
             from conversion.pipeline_export import teacher_pipeline_of, write_pipeline
 
+            if args.lora:
+                raise ValueError("--pipeline writes a full UNet: use --merge (or no flag) with it, not --lora; a LoRA "
+                                 "folder loads onto a stock pipeline with FlowMapPipeline.load_flow_map")
             with tempfile.TemporaryDirectory() as tmp:
+                # A LoRA run's pipeline holds the adapters merged into the base.
                 unet = export_checkpoint(args.source, os.path.join(tmp, "unet"), weights=args.weights,
-                                         step=args.step, teacher=args.teacher, run_config=args.run_config)
+                                         step=args.step, teacher=args.teacher, run_config=args.run_config,
+                                         form="unet")
                 teacher = args.pipeline or teacher_pipeline_of(unet, args.teacher)
                 folder = write_pipeline(unet, teacher, args.out)
         print(f"wrote {folder} in {time.perf_counter() - start:.1f}s")

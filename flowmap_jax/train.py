@@ -110,6 +110,7 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
                                                   async_save=config.run.async_checkpoints)
         state, rng, data_position, history = _resume(config.run.resume, checkpointer, state, rng, state_sharding,
                                                       reporter_say)
+        _check_lora_base(getattr(parts, "base_fingerprint", None), history, checkpointer)
         start_step = int(jax.device_get(state.step))
 
         stream = datasets.BatchStream(parts.dataset, config.data.batch_size, config.run.seed,
@@ -240,6 +241,21 @@ def _to_host(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _check_lora_base(fingerprint: dict | None, history: dict, checkpointer) -> None:
+    """A LoRA run's checkpoints hold only what trains, plus the fingerprint of the frozen base (`history`, the
+    checkpoint's extra record, key "lora_base"). A resume whose teacher weights differ is refused, naming both
+    folders; a fresh run records the fingerprint."""
+    if fingerprint is None:
+        return
+    saved = history.get("lora_base")
+    if saved and saved.get("sha256") != fingerprint["sha256"]:
+        raise RunError(f"--teacher.path: the base UNet weights in {fingerprint['source']} are not the ones this LoRA "
+                       f"run was trained on ({saved.get('source')}; fingerprint {saved.get('sha256', '')[:12]} in the "
+                       f"checkpoints of {checkpointer.directory}, {fingerprint['sha256'][:12]} now): resume on the "
+                       "same base, or start a new --run.dir")
+    history["lora_base"] = dict(fingerprint)
 
 
 def _resume(resume: str, checkpointer, state, rng, state_sharding, say):

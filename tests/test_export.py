@@ -86,6 +86,15 @@ def test_export_folder(run):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_lora_and_merge_flags_on_a_full_run_are_errors(run, tmp_path, capsys):
+    """A full fine-tune has no adapters: `export --lora` / `--merge` exit non-zero naming why, writing nothing."""
+    for flag in ("--lora", "--merge"):
+        capsys.readouterr()
+        assert conversion_main(["export", run["run"], str(tmp_path / "out"), flag]) != 0
+        assert "fine-tuned every parameter" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
 def test_export_raw_params_of_a_given_step(run, tmp_path):
     from conversion import flax_to_state_dict
 

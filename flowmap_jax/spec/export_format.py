@@ -396,6 +396,12 @@ def read_export(folder: str | os.PathLike) -> ExportInfo:
     if not folder.is_dir():
         raise FileNotFoundError(f"no flow-map export folder at {folder}")
     config_path = folder / UNET_CONFIG_NAME
+    if not config_path.is_file():
+        from flowmap_jax.spec.lora_format import is_lora_export
+
+        if is_lora_export(folder):
+            raise ExportFormatError(f"{folder} is a LoRA flow map (adapters, no UNet of its own): load it onto its base "
+                                    f"UNet, e.g. `--model BASE_FOLDER --lora {folder}`, or export the run with --merge")
     unet_config = _read_json(config_path, "the diffusers UNet config of a flow-map export")
     meta_path = folder / FLOWMAP_JSON
     if not meta_path.is_file():

@@ -66,6 +66,12 @@ class Parts:
     decode: `(latents (n, h, w, C)) -> images (n, H, W, 3)` in [-1, 1] for the sample grids of a latent teacher
         (`grid_decoder`: the pipeline's VAE, in PyTorch), or None (pixels, or no VAE).
     notes: one-line warnings for the run's log (e.g. why grids show latents).
+    base_fingerprint: a LoRA run's frozen base, {"sha256": `core.lora.base_fingerprint` of the teacher's weights
+        as loaded, "source": their folder}; recorded in every checkpoint and compared on resume. None otherwise.
+
+    A LoRA run (`--model.lora_rank R`): `params` is the trainable tree `{"adapters", "inputs"}` of
+    `flowmap_jax.core.lora` (the adapters and the flow map's own inputs, nothing else), and loss_fn, sample_flow
+    and export read the frozen base from the teacher they are given (`teacher.params`: one copy of the UNet).
     """
 
     params: Any
@@ -80,6 +86,7 @@ class Parts:
     info: dict = dataclasses.field(default_factory=dict)
     decode: Callable | None = None
     notes: list = dataclasses.field(default_factory=list)
+    base_fingerprint: dict | None = None
 
 
 def in_compute_dtype(params, dtype):
@@ -174,6 +181,10 @@ def build(config, mesh) -> Parts:
 
             raise ConfigError(f"--objective.options guidance_embedding_dim: {error}") from None
     params = jax.tree.map(np.asarray, params)
+    lora_settings, base_fingerprint = None, None
+    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))  # the flow-map UNet's
+    if config.model.lora_rank > 0:
+        params, lora_settings, base_fingerprint = _lora_trainable(config, params, teacher_params, path)
     student_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(flow_config), dtype=dtype, remat=config.model.remat)
     fmap = flow_map.FlowMap(flow_map.unet_network(student_unet), schedule, prediction_type,
                             parameterization=config.model.parameterization)
@@ -188,6 +199,8 @@ def build(config, mesh) -> Parts:
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
+    if lora_settings is not None:  # the student is the teacher's base plus the adapters, merged inside the step
+        loss_fn = _on_merged_params(loss_fn, lora_settings)
 
     # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` over one compiled jump with
     # traced times (`samplers.make_jump`), so 1, 2 and 4 jumps share one compilation.
@@ -195,7 +208,10 @@ def build(config, mesh) -> Parts:
     teacher_cache = {}
 
     def sample_flow(params, teacher, noise, cond, jumps):
-        del teacher  # the flow map alone
+        if lora_settings is not None:
+            from flowmap_jax.core.lora import merge_params
+
+            params = merge_params(teacher.params, params, lora_settings.scale)
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
         if w_dim is not None:  # the guidance input at the teacher's own scale (the export's default w)
             w = jnp.full((noise.shape[0],), guidance_scale, jnp.float32)
@@ -233,20 +249,63 @@ def build(config, mesh) -> Parts:
         )
 
         provenance = run_provenance(config, provenance.get("step"), weights="ema")
+        if lora_settings is not None:
+            from flowmap_jax.training.lora_export_writer import export_lora_flow_map
+
+            return str(export_lora_flow_map(params, lora_settings, unet_config,
+                                            flow_map_config_from_train_config(config), folder, provenance,
+                                            base_fingerprint=base_fingerprint["sha256"]))
         return str(export_flow_map(params, flow_config, flow_map_config_from_train_config(config), folder,
                                    provenance))
 
-    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
     info = {"teacher": path, "unet_parameters": n_params, "schedule": schedule.kind,
             "prediction_type": prediction_type, "guidance": teacher.guidance, "examples": dataset.num_examples}
     if w_dim is not None:
         info["guidance_input"] = {"time_cond_proj_dim": w_dim, "scale_range": list(w_range),
                                   "default_scale": guidance_scale}
+    if lora_settings is not None:
+        from flowmap_jax.core.lora import num_adapters
+
+        info["lora"] = {"rank": lora_settings.rank, "alpha": lora_settings.alpha,
+                        "adapted_modules": num_adapters(params["adapters"]),
+                        "trainable_parameters": sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))}
     if decode is not None:
         info["grid_vae"] = os.path.join(decode.folder, decode.subfolder)
     return Parts(params=params, teacher=teacher, loss_fn=loss_fn, dataset=dataset, eval_inputs=eval_inputs,
                  sample_flow=sample_flow, sample_teacher=sample_teacher, quality=quality, export=export, info=info,
-                 decode=decode, notes=[grid_note] if grid_note else [])
+                 decode=decode, notes=[grid_note] if grid_note else [], base_fingerprint=base_fingerprint)
+
+
+def _lora_trainable(config, student_params, teacher_params, teacher_path):
+    """(trainable tree, LoraSettings, base fingerprint dict) of a LoRA run: adapters on the teacher's UNet (the
+    base) and the flow map's own inputs taken from `student_params` (the base plus the hooks)."""
+    import jax
+
+    from flowmap_jax.core import lora
+
+    try:
+        settings = lora.LoraSettings.create(config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets)
+        trainable = lora.init_trainable(student_params, teacher_params, settings,
+                                        jax.random.fold_in(jax.random.key(config.run.seed), 0x10A))
+    except ValueError as error:
+        from flowmap_jax.training.config import ConfigError
+
+        raise ConfigError(f"--model.lora_targets / --model.lora_rank: {error}") from None
+    where = os.path.join(teacher_path, config.teacher.subfolder) if config.teacher.subfolder else teacher_path
+    fingerprint = {"sha256": lora.base_fingerprint(teacher_params), "source": where}
+    return jax.tree.map(np.asarray, trainable), settings, fingerprint
+
+
+def _on_merged_params(loss_fn, settings):
+    """`loss_fn(params, teacher, batch, rng)` of the full flow-map tree -> the same of a LoRA trainable tree: the
+    full tree is `core.lora.merge_params(teacher.params, trainable, scale)`, built inside the step (gradients
+    reach only the adapters and the flow map's inputs; the teacher's arrays are the base)."""
+    from flowmap_jax.core.lora import merge_params
+
+    def lora_loss(trainable, teacher, batch, rng):
+        return loss_fn(merge_params(teacher.params, trainable, settings.scale), teacher, batch, rng)
+
+    return lora_loss
 
 
 def _quality_function(data, conditioner):

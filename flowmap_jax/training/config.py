@@ -23,6 +23,7 @@ from tyro.conf import Suppress, arg
 from tyro.constructors import PrimitiveConstructorSpec
 
 from flowmap_jax.cli.cli_exit import BadInput
+from flowmap_jax.spec.lora_format import DEFAULT_LORA_TARGETS, check_lora_settings
 from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
 from flowmap_jax.data.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
@@ -78,6 +79,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     remat: bool = False  # rematerialise each UNet block (saves memory, costs compute)
     parameterization: Literal["auto", "angle", "linear", "teacher_step"] = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step
+    lora_rank: int = 0  # LoRA: adapters of this rank on the frozen teacher UNet (0: fine-tune every parameter); the flow map's own inputs train in full
+    lora_alpha: float | None = None  # LoRA scale alpha / rank on the update (default: alpha = rank, no scaling, as diffusers' LCM-LoRA script)
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # LoRA target modules, diffusers names matched as peft does (a name or its '.'-suffix); default: the LCM-LoRA script's list
 
 
 @dataclass
@@ -295,6 +299,15 @@ def validate(config: TrainConfig) -> None:
     if not isinstance(c.objective.options, ObjectiveOptions):
         raise ConfigError(f"--objective.options must be ObjectiveOptions, got {type(c.objective.options).__name__}")
     _check_guidance_input(c)
+    if c.model.lora_rank < 0:
+        raise ConfigError(f"--model.lora_rank must be >= 0 (0: no LoRA), got {c.model.lora_rank}")
+    if c.model.lora_rank == 0 and c.model.lora_alpha is not None:
+        raise ConfigError(f"--model.lora_alpha {c.model.lora_alpha} needs --model.lora_rank > 0 (LoRA is off at rank 0)")
+    if c.model.lora_rank > 0:
+        try:
+            check_lora_settings(c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets)
+        except ValueError as error:
+            raise ConfigError(f"--model.{error}") from None
     if not 0.0 <= c.optim.ema_decay < 1.0:
         raise ConfigError(f"--optim.ema_decay must be in [0, 1), got {c.optim.ema_decay}")
     if (c.mesh.fsdp < 1 and c.mesh.fsdp != -1) or (c.mesh.data < 1 and c.mesh.data != -1):
