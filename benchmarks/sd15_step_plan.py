@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per device (sets --batch to this x --devices)")
     p.add_argument("--objective", choices=("preset", "pairs", "eulerian", "lagrangian"), default="preset",
                    help="the preset's own objective (sd15: pairs with 8-step targets), or one by name")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="plan a LoRA run of this rank (--model.lora_rank; LCM-LoRA targets, alpha = rank); 0: full")
     p.add_argument("--record", default=None,
                    help="merge the rows into this JSON list (benchmarks/results/step_plans.json), replacing rows "
                         "with the same preset, objective, mode, devices, per-device batch and LoRA rank")
@@ -222,12 +224,14 @@ def set_host_devices(count: int, fast_compile: bool = False) -> None:
 # The step, built as `flowmap_jax.train.run` and `flowmap_jax.training.assembly.build` build it, on abstract values.
 
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
-               objective: str | None = None):
+               objective: str | None = None, lora_rank: int = 0):
     """The trainer's jitted step for the sd15 preset (or its --small stand-in) and abstract arguments.
 
     size: "sd15" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
     devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
-    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets). Returns a dict: step (jitted, `.lower(*args)`),
+    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); lora_rank: > 0 for a LoRA run
+    (`--model.lora_rank`, the LCM-LoRA default targets, alpha = rank): the state holds only the adapters and the
+    flow map's inputs, merged onto the teacher's arrays inside the step (`core.lora.on_merged_params`). Returns a dict: step (jitted, `.lower(*args)`),
     args (state, teacher, batch, rng as ShapeDtypeStructs with shardings), mesh, specs, params (abstract
     student parameters), unet (the student's Flax module), config (the TrainConfig), counts of parameters.
     """
@@ -285,6 +289,15 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
         [(name, weight, objectives.make_objective(name, fmap, config.objective.options))
          for name, weight in zip(names, weights)])
 
+    unet_params = params
+    if lora_rank > 0:  # assembly.build's LoRA mode: the trainable tree on the teacher's base
+        from flowmap_jax.core import lora
+
+        settings = lora.LoraSettings.create(int(lora_rank))
+        trainable = lora.init_trainable(params, teacher_params, settings, jax.random.key(config.run.seed))
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32), trainable)
+        loss_fn = lora.on_merged_params(loss_fn, settings.scale)
+
     # Optimiser, shardings, step (train.run, step 4).
     optimizer = ts.make_optimizer(config.optim, config.run.steps)
     specs = sh.param_specs(params, mesh, config.mesh.fsdp_min_size)
@@ -313,9 +326,9 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
         specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))) if sh.FSDP_AXIS in tuple(s))
     return {"step": step, "args": (state, teacher, batch_args, rng), "mesh": mesh, "specs": specs,
             "teacher_specs": teacher_specs, "objectives": names,
-            "params": params, "unet": student_unet, "config": config, "optimizer": optimizer,
+            "params": params, "unet_params": unet_params, "unet": student_unet, "config": config, "optimizer": optimizer,
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
-            "student_params": count(params), "teacher_params": count(teacher_params),
+            "student_params": count(params), "teacher_params": count(teacher_params), "lora_rank": int(lora_rank),
             "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
 
 
@@ -328,7 +341,7 @@ def _with_shardings(abstract, shardings):
 def concrete_args(plan, seed: int = 0):
     """Real (state, teacher, batch, rng) for plan["step"], placed with the plan's shardings: randomly
     initialised UNet parameters (flax defaults) for the teacher, the student = teacher + target-time hook
-    (`flow_map.add_target_time_hook`), a fresh TrainState (`train_step.init_state`), Gaussian latents and
+    (`flow_map.add_target_time_hook`; a LoRA plan: its adapters and inputs), a fresh TrainState (`train_step.init_state`), Gaussian latents and
     text context, zero unconditional context. For running the step on real devices (gpu_check.py)."""
     import jax
     import jax.numpy as jnp
@@ -346,6 +359,11 @@ def concrete_args(plan, seed: int = 0):
     key = jax.random.key(seed)
     teacher_params = jax.device_put(init_unet_params(UNetConfig.from_dict(plan["unet_config"]), key), replicated)
     _, params = flow_map.add_target_time_hook(plan["unet_config"], teacher_params, jax.random.fold_in(key, 1))
+    if plan["lora_rank"]:  # the trainable tree: adapters (B = 0) and the flow map's inputs
+        from flowmap_jax.core import lora
+
+        params = lora.init_trainable(params, teacher_params, lora.LoraSettings.create(plan["lora_rank"]),
+                                     jax.random.fold_in(key, 2))
     state = ts.init_state(params, plan["optimizer"], mesh, plan["specs"])
     compute = {"bfloat16": jnp.bfloat16}.get(plan["config"].model.dtype, jnp.float32)
     teacher_params_compute = jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, compute), a.sharding),
@@ -373,7 +391,7 @@ def forward_flops_per_example(plan) -> int:
     h, w, c = plan["latent"]
     length, dim = plan["context"]
     unet = plan["unet"]
-    args = (plan["params"], jax.ShapeDtypeStruct((1, h, w, c), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
+    args = (plan["unet_params"], jax.ShapeDtypeStruct((1, h, w, c), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
             jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, length, dim), jnp.float32))
     return bs.count_flops(lambda p, x, s, t, ctx: unet.apply({"params": p}, x, s, class_labels=t,
                                                                encoder_hidden_states=ctx), *args)
@@ -405,11 +423,11 @@ def compile_plan(plan) -> dict:
 
 
 def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None,
-             objective: str | None = None) -> dict:
+             objective: str | None = None, lora_rank: int = 0) -> dict:
     import jax
 
     log = log or (lambda _: None)
-    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective)
+    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective, lora_rank=lora_rank)
     config = plan["config"]
     equivalents = forward_equivalents(plan["objectives"], config.objective.options,
                                       guided=config.teacher.guidance_scale != 1.0)
@@ -421,7 +439,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     forward = forward_flops_per_example(plan)
     model_flops = forward * model_passes * batch
     row = dict(preset="sd15" if size == "sd15" else f"sd15 ({size})", objective="+".join(plan["objectives"]),
-               lora_rank=0, forward_equivalents=equivalents, model_passes=model_passes,
+               lora_rank=plan["lora_rank"], forward_equivalents=equivalents, model_passes=model_passes,
                hardware_passes=hardware_passes,
                mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
                student_params=plan["student_params"], teacher_params=plan["teacher_params"],
@@ -450,6 +468,12 @@ MEMORY_COLUMNS = ("objective", "mode", "mesh", "batch / device", "argument GiB",
                   "aliased GiB", "total GiB", "compile s")
 
 
+def _objective_cell(row) -> str:
+    """The objective, and the LoRA rank for a LoRA plan."""
+    objective = row.get("objective", "eulerian")
+    return f"{objective}, LoRA rank {row['lora_rank']}" if row.get("lora_rank") else objective
+
+
 def _gib(value):
     return f"{value / 2**30:.4g}"
 
@@ -459,7 +483,7 @@ def memory_table(rows) -> str:
     for r in rows:
         m = r["memory"]
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
-        lines.append(f"| {r.get('objective', 'eulerian')} | {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
+        lines.append(f"| {_objective_cell(r)} | {r['mode']} | {mesh} | {r['per_device_batch']} | {_gib(m['argument'])} | {_gib(m['output'])} | "
                      f"{_gib(m['temp'])} | {m['generated_code'] / 2**20:.4g} | {_gib(m['alias'])} | "
                      f"{_gib(m['total'])} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
@@ -476,7 +500,7 @@ def flops_table(rows, target_step_s) -> str:
     columns = flops_columns(target_step_s)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [r.get("objective", "eulerian"), r["mode"],
+        cells = [_objective_cell(r), r["mode"],
                  f"{r.get('model_passes', MODEL_PASSES)}, {r.get('hardware_passes', HARDWARE_PASSES)}",
                  f"{r['xla_flops_per_device'] / 1e12:.4g}", f"{r['xla_flops_per_step'] / 1e12:.4g}",
                  f"{r['analytic_flops_per_step'] / 1e12:.4g}", f"{r['xla_vs_analytic']:.3f}",
@@ -540,8 +564,8 @@ def main(argv=None) -> int:
     modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
     size = "small" if args.small else "sd15"
     objective = None if args.objective == "preset" else args.objective
-    rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective)
-            for mode in modes]
+    rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective,
+                     lora_rank=args.lora_rank) for mode in modes]
     seconds = time.perf_counter() - started
     print(describe(rows, args) + "\n")
     print("Per-device memory (XLA memory_analysis of the compiled step; total = argument + output + temp + "

@@ -163,6 +163,17 @@ def merge_params(base_params, trainable, scale: float):
     return traverse_util.unflatten_dict(flat)
 
 
+def on_merged_params(loss_fn, scale: float):
+    """`loss_fn(params, teacher, batch, rng)` of the full flow-map tree -> the same function of a LoRA trainable
+    tree: the full tree is `merge_params(teacher.params, trainable, scale)`, built inside the step, so gradients
+    reach only the adapters and the flow map's inputs and the teacher's arrays are the base (one copy)."""
+
+    def lora_loss(trainable, teacher, batch, rng):
+        return loss_fn(merge_params(teacher.params, trainable, scale), teacher, batch, rng)
+
+    return lora_loss
+
+
 def _adapter_pairs(adapters):
     """[(module path, {"lora_A": ..., "lora_B": ...})] of an adapters tree, sorted."""
     out = []

@@ -200,7 +200,9 @@ def build(config, mesh) -> Parts:
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
     if lora_settings is not None:  # the student is the teacher's base plus the adapters, merged inside the step
-        loss_fn = _on_merged_params(loss_fn, lora_settings)
+        from flowmap_jax.core.lora import on_merged_params
+
+        loss_fn = on_merged_params(loss_fn, lora_settings.scale)
 
     # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` over one compiled jump with
     # traced times (`samplers.make_jump`), so 1, 2 and 4 jumps share one compilation.
@@ -295,17 +297,6 @@ def _lora_trainable(config, student_params, teacher_params, teacher_path):
     fingerprint = {"sha256": lora.base_fingerprint(teacher_params), "source": where}
     return jax.tree.map(np.asarray, trainable), settings, fingerprint
 
-
-def _on_merged_params(loss_fn, settings):
-    """`loss_fn(params, teacher, batch, rng)` of the full flow-map tree -> the same of a LoRA trainable tree: the
-    full tree is `core.lora.merge_params(teacher.params, trainable, scale)`, built inside the step (gradients
-    reach only the adapters and the flow map's inputs; the teacher's arrays are the base)."""
-    from flowmap_jax.core.lora import merge_params
-
-    def lora_loss(trainable, teacher, batch, rng):
-        return loss_fn(merge_params(teacher.params, trainable, settings.scale), teacher, batch, rng)
-
-    return lora_loss
 
 
 def _quality_function(data, conditioner):
