@@ -23,8 +23,9 @@ RANK, ALPHA = 4, 8.0
 BATCH = 2
 
 
-def write_lora_folder(base, out, rank=RANK, alpha=ALPHA, seed=0):
-    """A LoRA flow-map folder on the diffusers pipeline `base` (random adapters and inputs); returns
+def write_lora_folder(base, out, rank=RANK, alpha=ALPHA, seed=0, guidance_dim=None):
+    """A LoRA flow-map folder on the diffusers pipeline `base` (random adapters and inputs; with guidance_dim,
+    CFG distilled with the scale as an input, time_embedding.cond_proj among the inputs); returns
     (folder, base Flax params, trainable tree, scale)."""
     import jax
 
@@ -35,14 +36,18 @@ def write_lora_folder(base, out, rank=RANK, alpha=ALPHA, seed=0):
     from flowmap_jax.unet.diffusers_io import load_diffusers_unet
 
     cfg, base_params = load_diffusers_unet(base, "unet")
-    _, student = flow_map.add_target_time_hook(cfg, base_params, jax.random.key(seed))
+    student_cfg, student = flow_map.add_target_time_hook(cfg, base_params, jax.random.key(seed))
+    if guidance_dim is not None:
+        _, student = flow_map.add_guidance_input(student_cfg, student, guidance_dim)
     settings = lora.LoraSettings.create(rank, alpha)
     trainable = lora.init_trainable(student, base_params, settings, jax.random.key(seed + 1))
     rng = np.random.default_rng(seed)
     trainable = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(np.shape(x)).astype(np.float32),
                              trainable)
     schedule, prediction_type = load_schedule(str(base), "scheduler")
-    config = FlowMapConfig(schedule=schedule, prediction_type=prediction_type, parameterization="angle")
+    guidance = {} if guidance_dim is None else {"guidance": "cfg", "guidance_scale": 3.0,
+                                                "guidance_embedding_dim": guidance_dim, "guidance_scale_range": (1.0, 6.0)}
+    config = FlowMapConfig(schedule=schedule, prediction_type=prediction_type, parameterization="angle", **guidance)
     folder = export_lora_flow_map(trainable, settings, cfg, config, out, {"test": "lora"},
                                   base_fingerprint=lora.base_fingerprint(base_params))
     return folder, base_params, trainable, settings.scale
@@ -51,6 +56,11 @@ def write_lora_folder(base, out, rank=RANK, alpha=ALPHA, seed=0):
 @pytest.fixture(scope="module")
 def lora_folder(tmp_path_factory, sd15_pipeline):
     return write_lora_folder(sd15_pipeline, tmp_path_factory.mktemp("lora") / "lora")[0]
+
+
+@pytest.fixture(scope="module")
+def guided_lora_folder(tmp_path_factory, sd15_pipeline):
+    return write_lora_folder(sd15_pipeline, tmp_path_factory.mktemp("lora") / "guided", seed=5, guidance_dim=8)[0]
 
 
 def _inputs(seed=0):
@@ -62,9 +72,9 @@ def _inputs(seed=0):
     return x, text, s, t
 
 
-def _torch_x_t(loaded, x, text, s, t):
+def _torch_x_t(loaded, x, text, s, t, guidance_scale=None):
     with torch.no_grad():
-        cond = loaded.cond(BATCH, encoder_hidden_states=text)
+        cond = loaded.cond(BATCH, encoder_hidden_states=text, guidance_scale=guidance_scale)
         return loaded.flow_map(None, torch.from_numpy(x), torch.from_numpy(s), torch.from_numpy(t), cond).numpy()
 
 
@@ -74,10 +84,12 @@ def _num_lora_layers(unet):
     return sum(isinstance(m, LoraLayer) for m in unet.modules())
 
 
-def test_torch_equals_jax_and_diffusers_fused_lora(sd15_pipeline, lora_folder):
+@pytest.mark.parametrize("guided", [False, True], ids=["baked", "guidance_input"])
+def test_torch_equals_jax_and_diffusers_fused_lora(request, sd15_pipeline, guided):
     """x_t = X(x_s, s, t) of the LoRA flow map: torch_ref (peft layers, and fused) against the JAX loader's merged
     params through the Flax port, and against an independent reference: diffusers' own UNet with the base's
-    weights, the inputs file and `load_lora_adapter` + `fuse_lora`, called as the flow map's network."""
+    weights, the inputs file and `load_lora_adapter` + `fuse_lora`, called as the flow map's network. With a
+    guidance input too (its cond_proj in the inputs file; w = 2.5 fed as timestep_cond)."""
     import jax.numpy as jnp
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -87,20 +99,28 @@ def test_torch_equals_jax_and_diffusers_fused_lora(sd15_pipeline, lora_folder):
     from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
     from torch_ref.lora_loading import load_lora_flow_map
 
+    from torch_ref.flow_map import guidance_scale_embedding
+
+    lora_folder = request.getfixturevalue("guided_lora_folder" if guided else "lora_folder")
+    w = 2.5 if guided else None
     x, text, s, t = _inputs()
     loaded = load_lora_flow_map(sd15_pipeline, lora_folder)
+    assert (loaded.unet.config.time_cond_proj_dim == 8) is guided
     adapters = len(load_file(str(lora_folder / "pytorch_lora_weights.safetensors"))) // 2
     assert _num_lora_layers(loaded.unet) == adapters == json.loads(
         (lora_folder / "flowmap.json").read_text())["lora"]["num_adapted_modules"]
-    ours = _torch_x_t(loaded, x, text, s, t)
+    ours = _torch_x_t(loaded, x, text, s, t, w)
     fused = load_lora_flow_map(sd15_pipeline / "unet", lora_folder, subfolder=None, fuse=True)
     assert _num_lora_layers(fused.unet) == 0
-    ours_fused = _torch_x_t(fused, x, text, s, t)
+    ours_fused = _torch_x_t(fused, x, text, s, t, w)
+    extra = {}
+    if guided:
+        extra["timestep_cond"] = guidance_scale_embedding(torch.full((BATCH,), w - 1.0), 8)
 
     exported = jax_load(sd15_pipeline, lora_folder)
     jax_map = jax_flow_map(exported)
-    jax_x_t = nhwc_to_nchw(np.asarray(jax_map(exported.params, jnp.asarray(nchw_to_nhwc(x)), s, t,
-                                              {"encoder_hidden_states": jnp.asarray(text)})))
+    jax_cond = {"encoder_hidden_states": jnp.asarray(text), **{k: jnp.asarray(v.numpy()) for k, v in extra.items()}}
+    jax_x_t = nhwc_to_nchw(np.asarray(jax_map(exported.params, jnp.asarray(nchw_to_nhwc(x)), s, t, jax_cond)))
 
     # Independent reference: a stock UNet of the recorded flow-map config, the base's weights and the inputs
     # file, diffusers' LoRA loader and fuse, alphas_cumprod from diffusers' scheduler, the angle jump written here.
@@ -111,7 +131,7 @@ def test_torch_equals_jax_and_diffusers_fused_lora(sd15_pipeline, lora_folder):
     unet.fuse_lora()
     with torch.no_grad():
         out = unet(torch.from_numpy(x), torch.from_numpy(s), class_labels=torch.from_numpy(t),
-                   encoder_hidden_states=torch.from_numpy(text)).sample.double().numpy()
+                   encoder_hidden_states=torch.from_numpy(text), **extra).sample.double().numpy()
     from diffusers import DDIMScheduler
 
     bar = DDIMScheduler.from_pretrained(sd15_pipeline, subfolder="scheduler").alphas_cumprod.double().numpy()
@@ -128,6 +148,8 @@ def test_torch_equals_jax_and_diffusers_fused_lora(sd15_pipeline, lora_folder):
     print("max |diff| / max |x_t|:", errors, "max |x_t|", scale)
     assert np.all(np.isfinite(ours)) and ours.shape == x.shape
     assert float(np.abs(ours - x).max()) > 1e-2  # a jump, not the identity
+    if guided:  # the scale is an input that matters
+        assert float(np.abs(_torch_x_t(loaded, x, text, s, t, 5.0) - ours).max()) > 1e-3
     # measured (CPU, fp32): torch-jax 4.4e-7, torch-ref 4.6e-7, fused-ref 3.5e-7, jax-ref 4.6e-7 (max |x_t| 2.3)
     assert max(errors.values()) <= 5e-6, errors
 
@@ -141,6 +163,8 @@ def test_stock_sd_folder_loads_into_flow_map_pipeline_and_samples(sd15_pipeline,
         pipe("a cat", num_inference_steps=1)
     pipe.load_flow_map(lora_folder)
     assert pipe.config.flow_map["network"]["kind"] == "lora" and pipe.unet.config.class_embed_type == "timestep"
+    with pytest.raises(ValueError, match="already has a flow map"):
+        pipe.load_flow_map(lora_folder)
     images = pipe(["a photo of the cat", "two dogs"], num_inference_steps=2, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.all(np.isfinite(images))

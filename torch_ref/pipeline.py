@@ -133,10 +133,14 @@ class FlowMapPipeline(DiffusionPipeline):
         UNet (`torch_ref.lora_loading.lora_flow_map_unet`: the base's weights plus the target-time hook, the
         adapters loaded by diffusers/peft, merged when `fuse`), on the same device and in the same dtype, and
         the config key `flow_map` becomes the folder's flowmap.json. ExportFormatError for a base of another
-        architecture or a bad folder (naming the file and the key); FileNotFoundError for a missing file."""
+        architecture or a bad folder (naming the file and the key); FileNotFoundError for a missing file;
+        ValueError when this pipeline already has a flow map."""
         from flowmap_jax.spec.lora_format import read_lora_export
         from torch_ref.lora_loading import lora_flow_map_unet
 
+        if self.config.flow_map is not None:
+            raise ValueError("this FlowMapPipeline already has a flow map; load_flow_map puts a LoRA flow map on a "
+                             "base: load the base pipeline folder again (FlowMapPipeline.from_pretrained(BASE))")
         info = read_lora_export(folder)
         unet = lora_flow_map_unet(self.unet, info, fuse=fuse)
         self.register_modules(unet=unet)
