@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from tests.sd_pipelines import IMAGE_SIZE, LATENT_SIZE, write_sd15_pipeline  # noqa: E402
+from tests.sd_pipelines import IMAGE_SIZE, LATENT_SIZE, write_sd15_pipeline
 
 RANK, ALPHA = 4, 8.0
 BATCH = 2
@@ -97,9 +97,8 @@ def test_torch_equals_jax_and_diffusers_fused_lora(request, sd15_pipeline, guide
     from flowmap_jax.core.export_loading import jax_flow_map
     from flowmap_jax.core.lora_loading import load_lora_flow_map as jax_load
     from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
-    from torch_ref.lora_loading import load_lora_flow_map
-
     from torch_ref.flow_map import guidance_scale_embedding
+    from torch_ref.lora_loading import load_lora_flow_map
 
     lora_folder = request.getfixturevalue("guided_lora_folder" if guided else "lora_folder")
     w = 2.5 if guided else None
@@ -232,7 +231,7 @@ def test_bad_folders_name_the_file_or_key(tmp_path, sd15_pipeline, lora_folder):
 
     stray = _copy(lora_folder, tmp_path, "stray")
     state = load_file(str(stray / "pytorch_lora_weights.safetensors"))
-    key = sorted(state)[0]
+    key = min(state)
     state[key.replace("down_blocks.0", "down_blocks.7")] = state.pop(key)
     save_file(state, str(stray / "pytorch_lora_weights.safetensors"))
     with pytest.raises(ExportFormatError, match=r"pytorch_lora_weights\.safetensors: key 'unet\.down_blocks\.7\..*' "

@@ -33,7 +33,10 @@ from flowmap_jax.spec.lora_format import (
     lora_rank_of,
     read_lora_export,
 )
-from flowmap_jax.spec.target_time_hook import add_guidance_input_config, add_target_time_hook_config
+from flowmap_jax.spec.target_time_hook import (
+    add_guidance_input_config,
+    add_target_time_hook_config,
+)
 from torch_ref.export_loading import DTYPES, TorchFlowMapExport, flow_map_from_unet
 
 __all__ = ["ADAPTER_NAME", "hooked_unet_config", "load_lora_flow_map", "lora_flow_map_unet", "read_flow_map_inputs"]
@@ -68,6 +71,12 @@ def read_flow_map_inputs(path: Path, unet, base_state: dict) -> dict:
     return {key: value.float() for key, value in state.items()}
 
 
+def _lora_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a safetensors file, read from its header (no tensor loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
+
+
 def _to(unet, device, dtype):
     """`unet` on `device` in `dtype`, cast only when its dtype differs (diffusers warns on every dtype `to`)."""
     unet = unet.to(device=device)
@@ -79,9 +88,7 @@ def _check_adapters_fit(path: Path, unet) -> None:
     kw]), lora_B (out, r[, 1, 1])); ExportFormatError naming the file and the key otherwise. A check before
     diffusers' loader, which would warn and skip an unknown module or fail deep inside peft on a wrong shape."""
     modules = dict(unet.named_modules())
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    for key, shape in sorted(shapes.items()):
+    for key, shape in sorted(_lora_shapes(path).items()):
         name = key[len(LORA_KEY_PREFIX):] if key.startswith(LORA_KEY_PREFIX) else None
         module_name, _, half = (name or "").rpartition(".lora_")
         module = modules.get(module_name)
@@ -141,9 +148,7 @@ def _check_lora_rank(info: LoraExportInfo) -> int:
     """The LoRA file's rank (`lora_rank_of` on its shapes, read without the tensors); ExportFormatError naming
     the file unless it is flowmap.json's lora.rank."""
     path = info.lora_weights_path
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    rank = lora_rank_of(shapes, str(path))
+    rank = lora_rank_of(_lora_shapes(path), str(path))
     if rank != info.rank:
         raise ExportFormatError(f"{path}: the adapters have rank {rank} but {info.folder / FLOWMAP_JSON} says "
                                 f"lora.rank = {info.rank}")

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from flowmap_jax.cli import cli_exit
+from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.export_format import ExportInfo, is_export, read_export
 from flowmap_jax.spec.label_table import (
     labels_to_encoder_hidden_states,
@@ -55,7 +56,6 @@ from flowmap_jax.spec.sampling_inputs import (
     resolve_guidance,
 )
 from flowmap_jax.spec.schedule import check_time_values
-from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
