@@ -10,7 +10,7 @@ import inspect
 import pytest
 
 TWINS = ("schedules", "predictions", "flow_map", "samplers", "objectives", "teacher", "time_pairs",
-         "export_loading", "sample")
+         "export_loading", "sample", "lora_loading")
 
 # name -> reason, per module: public names only one backend has.
 ONLY_JAX = {
@@ -35,6 +35,10 @@ ONLY_TORCH = {
         "flow_map_from_unet": "wraps an already-loaded diffusers UNet (a FlowMapPipeline's unet/) and its "
                               "flowmap.json as the export's FlowMap; the diffusers pipeline exists in PyTorch only",
         "DTYPES": "the torch dtypes by name (fp32, fp16, bf16)"},
+    "lora_loading": {
+        "lora_flow_map_unet": "the flow-map UNet of a LoRA on an already-loaded diffusers UNet (FlowMapPipeline."
+                              "load_flow_map's); JAX merges parameter trees, it has no model object to build",
+        "ADAPTER_NAME": "the peft adapter name the LoRA is loaded under (JAX merges the adapters, names none)"},
 }
 # (module, qualified name) -> reason: signatures that differ on purpose.
 SIGNATURE_DIFFERENCES = {
@@ -49,6 +53,10 @@ SIGNATURE_DIFFERENCES = {
                                    "its weights",
     ("export_loading", "load_flow_map_export"): "torch places the UNet on `device` in `dtype`; JAX returns host "
                                                 "numpy params, cast to `dtype` or kept as stored",
+    ("lora_loading", "load_lora_flow_map"): "torch places the UNet on `device` in `dtype` and may keep the adapters "
+                                            "as peft layers (`fuse`); JAX returns merged float32 host params",
+    ("lora_loading", "read_flow_map_inputs"): "torch checks the inputs against the built hooked UNet and the base's "
+                                              "state dict; JAX against the hooked config and the base's Flax tree",
 }
 # (module, class) -> reason: public attributes of twin classes that differ.
 CLASS_MEMBER_DIFFERENCES = {

@@ -7,6 +7,13 @@
     from diffusers import DiffusionPipeline                               # the same, through diffusers' loader:
     pipe = DiffusionPipeline.from_pretrained("runs/sd15/pipeline", trust_remote_code=True)
 
+    pipe = FlowMapPipeline.from_pretrained("path/to/sd15")             # a stock StableDiffusionPipeline folder
+    pipe.load_flow_map("runs/sd15/lora")                                # `python -m conversion export RUN OUT --lora`
+
+A stock folder's extra components (safety_checker, feature_extractor, image_encoder) are left out, as diffusers
+does for components a pipeline class does not take; until `load_flow_map` it has no flow map (config flow_map
+None) and calling it is a ValueError that says so.
+
 The folder (`conversion.pipeline_export`, names in `flowmap_jax.spec.pipeline_folder`): `unet/` the flow map (a flow-map export: stock UNet2DConditionModel
 with the target-time hook, plus flowmap.json), the teacher pipeline's `vae/`, `text_encoder/`, `tokenizer/`
 (SDXL also `text_encoder_2/`, `tokenizer_2/`), `scheduler/` (the teacher's, for reference: the time grid comes
@@ -89,7 +96,8 @@ class FlowMapPipeline(DiffusionPipeline):
 
     Components: unet (the flow map, UNet2DConditionModel with class_embed_type "timestep"), vae
     (AutoencoderKL), text_encoder + tokenizer, optional text_encoder_2 + tokenizer_2 (SDXL) and scheduler
-    (the teacher's, unused by sampling). Config: flow_map (flowmap.json as a dict), force_zeros_for_empty_prompt.
+    (the teacher's, unused by sampling). Config: flow_map (flowmap.json as a dict; None for a stock SD folder
+    until `load_flow_map` puts a LoRA flow map on its UNet), force_zeros_for_empty_prompt.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -98,10 +106,9 @@ class FlowMapPipeline(DiffusionPipeline):
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler=None, text_encoder_2=None, tokenizer_2=None,
                  flow_map: dict | None = None, force_zeros_for_empty_prompt: bool = False):
         super().__init__()
-        if not isinstance(flow_map, dict):
-            raise TypeError("FlowMapPipeline needs flow_map (the export's flowmap.json as a dict, the config key "
-                             "'flow_map' of model_index.json); write the folder with `python -m conversion export "
-                             "RUN OUT --pipeline`")
+        if flow_map is not None and not isinstance(flow_map, dict):
+            raise TypeError(f"FlowMapPipeline: flow_map must be flowmap.json as a dict (the config key 'flow_map' of "
+                            f"model_index.json) or None, got {type(flow_map).__name__}")
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(flow_map=flow_map, force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
@@ -120,11 +127,36 @@ class FlowMapPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------------
     # Pieces.
 
+    def load_flow_map(self, folder, fuse: bool = False) -> None:
+        """Puts the LoRA flow map at `folder` (`python -m conversion export RUN OUT --lora`) on this pipeline's
+        UNet, the base (a stock SD pipeline folder loaded with `from_pretrained`): `unet` becomes the flow-map
+        UNet (`torch_ref.lora_loading.lora_flow_map_unet`: the base's weights plus the target-time hook, the
+        adapters loaded by diffusers/peft, merged when `fuse`), on the same device and in the same dtype, and
+        the config key `flow_map` becomes the folder's flowmap.json. ExportFormatError for a base of another
+        architecture or a bad folder (naming the file and the key); FileNotFoundError for a missing file;
+        ValueError when this pipeline already has a flow map."""
+        from flowmap_jax.spec.lora_format import read_lora_export
+        from torch_ref.lora_loading import lora_flow_map_unet
+
+        if self.config.flow_map is not None:
+            raise ValueError("this FlowMapPipeline already has a flow map; load_flow_map puts a LoRA flow map on a "
+                             "base: load the base pipeline folder again (FlowMapPipeline.from_pretrained(BASE))")
+        info = read_lora_export(folder)
+        unet = lora_flow_map_unet(self.unet, info, fuse=fuse)
+        self.register_modules(unet=unet)
+        self.register_to_config(flow_map=info.metadata)
+        self._flow_map_folder = info.folder
+
     def loaded_flow_map(self):
         """The `torch_ref.export_loading.TorchFlowMapExport` of this pipeline's UNet and flowmap.json."""
         from torch_ref.export_loading import flow_map_from_unet
 
-        return flow_map_from_unet(self.unet, dict(self.unet.config), self.config.flow_map)
+        if self.config.flow_map is None:
+            raise ValueError("this FlowMapPipeline has no flow map (a stock pipeline folder): call "
+                             "pipe.load_flow_map(LORA_FOLDER) first (a LoRA flow map, `python -m conversion export "
+                             "RUN OUT --lora`), or load a FlowMapPipeline folder (`--pipeline`)")
+        return flow_map_from_unet(self.unet, dict(self.unet.config), self.config.flow_map,
+                                  getattr(self, "_flow_map_folder", None))
 
     def prompt_encoder(self):
         """`flowmap_jax.data.encoders.PromptEncoder` over this pipeline's tokenizer(s) and text encoder(s): the
@@ -181,13 +213,13 @@ class FlowMapPipeline(DiffusionPipeline):
         "latent" ((B, C, h, w) as the UNet sees them). Returns ImagePipelineOutput(images) or (images,)."""
         from torch_ref.sample import sample
 
+        loaded = self.loaded_flow_map()  # first: a stock folder without a flow map says so
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts:
             raise ValueError("prompt is required (a string or a list of strings)")
         prompts = [p for p in prompts for _ in range(int(num_images_per_prompt))]
-        loaded = self.loaded_flow_map()
         config = loaded.config
         device = self._execution_device
         if num_inference_steps is None and timesteps is None:

@@ -2,6 +2,7 @@
 
     python -m torch_ref.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
     python -m torch_ref.sample --model runs/digits/export --steps 2 --dtype bf16 --device cuda
+    python -m torch_ref.sample --model path/to/sd15 --lora runs/sd15/lora --prompt "a cat" --steps 2
 
 The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.cli.sample_cli`); in fp32
 the two agree to float rounding. API (mirrors `flowmap_jax.sample`):
@@ -25,6 +26,7 @@ from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 from flowmap_jax.spec.time_grid import check_direction
 from torch_ref import samplers
 from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
+from torch_ref.lora_loading import load_lora_flow_map
 
 __all__ = ["load_flow_map", "sample", "main"]
 
@@ -79,7 +81,11 @@ PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_condi
 
 
 def _run(request: sample_cli.SampleRequest):
-    loaded = load_flow_map(request.info.folder, request.dtype, request.device)
+    if request.lora is not None:  # --lora: the LoRA flow map on the base at --model (torch_ref.lora_loading)
+        loaded = load_lora_flow_map(request.args["model"], request.lora, device=_device(request.device),
+                                    dtype=request.dtype)
+    else:
+        loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
                      request.renoise, direction=request.args.get("direction") or "generate")
     return samples, str(loaded.device)

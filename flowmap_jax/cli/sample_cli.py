@@ -13,6 +13,10 @@ The grid goes from noise to data (strictly decreasing times); an increasing grid
 Everything random is drawn here with numpy (`spec.sampling_inputs.initial_noise`: PCG64 from --seed), so the two
 backends sample from the same noise and, in fp32, agree to float rounding.
 
+With --lora FOLDER (`python -m conversion export RUN OUT --lora`), --model is the base the LoRA goes on: a
+diffusers pipeline folder with unet/ (then --prompt works through its text encoder(s) and VAE, as below) or a
+UNet folder (give --cond); each backend loads the LoRA onto it with its own loader.
+
 With a FlowMapPipeline folder (`python -m conversion export RUN OUT --pipeline`) and --prompt: the prompts are
 encoded by its text encoder(s) and the latents decoded by its VAE, for either backend, through the
 `PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.data.encoders`: this module imports no torch);
@@ -38,11 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from flowmap_jax.cli import cli_exit
-from flowmap_jax.spec.export_format import ExportInfo, read_export
+from flowmap_jax.spec import time_grid as time_grid_rules
+from flowmap_jax.spec.export_format import ExportInfo, is_export, read_export
 from flowmap_jax.spec.label_table import (
     labels_to_encoder_hidden_states,
     read_label_embeddings,
 )
+from flowmap_jax.spec.lora_format import read_lora_export
 from flowmap_jax.spec.pipeline_folder import is_pipeline_folder
 from flowmap_jax.spec.sampling_inputs import (
     default_sample_shape,
@@ -50,7 +56,6 @@ from flowmap_jax.spec.sampling_inputs import (
     resolve_guidance,
 )
 from flowmap_jax.spec.schedule import check_time_values
-from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.time_grid import GRID_SPACINGS, time_grid
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -66,6 +71,8 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported flow-map folder (config.json, safetensors, flowmap.json), "
                    "or a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline) to sample from prompts")
+    p.add_argument("--lora", default=None, help="a LoRA flow map (conversion export --lora) loaded onto the base UNet "
+                   "at --model (a diffusers pipeline folder with unet/, or a UNet folder)")
     p.add_argument("--prompt", action="append", default=None, help="pipeline folders: a prompt (repeatable; the "
                    "prompts are repeated to fill --batch); the images go to --out as PNGs")
     p.add_argument("--prompt-file", default=None, help="pipeline folders: a text file with one prompt per line")
@@ -111,12 +118,15 @@ class SampleRequest:
     noise: (B, H, W, C) float32 at timesteps[0]; renoise: N - 1 arrays like noise (gamma > 0) or None;
     timesteps: (N + 1,) float64 teacher times; cond: {"encoder_hidden_states": (B, L, D),
     "added_cond_kwargs": {"text_embeds", "time_ids"}} (float32) or None; guidance_scale: the scale to embed
-    as timestep_cond, or None (no guidance input); labels: (B,) int64 or None.
+    as timestep_cond, or None (no guidance input); labels: (B,) int64 or None. With --lora: lora is the LoRA
+    folder, info its flowmap.json (folder: the LoRA folder, unet_config: the recorded flow-map UNet config),
+    the base is args["model"], and pipeline is --model when it is a diffusers pipeline folder (model_index.json).
     """
 
     info: ExportInfo
     noise: np.ndarray
     pipeline: Path | None = dataclasses.field(default=None, kw_only=True)
+    lora: Path | None = dataclasses.field(default=None, kw_only=True)
     prompts: list | None = dataclasses.field(default=None, kw_only=True)
     renoise: list | None
     timesteps: np.ndarray
@@ -263,21 +273,44 @@ class PipelineCodecs:
     decode_latents: Callable[[Path, np.ndarray], np.ndarray]
 
 
+def lora_export_info(args: argparse.Namespace) -> tuple[ExportInfo, Path | None]:
+    """--lora FOLDER on the base --model: (the LoRA's flowmap.json as an ExportInfo: folder the LoRA folder,
+    unet_config the recorded flow-map UNet config; --model as a pipeline folder (model_index.json, its text
+    encoder(s) and VAE for --prompt) or None for a UNet folder). Weights are the backend loader's job."""
+    model = Path(args.model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model: no base folder at {model} (with --lora: a diffusers pipeline folder "
+                                "with unet/, or a UNet folder)")
+    if is_pipeline_folder(model) or is_export(model):
+        raise ValueError(f"--model {model} is already a flow map; --lora goes on a base UNet (the teacher's pipeline "
+                         "folder or UNet folder)")
+    lora = read_lora_export(args.lora)
+    info = ExportInfo(folder=lora.folder, unet_config=lora.unet_config, config=lora.config, metadata=lora.metadata)
+    return info, (model if (model / "model_index.json").is_file() else None)
+
+
 def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> SampleRequest:
     """Flags -> SampleRequest: reads and checks the export, draws the noise, builds the conditioning (prompts
     through `codecs` for a pipeline folder)."""
     check_out(args.out)
-    pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
+    if args.lora is not None:
+        info, pipeline = lora_export_info(args)
+    else:
+        pipeline = Path(args.model) if is_pipeline_folder(args.model) else None
     prompts = read_prompts(args)
     if pipeline is not None and codecs is None:
         raise ValueError(f"{args.model} is a FlowMapPipeline folder, and this sampler reads no pipeline folders; "
                          f"give --model {Path(args.model) / 'unet'} with --cond")
+    if prompts is not None and pipeline is None and args.lora is not None:
+        raise ValueError(f"--prompt with --lora needs --model to be a diffusers pipeline folder (model_index.json, "
+                         f"text encoder(s), vae/); {args.model} is a UNet folder: give --cond instead")
     if prompts is not None and pipeline is None:
         raise ValueError(f"--prompt needs a FlowMapPipeline folder (python -m conversion export RUN OUT --pipeline); "
                          f"{args.model} has no model_index.json with a flow-map unet/")
     if pipeline is not None and prompts is None:
         raise ValueError(f"{args.model} is a pipeline folder: give --prompt (or --prompt-file)")
-    info = read_export(pipeline / "unet" if pipeline is not None else args.model)
+    if args.lora is None:
+        info = read_export(pipeline / "unet" if pipeline is not None else args.model)
     config = info.config
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
@@ -334,7 +367,8 @@ def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> S
                          gamma=float(args.gamma), cond=cond or None, guidance_scale=guidance, labels=labels,
                          dtype=args.dtype, device=args.device, out=Path(args.out),
                          grid_columns=max(1, int(args.grid_columns)), args=vars(args), pipeline=pipeline,
-                         prompts=None if prompts is None else [prompts[i % len(prompts)] for i in range(args.batch)])
+                         prompts=None if prompts is None else [prompts[i % len(prompts)] for i in range(args.batch)],
+                         lora=None if args.lora is None else Path(args.lora))
 
 
 def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, seconds: float, device: str,
@@ -372,7 +406,9 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
         rows.append((name, samples[start:start + cols]))
     save_grid(str(paths["grid"]), rows)
     info = {"backend": backend, "device": device, "dtype": request.dtype, "seconds": round(seconds, 3),
-            "model": str(request.info.folder), "timesteps": [float(t) for t in request.timesteps],
+            "model": str(request.info.folder) if request.lora is None else str(request.args["model"]),
+            "lora": None if request.lora is None else str(request.lora),
+            "timesteps": [float(t) for t in request.timesteps],
             "gamma": request.gamma, "guidance_scale": request.guidance_scale,
             "labels": None if request.labels is None else request.labels.tolist(),
             "shape": list(samples.shape), "layout": "(B, H, W, C)", "flags": request.args}
