@@ -1,11 +1,13 @@
 """Few-step sampling from an exported flow map in JAX: `python -m flowmap_jax.sample --help`.
 
     python -m flowmap_jax.sample --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples
+    python -m flowmap_jax.sample --model path/to/sd15 --lora runs/sd15_lora/export --prompt "a cat" --steps 2
 
 The same flags, inputs and output files as `python -m torch_ref.sample` (`flowmap_jax.cli.sample_cli`); in fp32
 the two agree to float rounding. API (mirrored by `torch_ref.sample`):
 
-- `load_flow_map(folder, dtype="fp32", device="auto") -> LoadedFlowMap` (flow_map, params, export);
+- `load_flow_map(folder, dtype="fp32", device="auto", lora=None) -> LoadedFlowMap` (flow_map, params, export);
+  with `lora`, `folder` is the base UNet the LoRA flow map goes on (`--model BASE --lora FOLDER`);
 - `sample(loaded, noise, timesteps, cond=None, guidance_scale=None, gamma=0.0, renoise=None)`: N jumps
   `samplers.flow_map_sample` on the time grid `timesteps` (teacher units, noise -> data), x (B, H, W, C)
   float32; the network computes in `dtype`, the state and the jump coefficients stay float32.
@@ -51,8 +53,10 @@ def _device(name: str):
         raise ValueError(f"--device {name}: no {platform} device for JAX ({err})") from None
 
 
-def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFlowMap:
-    """An exported flow map ready to sample in JAX: params float32 on `device`, compute in `dtype`."""
+def load_flow_map(folder, dtype: str = "fp32", device: str = "auto", lora=None) -> LoadedFlowMap:
+    """An exported flow map ready to sample in JAX: params float32 on `device`, compute in `dtype`. With `lora` (a
+    `conversion export --lora` folder), `folder` is the base (a diffusers pipeline folder with unet/, or a UNet
+    folder) and the LoRA flow map is loaded onto it (`flowmap_jax.core.lora_loading`)."""
     import jax
     import jax.numpy as jnp
 
@@ -60,7 +64,12 @@ def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> LoadedFl
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
-    exported = load_flow_map_export(folder, dtype=np.float32)
+    if lora is not None:
+        from flowmap_jax.core.lora_loading import load_lora_flow_map
+
+        exported = load_lora_flow_map(folder, lora)
+    else:
+        exported = load_flow_map_export(folder, dtype=np.float32)
     dev = _device(device)
     params = jax.device_put(exported.params, dev)
     from flowmap_jax.core import samplers
@@ -121,7 +130,10 @@ PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_condi
 
 
 def _run(request: sample_cli.SampleRequest):
-    loaded = load_flow_map(request.info.folder, request.dtype, request.device)
+    if request.lora is not None:  # --lora: the LoRA flow map on the base at --model (core.lora_loading)
+        loaded = load_flow_map(request.args["model"], request.dtype, request.device, lora=request.lora)
+    else:
+        loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,
                      request.renoise, direction=request.args.get("direction") or "generate")
     return samples, f"{loaded.device.platform}:{loaded.device.id}"

@@ -293,3 +293,18 @@ def test_a_second_tiny_pipeline_of_the_same_architecture_takes_the_lora(tmp_path
     other = write_sd15_pipeline(tmp_path / "other", seed=3)
     x, text, s, t = _inputs(1)
     assert np.all(np.isfinite(_torch_x_t(load_lora_flow_map(other, lora_folder), x, text, s, t)))
+
+
+def test_jax_sample_cli_with_lora_equals_torch(tmp_path, sd15_pipeline, lora_folder):
+    """`python -m flowmap_jax.sample --model BASE --lora FOLDER` and the torch twin: same noise, same latents (fp32;
+    the same tolerance as the loaders' parity above)."""
+    from flowmap_jax.sample import main as jax_main
+    from torch_ref.sample import main as torch_main
+
+    args = ["--model", str(sd15_pipeline), "--lora", str(lora_folder), "--prompt", "a cat", "--batch", "2",
+            "--steps", "2", "--device", "cpu", "--seed", "3"]
+    assert jax_main([*args, "--out", str(tmp_path / "jax")]) == 0
+    assert torch_main([*args, "--out", str(tmp_path / "torch")]) == 0
+    a, b = np.load(tmp_path / "jax" / "samples.npy"), np.load(tmp_path / "torch" / "samples.npy")
+    assert a.shape == b.shape == (2, LATENT_SIZE, LATENT_SIZE, 4)
+    assert np.abs(a - b).max() <= 5e-6 * np.abs(b).max()  # relative, as the parity test above
