@@ -222,3 +222,30 @@ def test_lora_run_trains_adapters_resumes_only_on_its_base_and_exports(tmp_path,
     assert conversion_main(["export", str(run), str(tmp_path / "other")]) != 0
     assert "not the ones the LoRA run" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("objective", ["pairs", "eulerian", "lagrangian", "progressive"])
+def test_every_objective_sends_gradients_to_the_adapters_and_inputs_only(tmp_path, objective):
+    """The LoRA loss (`core.lora.on_merged_params`) of each objective, the JVP ones included: finite, and its
+    gradient reaches every lora_B (zero at init, so only through the merged kernels) and the flow map's inputs;
+    the teacher's arrays get none (they are not arguments of the gradient)."""
+    from flowmap_jax.training import assembly
+
+    config = _digits_config(tmp_path, "--model.lora_rank", "2", "--objective.names", objective,
+                            "--objective.options", "{}")
+    parts = assembly.build(config, None)
+    batch = parts.dataset.get(np.arange(2))
+    batch = {"x0": batch["x0"], "cond": batch["cond"], "step": np.full((2,), 10, np.int32)}
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2))
+    (loss, _), grads = jax.jit(jax.value_and_grad(parts.loss_fn, has_aux=True))(parts.params, parts.teacher, batch,
+                                                                                 keys)
+    assert np.isfinite(float(loss))
+    assert jax.tree.structure(grads) == jax.tree.structure(parts.params)
+    b_norms = {lora.module_name(path): float(jnp.abs(pair["lora_B"]["kernel"]).max())
+               for path, pair in lora._adapter_pairs(grads["adapters"])}
+    assert all(np.isfinite(list(b_norms.values())))
+    # Every adapter but the cross-attention queries and keys gets a gradient: the digits context is one token, so
+    # the softmax over it is 1 whatever attn2.to_q and attn2.to_k do.
+    zero = sorted(name for name, norm in b_norms.items() if norm == 0)
+    assert zero == sorted(name for name in b_norms if name.endswith(("attn2.to_q", "attn2.to_k"))), zero
+    assert float(jnp.abs(grads["inputs"]["class_embedding"]["linear_2"]["kernel"]).max()) > 0
