@@ -120,7 +120,7 @@ class Export:
     def run(args):
         import tempfile
 
-        from flowmap_jax.training.export_writer import export_checkpoint
+        from flowmap_jax.training.export_command import export_checkpoint
 
         start = time.perf_counter()
         form = "lora" if args.lora else "merge" if args.merge else "auto"

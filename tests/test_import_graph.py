@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
 # The trainer: its story, step, configuration's command line, parts, data and run folder. Not in it: the run
 # record that a finished run is read through (run_record, checkpointing's reader, rejected_checkpoints,
-# run_provenance, the config schema of config.json), the export writer, which `conversion export` calls, and
+# run_provenance, the config schema of config.json), the export writers (full and LoRA), which `conversion export` calls, and
 # the processes' barrier (`distributed.sync`, which checkpointing's reader calls after setting a checkpoint aside).
 RUN_RECORD = {f"flowmap_jax.training.{name}" for name in (
     "run_record", "checkpointing", "rejected_checkpoints", "run_provenance", "config", "export_writer",
-    "distributed")}
+    "lora_export_writer", "export_command", "distributed")}
 TRAINER = ({f"flowmap_jax.training.{path.stem}" for path in (ROOT / "flowmap_jax" / "training").glob("*.py")
             if path.stem != "__init__"} - RUN_RECORD) | {
     "flowmap_jax.train", "flowmap_jax.write_shards", "flowmap_jax.data.datasets", "flowmap_jax.data.shard_writer",

@@ -249,3 +249,19 @@ def test_every_objective_sends_gradients_to_the_adapters_and_inputs_only(tmp_pat
     zero = sorted(name for name, norm in b_norms.items() if norm == 0)
     assert zero == sorted(name for name in b_norms if name.endswith(("attn2.to_q", "attn2.to_k"))), zero
     assert float(jnp.abs(grads["inputs"]["class_embedding"]["linear_2"]["kernel"]).max()) > 0
+
+
+def test_base_architecture_check_takes_diffusers_defaults_and_per_block_lists():
+    """A config that leaves a key to diffusers' default, or gives a per-block list of one value, is the same
+    architecture; a different width is refused naming the key."""
+    from flowmap_jax.spec.export_format import ExportFormatError
+    from flowmap_jax.spec.lora_format import architecture, check_base_architecture
+
+    recorded = architecture({"block_out_channels": [32, 64], "cross_attention_dim": 16, "attention_head_dim": 8})
+    resolved = {"block_out_channels": [32, 64], "cross_attention_dim": 16, "attention_head_dim": [8, 8],
+                "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": 2, "in_channels": 4}
+    check_base_architecture(resolved, recorded, "lora/flowmap.json", "base/config.json")
+    with pytest.raises(ExportFormatError, match=r"base/config.json: key 'cross_attention_dim' is 24 .* "
+                                                r"cross_attention_dim=16"):
+        check_base_architecture(dict(resolved, cross_attention_dim=24), recorded, "lora/flowmap.json",
+                                "base/config.json")

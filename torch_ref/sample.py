@@ -7,7 +7,8 @@
 The same flags, inputs and output files as `python -m flowmap_jax.sample` (`flowmap_jax.cli.sample_cli`); in fp32
 the two agree to float rounding. API (mirrors `flowmap_jax.sample`):
 
-- `load_flow_map(folder, dtype="fp32", device="auto") -> TorchFlowMapExport` (`torch_ref.export_loading`);
+- `load_flow_map(folder, dtype="fp32", device="auto", lora=None) -> TorchFlowMapExport` (`torch_ref.export_loading`;
+  with `lora`, `folder` is the base the LoRA flow map goes on, `torch_ref.lora_loading`);
 - `sample(loaded, noise, timesteps, cond=None, guidance_scale=None, gamma=0.0, renoise=None)`: N jumps of
   `torch_ref.samplers.flow_map_sample`; noise (B, H, W, C) numpy (the CLI's, channels last) or a
   (B, C, H, W) tensor; returns (B, H, W, C) float32 numpy for numpy input, else a (B, C, H, W) tensor.
@@ -41,8 +42,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_flow_map(folder, dtype: str = "fp32", device: str = "auto") -> TorchFlowMapExport:
-    """An exported flow map ready to sample in PyTorch (UNet in `dtype` on `device`)."""
+def load_flow_map(folder, dtype: str = "fp32", device: str = "auto", lora=None) -> TorchFlowMapExport:
+    """An exported flow map ready to sample in PyTorch (UNet in `dtype` on `device`). With `lora` (a `conversion
+    export --lora` folder), `folder` is the base (a diffusers pipeline folder with unet/, or a UNet folder) and the
+    LoRA flow map is loaded onto it (`torch_ref.lora_loading`)."""
+    if lora is not None:
+        return load_lora_flow_map(folder, lora, device=_device(device), dtype=dtype)
     return load_flow_map_export(folder, device=_device(device), dtype=dtype)
 
 
@@ -82,8 +87,7 @@ PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_condi
 
 def _run(request: sample_cli.SampleRequest):
     if request.lora is not None:  # --lora: the LoRA flow map on the base at --model (torch_ref.lora_loading)
-        loaded = load_lora_flow_map(request.args["model"], request.lora, device=_device(request.device),
-                                    dtype=request.dtype)
+        loaded = load_flow_map(request.args["model"], request.dtype, request.device, lora=request.lora)
     else:
         loaded = load_flow_map(request.info.folder, request.dtype, request.device)
     samples = sample(loaded, request.noise, request.timesteps, request.cond, request.guidance_scale, request.gamma,

@@ -67,6 +67,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LABEL_EMBEDDINGS_NAME = "label_embeddings.safetensors"
 GUIDANCE_KINDS = ("none", "cfg", "autoguidance")
 GUIDANCE_EMBEDDING = "lcm_guidance_scale_embedding"
+LORA_NETWORK_KIND = "lora"  # flowmap.json's network.kind of a LoRA flow map (`spec.lora_format`)
 
 MAP_DESCRIPTIONS = {
     "angle": "X(x_s, s, t) = cos(theta_s - theta_t) * x_s - sin(theta_s - theta_t) * F, theta_t = arctan(sigma_t / "
@@ -397,8 +398,6 @@ def read_export(folder: str | os.PathLike) -> ExportInfo:
         raise FileNotFoundError(f"no flow-map export folder at {folder}")
     config_path = folder / UNET_CONFIG_NAME
     if not config_path.is_file():
-        from flowmap_jax.spec.lora_format import is_lora_export
-
         if is_lora_export(folder):
             raise ExportFormatError(f"{folder} is a LoRA flow map (adapters, no UNet of its own): load it onto its base "
                                     f"UNet, e.g. `--model BASE_FOLDER --lora {folder}`, or export the run with --merge")
@@ -416,6 +415,19 @@ def read_export(folder: str | os.PathLike) -> ExportInfo:
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (the flow map's weights)")
     return ExportInfo(folder=folder, unet_config=unet_config, config=config, metadata=meta)
+
+
+def is_lora_export(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds a flowmap.json whose network is a LoRA (`spec.lora_format`; nothing else checked)."""
+    path = Path(folder) / FLOWMAP_JSON
+    if not path.is_file():
+        return False
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    network = meta.get("network") if isinstance(meta, dict) else None
+    return isinstance(network, dict) and network.get("kind") == LORA_NETWORK_KIND
 
 
 def is_export(folder: str | os.PathLike) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
+    LORA_NETWORK_KIND,
     ExportFormatError,
     FlowMapConfig,
     check_unet_hooks,
@@ -44,7 +45,7 @@ from flowmap_jax.spec.export_format import (
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FLOW_MAP_INPUTS_NAME = "flowmap_inputs.safetensors"
 LORA_KEY_PREFIX = "unet."
-LORA_KIND = "lora"
+LORA_KIND = LORA_NETWORK_KIND
 
 # diffusers' LCM-LoRA training script (examples/consistency_distillation/train_lcm_distill_lora_sd*.py),
 # its default `lora_target_modules`: every attention projection, the transformer's in/out projections and
@@ -89,9 +90,32 @@ def check_lora_settings(rank: int, alpha, targets) -> tuple[int, float, tuple[st
     return rank, alpha, targets
 
 
+# diffusers' UNet2DConditionModel defaults of the keys above that a config may leave out (or set to null).
+ARCHITECTURE_DEFAULTS = {"in_channels": 4, "out_channels": 4, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                         "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                         "cross_attention_dim": 1280, "attention_head_dim": 8, "transformer_layers_per_block": 1,
+                         "use_linear_projection": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+                         "norm_num_groups": 32, "only_cross_attention": False}
+
+
 def architecture(unet_config: dict) -> dict:
-    """The entries of a diffusers UNet config that fix the parameter shapes (missing keys as null)."""
-    return {key: _plain(unet_config.get(key)) for key in ARCHITECTURE_KEYS}
+    """The entries of a diffusers UNet config that fix the parameter shapes, diffusers' default where a key is
+    missing or null (null where diffusers' default is null)."""
+    out = {}
+    for key in ARCHITECTURE_KEYS:
+        value = unet_config.get(key)
+        out[key] = _plain(ARCHITECTURE_DEFAULTS.get(key) if value is None else value)
+    return out
+
+
+def _same_setting(a, b) -> bool:
+    """Equal, counting a scalar the same as a per-block list of it (diffusers accepts both, e.g.
+    attention_head_dim 8 and [8, 8, 8, 8])."""
+    if isinstance(a, list) and not isinstance(b, list):
+        return all(x == b for x in a)
+    if isinstance(b, list) and not isinstance(a, list):
+        return all(x == a for x in b)
+    return a == b
 
 
 def _plain(value):
@@ -104,11 +128,12 @@ def check_base_architecture(base_config: dict, recorded: dict, where: str, base_
     """ExportFormatError naming the first key where a base UNet config differs from the architecture the LoRA
     was trained on (`recorded`, flowmap.json's lora.base.architecture)."""
     actual = architecture(base_config)
+    expected = architecture(recorded)
     for key in ARCHITECTURE_KEYS:
-        if key in recorded and _plain(recorded[key]) != actual[key]:
+        if key in recorded and not _same_setting(expected[key], actual[key]):
             raise ExportFormatError(
                 f"{base_where}: key {key!r} is {actual[key]!r} but the LoRA in {where} was trained on a base with "
-                f"{key}={recorded[key]!r}: a base of another architecture cannot take these adapters")
+                f"{key}={expected[key]!r}: a base of another architecture cannot take these adapters")
 
 
 def lora_metadata(full_metadata: dict, *, rank: int, alpha: float, targets, unet_config: dict, base_config: dict,
@@ -162,18 +187,6 @@ class LoraExportInfo:
     @property
     def inputs_path(self) -> Path:
         return self.folder / FLOW_MAP_INPUTS_NAME
-
-
-def is_lora_export(folder) -> bool:
-    """True if `folder` holds a flowmap.json whose network is a LoRA (without validating the rest)."""
-    path = Path(folder) / FLOWMAP_JSON
-    if not path.is_file():
-        return False
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("network"), dict) and meta["network"].get("kind") == LORA_KIND
 
 
 def read_lora_export(folder) -> LoraExportInfo:

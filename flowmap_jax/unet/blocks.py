@@ -27,16 +27,17 @@ class BlockSettings(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
+    remat_layers: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def resnet(self, index, output_scale_factor=1.0):
-        return ResnetBlock2D(
+        return (nn.remat(ResnetBlock2D) if self.remat_layers else ResnetBlock2D)(
             self.out_channels, self.groups, self.eps, self.act_fn, output_scale_factor,
             self.time_embedding_norm, dtype=self.dtype, name=f"resnets_{index}",
         )
 
     def attention(self, index, channels):
-        return Transformer2DModel(
+        return (nn.remat(Transformer2DModel) if self.remat_layers else Transformer2DModel)(
             self.heads, channels // self.heads, self.transformer_layers[index], self.groups,
             self.use_linear_projection, self.only_cross_attention, self.upcast_attention,
             self.attention_implementation, dtype=self.dtype, name=f"attentions_{index}",

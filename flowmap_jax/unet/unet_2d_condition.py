@@ -137,8 +137,11 @@ class FlaxUNet2DConditionModel(nn.Module):
         if isinstance(transformer_layers, int):
             transformer_layers = (transformer_layers,) * num_layers
         cls = BLOCK_CLASSES[block_type]
-        if self.remat:
+        import os
+        mode = os.environ.get("REMAT_MODE", "block")
+        if self.remat and mode in ("block", "both"):
             cls = nn.remat(cls)
+        kwargs["remat_layers"] = bool(self.remat) and mode in ("layer", "both")
         return cls(
             out_channels=out_channels, num_layers=num_layers, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
             act_fn=cfg.act_fn, time_embedding_norm=cfg.resnet_time_scale_shift,
