@@ -3,11 +3,12 @@
     python benchmarks/sd15_step_plan.py --mode dp --per-device-batch 32 --fast-compile \
         --record benchmarks/results/step_plans.json                       # the sd15 preset's step (pairs)
     python benchmarks/sd15_step_plan.py --mode dp --per-device-batch 32 --objective eulerian --fast-compile
+    python benchmarks/sd15_step_plan.py --preset sdxl --mode fsdp --per-device-batch 16 --fast-compile   # sdxl's step
     python benchmarks/sd15_step_plan.py --small --devices 2              # a toy UNet: ~1 min of CPU per mode (tested)
 
 What is compiled is the trainer's own step (`flowmap_jax.training.train_step.make_train_step`, as
 `python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
-clipping), EMA, bf16 compute with float32 parameters, remat of every UNet block, the preset's objective (`pairs`
+clipping), EMA, bf16 compute with float32 parameters, remat of every ResNet and transformer layer, the preset's objective (`pairs`
 with 8-step DPM-Solver++(2M) targets) or the one `--objective` names (`eulerian` and `lagrangian` with their
 exact JVP), the teacher with classifier-free guidance (7.5, one batched UNet call for both halves), on a
 (data, fsdp) mesh of `--devices` simulated CPU devices (`--xla_force_host_platform_device_count`, set here
@@ -96,10 +97,44 @@ SMALL_UNET_CONFIG = dict(
     SD15_UNET_CONFIG, block_out_channels=[16], layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
     down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"], sample_size=8)
 
-# name -> latent (H, W, C), context (length, dim), default global batch.
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the keys that differ from diffusers' defaults).
+SDXL_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+SDXL_TEXT_EMBEDS = 1280  # the pooled text embedding; + 6 time ids x 256 = 2816
+
+# name -> preset, latent (H, W, C), context (length, dim), added conditioning (text_embeds dim) or None,
+# default global batch.
 SIZES = {
-    "sd15": {"unet": SD15_UNET_CONFIG, "latent": (64, 64, 4), "context": (77, 768), "batch": 256},
-    "small": {"unet": SMALL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16), "batch": 16},
+    "sd15": {"preset": "sd15", "unet": SD15_UNET_CONFIG, "latent": (64, 64, 4), "context": (77, 768),
+             "text_embeds": None, "batch": 256},
+    "sdxl": {"preset": "sdxl", "unet": SDXL_UNET_CONFIG, "latent": (128, 128, 4), "context": (77, 2048),
+             "text_embeds": SDXL_TEXT_EMBEDS, "batch": 128},
+    "small": {"preset": "sd15", "unet": SMALL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16), "text_embeds": None,
+              "batch": 16},
 }
 PEAKS_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense bf16 tensor-core peaks
 REFERENCE_MFU = 0.40
@@ -162,12 +197,18 @@ def parse_floats(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/sd15_step_plan.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("sd15", "sdxl"), default="sd15",
+                   help="the preset whose step is planned: sd15 (SD 1.5 UNet, 64x64 latents) or sdxl (SDXL base UNet, "
+                        "128x128 latents, text_time conditioning)")
     p.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default 256; --small: 16)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: sd15 256, sdxl 128; --small: 16)")
     p.add_argument("--per-device-batch", type=int, default=None,
                    help="examples per device (sets --batch to this x --devices)")
     p.add_argument("--objective", choices=("preset", "pairs", "eulerian", "lagrangian"), default="preset",
                    help="the preset's own objective (sd15: pairs with 8-step targets), or one by name")
+    p.add_argument("--cpu-scheduler", choices=("memory", "concurrency"), default="memory",
+                   help="XLA CPU's scheduler for the plan: memory-minimising (default; see MEMORY_SCHEDULER_FLAG) or "
+                        "the CPU compiler's default, concurrency-optimised, which undoes remat")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="plan a LoRA run of this rank (--model.lora_rank; LCM-LoRA targets, alpha = rank); 0: full")
     p.add_argument("--record", default=None,
@@ -189,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    size = SIZES["small" if args.small else "sd15"]
+    args.size = "small" if args.small else args.preset
+    size = SIZES[args.size]
     if args.per_device_batch is not None:
         args.batch = args.per_device_batch * args.devices
     args.batch = size["batch"] if args.batch is None else args.batch
@@ -204,17 +246,25 @@ def check_args(args) -> None:
 
 
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""XLA CPU's default scheduler orders the program for concurrency, not memory: it runs the rematerialised blocks'
+recompute early, so remat saves nothing in its plan (SD 1.5 student gradient at batch 4: 10.7 GiB of temporaries
+with remat, 10.6 without, though JAX saves 0.16 GiB of residuals with remat and 9.0 without). With this flag XLA CPU
+uses its memory-minimising list/DFS scheduler, as the GPU compiler's scheduler also works under a memory limit:
+5.6 GiB with remat. The plan uses it unless `--cpu-scheduler concurrency` (the default CPU compiler's plan)."""
 
 
-def set_host_devices(count: int, fast_compile: bool = False) -> None:
-    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked); must run before jax is
-    imported (ValueError otherwise)."""
+def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: bool = True) -> None:
+    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked, and MEMORY_SCHEDULER_FLAG unless
+    not); must run before jax is imported (ValueError otherwise)."""
     if "jax" in sys.modules:
         raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     ours = [f"--xla_force_host_platform_device_count={count}"]
     if fast_compile:
         ours += [f for f in FAST_COMPILE_FLAGS if f not in kept]
+    if memory_scheduler and not any("concurrency_optimized_scheduler" in f for f in kept):
+        ours.append(MEMORY_SCHEDULER_FLAG)
     # Ours first: XLA stops reading at a token that is not a flag (tests/conftest.py passes one).
     os.environ["XLA_FLAGS"] = " ".join(ours + kept)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -225,9 +275,9 @@ def set_host_devices(count: int, fast_compile: bool = False) -> None:
 
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
                objective: str | None = None, lora_rank: int = 0):
-    """The trainer's jitted step for the sd15 preset (or its --small stand-in) and abstract arguments.
+    """The trainer's jitted step for the sd15 or sdxl preset (or the --small stand-in) and abstract arguments.
 
-    size: "sd15" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
+    size: "sd15", "sdxl" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
     devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
     preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); lora_rank: > 0 for a LoRA run
     (`--model.lora_rank`, the LCM-LoRA default targets, alpha = rank): the state holds only the adapters and the
@@ -249,7 +299,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     from flowmap_jax.unet.unet_2d_condition import abstract_unet_params
 
     spec = SIZES[size]
-    config = presets.sd15()
+    config = presets.PRESETS[spec["preset"]]()
     config.data.batch_size = int(batch)
     config.data.sample_shape = spec["latent"]
     if fsdp_min_size is not None:
@@ -273,6 +323,9 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     teacher_unet = FlaxUNet2DConditionModel(UNetConfig.from_dict(unet_config), dtype=dtype, remat=config.model.remat)
     length, dim = spec["context"]
     uncond = {"encoder_hidden_states": jax.ShapeDtypeStruct((1, length, dim), jnp.float32)}
+    if spec["text_embeds"]:  # SDXL: the pooled text embedding and the six size/crop time ids
+        uncond["added_cond_kwargs"] = {"text_embeds": jax.ShapeDtypeStruct((1, spec["text_embeds"]), jnp.float32),
+                                       "time_ids": jax.ShapeDtypeStruct((1, 6), jnp.float32)}
     teacher = Teacher.create(unet_teacher_fn(teacher_unet), teacher_params_compute, schedule, prediction_type,
                              guidance_scale=jnp.float32(config.teacher.guidance_scale), uncond=uncond)
 
@@ -319,6 +372,10 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
                   "cond": {"encoder_hidden_states": jax.ShapeDtypeStruct((batch, length, dim), jnp.float32,
                                                                          sharding=batch_sharding)},
                   "example_id": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
+    if spec["text_embeds"]:
+        batch_args["cond"]["added_cond_kwargs"] = {
+            "text_embeds": jax.ShapeDtypeStruct((batch, spec["text_embeds"]), jnp.float32, sharding=batch_sharding),
+            "time_ids": jax.ShapeDtypeStruct((batch, 6), jnp.float32, sharding=batch_sharding)}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
@@ -438,7 +495,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     del result["compiled"]
     forward = forward_flops_per_example(plan)
     model_flops = forward * model_passes * batch
-    row = dict(preset="sd15" if size == "sd15" else f"sd15 ({size})", objective="+".join(plan["objectives"]),
+    row = dict(preset=size if size in ("sd15", "sdxl") else f"sd15 ({size})", objective="+".join(plan["objectives"]),
                lora_rank=plan["lora_rank"], forward_equivalents=equivalents, model_passes=model_passes,
                hardware_passes=hardware_passes,
                mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
@@ -446,7 +503,9 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
                fsdp_sharded_params=plan["fsdp_sharded_params"], fsdp_min_size=fsdp_min_size,
                forward_flops_per_example=forward, model_flops_per_step=model_flops,
                analytic_flops_per_step=forward * hardware_passes * batch,
-               xla_flops_per_step=result["xla_flops_per_device"] * n, jax_version=jax.__version__, **result)
+               xla_flops_per_step=result["xla_flops_per_device"] * n, jax_version=jax.__version__,
+               cpu_scheduler="memory" if MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "") else "concurrency",
+               **result)
     row["xla_vs_analytic"] = row["xla_flops_per_step"] / row["analytic_flops_per_step"]
     mem = row["memory"]
     row.update(arguments_gib=mem["argument"] / 2**30, temp_gib=mem["temp"] / 2**30, total_gib=mem["total"] / 2**30,
@@ -513,16 +572,16 @@ def flops_table(rows, target_step_s) -> str:
 
 def describe(rows, args) -> str:
     r = rows[0]
-    h, w, c = SIZES["small" if args.small else "sd15"]["latent"]
-    length, dim = SIZES["small" if args.small else "sd15"]["context"]
+    h, w, c = SIZES[args.size]["latent"]
+    length, dim = SIZES[args.size]["context"]
     split = "; ".join(f"{row['objective']}: " + ", ".join(f"{k} {v}" for k, v in row["forward_equivalents"].items())
                       for row in {row["objective"]: row for row in rows}.values())
-    return (f"{'--small UNet' if args.small else 'SD 1.5 UNet'} ({r['student_params'] / 1e6:.1f}M student parameters "
+    return (f"{ {'small': '--small UNet', 'sd15': 'SD 1.5 UNet', 'sdxl': 'SDXL base UNet'}[args.size]} ({r['student_params'] / 1e6:.1f}M student parameters "
             f"with the target-time hook, teacher {r['teacher_params'] / 1e6:.1f}M frozen, in the compute dtype, "
             f"split over the fsdp axis like the student), latents "
             f"{h}x{w}x{c}, context {length}x{dim}, global batch {r['global_batch']} on {r['devices']} simulated devices; "
             f"objective {', '.join(sorted({row['objective'] for row in rows}))}, CFG teacher (one batched call), "
-            f"bf16 compute, fp32 params, remat per block, AdamW + EMA, the UNet on each device's whole batch; "
+            f"bf16 compute, fp32 params, remat per layer, AdamW + EMA, the UNet on each device's whole batch; "
             f"FSDP splits parameters of >= {r['fsdp_min_size']} elements ({r['fsdp_sharded_params'] / 1e6:.1f}M "
             f"of them). jax {r['jax_version']}, XLA CPU.\n\n"
             f"Analytic FLOPs: one student UNet forward = {r['forward_flops_per_example'] / 1e9:.4g} GFLOP per example "
@@ -554,7 +613,7 @@ def record_rows(path, rows) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    set_host_devices(args.devices, args.fast_compile)
+    set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory")
     import jax
 
     if jax.device_count() != args.devices:
@@ -562,7 +621,7 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
-    size = "small" if args.small else "sd15"
+    size = args.size
     objective = None if args.objective == "preset" else args.objective
     rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective,
                      lora_rank=args.lora_rank) for mode in modes]

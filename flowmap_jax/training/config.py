@@ -77,7 +77,7 @@ class ModelConfig:
     """How the flow-map network (initialised from the teacher) is computed."""
 
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
-    remat: bool = False  # rematerialise each UNet block (saves memory, costs compute)
+    remat: bool = False  # rematerialise each ResNet and transformer layer of the UNet (saves memory, costs one more forward)
     parameterization: Literal["auto", "angle", "linear", "teacher_step"] = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step
     lora_rank: int = 0  # LoRA: adapters of this rank on the frozen teacher UNet (0: fine-tune every parameter); the flow map's own inputs train in full
     lora_alpha: float | None = None  # LoRA scale alpha / rank on the update (default: alpha = rank, no scaling, as diffusers' LCM-LoRA script)

@@ -27,7 +27,7 @@ class BlockSettings(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
-    remat_layers: bool = False
+    remat_layers: bool = False  # rematerialise each resnet and transformer layer in the backward pass
     dtype: jnp.dtype = jnp.float32
 
     def resnet(self, index, output_scale_factor=1.0):
