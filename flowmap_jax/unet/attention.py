@@ -113,6 +113,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
+    remat_blocks: bool = False  # rematerialise each BasicTransformerBlock in the backward pass (diffusers' granularity)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -126,8 +127,9 @@ class Transformer2DModel(nn.Module):
         else:
             h = nn.Conv(inner, (1, 1), padding=((0, 0), (0, 0)), dtype=self.dtype, name="proj_in")(h)
             h = h.reshape(batch, height * width, inner)
+        block_class = nn.remat(BasicTransformerBlock) if self.remat_blocks else BasicTransformerBlock
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(
+            h = block_class(
                 self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
                 self.attention_implementation, dtype=self.dtype, name=f"transformer_blocks_{i}",
             )(h, context)

@@ -27,7 +27,7 @@ class BlockSettings(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
-    remat_layers: bool = False  # rematerialise each resnet and transformer layer in the backward pass
+    remat_layers: bool = False  # rematerialise each resnet and each BasicTransformerBlock in the backward pass
     dtype: jnp.dtype = jnp.float32
 
     def resnet(self, index, output_scale_factor=1.0):
@@ -37,10 +37,10 @@ class BlockSettings(nn.Module):
         )
 
     def attention(self, index, channels):
-        return (nn.remat(Transformer2DModel) if self.remat_layers else Transformer2DModel)(
+        return Transformer2DModel(
             self.heads, channels // self.heads, self.transformer_layers[index], self.groups,
             self.use_linear_projection, self.only_cross_attention, self.upcast_attention,
-            self.attention_implementation, dtype=self.dtype, name=f"attentions_{index}",
+            self.attention_implementation, remat_blocks=self.remat_layers, dtype=self.dtype, name=f"attentions_{index}",
         )
 
 
