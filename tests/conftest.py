@@ -47,3 +47,26 @@ def sdxl_pipeline(tmp_path_factory):
     from tests.sd_pipelines import write_sdxl_pipeline
 
     return write_sdxl_pipeline(tmp_path_factory.mktemp("sdxl_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def sd15_flow_pipeline(tmp_path_factory, sd15_pipeline):
+    """A FlowMapPipeline folder (`conversion.pipeline_export.write_pipeline`) of an untrained "teacher_step" flow
+    map on the tiny SD 1.x pipeline: its jumps are the teacher's DDIM steps."""
+    from conversion.pipeline_export import write_pipeline
+    from tests.sd_pipelines import export_untrained_flow_map
+
+    tmp = tmp_path_factory.mktemp("sd15_flow")
+    unet = export_untrained_flow_map(sd15_pipeline, tmp / "unet")
+    return write_pipeline(unet, str(sd15_pipeline), tmp / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def sdxl_flow_pipeline(tmp_path_factory, sdxl_pipeline):
+    """The same on the tiny SDXL pipeline."""
+    from conversion.pipeline_export import write_pipeline
+    from tests.sd_pipelines import export_untrained_flow_map
+
+    tmp = tmp_path_factory.mktemp("sdxl_flow")
+    unet = export_untrained_flow_map(sdxl_pipeline, tmp / "unet")
+    return write_pipeline(unet, str(sdxl_pipeline), tmp / "pipeline")

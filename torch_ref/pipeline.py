@@ -248,9 +248,11 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
             self._lora_scale = lora_scale
             scale_lora_layers(self.text_encoder, lora_scale)
         try:
+            if clip_skip is not None and prompt_embeds is None:
+                prompt_embeds = self._clip_skip_embeds(prompt, device, int(clip_skip))
             embeds, negative = StableDiffusionPipeline.encode_prompt(
                 self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         finally:
             if scaled:
                 unscale_lora_layers(self.text_encoder, lora_scale)
@@ -258,6 +260,22 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
                 and self.config.force_zeros_for_empty_prompt):
             negative = torch.zeros_like(negative)
         return embeds, negative, None, None
+
+    def _clip_skip_embeds(self, prompt, device, clip_skip: int) -> torch.Tensor:
+        """(B, L, D) SD 1.x prompt embeddings with `clip_skip` as diffusers' `StableDiffusionPipeline.encode_prompt`
+        means it: the hidden states `clip_skip` layers before the last, through CLIP's final layer norm. Done
+        here because diffusers 0.42 looks the norm up as `text_encoder.text_model.final_layer_norm`, which
+        transformers 5's CLIPTextModel no longer has (its modules sit on the model itself)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = self.maybe_convert_prompt(prompts, self.tokenizer)  # textual inversion tokens
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(device)
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int, dtype, device,
                         generator=None, latents=None) -> torch.Tensor:
