@@ -17,7 +17,6 @@ pytest.importorskip("transformers")
 
 from tests.sd_pipelines import IMAGE_SIZE, LATENT_SIZE, export_untrained_flow_map
 
-
 # Fixtures sd15_flow_pipeline, sdxl_flow_pipeline: tests/conftest.py (session-wide).
 
 
@@ -181,8 +180,8 @@ def test_sample_clis_take_prompts(tmp_path, sd15_flow_pipeline):
 def test_decoded_images_jax_equal_the_pipeline(which, request):
     """From the same prompt embeddings and noise, JAX's N-jump latents (`flowmap_jax.sample` on the pipeline's
     unet/ export), decoded with the pipeline's VAE, equal FlowMapPipeline(output_type="np") images."""
-    from flowmap_jax.data import encoders
     from flowmap_jax import sample as jax_sample
+    from flowmap_jax.data import encoders
     from flowmap_jax.spec.layout import nchw_to_nhwc
     from torch_ref.pipeline import FlowMapPipeline
 

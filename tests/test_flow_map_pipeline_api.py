@@ -209,7 +209,8 @@ def test_callback_on_step_end_sees_every_jump_and_interrupt(sd15_flow_pipeline, 
         p._interrupt = True
         return kwargs
 
-    first = pipe(PROMPTS, num_inference_steps=3, latents=latents, output_type="latent", callback_on_step_end=stop).images
+    first = pipe(PROMPTS, num_inference_steps=3, latents=latents, output_type="latent",
+                 callback_on_step_end=stop).images
     torch.testing.assert_close(first, seen[0][2], rtol=0, atol=0)  # jumps after the first skipped
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipe(PROMPTS, num_inference_steps=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["x"])
@@ -260,7 +261,7 @@ def test_guidance_rescale_rescales_the_guided_jump(sd15_flow_pipeline):
         x_c = loaded.flow_map(None, latents, 999.0, -1.0, loaded.cond(2, **enc.encode(PROMPTS)))
         x_u = loaded.flow_map(None, latents, 999.0, -1.0, loaded.cond(2, **enc.encode(["", ""])))
     guided = x_u + w * (x_c - x_u)
-    std = lambda v: v.std(dim=(1, 2, 3), keepdim=True)  # noqa: E731
+    std = lambda v: v.std(dim=(1, 2, 3), keepdim=True)
     want = r * guided * std(x_c) / std(guided) + (1 - r) * guided
     # one batched (cond, uncond) call against two calls, std's reductions: measured max |diff| 5.3e-5 (|X| up to 51)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-4)

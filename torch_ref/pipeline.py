@@ -35,9 +35,10 @@ folder; the LoRA files themselves are the `--lora` export). So is a LoRA added w
 
 Sampling: N jumps of the flow map built from the UNet and flowmap.json (`torch_ref.export_loading.flow_map_from_unet`,
 the same map `torch_ref.sample.sample` jumps with), one jump at a time (`torch_ref.pipeline_jumps`), so the
-pipeline follows the export's parameterisation. Times: `num_inference_steps=N` is `flowmap_jax.spec.time_grid.time_grid(schedule, N)`
-(uniform in teacher time from the noise end to the clean end); `timesteps=[...]` gives the N source times
-from noise to data (diffusers' convention), the clean end appended unless already last. Latents (B, C, h, w)
+pipeline follows the export's parameterisation. Times: `num_inference_steps=N` is
+`flowmap_jax.spec.time_grid.time_grid(schedule, N)` (uniform in teacher time from the noise end to the clean
+end); `timesteps=[...]` gives the N source times from noise to data (diffusers' convention), the clean end
+appended unless already last. Latents (B, C, h, w)
 start as standard normal noise (`generator`, or `latents=`; `prepare_latents`), are decoded by the VAE after
 division by `scaling_factor` (plus `shift_factor`, if any).
 
@@ -82,7 +83,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import (
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -233,7 +237,11 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
         where force_zeros_for_empty_prompt and no negative is given). The negatives only with
         do_classifier_free_guidance."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+        from diffusers.utils import (
+            USE_PEFT_BACKEND,
+            scale_lora_layers,
+            unscale_lora_layers,
+        )
 
         device = device or self._execution_device
         if self.text_encoder_2 is not None:
@@ -432,7 +440,8 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
             pooled_prompt_embeds, negative_pooled_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
         takes_pooled = self.unet.config.get("addition_embed_type") == "text_time"
         if takes_pooled and add_text_embeds is None:
-            raise ValueError("the UNet takes pooled text embeddings (SDXL): pass pooled_prompt_embeds with prompt_embeds")
+            raise ValueError("the UNet takes pooled text embeddings (SDXL): pass pooled_prompt_embeds with "
+                             "prompt_embeds")
         if takes_pooled and do_cfg and negative_pooled_prompt_embeds is None:
             raise ValueError("pass negative_pooled_prompt_embeds with negative_prompt_embeds (SDXL)")
 
@@ -484,12 +493,13 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
                 else:
                     x = jump(x, t_cur, t_next)
                 if callback_on_step_end is not None:
-                    names = {"latents": x, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                    names = {"latents": x, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds,
                              "add_text_embeds": add_text_embeds,
                              "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
                              "add_time_ids": add_time_ids, "negative_add_time_ids": negative_add_time_ids}
-                    outputs = callback_on_step_end(self, i, t_cur, {k: names[k] for k in callback_on_step_end_tensor_inputs})
-                    outputs = outputs or {}
+                    wanted = {k: names[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t_cur, wanted) or {}
                     x = outputs.pop("latents", x)
                     prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)

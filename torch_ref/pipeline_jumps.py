@@ -47,7 +47,9 @@ def guided_jump(flow_map, x, t_source, t_target, cond, uncond, scale: float, gui
     x_cond, x_uncond = out[:batch], out[batch:]
     guided = x_uncond + float(scale) * (x_cond - x_uncond)
     if guidance_rescale > 0:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            rescale_noise_cfg,
+        )
 
         guided = rescale_noise_cfg(guided, x_cond, guidance_rescale=float(guidance_rescale))
     return guided
