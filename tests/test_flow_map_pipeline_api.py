@@ -112,8 +112,8 @@ def test_a_lora_flow_map_is_saved_merged(tmp_path, sd15_pipeline, lora_folder):
     loaded = _pipe(tmp_path / "merged")
     assert not any(isinstance(m, BaseTunerLayer) for m in loaded.unet.modules())
     got = loaded(PROMPTS, generator=_gen(1), **kwargs).images
-    # W + B A merged against peft's separate branch: measured max |diff| 1.2e-7 (images in [0, 1])
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+    # W + B A merged against peft's separate branch: measured max |diff| 1.7e-6 (images in [0, 1])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
     loaded.save_pretrained(tmp_path / "again")
     np.testing.assert_array_equal(_pipe(tmp_path / "again")(PROMPTS, generator=_gen(1), **kwargs).images, got)
 
