@@ -85,7 +85,7 @@ def test_save_pretrained_round_trip_twice(tmp_path, sd15_flow_pipeline):
     noise = torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(np.load(tmp_path / "torch" / "noise.npy"))))
     want = original("a photo of the cat", num_inference_steps=2, latents=noise, output_type="latent").images
     want = want.permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "torch" / "samples.npy"), want, rtol=0, atol=1e-6)  # measured 0
+    np.testing.assert_allclose(np.load(tmp_path / "torch" / "samples.npy"), want, rtol=0, atol=1e-6)  # the same torch computation
     jax_latents = np.load(tmp_path / "jax" / "samples.npy")
     assert np.abs(jax_latents - want).max() / np.abs(want).max() < 1e-4  # fp32 CPU; issue 12's bound
 
@@ -243,7 +243,7 @@ def test_eta_is_the_samplers_gamma(sd15_flow_pipeline):
     loaded = pipe.loaded_flow_map()
     want = sample(loaded, latents, pipe.time_grid(loaded.config.schedule, 3), pipe.prompt_encoder().encode(PROMPTS),
                   gamma=0.6, renoise=noise)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same formula: measured 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same formula and noise
     assert (got - plain).abs().max() > 0.1
     with pytest.raises(ValueError, match="eta"):
         pipe(PROMPTS, num_inference_steps=2, eta=1.5)
