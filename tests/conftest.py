@@ -11,12 +11,12 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 try:
-    import torch  # noqa: E402
+    import torch
 
     torch.set_num_threads(1)
 except ImportError:  # the JAX-only tests run without torch
@@ -47,3 +47,26 @@ def sdxl_pipeline(tmp_path_factory):
     from tests.sd_pipelines import write_sdxl_pipeline
 
     return write_sdxl_pipeline(tmp_path_factory.mktemp("sdxl_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def sd15_flow_pipeline(tmp_path_factory, sd15_pipeline):
+    """A FlowMapPipeline folder (`conversion.pipeline_export.write_pipeline`) of an untrained "teacher_step" flow
+    map on the tiny SD 1.x pipeline: its jumps are the teacher's DDIM steps."""
+    from conversion.pipeline_export import write_pipeline
+    from tests.sd_pipelines import export_untrained_flow_map
+
+    tmp = tmp_path_factory.mktemp("sd15_flow")
+    unet = export_untrained_flow_map(sd15_pipeline, tmp / "unet")
+    return write_pipeline(unet, str(sd15_pipeline), tmp / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def sdxl_flow_pipeline(tmp_path_factory, sdxl_pipeline):
+    """The same on the tiny SDXL pipeline."""
+    from conversion.pipeline_export import write_pipeline
+    from tests.sd_pipelines import export_untrained_flow_map
+
+    tmp = tmp_path_factory.mktemp("sdxl_flow")
+    unet = export_untrained_flow_map(sdxl_pipeline, tmp / "unet")
+    return write_pipeline(unet, str(sdxl_pipeline), tmp / "pipeline")

@@ -17,23 +17,7 @@ pytest.importorskip("transformers")
 
 from tests.sd_pipelines import IMAGE_SIZE, LATENT_SIZE, export_untrained_flow_map
 
-
-@pytest.fixture(scope="module")
-def sd15_flow_pipeline(tmp_path_factory, sd15_pipeline):
-    from conversion.pipeline_export import write_pipeline
-
-    tmp = tmp_path_factory.mktemp("sd15_flow")
-    unet = export_untrained_flow_map(sd15_pipeline, tmp / "unet")
-    return write_pipeline(unet, str(sd15_pipeline), tmp / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def sdxl_flow_pipeline(tmp_path_factory, sdxl_pipeline):
-    from conversion.pipeline_export import write_pipeline
-
-    tmp = tmp_path_factory.mktemp("sdxl_flow")
-    unet = export_untrained_flow_map(sdxl_pipeline, tmp / "unet")
-    return write_pipeline(unet, str(sdxl_pipeline), tmp / "pipeline")
+# Fixtures sd15_flow_pipeline, sdxl_flow_pipeline: tests/conftest.py (session-wide).
 
 
 def _ddim_reference(pipeline_cls, folder, latents, **kwargs):
@@ -196,8 +180,8 @@ def test_sample_clis_take_prompts(tmp_path, sd15_flow_pipeline):
 def test_decoded_images_jax_equal_the_pipeline(which, request):
     """From the same prompt embeddings and noise, JAX's N-jump latents (`flowmap_jax.sample` on the pipeline's
     unet/ export), decoded with the pipeline's VAE, equal FlowMapPipeline(output_type="np") images."""
-    from flowmap_jax.data import encoders
     from flowmap_jax import sample as jax_sample
+    from flowmap_jax.data import encoders
     from flowmap_jax.spec.layout import nchw_to_nhwc
     from torch_ref.pipeline import FlowMapPipeline
 
