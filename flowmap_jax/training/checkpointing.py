@@ -125,6 +125,10 @@ class Checkpointer:
         self._error_filter = _QuietOrbaxErrors()
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(self._error_filter)
+        # A save that fails (disk full) fails in Orbax's threads before the step loop hears of it, and TensorStore's
+        # writes still in flight then call back into Orbax's closed event loop: their "Event loop is closed"
+        # reports must be dropped from the start, not once the failure is known.
+        _install_unraisable_orbax_filter()
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, train_state, rng, data_position: int, extra: dict | None = None, wait: bool = False) -> int:
@@ -160,6 +164,7 @@ class Checkpointer:
     def _write_failed(self, step, error) -> None:
         """Wait for the step's other writes, remove its temporary folders, raise CheckpointWriteError (once)."""
         self._failed = step
+        _install_unraisable_orbax_filter()  # again, in case something replaced it since (pytest does)
         self._wait_for_orbax_writes()
         self._remove_partial(step)
         cause = error
@@ -312,16 +317,25 @@ def _quiet_abandoned_orbax_reads() -> None:
     into the closed loop ("Event loop is closed" from `call_soon_threadsafe`) is treated the same way.
     The garbage collection is run here (its "coroutine ... was never awaited" warnings, of reads Orbax never
     started, are dropped)."""
-    global _previous_unraisablehook
-    if sys.unraisablehook is not _unraisable_orbax_read_to_log:  # not yet, or replaced since (pytest)
-        _previous_unraisablehook = sys.unraisablehook
-        sys.unraisablehook = _unraisable_orbax_read_to_log
+    _install_unraisable_orbax_filter()
     with warnings.catch_warnings():  # Orbax's read coroutines that never started, collected here
         warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
         gc.collect()
 
 
 _previous_unraisablehook = None
+
+
+def _install_unraisable_orbax_filter() -> None:
+    """The narrow `sys.unraisablehook` of `_unraisable_orbax_read_to_log`, installed once for the process (again
+    if something replaced it since, as pytest does). After a failed restore, and after a failed save: there
+    TensorStore's writes still in flight finish into Orbax's closed event loop, each callback raising "Event
+    loop is closed" from `call_soon_threadsafe` (hundreds of tracebacks on a full disk, printed after the
+    error line, measured on a 40 MiB tmpfs); they go to this module's debug log."""
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _unraisable_orbax_read_to_log:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable_orbax_read_to_log
 
 
 def _unraisable_orbax_read_to_log(unraisable) -> None:
