@@ -385,6 +385,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
             "teacher_specs": teacher_specs, "objectives": names,
             "params": params, "unet_params": unet_params, "unet": student_unet, "config": config, "optimizer": optimizer,
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
+            "text_embeds": spec["text_embeds"],
             "student_params": count(params), "teacher_params": count(teacher_params), "lora_rank": int(lora_rank),
             "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
 
@@ -450,8 +451,13 @@ def forward_flops_per_example(plan) -> int:
     unet = plan["unet"]
     args = (plan["unet_params"], jax.ShapeDtypeStruct((1, h, w, c), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
             jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1, length, dim), jnp.float32))
-    return bs.count_flops(lambda p, x, s, t, ctx: unet.apply({"params": p}, x, s, class_labels=t,
-                                                               encoder_hidden_states=ctx), *args)
+    added = None
+    if plan.get("text_embeds"):  # SDXL's text_time conditioning
+        added = {"text_embeds": jax.ShapeDtypeStruct((1, plan["text_embeds"]), jnp.float32),
+                 "time_ids": jax.ShapeDtypeStruct((1, 6), jnp.float32)}
+    return bs.count_flops(lambda p, x, s, t, ctx, extra: unet.apply({"params": p}, x, s, class_labels=t,
+                                                                      encoder_hidden_states=ctx,
+                                                                      added_cond_kwargs=extra), *args, added)
 
 
 def _cost(compiled) -> dict:
@@ -491,9 +497,9 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     model_passes, hardware_passes = passes(equivalents)
     n = plan["mesh"].size
     log(f"{mode}: mesh {dict(plan['mesh'].shape)}, batch {batch} ({batch // n} per device); lowering and compiling")
+    forward = forward_flops_per_example(plan)  # before the (long) compile: a mistake here costs seconds
     result = compile_plan(plan)
     del result["compiled"]
-    forward = forward_flops_per_example(plan)
     model_flops = forward * model_passes * batch
     row = dict(preset=size if size in ("sd15", "sdxl") else f"sd15 ({size})", objective="+".join(plan["objectives"]),
                lora_rank=plan["lora_rank"], forward_equivalents=equivalents, model_passes=model_passes,
