@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py OUT_DIR                       # < 8 minutes on one H100/A100
     python benchmarks/gpu_check.py OUT_DIR --batch 8 --torch-compile all --peak-tflops 989
     python benchmarks/gpu_check.py OUT_DIR --train-step --skip parity,torch   # + the full-size SD 1.5 train step
+    python benchmarks/gpu_check.py OUT_DIR --train-step --train-lora-rank 64 --skip parity,jax,torch   # its LoRA step
     python benchmarks/gpu_check.py --help
 
 Needs an NVIDIA GPU with JAX's CUDA build (`pip install -e ".[torch,dev,cuda12]"`) and a CUDA build of
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training step (benchmarks/sd15_step_plan.py) with its own 420 s cap")
     p.add_argument("--train-batch", type=int, default=32, help="--train-step: examples per GPU (default 32: the "
                    "sd15 preset's batch 256 over 8 GPUs)")
+    p.add_argument("--train-lora-rank", type=int, default=0, help="--train-step: a LoRA run of this rank (the "
+                   "adapters on the frozen UNet, sd15_step_plan --lora-rank); 0 (default): the full fine-tune")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (parity, jax, torch)")
     p.add_argument("--_stage", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
@@ -475,7 +478,8 @@ def stage_trainstep(args, work: Path, rec: Recorder):
         rows.append(row)
         log(f"trainstep: {size}, batch {per_device} per device on {len(devices)} device(s): compiling")
         try:
-            plan = plan_lib.build_step(size, "dp", batch, devices=devices)
+            plan = plan_lib.build_step(size, "dp", batch, devices=devices, lora_rank=args.train_lora_rank)
+            row["lora_rank"] = args.train_lora_rank
             result = plan_lib.compile_plan(plan)
             compiled = result.pop("compiled")
             row.update(result)
@@ -532,7 +536,8 @@ def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float) -> di
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.remat:
         cmd.append("--remat")
-    cmd += ["--attention", args.attention, "--train-batch", str(args.train_batch)]
+    cmd += ["--attention", args.attention, "--train-batch", str(args.train_batch),
+            "--train-lora-rank", str(args.train_lora_rank)]
     if args._cpu_dry_run:
         cmd.append("--_cpu-dry-run")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=str(ROOT))
