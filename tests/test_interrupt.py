@@ -16,19 +16,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_swallowed_ctrl_c_is_raised_again_at_the_next_step():
-    guard = checkpointing.PreemptionGuard()
+    # As in a terminal: Python's own handler. (A process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and the guard leaves an ignored signal ignored.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert signal.getsignal(signal.SIGINT) == guard._handle_interrupt
-        guard.check_interrupt()  # nothing yet
-        try:  # what a garbage-collection callback does to the exception: drops it
-            os.kill(os.getpid(), signal.SIGINT)
-        except KeyboardInterrupt:
-            pass
-        with pytest.raises(KeyboardInterrupt):
-            guard.check_interrupt()
+        guard = checkpointing.PreemptionGuard()
+        try:
+            assert signal.getsignal(signal.SIGINT) == guard._handle_interrupt
+            guard.check_interrupt()  # nothing yet
+            try:  # what a garbage-collection callback does to the exception: drops it
+                os.kill(os.getpid(), signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+            with pytest.raises(KeyboardInterrupt):
+                guard.check_interrupt()
+        finally:
+            guard.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        guard.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_inside_a_gc_callback_during_training_exits_130(tmp_path):
@@ -42,6 +48,7 @@ def test_ctrl_c_inside_a_gc_callback_during_training_exits_130(tmp_path):
         from flowmap_jax.cli import cli_exit
         from tests import train_support
 
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
         marker = os.path.join({str(run_dir)!r}, "checkpoints", "4")
         fired = []
 
