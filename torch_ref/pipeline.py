@@ -149,7 +149,20 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
         module = Path(os.fspath(pretrained_model_name_or_path)) / PIPELINE_MODULE_FILE
         if module.is_file() and module.read_text() == PIPELINE_MODULE_SOURCE:
             kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if cls is not FlowMapPipeline and type(pipe) is FlowMapPipeline:  # the folder names FlowMapPipeline
+            folder = getattr(pipe, "_flow_map_folder", None)
+            pipe = cls(**pipe.components)
+            if folder is not None:
+                pipe._flow_map_folder = folder
+        return pipe
+
+    @property
+    def components(self) -> dict:
+        """diffusers' components plus the config (flow_map, force_zeros_for_empty_prompt), so that
+        `FlowMapPipeline(**pipe.components)` and `FlowMapImg2ImgPipeline(**pipe.components)` keep the flow map."""
+        return {**super().components, "flow_map": self.config.flow_map,
+                "force_zeros_for_empty_prompt": self.config.force_zeros_for_empty_prompt}
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant=None, max_shard_size=None,
                         push_to_hub: bool = False, **kwargs):

@@ -68,7 +68,8 @@ class FlowMapImg2ImgPipeline(FlowMapPipeline):
             raise ValueError(f"latents (the starting noise) have shape {tuple(latents.shape)}, expected {shape}")
         else:
             noise = latents.to(device=image_latents.device, dtype=torch.float32)
-        return noised_start(schedule, strength, image_latents, noise)
+        # contiguous: the VAE's output may be channels-last strided, and the UNet's convolutions round by layout
+        return noised_start(schedule, strength, image_latents, noise).contiguous()
 
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength: float = 0.6, num_inference_steps: int | None = None,
