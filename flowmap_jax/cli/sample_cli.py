@@ -6,7 +6,7 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
     python -m flowmap_jax.sample --model EXPORT --direction invert --timesteps=-1,499,999 --init samples/samples.npy
-    python -m torch_ref.sample   --model PIPELINE --prompt "a watercolour" --init-image photo.png --strength 0.6 --steps 1
+    python -m torch_ref.sample   --model PIPELINE --prompt "a watercolour" --init-image photo.png --strength 0.6
 
 The grid goes from noise to data (strictly decreasing times); an increasing grid is an error unless
 `--direction invert` asks for inversion (from `--init` data to noise).
