@@ -22,7 +22,9 @@ the VAE's factor (8); it is not resized.
 from __future__ import annotations
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    retrieve_latents,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from flowmap_jax.spec.img2img import check_strength, img2img_grid, noised_start

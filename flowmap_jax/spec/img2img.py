@@ -24,7 +24,7 @@ import numpy as np
 from flowmap_jax.spec.schedule import ScheduleConfig, alpha_sigma
 from flowmap_jax.spec.time_grid import time_grid
 
-__all__ = ["check_strength", "img2img_grid", "noised_start", "start_time", "start_coefficients"]
+__all__ = ["check_strength", "img2img_grid", "noised_start", "start_coefficients", "start_time"]
 
 
 def check_strength(strength, name: str = "strength") -> float:
