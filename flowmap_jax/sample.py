@@ -124,9 +124,11 @@ def sample(loaded: LoadedFlowMap, noise, timesteps, cond=None, guidance_scale=No
     return np.asarray(jax.device_get(out), np.float32)
 
 
-# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch).
+# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch),
+# --init-image through its VAE too.
 PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_conditioning,
-                                            decode_latents=encoders.decode_latents)
+                                            decode_latents=encoders.decode_latents,
+                                            encode_images=encoders.encode_images)
 
 
 def _run(request: sample_cli.SampleRequest):

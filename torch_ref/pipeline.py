@@ -67,6 +67,10 @@ diffusers' call arguments (SD / SDXL / LCM pipelines):
   conditional rows only, the negatives separate); a returned dict may replace latents and the conditioning.
   A `diffusers.callbacks.PipelineCallback` works as in diffusers. `pipe.interrupt` (set `pipe._interrupt =
   True` in a callback) skips the remaining jumps. Progress: `self.progress_bar`, `set_progress_bar_config`.
+Image-to-image: `torch_ref.pipeline_img2img.FlowMapImg2ImgPipeline`, this class started from a VAE-encoded image
+noised to the time `strength` picks (`flowmap_jax.spec.img2img`); it loads from the same folder
+(`FlowMapImg2ImgPipeline.from_pretrained(DIR)`: `from_pretrained` of a subclass returns the subclass) or takes
+`pipe.components` (which include the config: flow_map, force_zeros_for_empty_prompt).
 Loader mixins: diffusers' `StableDiffusionXLLoraLoaderMixin` (`load_lora_weights` on unet, text_encoder and
 text_encoder_2 where present; it takes SD 1.x LoRA files too, a missing text_encoder_2 is skipped) and
 `TextualInversionLoaderMixin` (`load_textual_inversion`).
@@ -149,7 +153,20 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
         module = Path(os.fspath(pretrained_model_name_or_path)) / PIPELINE_MODULE_FILE
         if module.is_file() and module.read_text() == PIPELINE_MODULE_SOURCE:
             kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if cls is not FlowMapPipeline and type(pipe) is FlowMapPipeline:  # the folder names FlowMapPipeline
+            folder = getattr(pipe, "_flow_map_folder", None)
+            pipe = cls(**pipe.components)
+            if folder is not None:
+                pipe._flow_map_folder = folder
+        return pipe
+
+    @property
+    def components(self) -> dict:
+        """diffusers' components plus the config (flow_map, force_zeros_for_empty_prompt), so that
+        `FlowMapPipeline(**pipe.components)` and `FlowMapImg2ImgPipeline(**pipe.components)` keep the flow map."""
+        return {**super().components, "flow_map": self.config.flow_map,
+                "force_zeros_for_empty_prompt": self.config.force_zeros_for_empty_prompt}
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant=None, max_shard_size=None,
                         push_to_hub: bool = False, **kwargs):

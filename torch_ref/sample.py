@@ -80,9 +80,11 @@ def sample(loaded: TorchFlowMapExport, noise, timesteps, cond=None, guidance_sca
     return out
 
 
-# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch).
+# --model may name a FlowMapPipeline folder: prompts through its text encoder(s), images through its VAE (PyTorch),
+# --init-image through its VAE too.
 PIPELINE_CODECS = sample_cli.PipelineCodecs(encode_prompts=encoders.prompt_conditioning,
-                                            decode_latents=encoders.decode_latents)
+                                            decode_latents=encoders.decode_latents,
+                                            encode_images=encoders.encode_images)
 
 
 def _run(request: sample_cli.SampleRequest):

@@ -6,6 +6,7 @@ pillow; no jax, no torch): each backend passes its own `run(request) -> samples`
     python -m torch_ref.sample   --model runs/digits/export --steps 4 --batch 16 --seed 0 --out samples_torch
     python -m torch_ref.sample   --model EXPORT --timesteps 999,600,300,-1 --gamma 0.3 --dtype fp16 --device cuda
     python -m flowmap_jax.sample --model EXPORT --direction invert --timesteps=-1,499,999 --init samples/samples.npy
+    python -m torch_ref.sample   --model PIPELINE --prompt "a watercolour" --init-image photo.png --strength 0.6
 
 The grid goes from noise to data (strictly decreasing times); an increasing grid is an error unless
 `--direction invert` asks for inversion (from `--init` data to noise).
@@ -20,10 +21,12 @@ UNet folder (give --cond); each backend loads the LoRA onto it with its own load
 With a FlowMapPipeline folder (`python -m conversion export RUN OUT --pipeline`) and --prompt: the prompts are
 encoded by its text encoder(s) and the latents decoded by its VAE, for either backend, through the
 `PipelineCodecs` the backend passes (PyTorch, `flowmap_jax.data.encoders`: this module imports no torch);
-images/NNNN.png and prompts.txt join the outputs.
+images/NNNN.png and prompts.txt join the outputs. With --init-image (image-to-image, `flowmap_jax.spec.img2img`)
+the image is encoded by the folder's VAE (the posterior mean: the same latents for both backends), noised with
+the --seed noise to the start time --strength picks, and --steps jumps go from there to the clean end.
 
 Outputs in --out: samples.npy (B, H, W, C) float32 and noise.npy (B, H, W, C) float32, the state at the grid's
-first time (drawn noise, or --init) (channels last in
+first time (drawn noise, --init, or the noised --init-image latents) (channels last in
 both backends), labels.npy (B,) int64 when labels were used, grid.png (rows of --grid-columns; 1- or
 3-channel samples in [-1, 1] are shown as images, other channel counts (latents) per-channel rescaled),
 and sample_info.json (the flags, the time grid, backend, device, dtype, seconds).
@@ -44,6 +47,7 @@ import numpy as np
 from flowmap_jax.cli import cli_exit
 from flowmap_jax.spec import time_grid as time_grid_rules
 from flowmap_jax.spec.export_format import ExportInfo, is_export, read_export
+from flowmap_jax.spec.img2img import check_strength, img2img_grid, noised_start
 from flowmap_jax.spec.label_table import (
     labels_to_encoder_hidden_states,
     read_label_embeddings,
@@ -89,6 +93,13 @@ def build_parser(prog: str, backend: str) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="the state at the grid's first time, a .npy (B, H, W, C) float "
                    "array, instead of drawn noise (with --direction invert: the samples to invert, e.g. a "
                    "samples.npy); --batch is then its length")
+    p.add_argument("--init-image", default=None, help="pipeline folders: image-to-image from this image file (PNG, "
+                   "JPEG; RGB, height and width multiples of the VAE's factor, which set the sample size): encoded "
+                   "by the folder's VAE (posterior mean), noised with the --seed noise to the time --strength picks, "
+                   "then --steps jumps from there to the clean end; the image is repeated to --batch")
+    p.add_argument("--strength", type=float, default=None, help="with --init-image: in (0, 1], how far towards "
+                   "the noise end the jumps start (diffusers' img2img strength; 1: pure noise, the image unused; "
+                   "default 0.6)")
     p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial (and re-noising) noise (default 0)")
     p.add_argument("--labels", default=None, help="class labels where the export has label embeddings: 'all' "
@@ -266,11 +277,32 @@ class PipelineCodecs:
 
     encode_prompts(folder, prompts (B,) list of str, image_hw (H, W) pixels) -> the UNet's conditioning
     {"encoder_hidden_states": (B, L, D)[, "added_cond_kwargs": {"text_embeds", "time_ids"}]} float32 numpy;
-    decode_latents(folder, latents (B, h, w, C) float32) -> (B, H, W, 3) float32 RGB about [-1, 1].
+    decode_latents(folder, latents (B, h, w, C) float32) -> (B, H, W, 3) float32 RGB about [-1, 1];
+    encode_images(folder, images (B, H, W, 3) float32 RGB in [-1, 1]) -> (B, h, w, C) float32 latents as the
+    UNet sees them (--init-image; None: this backend takes no --init-image).
     """
 
     encode_prompts: Callable[[Path, list, tuple], dict]
     decode_latents: Callable[[Path, np.ndarray], np.ndarray]
+    encode_images: Callable[[Path, np.ndarray], np.ndarray] | None = None
+
+
+def read_init_image(path: str, factor: int) -> np.ndarray:
+    """--init-image: an image file -> (H, W, 3) float32 RGB in [-1, 1]; H and W multiples of `factor`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-image: no file {path}")
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), np.float32)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--init-image: {path} is not an image file pillow reads: {err}") from None
+    h, w = pixels.shape[:2]
+    if h % factor or w % factor:
+        raise ValueError(f"--init-image: {path} is {w}x{h} pixels; width and height must be multiples of {factor} "
+                         f"(the VAE's factor)")
+    return pixels / 127.5 - 1.0
 
 
 def lora_export_info(args: argparse.Namespace) -> tuple[ExportInfo, Path | None]:
@@ -314,7 +346,22 @@ def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> S
     config = info.config
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.timesteps is not None:
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength needs --init-image (image-to-image)")
+    if args.init_image is not None:
+        strength = check_strength(0.6 if args.strength is None else args.strength, "--strength")
+        for flag, value in (("--init", args.init), ("--timesteps", args.timesteps), ("--direction", args.direction)):
+            if value is not None:
+                raise ValueError(f"{flag} cannot be combined with --init-image (the grid starts at the time "
+                                 f"--strength picks, from the encoded image)")
+        if pipeline is None or codecs is None or codecs.encode_images is None:
+            raise ValueError(f"--init-image needs --model to be a FlowMapPipeline folder (its vae/ encodes the "
+                             f"image); {args.model} is not one")
+    if args.init_image is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        grid = img2img_grid(config.schedule, strength, args.steps, spacing=args.spacing, name="--strength")
+    elif args.timesteps is not None:
         grid = parse_timesteps(args.timesteps)
         check_time_values(config.schedule, grid, "--timesteps")
     else:
@@ -334,9 +381,29 @@ def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> S
     if init is not None:
         args.batch = init.shape[0]
     h, w, c = default_sample_shape(info)
+    factor = None
+    if pipeline is not None:
+        with open(pipeline / "vae" / "config.json") as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    image = None
+    if args.init_image is not None:
+        image = read_init_image(args.init_image, factor)
+        h, w = image.shape[0] // factor, image.shape[1] // factor
+        for flag, value, own in (("--height", args.height, h), ("--width", args.width, w)):
+            if value is not None and value != own:
+                raise ValueError(f"{flag} {value} differs from the --init-image size ({own} latent pixels); leave "
+                                 f"it out")
     shape = (args.height or h, args.width or w, c)
     jumps = grid.shape[0] - 1
     noise, renoise = initial_noise(args.seed, args.batch, shape, jumps - 1 if args.gamma > 0 else 0)
+    if image is not None:  # x_s = alpha_s x0 + sigma_s eps from the seed's noise (spec.img2img)
+        latents = np.asarray(codecs.encode_images(pipeline, image[None]), np.float32)
+        if latents.shape[1:] != shape:
+            raise ValueError(f"--init-image encodes to latents of shape {latents.shape[1:]}; this flow map samples "
+                             f"{shape}")
+        latents = np.repeat(latents, args.batch, axis=0)
+        noise = np.ascontiguousarray(noised_start(config.schedule, strength, latents, noise, "--strength"),
+                                     np.float32)
     if init is not None:
         if init.shape[1:] != shape:
             raise ValueError(f"--init holds examples of shape {init.shape[1:]}; this export samples {shape} "
@@ -344,8 +411,6 @@ def prepare(args: argparse.Namespace, codecs: PipelineCodecs | None = None) -> S
         noise = init
     cond, labels = {}, None
     if pipeline is not None:
-        with open(pipeline / "vae" / "config.json") as f:
-            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
         rows = [prompts[i % len(prompts)] for i in range(args.batch)]
         cond.update(codecs.encode_prompts(pipeline, rows, (shape[0] * factor, shape[1] * factor)))
     if args.cond is not None:

@@ -20,7 +20,8 @@ or one that cannot be loaded, is a `DataError` naming the flag (--vae, --pipelin
   zeros where the pipeline says `force_zeros_for_empty_prompt` (SDXL), as diffusers' pipelines do with no
   negative prompt.
 - `encode_with_vae(images, vae, subfolder)`: `LatentCodec.encode` in one call (the image-folder dataset).
-- `prompt_conditioning(folder, prompts, image_hw)` and `decode_latents(folder, latents)`: what the sampling CLIs
+- `prompt_conditioning(folder, prompts, image_hw)`, `decode_latents(folder, latents)` and
+  `encode_images(folder, images)` (--init-image): what the sampling CLIs
   (`flowmap_jax.cli.sample_cli`, which imports no torch) use for a FlowMapPipeline folder.
 - `sdxl_time_ids(original_size, crop_top_left, target_size)`: SDXL's (6,) micro-conditioning
   [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (pixels; diffusers' `_get_add_time_ids` order).
@@ -45,6 +46,7 @@ __all__ = [
     "LatentCodec",
     "PromptEncoder",
     "decode_latents",
+    "encode_images",
     "encode_with_vae",
     "pick_device",
     "pipeline_file",
@@ -319,3 +321,9 @@ def decode_latents(folder, latents: np.ndarray, flag: str = "--model") -> np.nda
     """(B, h, w, C) latents as the UNet sees them -> (B, H, W, 3) float32 RGB about [-1, 1], through the
     pipeline folder's vae/ (`LatentCodec.decode`)."""
     return LatentCodec.from_pretrained(folder, "vae", flag=flag).decode(latents)
+
+
+def encode_images(folder, images: np.ndarray, flag: str = "--model") -> np.ndarray:
+    """(B, H, W, 3) RGB in [-1, 1] -> (B, H/f, W/f, C) float32 latents as the UNet sees them, through the
+    pipeline folder's vae/ (`LatentCodec.encode`: the posterior mean, scaled)."""
+    return LatentCodec.from_pretrained(folder, "vae", flag=flag).encode(images)

@@ -8,6 +8,7 @@ either framework. Each module has one job:
 - `schedule`: `ScheduleConfig` (the teacher's noise schedule and the time convention), read from a
   diffusers scheduler config; a float64 numpy `alpha_sigma`.
 - `time_grid`: sampling time grids (uniform, log-SNR).
+- `img2img`: image-to-image: `strength` -> the start time and grid, the noised start.
 - `time_pairs`: `TimePairConfig`, how training (s, t) pairs are drawn.
 - `objective_options`: `ObjectiveOptions`, the switches of the objectives.
 - `target_time_hook`: the flow map's target-time hook as a diffusers UNet config.
