@@ -199,10 +199,14 @@ def build(config, mesh) -> Parts:
 
             raise ConfigError(f"--objective.names / --objective.options: {error}") from None
     loss_fn = objectives.combine_objectives(named)
+    merged = None
     if lora_settings is not None:  # the student is the teacher's base plus the adapters, merged inside the step
-        from flowmap_jax.core.lora import on_merged_params
+        from flowmap_jax.core.lora import merge_params, on_merged_params
 
         loss_fn = on_merged_params(loss_fn, lora_settings.scale)
+        # Outside the step (sample grids, the quality table) the merge is one compiled program too: op by op on
+        # sharded arrays it is hundreds of small multi-device programs (and one aborted in XLA CPU under load).
+        merged = jax.jit(lambda base, trainable: merge_params(base, trainable, lora_settings.scale))
 
     # Samplers. The flow map's N-jump sampler is `samplers.flow_map_sample` over one compiled jump with
     # traced times (`samplers.make_jump`), so 1, 2 and 4 jumps share one compilation.
@@ -210,10 +214,8 @@ def build(config, mesh) -> Parts:
     teacher_cache = {}
 
     def sample_flow(params, teacher, noise, cond, jumps):
-        if lora_settings is not None:
-            from flowmap_jax.core.lora import merge_params
-
-            params = merge_params(teacher.params, params, lora_settings.scale)
+        if merged is not None:
+            params = merged(teacher.params, params)
         grid = time_grid(schedule, int(jumps), spacing=config.sample.spacing)
         if w_dim is not None:  # the guidance input at the teacher's own scale (the export's default w)
             w = jnp.full((noise.shape[0],), guidance_scale, jnp.float32)
