@@ -34,7 +34,8 @@ ONLY_TORCH = {
         "load_unet": "the stock diffusers UNet of an export, loaded strictly (no Flax counterpart needed)",
         "flow_map_from_unet": "wraps an already-loaded diffusers UNet (a FlowMapPipeline's unet/) and its "
                               "flowmap.json as the export's FlowMap; the diffusers pipeline exists in PyTorch only",
-        "DTYPES": "the torch dtypes by name (fp32, fp16, bf16)"},
+        "DTYPES": "the torch dtypes by name (fp32, fp16, bf16)",
+        "torch_dtype": "a torch dtype from its name in DTYPES (the JAX loaders cast with numpy dtypes)"},
     "lora_loading": {
         "lora_flow_map_unet": "the flow-map UNet of a LoRA on an already-loaded diffusers UNet (FlowMapPipeline."
                               "load_flow_map's); JAX merges parameter trees, it has no model object to build",

@@ -37,6 +37,7 @@ __all__ = [
     "flow_map_from_unet",
     "load_flow_map_export",
     "load_unet",
+    "torch_dtype",
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -107,6 +108,16 @@ class TorchFlowMapExport:
         return cond or None
 
 
+def torch_dtype(dtype) -> torch.dtype:
+    """A torch dtype, or its name in DTYPES ("fp32", "bf16", "float16", ...) -> the torch dtype; ValueError naming
+    the known names otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return dtype
+
+
 def load_unet(folder, device="cpu", dtype=torch.float32):
     """The stock diffusers UNet2DConditionModel of an export, weights loaded strictly from its safetensors
     (a missing, unexpected or wrong-shape key is an ExportFormatError naming the file and the keys)."""
@@ -135,10 +146,7 @@ def load_unet(folder, device="cpu", dtype=torch.float32):
 
 def load_flow_map_export(folder, device="cpu", dtype=torch.float32) -> TorchFlowMapExport:
     """An exported flow map as a PyTorch FlowMap. dtype: a torch dtype or "fp32"/"fp16"/"bf16"."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     device = torch.device(device)
     unet, info = load_unet(folder, device, dtype)
     return flow_map_from_unet(unet, info.unet_config, info.metadata, info.folder)

@@ -29,28 +29,18 @@ from flowmap_jax.spec.lora_format import (
     LORA_KEY_PREFIX,
     LORA_WEIGHTS_NAME,
     LoraExportInfo,
+    base_unet_subfolder,
     check_base_architecture,
-    lora_rank_of,
+    check_flow_map_inputs,
+    check_lora_rank,
     read_lora_export,
 )
-from flowmap_jax.spec.target_time_hook import (
-    add_guidance_input_config,
-    add_target_time_hook_config,
-)
-from torch_ref.export_loading import DTYPES, TorchFlowMapExport, flow_map_from_unet
+from flowmap_jax.spec.target_time_hook import hooked_unet_config
+from torch_ref.export_loading import TorchFlowMapExport, flow_map_from_unet, torch_dtype
 
-__all__ = ["ADAPTER_NAME", "hooked_unet_config", "load_lora_flow_map", "lora_flow_map_unet", "read_flow_map_inputs"]
+__all__ = ["ADAPTER_NAME", "load_lora_flow_map", "lora_flow_map_unet", "read_flow_map_inputs"]
 
 ADAPTER_NAME = "flow_map"
-
-
-# Copied from flowmap_jax.core.lora_loading.hooked_unet_config
-def hooked_unet_config(base_unet_config: dict, guidance_embedding_dim: int | None) -> dict:
-    """The flow-map UNet config on a base: the target-time hook, and the guidance input where flowmap.json has one."""
-    config = add_target_time_hook_config(dict(base_unet_config))
-    if guidance_embedding_dim is not None:
-        config = add_guidance_input_config(config, guidance_embedding_dim)
-    return config
 
 
 def read_flow_map_inputs(path: Path, unet, base_state: dict) -> dict:
@@ -59,15 +49,7 @@ def read_flow_map_inputs(path: Path, unet, base_state: dict) -> dict:
     (ExportFormatError naming the file and the key otherwise)."""
     expected = {key: tuple(value.shape) for key, value in unet.state_dict().items() if key not in base_state}
     state = load_file(str(path))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r} (not an input the "
-                                                                 "flow map adds to the base)")
-        raise ExportFormatError(f"{path}: {detail}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ExportFormatError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+    check_flow_map_inputs(expected, {key: tuple(value.shape) for key, value in state.items()}, path)
     return {key: value.float() for key, value in state.items()}
 
 
@@ -120,7 +102,7 @@ def lora_flow_map_unet(base_unet, info: LoraExportInfo, fuse: bool = False,
     where = str(info.folder / FLOWMAP_JSON)
     base_config = dict(base_unet.config)
     check_base_architecture(base_config, info.base_architecture, where, base_where)
-    _check_lora_rank(info)
+    check_lora_rank(_lora_shapes(info.lora_weights_path), info)
     unet = UNet2DConditionModel.from_config(hooked_unet_config(base_config, info.config.guidance_embedding_dim))
     base_state = base_unet.state_dict()
     expected = unet.state_dict()
@@ -144,17 +126,6 @@ def lora_flow_map_unet(base_unet, info: LoraExportInfo, fuse: bool = False,
     return unet.eval().requires_grad_(False)
 
 
-def _check_lora_rank(info: LoraExportInfo) -> int:
-    """The LoRA file's rank (`lora_rank_of` on its shapes, read without the tensors); ExportFormatError naming
-    the file unless it is flowmap.json's lora.rank."""
-    path = info.lora_weights_path
-    rank = lora_rank_of(_lora_shapes(path), str(path))
-    if rank != info.rank:
-        raise ExportFormatError(f"{path}: the adapters have rank {rank} but {info.folder / FLOWMAP_JSON} says "
-                                f"lora.rank = {info.rank}")
-    return rank
-
-
 def _base_unet(base, subfolder: str | None):
     """(UNet2DConditionModel, the path of its config.json) from a pipeline folder (UNet in `subfolder`) or a UNet
     folder; FileNotFoundError naming a missing folder or config.json."""
@@ -163,9 +134,7 @@ def _base_unet(base, subfolder: str | None):
     path = Path(base)
     if not path.is_dir():
         raise FileNotFoundError(f"no base UNet folder at {path}")
-    if subfolder and not (path / subfolder).is_dir() and (path / "config.json").is_file():
-        subfolder = None  # the base is the UNet folder itself
-    config_path = path / subfolder / "config.json" if subfolder else path / "config.json"
+    subfolder, config_path = base_unet_subfolder(path, subfolder)
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json at {config_path.parent} (the base UNet: a diffusers pipeline folder "
                                 "with unet/, or a UNet folder)")
@@ -173,7 +142,7 @@ def _base_unet(base, subfolder: str | None):
         json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ExportFormatError(f"{config_path} is not valid JSON: {err}") from None
-    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=subfolder or None)
+    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=subfolder)
     return unet, config_path
 
 
@@ -184,10 +153,7 @@ def load_lora_flow_map(base, lora_folder, subfolder: str | None = "unet", device
     folder), or on an already-loaded UNet2DConditionModel `base`. The UNet runs in `dtype` (a torch dtype or
     "fp32"/"fp16"/"bf16") on `device`; fuse: merge the adapters into the weights (see the module docstring).
     Returns the TorchFlowMapExport (flow_map over x (B, C, H, W) float32, teacher times)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     info = read_lora_export(lora_folder)
     if isinstance(base, torch.nn.Module):
         base_unet, base_where = base, "the base UNet's config"

@@ -21,22 +21,20 @@ import numpy as np
 from flowmap_jax.core import lora as lora_core
 from flowmap_jax.core.export_loading import FlowMapExport
 from flowmap_jax.spec.export_format import FLOWMAP_JSON, ExportFormatError
-from flowmap_jax.spec.lora_format import check_base_architecture, lora_rank_of, read_lora_export
-from flowmap_jax.spec.target_time_hook import add_guidance_input_config, add_target_time_hook_config
+from flowmap_jax.spec.lora_format import (
+    base_unet_subfolder,
+    check_base_architecture,
+    check_flow_map_inputs,
+    check_lora_rank,
+    read_lora_export,
+)
+from flowmap_jax.spec.target_time_hook import hooked_unet_config
 from flowmap_jax.unet.config import UNetConfig
 from flowmap_jax.unet.diffusers_io import load_diffusers_unet, read_safetensors
 from flowmap_jax.unet.key_map import expected_key_map, torch_to_flax_layout
 from flowmap_jax.unet.unet_2d_condition import abstract_unet_params
 
-__all__ = ["hooked_unet_config", "load_lora_flow_map", "read_flow_map_inputs"]
-
-
-def hooked_unet_config(base_unet_config: dict, guidance_embedding_dim: int | None) -> dict:
-    """The flow-map UNet config on a base: the target-time hook, and the guidance input where flowmap.json has one."""
-    config = add_target_time_hook_config(dict(base_unet_config))
-    if guidance_embedding_dim is not None:
-        config = add_guidance_input_config(config, guidance_embedding_dim)
-    return config
+__all__ = ["load_lora_flow_map", "read_flow_map_inputs"]
 
 
 def read_flow_map_inputs(path: Path, unet_config: dict, base_params) -> dict:
@@ -48,18 +46,10 @@ def read_flow_map_inputs(path: Path, unet_config: dict, base_params) -> dict:
     base_paths = set(traverse_util.flatten_dict(base_params))
     wanted = {key: value for key, value in expected.items() if value[0] not in base_paths}
     state = read_safetensors(path)
-    missing = sorted(set(wanted) - set(state))
-    unexpected = sorted(set(state) - set(wanted))
-    if missing or unexpected:
-        detail = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r} (not an input the "
-                                                                 "flow map adds to the base)")
-        raise ExportFormatError(f"{path}: {detail}")
-    flat = {}
-    for key, (flax_path, shape) in wanted.items():
-        array = np.asarray(state[key], np.float32)
-        if tuple(array.shape) != tuple(shape):
-            raise ExportFormatError(f"{path}: key {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-        flat[flax_path] = torch_to_flax_layout(array, flax_path[-1])
+    check_flow_map_inputs({key: shape for key, (_, shape) in wanted.items()}, {k: v.shape for k, v in state.items()},
+                          path)
+    flat = {flax_path: torch_to_flax_layout(np.asarray(state[key], np.float32), flax_path[-1])
+            for key, (flax_path, _) in wanted.items()}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -68,18 +58,11 @@ def load_lora_flow_map(base, lora_folder, subfolder: str | None = "unet") -> Flo
     (subfolder None or "" when `base` is the UNet folder itself; a folder without unet/ is taken as the UNet
     folder). Returns a FlowMapExport with merged float32 params (see the module docstring)."""
     info = read_lora_export(lora_folder)
-    where = str(info.folder / FLOWMAP_JSON)
-    base_path = Path(base)
-    if subfolder and base_path.is_dir() and not (base_path / subfolder).is_dir() and (base_path / "config.json").is_file():
-        subfolder = None  # the base is the UNet folder itself
-    base_where = str(base_path / subfolder / "config.json") if subfolder else str(base_path / "config.json")
-    base_config, base_params = load_diffusers_unet(base, subfolder=subfolder or None)
-    check_base_architecture(base_config, info.base_architecture, where, base_where)
+    subfolder, config_path = base_unet_subfolder(base, subfolder)
+    base_config, base_params = load_diffusers_unet(base, subfolder=subfolder)
+    check_base_architecture(base_config, info.base_architecture, str(info.folder / FLOWMAP_JSON), str(config_path))
     state = read_safetensors(info.lora_weights_path)
-    rank = lora_rank_of({k: v.shape for k, v in state.items()}, str(info.lora_weights_path))
-    if rank != info.rank:
-        raise ExportFormatError(f"{info.lora_weights_path}: the adapters have rank {rank} but {where} says "
-                                f"lora.rank = {info.rank}")
+    check_lora_rank({k: v.shape for k, v in state.items()}, info)
     try:
         adapters = lora_core.adapters_from_lora_state_dict(state, str(info.lora_weights_path))
         lora_core.check_adapters_fit(adapters, base_params, str(info.lora_weights_path))

@@ -254,3 +254,38 @@ def lora_rank_of(state_shapes: dict, where: str) -> int:
         raise ExportFormatError(f"{where} holds no adapter")
     return rank
 
+
+
+def check_lora_rank(shapes: dict, info: LoraExportInfo) -> int:
+    """The rank of the LoRA file whose {key: shape} is `shapes` (`lora_rank_of`); ExportFormatError naming the file
+    unless it is flowmap.json's lora.rank."""
+    path = info.lora_weights_path
+    rank = lora_rank_of(shapes, str(path))
+    if rank != info.rank:
+        raise ExportFormatError(f"{path}: the adapters have rank {rank} but {info.folder / FLOWMAP_JSON} says "
+                                f"lora.rank = {info.rank}")
+    return rank
+
+
+def check_flow_map_inputs(expected: dict, found: dict, path) -> None:
+    """flowmap_inputs.safetensors holds exactly the `expected` keys ({key: shape}: what the hooked UNet has and the
+    base lacks), each of that shape (`found`: the file's {key: shape}); ExportFormatError naming the file and the
+    first key at fault otherwise."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        detail = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r} (not an input the "
+                                                                 "flow map adds to the base)")
+        raise ExportFormatError(f"{path}: {detail}")
+    for key, shape in sorted(expected.items()):
+        if tuple(found[key]) != tuple(shape):
+            raise ExportFormatError(f"{path}: key {key!r} has shape {tuple(found[key])}, expected {tuple(shape)}")
+
+
+def base_unet_subfolder(base, subfolder: str | None) -> tuple[str | None, Path]:
+    """(the subfolder to read, the path of the base UNet's config.json) of a base given as a pipeline folder (the
+    UNet in `subfolder`) or as the UNet folder itself (no `subfolder` there, a config.json at the top)."""
+    path = Path(base)
+    if subfolder and path.is_dir() and not (path / subfolder).is_dir() and (path / "config.json").is_file():
+        subfolder = None
+    return subfolder or None, (path / subfolder / "config.json" if subfolder else path / "config.json")

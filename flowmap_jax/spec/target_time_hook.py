@@ -47,3 +47,12 @@ def add_guidance_input_config(unet_config: dict, embedding_dim: int) -> dict:
     if "_use_default_values" in config:
         config["_use_default_values"] = [k for k in config["_use_default_values"] if k != "time_cond_proj_dim"]
     return config
+
+
+def hooked_unet_config(base_unet_config: dict, guidance_embedding_dim: int | None) -> dict:
+    """The flow-map UNet config on a base UNet's config: the target-time hook, and the guidance input of
+    `guidance_embedding_dim` where the flow map has one (flowmap.json's hooks.timestep_cond), else none."""
+    config = add_target_time_hook_config(dict(base_unet_config))
+    if guidance_embedding_dim is not None:
+        config = add_guidance_input_config(config, guidance_embedding_dim)
+    return config
