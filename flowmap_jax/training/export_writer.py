@@ -42,7 +42,7 @@ from flowmap_jax.unet import UNetConfig
 from flowmap_jax.unet.diffusers_io import atomic_write_bytes, save_state_dict
 from flowmap_jax.unet.state_dict import flax_to_state_dict
 
-__all__ = ["export_flow_map", "student_unet_config"]
+__all__ = ["export_flow_map", "export_metadata", "student_unet_config"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +70,26 @@ def _as_unet_config(unet_config) -> UNetConfig:
         raise ValueError(f"unet_config: {err}") from None
 
 
+def export_metadata(flow_map_config: FlowMapConfig, unet_config: dict, provenance: dict | None,
+                    exported_at: str | None = None) -> tuple[dict, bytes | None]:
+    """(flowmap.json's document, the label table file's bytes or None) of an export, full or LoRA: the label
+    table's description when `flow_map_config.label_embeddings` is set, and `provenance` with "date" (of this
+    export: UTC, ISO 8601, or `exported_at`) and "flowmap_jax_version" set."""
+    label_bytes, label_info = None, None
+    if flow_map_config.label_embeddings is not None:
+        label_path = Path(flow_map_config.label_embeddings)
+        table = read_label_embeddings(label_path)
+        label_bytes = label_path.read_bytes()
+        label_info = {"num_labels": int(table.shape[0] - 1), "null_label": int(table.shape[0] - 1),
+                      "label_embedding_dim": int(table.shape[1]),
+                      "labels_to_encoder_hidden_states": "weight[labels][:, None, :] -> (B, 1, D); row K (the "
+                                                         "null label) is the unconditional embedding"}
+    provenance = dict(provenance or {})
+    provenance["date"] = exported_at or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    provenance["flowmap_jax_version"] = __version__
+    return flow_map_metadata(flow_map_config, unet_config, provenance, label_info, version=__version__), label_bytes
+
+
 def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir, provenance: dict | None = None,
                     *, exported_at: str | None = None) -> Path:
     """Writes a flow map as a diffusers folder that `UNet2DConditionModel.from_pretrained` loads, plus
@@ -92,19 +112,7 @@ def export_flow_map(params, unet_config, flow_map_config: FlowMapConfig, out_dir
     config_dict = config.to_dict()
     check_unet_hooks(config_dict, flow_map_config, "unet_config")
     state = flax_to_state_dict(params, config)  # checks every key and shape against the config
-    label_bytes, label_info = None, None
-    if flow_map_config.label_embeddings is not None:
-        label_path = Path(flow_map_config.label_embeddings)
-        table = read_label_embeddings(label_path)
-        label_bytes = label_path.read_bytes()
-        label_info = {"num_labels": int(table.shape[0] - 1), "null_label": int(table.shape[0] - 1),
-                      "label_embedding_dim": int(table.shape[1]),
-                      "labels_to_encoder_hidden_states": "weight[labels][:, None, :] -> (B, 1, D); row K (the "
-                                                         "null label) is the unconditional embedding"}
-    provenance = dict(provenance or {})
-    provenance["date"] = exported_at or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    provenance["flowmap_jax_version"] = __version__
-    meta = flow_map_metadata(flow_map_config, config_dict, provenance, label_info, version=__version__)
+    meta, label_bytes = export_metadata(flow_map_config, config_dict, provenance, exported_at)
     meta_bytes = (json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n").encode()
 
     def write(folder: Path):

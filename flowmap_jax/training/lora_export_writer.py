@@ -15,23 +15,25 @@ The folder format is `flowmap_jax.spec.lora_format` (read back by `flowmap_jax.c
 
 from __future__ import annotations
 
-import datetime
 import json
 from pathlib import Path
 
 import numpy as np
 
-from flowmap_jax import __version__
 from flowmap_jax.core import lora as lora_core
 from flowmap_jax.spec.export_format import (
     FLOWMAP_JSON,
     LABEL_EMBEDDINGS_NAME,
     FlowMapConfig,
     check_unet_hooks,
-    flow_map_metadata,
 )
-from flowmap_jax.spec.label_table import read_label_embeddings
 from flowmap_jax.spec.lora_format import FLOW_MAP_INPUTS_NAME, LORA_WEIGHTS_NAME, lora_metadata
+from flowmap_jax.training.export_writer import (
+    _write_folder_atomically,
+    export_flow_map,
+    export_metadata,
+    student_unet_config,
+)
 from flowmap_jax.unet.diffusers_io import atomic_write_bytes
 from flowmap_jax.unet.key_map import flax_path_to_torch_key, flax_to_torch_layout
 
@@ -43,8 +45,6 @@ LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
 def flow_map_unet_config(base_unet_config: dict, inputs) -> dict:
     """The flow-map UNet's diffusers config: the base's plus the target-time hook, and time_cond_proj_dim where
     the trained inputs hold a guidance input (`export_writer.student_unet_config`)."""
-    from flowmap_jax.training.export_writer import student_unet_config
-
     return student_unet_config(dict(base_unet_config), inputs)
 
 
@@ -53,18 +53,6 @@ def _inputs_state_dict(inputs) -> dict[str, np.ndarray]:
 
     return {flax_path_to_torch_key(path): flax_to_torch_layout(np.asarray(leaf, np.float32), path[-1])
             for path, leaf in traverse_util.flatten_dict(inputs).items()}
-
-
-def _label_parts(flow_map_config: FlowMapConfig):
-    if flow_map_config.label_embeddings is None:
-        return None, None
-    label_path = Path(flow_map_config.label_embeddings)
-    table = read_label_embeddings(label_path)
-    info = {"num_labels": int(table.shape[0] - 1), "null_label": int(table.shape[0] - 1),
-            "label_embedding_dim": int(table.shape[1]),
-            "labels_to_encoder_hidden_states": "weight[labels][:, None, :] -> (B, 1, D); row K (the null label) is "
-                                               "the unconditional embedding"}
-    return label_path.read_bytes(), info
 
 
 def export_lora_flow_map(trainable, lora: lora_core.LoraSettings, base_unet_config: dict,
@@ -78,8 +66,6 @@ def export_lora_flow_map(trainable, lora: lora_core.LoraSettings, base_unet_conf
     base_fingerprint: `core.lora.base_fingerprint` of the base weights trained on (recorded, not checked here).
     Returns the folder (absolute); atomic (see `export_writer._write_folder_atomically`).
     """
-    from flowmap_jax.training.export_writer import _write_folder_atomically
-
     if dtype not in LORA_DTYPES:
         raise ValueError(f"LoRA export dtype must be one of {sorted(LORA_DTYPES)}, got {dtype!r}")
     adapters, inputs = trainable[lora_core.ADAPTERS], trainable[lora_core.INPUTS]
@@ -87,11 +73,7 @@ def export_lora_flow_map(trainable, lora: lora_core.LoraSettings, base_unet_conf
     check_unet_hooks(unet_config, flow_map_config, "the LoRA flow map's UNet config")
     lora_state = lora_core.adapters_to_lora_state_dict(adapters, lora.scale, LORA_DTYPES[dtype])
     inputs_state = _inputs_state_dict(inputs)
-    label_bytes, label_info = _label_parts(flow_map_config)
-    provenance = dict(provenance or {})
-    provenance["date"] = exported_at or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    provenance["flowmap_jax_version"] = __version__
-    full = flow_map_metadata(flow_map_config, unet_config, provenance, label_info, version=__version__)
+    full, label_bytes = export_metadata(flow_map_config, unet_config, provenance, exported_at)
     meta = lora_metadata(full, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, unet_config=unet_config,
                          base_config=dict(base_unet_config), base_fingerprint=base_fingerprint,
                          num_adapters=lora_core.num_adapters(adapters))
@@ -114,8 +96,6 @@ def export_merged_flow_map(trainable, lora: lora_core.LoraSettings, base_params,
     """The adapters merged into float32 copies of `base_params` (W + (alpha / r) B A) and written as a full
     flow-map export (`export_writer.export_flow_map`)."""
     import jax
-
-    from flowmap_jax.training.export_writer import export_flow_map
 
     base32 = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
     merged = jax.tree.map(np.asarray, lora_core.merge_params(base32, trainable, lora.scale))
