@@ -91,7 +91,7 @@ def time_loads(unet_config: dict, rank: int, work: Path, log) -> dict:
     settings = lora.LoraSettings.create(rank)
     trainable = lora.init_trainable(student, base, settings, jax.random.key(1))
     rng = np.random.default_rng(0)
-    for _, pair in lora._adapter_pairs(trainable["adapters"]):
+    for _, pair in lora.adapter_pairs(trainable["adapters"]):
         pair["lora_B"]["kernel"] = rng.standard_normal(pair["lora_B"]["kernel"].shape).astype(np.float32) * 1e-3
     schedule, prediction_type = load_scheduler(SD15_SCHEDULER_CONFIG)
     config = FlowMapConfig(schedule=schedule, prediction_type=prediction_type, parameterization="angle")

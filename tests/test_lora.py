@@ -101,7 +101,7 @@ def test_merged_kernels_give_peft_adapters_output_and_export_loads_in_diffusers(
     _peft_modules(unet, DEFAULT_LORA_TARGETS)
     _random_peft_adapters(unet)
     adapters = lora.adapters_from_lora_state_dict(get_peft_model_state_dict(unet), "peft")
-    assert {p[-1][:4] for p, _ in lora._adapter_pairs(adapters)} >= {"conv", "to_q"}  # Conv2d and Linear both
+    assert {p[-1][:4] for p, _ in lora.adapter_pairs(adapters)} >= {"conv", "to_q"}  # Conv2d and Linear both
     merged = lora.merge_params(base, {"adapters": adapters, "inputs": {}}, 8 / 4)
     x, t, ctx = _inputs(unet)
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_lora_run_trains_adapters_resumes_only_on_its_base_and_exports(tmp_path,
     assert set(loaded.params) == {"adapters", "inputs"}
     assert loaded.meta["extra"]["lora_base"]["sha256"] == lora.base_fingerprint(
         load_diffusers_unet(str(teacher), "unet")[1])
-    b = [np.abs(x["lora_B"]["kernel"]).max() for _, x in lora._adapter_pairs(loaded.params["adapters"])]
+    b = [np.abs(x["lora_B"]["kernel"]).max() for _, x in lora.adapter_pairs(loaded.params["adapters"])]
     assert max(b) > 0  # the adapters moved
 
     lora_out, merged_out = tmp_path / "lora", tmp_path / "merged"
@@ -242,7 +242,7 @@ def test_every_objective_sends_gradients_to_the_adapters_and_inputs_only(tmp_pat
     assert np.isfinite(float(loss))
     assert jax.tree.structure(grads) == jax.tree.structure(parts.params)
     b_norms = {lora.module_name(path): float(jnp.abs(pair["lora_B"]["kernel"]).max())
-               for path, pair in lora._adapter_pairs(grads["adapters"])}
+               for path, pair in lora.adapter_pairs(grads["adapters"])}
     assert all(np.isfinite(list(b_norms.values())))
     # Every adapter but the cross-attention queries and keys gets a gradient: the digits context is one token, so
     # the softmax over it is 1 whatever attn2.to_q and attn2.to_k do.

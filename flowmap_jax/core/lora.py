@@ -149,7 +149,7 @@ def merge_params(base_params, trainable, scale: float):
             raise ValueError(f"flow-map input {'/'.join(path)} is also a base parameter")
         flat[path] = leaf
     adapters = trainable[ADAPTERS]
-    for path, pair in _adapter_pairs(adapters):
+    for path, pair in adapter_pairs(adapters):
         key = path + ("kernel",)
         if key not in flat:
             raise ValueError(f"adapter for {module_name(path)}: the base has no kernel there")
@@ -174,7 +174,7 @@ def on_merged_params(loss_fn, scale: float):
     return lora_loss
 
 
-def _adapter_pairs(adapters):
+def adapter_pairs(adapters):
     """[(module path, {"lora_A": ..., "lora_B": ...})] of an adapters tree, sorted."""
     out = []
 
@@ -190,14 +190,14 @@ def _adapter_pairs(adapters):
 
 
 def num_adapters(adapters) -> int:
-    return len(_adapter_pairs(adapters))
+    return len(adapter_pairs(adapters))
 
 
 def adapters_to_lora_state_dict(adapters, scale: float, dtype=np.float32) -> dict[str, np.ndarray]:
     """Adapters -> diffusers' LoRA state dict {"unet.<module>.lora_A.weight": (r, in[, kh, kw]),
     "unet.<module>.lora_B.weight": (out, r[, 1, 1])}, numpy in `dtype`, with `scale` folded into lora_B."""
     host = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
-    for _, pair in _adapter_pairs(host):
+    for _, pair in adapter_pairs(host):
         pair["lora_B"] = {"kernel": pair["lora_B"]["kernel"] * np.float32(scale)}
     return {LORA_KEY_PREFIX + k: np.ascontiguousarray(v.astype(dtype)) for k, v in flax_to_state_dict(host).items()}
 
@@ -222,7 +222,7 @@ def adapters_from_lora_state_dict(state: dict, where: str) -> dict:
         for segment in path:
             node = node.setdefault(segment, {})
         node["lora_" + leaf[0]] = {"kernel": torch_to_flax_layout(array, "kernel")}
-    for path, pair in _adapter_pairs(adapters):
+    for path, pair in adapter_pairs(adapters):
         for half in ("lora_A", "lora_B"):
             if half not in pair:
                 raise ValueError(f"{where}: {module_name(path)}.{half}.weight is missing (its other half is there)")
@@ -246,7 +246,7 @@ def check_adapters_fit(adapters, base_params, where: str) -> int:
     """ValueError naming the first adapter whose module is missing from the base or whose shapes do not fit its
     kernel; returns the rank."""
     rank = None
-    for path, pair in _adapter_pairs(adapters):
+    for path, pair in adapter_pairs(adapters):
         try:
             kernel = _get(base_params, path)["kernel"]
         except (KeyError, TypeError):

@@ -45,7 +45,6 @@ from flowmap_jax.spec.export_format import (
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 FLOW_MAP_INPUTS_NAME = "flowmap_inputs.safetensors"
 LORA_KEY_PREFIX = "unet."
-LORA_KIND = LORA_NETWORK_KIND
 
 # diffusers' LCM-LoRA training script (examples/consistency_distillation/train_lcm_distill_lora_sd*.py),
 # its default `lora_target_modules`: every attention projection, the transformer's in/out projections and
@@ -143,7 +142,7 @@ def lora_metadata(full_metadata: dict, *, rank: int, alpha: float, targets, unet
     meta = dict(full_metadata)
     meta["network"] = {
         "class": "UNet2DConditionModel",
-        "kind": LORA_KIND,
+        "kind": LORA_NETWORK_KIND,
         "base": "a diffusers UNet2DConditionModel of the architecture in lora.base.architecture (the teacher, or a "
                 "fine-tune of it), plus the target-time hook (lora.unet_config)",
         "lora_weights": LORA_WEIGHTS_NAME,
@@ -208,8 +207,8 @@ def read_lora_export(folder) -> LoraExportInfo:
         raise ExportFormatError(f"{meta_path} is not valid JSON: {err}") from None
     where = str(meta_path)
     network = meta.get("network") if isinstance(meta, dict) else None
-    if not isinstance(network, dict) or network.get("kind") != LORA_KIND:
-        raise ExportFormatError(f"{where}: key 'network.kind' is not {LORA_KIND!r}: {folder} is a full flow-map export, "
+    if not isinstance(network, dict) or network.get("kind") != LORA_NETWORK_KIND:
+        raise ExportFormatError(f"{where}: key 'network.kind' is not {LORA_NETWORK_KIND!r}: {folder} is a full flow-map export, "
                                 "not a LoRA (load it without --lora)")
     section = meta.get("lora")
     if not isinstance(section, dict):
