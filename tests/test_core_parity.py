@@ -157,6 +157,8 @@ CASES = [(name, "cfg", {}) for name in objective_names()] + [  # every registere
     ("pairs", "cfg", {"teacher_solver": "heun", "teacher_steps": 3, "adaptive_weight": True}),
     ("pairs", "autoguidance", dict(GUIDED, teacher_solver="ddim", teacher_steps=4)),
     ("pairs", "cfg", {"output_scale_power": 2.0}),
+    ("pairs", "cfg", {"teacher_steps": 4, "path_targets": 2, "output_scale_power": 2.0}),
+    ("pairs", "autoguidance", dict(GUIDED, teacher_steps=3, path_targets=1)),
     ("lagrangian", "cfg", {"tangent_normalization": True, "adaptive_weight": True, "tangent_warmup_steps": 100}),
     ("lagrangian", "cfg", {"residual_form": "direct"}),
     ("lagrangian", "autoguidance", dict(GUIDED, jvp="finite_difference")),
@@ -190,6 +192,9 @@ def test_objective_loss_and_gradient(name, guidance, options):
                "step": torch.tensor(30.0)}
     if "guidance_scale_range" in options:
         batch_j["guidance_scale"], batch_t["guidance_scale"] = jnp.asarray(w), torch.from_numpy(w)
+    if options.get("path_targets"):
+        index = np.random.default_rng(8).integers(0, options["teacher_steps"] - 1, (len(s), options["path_targets"]))
+        batch_j["path_index"], batch_t["path_index"] = jnp.asarray(index), torch.from_numpy(index)
     loss_j = jo.make_objective(name, jf.FlowMap(net, schedule, "epsilon"), options)
     (value_j, metrics_j), grads_j = jax.value_and_grad(loss_j, has_aux=True)(params, teacher_j, batch_j,
                                                                              jax.random.key(0))

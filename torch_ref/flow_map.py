@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.parameterization import ANCHOR_ALPHA, resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.target_time_hook import (
@@ -34,6 +34,14 @@ from torch_ref.schedules import batch_times, expand_time
 
 __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "add_guidance_input",
            "guidance_scale_embedding", "guidance_input_cond", "batch_times", "call_network", "finite_difference_jvp"]
+
+
+def anchor_weight(schedule, t_source):
+    """The "anchored" map's weight on the teacher's DDIM step, clip((alpha_s - lo) / (hi - lo), 0, 1) (see
+    `flowmap_jax.core.flow_map.anchor_weight`)."""
+    lo, hi = ANCHOR_ALPHA
+    alpha, _ = schedules.alpha_sigma(schedule, t_source)
+    return torch.clamp((alpha - lo) / (hi - lo), 0.0, 1.0)
 
 
 def call_network(net, params, x, t_source, t_target, cond):
@@ -83,6 +91,9 @@ class FlowMap:
     @property
     def output_type(self) -> str:
         """The prediction type F is read in (see `flowmap_jax.core.flow_map.FlowMap.output_type`)."""
+        if self.parameterization == "anchored":
+            raise ValueError("an 'anchored' flow map reads F in the teacher's prediction type at low noise and as v "
+                             "at high noise (spec.parameterization.ANCHOR_ALPHA): it has no single output type")
         return {"angle": "v_prediction", "linear": "flow"}.get(self.parameterization, self.prediction_type)
 
     def _times(self, x_s, t_source, t_target):
@@ -114,6 +125,11 @@ class FlowMap:
             d_tau = (torch.as_tensor(t_target, dtype=torch.float32) - torch.as_tensor(t_source, dtype=torch.float32)
                      ) / self.schedule.time_unit
             return torch.ones_like(d_tau), d_tau
+        if self.parameterization == "anchored":
+            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+            b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
+            b = anchor_weight(self.schedule, t_source)
+            return (1.0 - b) * torch.cos(delta) + b * b_x, -(1.0 - b) * torch.sin(delta) + b * b_f
         return self.teacher_step_coefficients(t_source, t_target)
 
     # Copied from flowmap_jax.core.flow_map.FlowMap.teacher_step_coefficients
@@ -187,11 +203,13 @@ class FlowMap:
         return x_map, d_map, out
 
     def velocity(self, params, x_s, t_source, cond=None):
-        """d/dtheta_t X(x_s, s, t) at t = s (per unit angle). Shape of x_s."""
+        """d/dtheta_t X(x_s, s, t) at t = s (per unit angle), with one network pass: c_F(s, s) = 0, so the
+        network's own t-derivative drops out (see `flowmap_jax.core.flow_map.FlowMap.velocity`). Shape of x_s."""
         s, _ = self._times(x_s, t_source, t_source)
         dt = 1.0 / schedules.dtheta_dt(self.schedule, s)
-        _, d_map, _ = self.jvp(params, x_s, s, s, cond, (None, None, dt))
-        return d_map
+        _, (dc_x, dc_f) = torch.func.jvp(lambda tt: self.coefficients(s, tt), (s,), (dt,))
+        out = self._net(params, x_s, s, s, cond)
+        return expand_time(dc_x, x_s) * x_s + expand_time(dc_f, x_s) * out
 
     def x0_eps(self, params, x_s, t_source, t_target, cond=None):
         """(x0_hat, eps_hat) the network implies at (x_s, s) told t, F read in `output_type`."""

@@ -36,7 +36,7 @@ from torch_ref.schedules import expand_time
 from torch_ref.teacher import _leaves
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "finite_difference_jvp"]
+           "velocity", "finite_difference_jvp"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -114,6 +114,10 @@ def _check_batch(batch):
         if key in batch and tuple(torch.as_tensor(batch[key]).shape) != (b,):
             raise ValueError(f"batch[{key!r}] must have shape ({b},) (the batch of x0), got "
                              f"{tuple(torch.as_tensor(batch[key]).shape)}")
+    if "path_index" in batch and (torch.as_tensor(batch["path_index"]).ndim != 2
+                                  or torch.as_tensor(batch["path_index"]).shape[0] != b):
+        raise ValueError(f"batch['path_index'] must have shape ({b}, path_targets), got "
+                         f"{tuple(torch.as_tensor(batch['path_index']).shape)}")
     if "noise" in batch and batch["noise"].shape != x0.shape:
         raise ValueError(f"batch['noise'] shape {tuple(batch['noise'].shape)} differs from x0 shape {tuple(x0.shape)}")
     for path, leaf in _leaves(batch.get("cond")):
@@ -123,13 +127,17 @@ def _check_batch(batch):
     return b
 
 
-def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None,
+             sample_times=None):
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
     device = x0.device
     rng = time_pairs.as_generator(rng)
-    s, t = time_pairs.sample_time_pairs(rng, b, schedule, options.time_pairs, source_range, target_range)
+    if sample_times is None:
+        s, t = time_pairs.sample_time_pairs(rng, b, schedule, options.time_pairs, source_range, target_range)
+    else:
+        s, t = sample_times(rng, b)
     s = torch.as_tensor(batch["t_source"], dtype=torch.float32, device=device) if "t_source" in batch else s.to(device)
     t = torch.as_tensor(batch["t_target"], dtype=torch.float32, device=device) if "t_target" in batch else t.to(device)
     if source_range is not None:
@@ -196,17 +204,41 @@ def _jvp_loss(x_map, residual, direction, options: JvpOptions, weight, output_sc
 
 @register_objective("pairs")
 def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
-    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2."""
+    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2, plus `path_targets` points of the same
+    solution."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
+    extra = options.path_targets
     with torch.no_grad():
-        target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
+        solved = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
                                         options.teacher_solver, p["cond"], p["w"],
-                                        spacing=options.teacher_spacing)
-    x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
-    err = x_map - target.detach()
-    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
-    return _finish(weight * _per_example_mean(err.square()), options, err)
+                                        spacing=options.teacher_spacing, path=bool(extra))
+    if not extra:
+        x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+        err = x_map - solved.detach()
+        weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+        return _finish(weight * _per_example_mean(err.square()), options, err)
+    target, mid_times, mid_states = solved
+    b = p["b"]
+    if "path_index" in batch:
+        index = torch.as_tensor(batch["path_index"], dtype=torch.long, device=p["device"])
+    else:
+        index = torch.randint(0, mid_times.shape[0], (b, extra), generator=p["rng"]).to(p["device"])
+    rows = torch.arange(b, device=p["device"])[:, None]
+    t_all = torch.cat([p["t"][:, None], mid_times.T[rows, index]], dim=1)  # (B, 1 + J)
+    targets = torch.cat([target[:, None], mid_states.movedim(0, 1)[rows, index]], dim=1)
+    def repeat(v):  # example-major: (B (1 + J), ...), through nested dicts of tensors
+        if isinstance(v, dict):
+            return {k: repeat(item) for k, item in v.items()}
+        return None if v is None else torch.repeat_interleave(v, extra + 1, dim=0)
+
+    s_all = repeat(p["s"])
+    cond_all = repeat(p["student_cond"])
+    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all.reshape(-1), cond_all)
+    err = x_map - targets.reshape(x_map.shape).detach()
+    weight = _output_scale_weight(flow_map, s_all, t_all.reshape(-1), options)
+    per_target = weight * _per_example_mean(err.square())
+    return _finish(per_target.reshape(b, extra + 1).mean(dim=1), options, err)
 
 
 @register_objective("lagrangian")
@@ -268,6 +300,22 @@ def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, r
     per_example = (scale * _per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)
+
+
+@register_objective("velocity")
+def velocity(flow_map, options: SharedOptions, params, teacher, batch, rng):
+    """|v_X(x_s, s) - sg(v(x_s, s))|^2 per unit angle at s uniform in normalised time."""
+    schedule = flow_map.schedule
+    lo, hi = _eval_range(schedule, options, False)
+    p = _prepare(flow_map, options, batch, rng, source_range=(lo, hi),
+                 sample_times=lambda gen, n: (time_pairs.sample_source_times(gen, n, lo, hi),) * 2)
+    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
+    x_s, s = p["x_s"], p["s"]
+    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
+    with torch.no_grad():
+        v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
+    err = fmap.velocity(params, x_s, s, p["student_cond"]) - v_teacher
+    return _finish(_per_example_mean(err.square()), options, err)
 
 
 check_objective_names(OBJECTIVES, __name__)

@@ -63,14 +63,18 @@ def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     return torch.where(use_edm.reshape(use_edm.shape + (1,) * (x.ndim - 1)), edm, blend)
 
 
-def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
-    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1]."""
+def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final, path=False):
+    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1], or with `path`
+    (x at times[-1], the states at times[1:] stacked (n, B, ...))."""
     schedule = teacher.schedule
     n = times.shape[0] - 1
     if solver not in TEACHER_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: expected one of {TEACHER_SOLVERS}")
     x0_prev = torch.zeros_like(x)
+    states = []
     for i in range(n):
+        if i > 0:
+            states.append(x)
         t_cur, t_next = times[i], times[i + 1]
         if solver == "ddim":
             x = teacher.ddim_step(x, t_cur, t_next, cond, guidance_scale)
@@ -111,7 +115,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
         second = first + expand_time(0.5 * a_n_safe * (1.0 - exp_neg_h), x) * d_1
         x0_prev = x0
         x = _where(use_second, second, first, x)
-    return x
+    return (x, torch.stack(states + [x])) if path else x
 
 
 def ddim_sample(teacher, x_init, timesteps, cond=None, guidance_scale=None):
@@ -182,10 +186,11 @@ def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "log
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False):
     """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): `num_steps`
     steps on `solve_grid(..., spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
-    `flowmap_jax.core.samplers.teacher_solve`). x_s (B, ...)."""
+    `flowmap_jax.core.samplers.teacher_solve`). x_s (B, ...). path: also the interior points, (x_t, times
+    (num_steps - 1, B), states (num_steps - 1, B, ...))."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -195,10 +200,16 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     s = torch.as_tensor(t_source, dtype=torch.float32, device=x_s.device).expand(batch)
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
-    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final, path=path)
+    x, states = x if path else (x, None)
     if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
         x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
-    return _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
+    x = _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
+    if not path:
+        return x
+    interior = torch.stack([_where(s == t, x_s, state, x_s) for state in states[:-1]]) if len(states) > 1 \
+        else states[:0]
+    return x, times[1:-1], interior
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,

@@ -56,7 +56,7 @@ import numpy as np
 from flowmap_jax.core import predictions as pred_lib
 from flowmap_jax.core import schedules
 from flowmap_jax.core.schedules import batch_times, expand_time
-from flowmap_jax.spec.parameterization import resolve_parameterization
+from flowmap_jax.spec.parameterization import ANCHOR_ALPHA, resolve_parameterization
 from flowmap_jax.spec.prediction_types import check_prediction_type
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.target_time_hook import (
@@ -118,7 +118,11 @@ class FlowMap:
     @property
     def output_type(self) -> str:
         """The prediction type F is read in: "v_prediction" ("angle"), "flow" ("linear") or the teacher's
-        ("teacher_step")."""
+        ("teacher_step"). "anchored" reads F as the teacher's type at low noise and as v at high noise: it has
+        no single type (ValueError)."""
+        if self.parameterization == "anchored":
+            raise ValueError("an 'anchored' flow map reads F in the teacher's prediction type at low noise and as v "
+                             "at high noise (spec.parameterization.ANCHOR_ALPHA): it has no single output type")
         return {"angle": "v_prediction", "linear": "flow"}.get(self.parameterization, self.prediction_type)
 
     def _times(self, x_s, t_source, t_target):
@@ -148,6 +152,11 @@ class FlowMap:
         if self.parameterization == "linear":
             d_tau = (jnp.asarray(t_target, jnp.float32) - jnp.asarray(t_source, jnp.float32)) / self.schedule.time_unit
             return jnp.ones_like(d_tau), d_tau
+        if self.parameterization == "anchored":
+            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+            b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
+            b = anchor_weight(self.schedule, t_source)
+            return (1.0 - b) * jnp.cos(delta) + b * b_x, -(1.0 - b) * jnp.sin(delta) + b * b_f
         return self.teacher_step_coefficients(t_source, t_target)
 
     def teacher_step_coefficients(self, t_source, t_target):
@@ -230,11 +239,15 @@ class FlowMap:
 
     def velocity(self, params, x_s, t_source, cond=None):
         """d/dtheta_t X(x_s, s, t) at t = s: the map's PF-ODE velocity at (x_s, s) per unit of the angle
-        theta (`schedules.angle`); F itself for "angle". Shape of x_s."""
+        theta (`schedules.angle`); F itself for "angle". Shape of x_s.
+
+        One network pass: with X = c_x x_s + c_F F, d/dt X = dc_x/dt x_s + dc_F/dt F + c_F dF/dt, and c_F(s, s)
+        = 0 in every parameterisation (teacher blend included), so the network's own t-derivative drops out."""
         s, _ = self._times(x_s, t_source, t_source)
         dt = 1.0 / schedules.dtheta_dt(self.schedule, s)
-        _, d_map, _ = self.jvp(params, x_s, s, s, cond, (None, None, dt))
-        return d_map
+        _, (dc_x, dc_f) = jax.jvp(lambda tt: self.coefficients(s, tt), (s,), (dt,))
+        out = self._net(params, x_s, s, s, cond)
+        return expand_time(dc_x, x_s) * x_s + expand_time(dc_f, x_s) * out
 
     def x0_eps(self, params, x_s, t_source, t_target, cond=None):
         """(x0_hat, eps_hat) the network implies at (x_s, s) told t, reading F in `output_type` (without the
@@ -243,6 +256,14 @@ class FlowMap:
         alpha, sigma = schedules.alpha_sigma(self.schedule, s)
         return pred_lib.to_x0_eps(self.prediction(params, x_s, t_source, t_target, cond), x_s, alpha, sigma,
                                   self.output_type)
+
+
+def anchor_weight(schedule, t_source):
+    """The "anchored" map's weight on the teacher's DDIM step at the source time, clip((alpha_s - lo) / (hi - lo),
+    0, 1) with (lo, hi) = `spec.parameterization.ANCHOR_ALPHA`; the broadcast shape of t_source."""
+    lo, hi = ANCHOR_ALPHA
+    alpha, _ = schedules.alpha_sigma(schedule, t_source)
+    return jnp.clip((alpha - lo) / (hi - lo), 0.0, 1.0)
 
 
 def unet_network(unet):

@@ -75,7 +75,7 @@ from flowmap_jax.spec.objective_options import (
 )
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "finite_difference_jvp", "combine_objectives"]
+           "velocity", "finite_difference_jvp", "combine_objectives"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -160,6 +160,8 @@ def _check_batch(batch):
     for key in ("t_source", "t_target", "t_mid", "guidance_scale"):
         if key in batch and jnp.shape(batch[key]) != (b,):
             raise ValueError(f"batch[{key!r}] must have shape ({b},) (the batch of x0), got {jnp.shape(batch[key])}")
+    if "path_index" in batch and (jnp.ndim(batch["path_index"]) != 2 or jnp.shape(batch["path_index"])[0] != b):
+        raise ValueError(f"batch['path_index'] must have shape ({b}, path_targets), got {jnp.shape(batch['path_index'])}")
     if "noise" in batch and jnp.shape(batch["noise"]) != x0.shape:
         raise ValueError(f"batch['noise'] shape {jnp.shape(batch['noise'])} differs from x0 shape {x0.shape}")
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch.get("cond")):
@@ -176,15 +178,19 @@ def _mid_times(rng, s, t):
     return time_pairs.sample_mid_times(rng, s, t)
 
 
-def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None,
+             sample_times=None):
     """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces. rng: one
-    key, or a (B,) batch of keys, one per example (`draw`)."""
+    key, or a (B,) batch of keys, one per example (`draw`). sample_times: `(key, n) -> (s, t)` in place of
+    `time_pairs.sample_time_pairs` with the objective's `time_pairs`."""
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
     k_times, k_noise, k_mid, k_w = example_keys.split(rng, 4)
-    s, t = example_keys.draw(k_times, b, lambda key, n: time_pairs.sample_time_pairs(
-        key, n, schedule, options.time_pairs, source_range, target_range))
+    if sample_times is None:
+        def sample_times(key, n):
+            return time_pairs.sample_time_pairs(key, n, schedule, options.time_pairs, source_range, target_range)
+    s, t = example_keys.draw(k_times, b, sample_times)
     s = jnp.asarray(batch.get("t_source", s), jnp.float32)
     t = jnp.asarray(batch.get("t_target", t), jnp.float32)
     if source_range is not None:  # given times too: the objective cannot evaluate outside
@@ -255,16 +261,34 @@ def _jvp_loss(x_map, residual, direction, options: JvpOptions, weight, output_sc
 
 @register_objective("pairs")
 def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
-    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2 (see the module docstring)."""
+    """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2, plus `path_targets` points of the same
+    solution (see the module docstring)."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"])
-    target = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
-                                    options.teacher_solver, p["cond"], p["w"],
-                                    spacing=options.teacher_spacing)
-    x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
-    err = x_map - _sg(target)
-    weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
-    return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
+    solve = functools.partial(samplers.teacher_solve, teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
+                              options.teacher_solver, p["cond"], p["w"], spacing=options.teacher_spacing)
+    extra = options.path_targets
+    if not extra:
+        target = solve()
+        x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
+        err = x_map - _sg(target)
+        weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
+        return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
+    target, mid_times, mid_states = solve(path=True)
+    b = p["b"]
+    index = batch["path_index"] if "path_index" in batch else example_keys.draw(
+        p["k_mid"], b, lambda key, n: jax.random.randint(key, (n, extra), 0, mid_times.shape[0]))  # (B, J)
+    rows = jnp.arange(b)[:, None]
+    t_all = jnp.concatenate([p["t"][:, None], mid_times.T[rows, index]], axis=1)  # (B, 1 + J)
+    targets = jnp.concatenate([target[:, None], jnp.moveaxis(mid_states, 0, 1)[rows, index]], axis=1)
+    repeat = lambda v: jnp.repeat(v, extra + 1, axis=0)  # noqa: E731  example-major: (B (1 + J), ...)
+    s_all = repeat(p["s"])
+    cond_all = jax.tree.map(repeat, p["student_cond"])
+    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all.reshape(-1), cond_all)
+    err = x_map - _sg(targets.reshape(x_map.shape))
+    weight = _output_scale_weight(flow_map, s_all, t_all.reshape(-1), options)
+    per_target = weight * _per_example_mean(jnp.square(err))
+    return _finish(jnp.mean(per_target.reshape(b, extra + 1), axis=1), options, err)
 
 
 @register_objective("lagrangian")
@@ -320,6 +344,20 @@ def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, r
     per_example = (scale * _per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
+
+
+@register_objective("velocity")
+def velocity(flow_map, options: SharedOptions, params, teacher, batch, rng):
+    """|v_X(x_s, s) - sg(v(x_s, s))|^2 per unit angle at s uniform in normalised time (see the module docstring)."""
+    schedule = flow_map.schedule
+    lo, hi = _eval_range(schedule, options, False)
+    p = _prepare(flow_map, options, batch, rng, source_range=(lo, hi),
+                 sample_times=lambda key, n: (time_pairs.sample_source_times(key, n, lo, hi),) * 2)
+    fmap = _student_map(flow_map, options, batch, p["b"])
+    x_s, s = p["x_s"], p["s"]
+    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
+    err = fmap.velocity(params, x_s, s, p["student_cond"]) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
+    return _finish(_per_example_mean(jnp.square(err)), options, err)
 
 
 check_objective_names(OBJECTIVES, __name__)

@@ -105,8 +105,9 @@ def _heun_correction(x, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2):
     return jnp.where(expand_time(use_edm, x), edm, blend)
 
 
-def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final):
-    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1]."""
+def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final, path=False):
+    """Solve the teacher's PF-ODE along times (n + 1, B) with `solver`; returns x at times[-1], or with `path`
+    (x at times[-1], the states at times[1:] stacked (n, B, ...))."""
     schedule = teacher.schedule
     n = times.shape[0] - 1
     index = jnp.arange(n)
@@ -117,10 +118,11 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
     if solver == "ddim":
         def body(x_cur, inputs):
             t_cur, t_next, _ = inputs
-            return teacher.ddim_step(x_cur, t_cur, t_next, cond, guidance_scale), None
+            x_next = teacher.ddim_step(x_cur, t_cur, t_next, cond, guidance_scale)
+            return x_next, x_next if path else None
 
-        x, _ = jax.lax.scan(body, x, (times[:-1], times[1:], index))
-        return x
+        x, states = jax.lax.scan(body, x, (times[:-1], times[1:], index))
+        return (x, states) if path else x
 
     if solver == "heun":
         rectified = not schedule.variance_preserving  # linear path: Heun on the flow velocity in t
@@ -139,10 +141,11 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
                 x0_2, eps_2 = x0_eps(x_euler, t_next)
                 x_heun = x_euler + _heun_correction(x_cur, a_c, s_c, a_n, s_n, x0_1, eps_1, x0_2, eps_2)
             correct = expand_time(s_n > 0, x_cur)
-            return jnp.where(correct, x_heun, x_euler), None
+            x_next = jnp.where(correct, x_heun, x_euler)
+            return x_next, x_next if path else None
 
-        x, _ = jax.lax.scan(body, x, (times[:-1], times[1:], index))
-        return x
+        x, states = jax.lax.scan(body, x, (times[:-1], times[1:], index))
+        return (x, states) if path else x
 
     if solver == "dpmpp_2m":
         def body(carry, inputs):
@@ -172,10 +175,10 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
             d_1 = expand_time(h / h_0, x_cur) * (x0 - x0_prev)
             second = first + expand_time(0.5 * a_n_safe * (1.0 - exp_neg_h), x_cur) * d_1
             x_next = jnp.where(expand_time(use_second, x_cur), second, first)
-            return (x_next, x0, t_cur), None
+            return (x_next, x0, t_cur), x_next if path else None
 
-        (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), times[0]), (times[:-1], times[1:], index))
-        return x
+        (x, _, _), states = jax.lax.scan(body, (x, jnp.zeros_like(x), times[0]), (times[:-1], times[1:], index))
+        return (x, states) if path else x
 
     raise ValueError(f"unknown solver {solver!r}: expected one of {TEACHER_SOLVERS}")
 
@@ -260,7 +263,7 @@ def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "log
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="logsnr"):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False):
     """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction, either
     end of the schedule included) with `num_steps` steps of `solver` on the per-example grid
     `solve_grid(..., spacing)` (log-SNR by default), then for DDPM the teacher's DDIM step from
@@ -268,7 +271,10 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     DDIM's own last step into the clean end; one more teacher evaluation). x_s exactly where
     t_source = t_target. lower_order_final: diffusers' rule (the last step first order below 15 steps); off
     by default here, where the second-order last step is measured more accurate (DPM-Solver++(2M), 4 log-SNR
-    steps on SD's schedule: 9.9% against 13.8%; identical from 15 steps). x_s (B, ...). Traceable."""
+    steps on SD's schedule: 9.9% against 13.8%; identical from 15 steps). x_s (B, ...). Traceable.
+    path: also return the solution's interior points, (x_t, times (num_steps - 1, B), states (num_steps - 1,
+    B, ...)): the state at each interior grid time (times[k] strictly between the ends; for s = t all equal
+    s and x_s), the `pairs` objective's extra targets (`path_targets`)."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -278,10 +284,15 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     s = jnp.broadcast_to(jnp.asarray(t_source, jnp.float32), (batch,))
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
     times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
-    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final)
+    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final, path=path)
+    x, states = x if path else (x, None)
     if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
         x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
-    return jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
+    x = jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
+    if not path:
+        return x
+    same = jnp.broadcast_to(expand_time(s == t, x_s)[None], states[:-1].shape)
+    return x, times[1:-1], jnp.where(same, x_s[None], states[:-1])
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,

@@ -18,7 +18,8 @@ flowmap.json (format "flowmap-jax/flow-map", format_version 2; version 1 is read
 
     format, format_version, flowmap_jax_version
     network:     {"class": "UNet2DConditionModel", "config": "config.json", "weights": "...safetensors"}
-    parameterization: "angle" | "linear" | "teacher_step" (new in version 2; version 1 is "teacher_step")
+    parameterization: "angle" | "linear" | "teacher_step" | "anchored" (new in version 2; version 1 is
+                 "teacher_step")
     flow_map:    "X(x_s, s, t) = ..." (the parameterisation, in words)
     prediction_type: "epsilon" | "v_prediction" | "sample" | "flow" (the teacher's)
     schedule:    ScheduleConfig fields (kind, num_train_timesteps, betas..., time_scale, ...); authoritative
@@ -39,7 +40,8 @@ Time convention: floats in the teacher's own timestep units (`flowmap_jax.spec.s
 X(x_s, s, t) = c_x(s, t) x_s + c_F(s, t) F(x_s, s, t) with F the UNet's output and (c_x, c_F) those of
 `parameterization` (`flowmap_jax.core.flow_map.FlowMap.coefficients`): "angle" cos/sin of theta_s - theta_t with F
 read as v; "linear" 1 and (t - s) / time_unit with F a flow velocity; "teacher_step" (format 1) the teacher's
-DDIM step with F in `prediction_type`.
+DDIM step with F in `prediction_type`; "anchored" (1 - b) angle's + b teacher_step's, b = clip((alpha_s - 0.3) /
+0.3, 0, 1) (`spec.parameterization.ANCHOR_ALPHA`).
 
 Errors (`ExportFormatError`, a ValueError) name the file and the key at fault.
 """
@@ -78,6 +80,10 @@ MAP_DESCRIPTIONS = {
     "teacher_step": "X(x_s, s, t) = alpha_t * x0_hat + sigma_t * eps_hat, (x0_hat, eps_hat) from the UNet's "
                     "prediction F in `prediction_type` at (x_s, timestep=s, class_labels=t): the teacher's first-order "
                     "(DDIM) step from s to t with F (rectified flow: x_s + (t - s) / time_unit * F). X(x, s, s) = x.",
+    "anchored": "X(x_s, s, t) = (1 - b_s) X_angle + b_s X_teacher_step with the same UNet output F at (x_s, "
+                "timestep=s, class_labels=t), b_s = clip((alpha_s - 0.3) / (0.6 - 0.3), 0, 1): the teacher's DDIM "
+                "step with F in `prediction_type` where alpha_s >= 0.6, the angle form (F read as v) where alpha_s "
+                "<= 0.3 (VP schedules). X(x, s, s) = x.",
 }
 """flowmap.json's `flow_map` text for each parameterisation (`parameterization` is the key readers use)."""
 TIME_CONVENTION = (

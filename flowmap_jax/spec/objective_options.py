@@ -108,9 +108,16 @@ class PairsOptions(SharedOptions):
     teacher_steps: int = 32
     teacher_solver: str = "dpmpp_2m"
     teacher_spacing: str = "logsnr"
+    path_targets: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.path_targets, bool) or int(self.path_targets) != self.path_targets or \
+                not 0 <= self.path_targets:
+            raise ValueError(f"path_targets must be an integer >= 0, got {self.path_targets!r}")
+        if self.path_targets and int(self.teacher_steps) < 2:
+            raise ValueError(f"path_targets needs teacher_steps >= 2 (a solution with interior points), got "
+                             f"teacher_steps {self.teacher_steps}")
         if self.teacher_solver not in TEACHER_SOLVERS:
             raise ValueError(f"unknown teacher_solver {self.teacher_solver!r}: expected one of {TEACHER_SOLVERS}")
         if self.teacher_spacing not in TEACHER_SPACINGS:
@@ -195,6 +202,7 @@ OBJECTIVE_OPTIONS: dict[str, type[SharedOptions]] = {
     "lagrangian": JvpOptions,
     "eulerian": EulerianOptions,
     "progressive": ProgressiveOptions,
+    "velocity": SharedOptions,
 }
 """The objectives (in the order the command line lists them) and their options classes; the loss functions
 of both backends are registered under these names."""

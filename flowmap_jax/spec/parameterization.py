@@ -8,19 +8,26 @@ from __future__ import annotations
 
 from flowmap_jax.spec.schedule import ScheduleConfig
 
-__all__ = ["PARAMETERIZATIONS", "resolve_parameterization"]
+__all__ = ["ANCHOR_ALPHA", "PARAMETERIZATIONS", "resolve_parameterization"]
 
-PARAMETERIZATIONS = ("angle", "linear", "teacher_step")
+PARAMETERIZATIONS = ("angle", "linear", "teacher_step", "anchored")
 """The flow map's own output parameterisation (`flowmap_jax.core.flow_map` explains each): "angle" for VP
 schedules (X = cos(theta_s - theta_t) x - sin(theta_s - theta_t) F, F v-like), "linear" for rectified flow
 (X = x + (tau_t - tau_s) F, F a flow velocity), "teacher_step" (the teacher's DDIM step with F in the
-teacher's prediction type; export format 1)."""
+teacher's prediction type; export format 1), "anchored" for VP schedules (the teacher's DDIM step where the
+source is clean enough, alpha_s >= ANCHOR_ALPHA[1], "angle" where alpha_s <= ANCHOR_ALPHA[0], linear in
+alpha_s between)."""
+
+ANCHOR_ALPHA = (0.3, 0.6)
+"""(alpha_lo, alpha_hi) of "anchored": its weight on the teacher's DDIM step is clip((alpha_s - lo) / (hi - lo),
+0, 1). The DDIM step's coefficients are bounded by 1 / alpha_s wherever it has weight, so by 1 / lo."""
 
 
 _REQUIREMENTS = {
     "angle": "needs a VP schedule (alpha^2 + sigma^2 = 1)",
     "linear": "is for rectified flow (alpha + sigma = 1)",
     "teacher_step": "is the teacher's own step",
+    "anchored": "needs a VP schedule (alpha^2 + sigma^2 = 1)",
 }
 """What each parameterisation asks of the schedule, in words (for the error naming both)."""
 

@@ -45,7 +45,7 @@ class DDPMSchedule(ScheduleConfig):
 
     kind = "ddpm"
     variance_preserving = True
-    parameterizations = ("angle", "teacher_step")
+    parameterizations = ("angle", "teacher_step", "anchored")
     default_parameterization = "angle"
     diffusers_fallback = True
 

@@ -27,7 +27,7 @@ class VPCosineSchedule(ScheduleConfig):
 
     kind = "vp_cosine"
     variance_preserving = True
-    parameterizations = ("angle", "teacher_step")
+    parameterizations = ("angle", "teacher_step", "anchored")
     default_parameterization = "angle"
 
     def __post_init__(self):
