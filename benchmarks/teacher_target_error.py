@@ -3,6 +3,8 @@ reference), against a converged solution of the exact probability-flow ODE (issu
 
     python benchmarks/teacher_target_error.py                  # the target table (~5 min on 2 CPU cores)
     python benchmarks/teacher_target_error.py --reference-only # the quality benchmark's reference (SD schedule)
+    python benchmarks/teacher_target_error.py --ends --steps 4,8,16,32,64,128 --solvers dpmpp_2m,heun,ddim
+                                                               # end to end, both directions (issue 28)
 
 Data: every element from the 1-D Gaussian mixture `tests.mixture_reference.MIXTURE` (modes at -1, 0.15,
 1.2 of variance 0.01), whose exact denoiser is the teacher (`teacher.gaussian_mixture_teacher_fn`, JAX,
@@ -16,6 +18,12 @@ in the mix), the source clipped as `pairs` clips it; x_s = alpha_s x0 + sigma_s 
 mixture. Error: RMS(target - exact) / RMS(exact) over all elements, and the 99th percentile of the
 per-example relative error. Teacher evaluations per example: DPM-Solver++(2M) and DDIM one per step,
 Heun two per step, plus one for DDPM's final DDIM step from t = 0 into [-1, 0) (`samplers.teacher_solve`).
+
+Ends table (`--ends`, alone): `teacher_solve` from one end of each schedule to the other, `--directions`
+invert (data to noise: x0 from the mixture at t_clean, solved to t_noise) and generate (noise to data:
+the exact solution's x at t_noise solved back to t_clean), 8 x 64 mixture elements, every `--solvers` and
+`--steps` on the `--spacings` grids (default here: logsnr). Issue 28: on DDPM the step from t = -1 to 0
+left a fixed error, so more steps gave a worse answer from data to noise.
 
 Reference table (`--reference-only`, also printed by default): benchmarks/quality_vs_steps.py's MSE
 reference is 100 DPM-Solver++(2M) steps on the uniform grid 999 ... -1 of SD's schedule; its error from
@@ -134,6 +142,49 @@ def target_table(names, steps_list, spacings, solvers, examples, dim, lof_option
     return rows
 
 
+def ends_table(names, steps_list, spacings, solvers, directions, batch: int = 8, dim: int = 64, seed: int = 0):
+    """teacher_solve between the ends of each schedule (see the module docstring), one row per case."""
+    import numpy as np
+
+    from tests.mixture_reference import mixture_flow, rel_rms, sample_mixture
+
+    rows = []
+    for name in names:
+        schedule = make_schedule(name)
+        teacher = mixture_teacher(schedule, PREDICTION[name])
+        x0 = sample_mixture(np.random.default_rng(seed), (batch, dim)).astype(np.float32)
+        x_noise = mixture_flow(schedule, x0, schedule.t_clean, schedule.t_noise).astype(np.float32)
+        ones = np.ones(batch, np.float32)
+        cases = {"invert": (x0, schedule.t_clean, schedule.t_noise, x_noise),
+                 "generate": (x_noise, schedule.t_noise, schedule.t_clean, None)}
+        for direction in directions:
+            x_s, s, t, exact = cases[direction]
+            exact = mixture_flow(schedule, x_s, s, t) if exact is None else exact
+            for solver in solvers:
+                for spacing in spacings:
+                    for steps in steps_list:
+                        target = solve_targets(teacher, x_s, s * ones, t * ones, steps, solver, spacing)
+                        rows.append({"schedule": name, "direction": direction, "solver": solver, "spacing": spacing,
+                                     "steps": steps, "rel_rms": rel_rms(target, exact),
+                                     "finite": bool(np.all(np.isfinite(target)))})
+                        print(f"{name} {direction} {solver} {spacing} {steps}: {rows[-1]['rel_rms']:.4g}",
+                              file=sys.stderr)
+    return rows
+
+
+def print_ends_table(rows):
+    """One line per (schedule, direction, solver, spacing), one column per step count."""
+    steps = sorted({r["steps"] for r in rows})
+    print("| schedule | direction | solver | spacing | " + " | ".join(f"{n} steps" for n in steps) + " |")
+    print("|---|---|---|---|" + "---|" * len(steps))
+    keys = list(dict.fromkeys((r["schedule"], r["direction"], r["solver"], r["spacing"]) for r in rows))
+    for key in keys:
+        cells = {r["steps"]: r for r in rows if (r["schedule"], r["direction"], r["solver"], r["spacing"]) == key}
+        values = [f"{cells[n]['rel_rms']:.2e}" + ("" if cells[n]["finite"] else " (nan)") if n in cells else ""
+                  for n in steps]
+        print("| " + " | ".join(key) + " | " + " | ".join(values) + " |")
+
+
 def reference_table(dim: int = 2048, seed: int = 0):
     """The quality benchmark's 100-step reference on SD's schedule, noise end to clean end."""
     import jax
@@ -192,6 +243,10 @@ def build_parser():
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--dim", type=int, default=16, help="mixture elements per example")
     p.add_argument("--reference-only", action="store_true")
+    p.add_argument("--ends", action="store_true", help="only the ends table: teacher_solve from one end of each "
+                   "schedule to the other (--spacings defaults to logsnr here)")
+    p.add_argument("--directions", default="invert,generate",
+                   help="with --ends: invert (data to noise), generate (noise to data), or both")
     return p
 
 
@@ -200,6 +255,15 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    if args.ends:
+        spacings = "logsnr" if args.spacings == build_parser().get_default("spacings") else args.spacings
+        directions = args.directions.split(",")
+        unknown = sorted(set(directions) - {"invert", "generate"})
+        if unknown:
+            raise SystemExit(f"--directions: unknown {unknown}; expected invert and/or generate")
+        print_ends_table(ends_table(args.schedules.split(","), [int(v) for v in args.steps.split(",")],
+                                    spacings.split(","), args.solvers.split(","), directions))
+        return 0
     if not args.reference_only:
         lofs = tuple(v.strip().lower() == "true" for v in args.lower_order_final.split(","))
         rows = target_table(args.schedules.split(","), [int(v) for v in args.steps.split(",")],

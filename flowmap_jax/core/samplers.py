@@ -25,7 +25,11 @@ x0 = (x - sigma eps) / alpha is undefined): use v, flow or sample prediction for
 The fixed-grid loops run under `jax.lax.scan` (one compiled body whatever the step count).
 
 `teacher_solve` solves from per-example t_source to t_target (B,) with `num_steps` steps on a per-example
-grid (`solve_grid`, log-SNR spacing by default): the `pairs` target and other reference solutions. Its
+grid (`solve_grid`, log-SNR spacing by default): the `pairs` target and other reference solutions. DDPM's
+segment [-1, 0), below the first time its teacher can be evaluated, lies outside the grid: the solution
+enters it with DDIM's last step (towards data) and leaves it with a trapezoid step that uses the clean
+end's zero slope (towards noise, `_from_clean_end`; issue 28: a DDIM step there left a fixed error, so more
+steps gave a worse answer). Its
 error on Gaussian-mixture data (modes of variance 0.01) against the exact ODE solution, with
 DPM-Solver++(2M) on the log-SNR grid over training pairs that include both ends, is 0.2-0.64% at 32 steps,
 0.3-0.9% at 24, 0.6-1.4% at 16, 3-6% at 8 and 10-22% at 4, depending on the schedule (DDPM linear,
@@ -48,6 +52,7 @@ from flowmap_jax.core.schedules import expand_time
 from flowmap_jax.spec.objective_options import TEACHER_SOLVERS, TEACHER_SPACINGS
 from flowmap_jax.spec.schedule import check_time_values
 from flowmap_jax.spec.solver_settings import (
+    CLEAN_START_EVALUATIONS,
     HEUN_EDM_MAX_RHO,
     SPACING_RHO_MAX,
     SPACING_RHO_MIN,
@@ -239,9 +244,10 @@ def _time_from_spacing_variable(schedule, w, spacing):
 
 def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "logsnr"):
     """(num_steps + 1, B) float32 per-example time grids from t_source to t_target ((B,) each), either
-    direction, for the teacher's reference solutions (`teacher_solve`). The ends are exact (the clean end
-    of DDPM is taken at t_eval_min, see `teacher_solve`); the interior is uniform in the variable
-    `spacing` names (one of SOLVE_SPACINGS):
+    direction, for the teacher's reference solutions (`teacher_solve`). The ends are exact, but an end
+    below `t_eval_min` (DDPM's clean end, t in [-1, 0)) is taken at t_eval_min: the grid spans only times
+    the teacher can be evaluated at, and `teacher_solve` crosses [-1, 0) with a step of its own at either
+    end. The interior is uniform in the variable `spacing` names (one of SOLVE_SPACINGS):
 
     - "uniform": t;
     - "karras": g(rho_t)^(1/7) (EDM's rho = 7 spacing of the noise-to-signal ratio rho = sigma / alpha);
@@ -254,21 +260,65 @@ def solve_grid(schedule, t_source, t_target, num_steps: int, spacing: str = "log
     if spacing not in SOLVE_SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: expected one of {SOLVE_SPACINGS}")
     frac = jnp.arange(int(num_steps) + 1, dtype=jnp.float32)[:, None] / int(num_steps)
-    first = jnp.asarray(t_source, jnp.float32)
+    first = jnp.maximum(jnp.asarray(t_source, jnp.float32), schedule.t_eval_min)
     last = jnp.maximum(jnp.asarray(t_target, jnp.float32), schedule.t_eval_min)
-    w_s = _spacing_variable(schedule, jnp.maximum(first, schedule.t_eval_min), spacing)
+    w_s = _spacing_variable(schedule, first, spacing)
     w_t = _spacing_variable(schedule, last, spacing)
     times = _time_from_spacing_variable(schedule, w_s[None] + (w_t - w_s)[None] * frac, spacing)
     return times.at[0].set(first).at[-1].set(last)
+
+
+def _from_clean_end(teacher, x, t_source, cond, guidance_scale):
+    """The PF-ODE step from t_source (B,) in [t_clean, t_eval_min] up to t_eval_min (DDPM: from [-1, 0) to
+    t = 0, where the teacher cannot be evaluated): x (B, ...) at t_source -> x at t_eval_min, the start of
+    `teacher_solve`'s grid. A source at t_eval_min is returned exactly. The teacher is evaluated at
+    t_eval_min only, CLEAN_START_EVALUATIONS times (guided as `teacher.x0_eps` with cond, guidance_scale).
+
+    The rule. In DDIM's variables y = x / alpha, rho = sigma / alpha the PF-ODE is dy/drho = eps_hat(x, t).
+    At the clean end (rho = 0) eps_hat = -sigma * score -> 0, and near it eps_hat is linear in rho to leading
+    order (Gaussian data N(m, v): eps_hat = rho (y - m) / (v + rho^2)), so the slope at the source is taken
+    as (rho_s / rho_e) f_e, f_e the teacher's eps_hat at t_eval_min, and the trapezoid rule (exact for a
+    slope linear in rho) gives
+        y_e = y_s + (rho_e^2 - rho_s^2) / (2 rho_e) * eps_hat(x_e, t_eval_min),    x_e = alpha_e y_e,
+    implicit in x_e: solved by fixed-point iteration from the zero-slope predictor x_e = (alpha_e / alpha_s) x_s
+    (one iteration is Heun's predictor-corrector; the contraction factor is about rho_e^2 / (2 v), 0.04 for
+    SD's schedule on data of variance 0.01). Its error is O(rho_e^4): 2% of the step's increment on the
+    mixture test with SD's schedule (Heun's single evaluation: 6%).
+
+    Not the DDIM step from the source: the teacher asked below t_eval_min answers with its t_eval_min
+    prediction at x_s (clean data taken for a noisy state), whose eps_hat is about the slope at t_eval_min,
+    not the clean end's 0; as the slope of the whole first step it moves y by about twice the true
+    increment once the grid is fine, a fixed error that more steps do not remove (issue 28, SD's schedule,
+    mixture data, t = -1 to 999, DPM-Solver++(2M): 8.0e-3 at 16 steps, 1.4e-2 at 64, 1.5e-2 at 128; it
+    looked best at few steps, where it cancels part of the grid's own error). The exact inverse of DDIM's
+    last step into the clean end (backward Euler, y_e = y_s + rho_e eps_hat(x_e)) doubles the increment
+    too, and so does a Heun step that takes that t_eval_min prediction at x_s as its first slope. Measured in
+    benchmarks/results/teacher_target_error.md."""
+    schedule = teacher.schedule
+    t_eval = jnp.full_like(t_source, schedule.t_eval_min)
+    a_s, s_s = schedules.alpha_sigma(schedule, jnp.minimum(t_source, t_eval))
+    a_e, s_e = schedules.alpha_sigma(schedule, t_eval)
+    rho_s, rho_e = s_s / a_s, s_e / a_e
+    x_pred = expand_time(a_e / a_s, x) * x  # y unchanged: the slope is 0 at the clean end
+    coef = expand_time(0.5 * a_e * (rho_e * rho_e - rho_s * rho_s) / rho_e, x)  # 0 exactly where rho_s = rho_e
+    x_e = x_pred
+    for _ in range(CLEAN_START_EVALUATIONS):
+        x_e = x_pred + coef * teacher.x0_eps(x_e, t_eval, cond, guidance_scale)[1]
+    return x_e
 
 
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
                   guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False):
     """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction, either
     end of the schedule included) with `num_steps` steps of `solver` on the per-example grid
-    `solve_grid(..., spacing)` (log-SNR by default), then for DDPM the teacher's DDIM step from
-    max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in [-1, 0), where it is
-    DDIM's own last step into the clean end; one more teacher evaluation). x_s exactly where
+    `solve_grid(..., spacing)` (log-SNR by default) between max(t_source, t_eval_min) and
+    max(t_target, t_eval_min). For DDPM (t_eval_min = 0 > t_clean = -1) the segment [-1, 0) is crossed
+    outside the grid, at either end: a source in [-1, 0) (data to noise from the clean end) first steps up
+    to t = 0 with `_from_clean_end` (an implicit trapezoid with the clean end's zero slope, 2 teacher
+    evaluations; run only when some source of the batch lies there, so the `pairs` objective, whose sources
+    are clipped to >= t_eval_min, never pays for it), and the solution ends with the teacher's DDIM step
+    from max(t_target, t_eval_min) to t_target (an exact identity unless t_target lies in [-1, 0), where it
+    is DDIM's own last step into the clean end; one more teacher evaluation). x_s exactly where
     t_source = t_target. lower_order_final: diffusers' rule (the last step first order below 15 steps); off
     by default here, where the second-order last step is measured more accurate (DPM-Solver++(2M), 4 log-SNR
     steps on SD's schedule: 9.9% against 13.8%; identical from 15 steps). x_s (B, ...). Traceable.
@@ -279,14 +329,19 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     batch = x_s.shape[0]
-    schedules.check_times(teacher.schedule, t_source, "t_source")
-    schedules.check_times(teacher.schedule, t_target, "t_target")
+    schedule = teacher.schedule
+    schedules.check_times(schedule, t_source, "t_source")
+    schedules.check_times(schedule, t_target, "t_target")
     s = jnp.broadcast_to(jnp.asarray(t_source, jnp.float32), (batch,))
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
-    times = solve_grid(teacher.schedule, s, t, num_steps, spacing)
-    x = _integrate(teacher, x_s, times, solver, cond, guidance_scale, lower_order_final, path=path)
+    times = solve_grid(schedule, s, t, num_steps, spacing)
+    x = x_s
+    if schedule.t_eval_min > schedule.t_clean:  # DDPM: from [-1, 0) up to t_eval_min, where a source lies there
+        x = jax.lax.cond(jnp.any(s < schedule.t_eval_min),
+                         lambda v: _from_clean_end(teacher, v, s, cond, guidance_scale), lambda v: v, x)
+    x = _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final, path=path)
     x, states = x if path else (x, None)
-    if teacher.schedule.t_eval_min > teacher.schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
+    if schedule.t_eval_min > schedule.t_clean:  # DDPM: from t_eval_min into [-1, 0)
         x = teacher.ddim_step(x, times[-1], t, cond, guidance_scale)
     x = jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
     if not path:

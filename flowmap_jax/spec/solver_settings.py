@@ -5,7 +5,15 @@ Times are in teacher units; rho = sigma / alpha is the noise-to-signal ratio (in
 
 from __future__ import annotations
 
-__all__ = ["HEUN_EDM_MAX_RHO", "SPACING_RHO_MAX", "SPACING_RHO_MIN"]
+__all__ = ["CLEAN_START_EVALUATIONS", "HEUN_EDM_MAX_RHO", "SPACING_RHO_MAX", "SPACING_RHO_MIN"]
+
+CLEAN_START_EVALUATIONS = 2
+"""Teacher evaluations of `teacher_solve`'s step from a source below `t_eval_min` (DDPM's [-1, 0)) up to
+t_eval_min: fixed-point iterations of its implicit trapezoid rule from the zero-slope predictor (1 is Heun's
+predictor-corrector). Measured on the mixture data (SD's schedule, 8 x 64 elements, t = -1 to 999,
+DPM-Solver++(2M), log-SNR grid): error at t = 0 of 2.8e-4 with 1 (6% of the step's increment), 1.0e-4 with
+2 (2%, the converged rule's own error); at t = 999 after 64 steps 1.8e-3 and 1.2e-3, floors (256 steps)
+1.1e-3 and 4.3e-4."""
 
 HEUN_EDM_MAX_RHO = 20.0
 """Heun uses diffusers' HeunDiscrete form where sigma / alpha at the step's start is at most this."""
