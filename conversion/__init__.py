@@ -14,7 +14,17 @@ _STATE_DICT = ("ConversionError", "flax_to_state_dict", "state_dict_to_flax")
 _DIFFUSERS_IO = ("load_diffusers_unet", "read_state_dict", "read_unet_config", "resolve_folder",
                  "save_diffusers_unet", "save_state_dict")
 
-__all__ = sorted(_STATE_DICT + _DIFFUSERS_IO)
+__all__ = [
+    "ConversionError",
+    "flax_to_state_dict",
+    "load_diffusers_unet",
+    "read_state_dict",
+    "read_unet_config",
+    "resolve_folder",
+    "save_diffusers_unet",
+    "save_state_dict",
+    "state_dict_to_flax",
+]
 
 
 def __getattr__(name: str):

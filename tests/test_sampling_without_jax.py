@@ -15,13 +15,13 @@ same calls; the images must be identical.
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +131,8 @@ def blocked_env(tmp_path_factory):
 
 
 def _run(env, args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def _check(done: subprocess.CompletedProcess) -> None:
@@ -231,7 +232,7 @@ def test_the_torch_install_samples_exactly_as_with_jax(tmp_path, blocked_env, sd
     _check(child)
     _check(command)
 
-    exec(compile(SAMPLING.format(**paths, out=str(tmp_path / "with_jax")), "sampling", "exec"), {})
+    exec(compile(SAMPLING.format(**paths, out=str(tmp_path / "with_jax")), "sampling", "exec"), {})  # noqa: S102
     assert "jax" in sys.modules
     differ = [name for name in RESULTS
               if not _same(_read(tmp_path / "blocked" / name), _read(tmp_path / "with_jax" / name))]

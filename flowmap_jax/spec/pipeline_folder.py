@@ -34,8 +34,8 @@ except ModuleNotFoundError as missing:
 # Every pipeline.py this project has written, newest first: `FlowMapPipeline.from_pretrained` trusts exactly these.
 PIPELINE_MODULE_SOURCES = (
     PIPELINE_MODULE_SOURCE,
-    '"""diffusers loads this folder\'s pipeline class from here (flowmap-jax must be installed)."""\n\n'
-    "from torch_ref.pipeline import FlowMapPipeline  # noqa: F401\n",
+    ('"""diffusers loads this folder\'s pipeline class from here (flowmap-jax must be installed)."""\n\n'
+     "from torch_ref.pipeline import FlowMapPipeline  # noqa: F401\n"),
 )
 
 
