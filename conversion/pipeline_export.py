@@ -2,7 +2,8 @@
 
     OUT/model_index.json   _class_name ["pipeline", "FlowMapPipeline"], the components below, and the flow map's
                            flowmap.json under the config key "flow_map" (what `torch_ref.pipeline` reads)
-    OUT/pipeline.py        `from torch_ref.pipeline import FlowMapPipeline`: how diffusers finds the class
+    OUT/pipeline.py        how diffusers finds the class: imports torch_ref.pipeline.FlowMapPipeline (without
+                           flowmap-jax, an ImportError that says `pip install "flowmap-jax[torch]"`)
     OUT/unet/              the flow map: a flow-map export (config.json, safetensors, flowmap.json), also
                            usable alone (`--model OUT/unet`)
     OUT/vae/, text_encoder/, tokenizer/ [text_encoder_2/, tokenizer_2/], scheduler/   copied from the teacher

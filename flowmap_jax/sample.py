@@ -143,7 +143,7 @@ def _run(request: sample_cli.SampleRequest):
 
 def main(argv=None) -> int:
     return sample_cli.main(sys.argv[1:] if argv is None else argv, backend="jax", prog="python -m flowmap_jax.sample",
-                           run=_run, codecs=PIPELINE_CODECS)
+                           run=_run, codecs=PIPELINE_CODECS, needs=("jax", "flax"))
 
 
 if __name__ == "__main__":

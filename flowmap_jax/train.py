@@ -25,7 +25,7 @@ Exit codes (`flowmap_jax.cli.cli_exit`): 0 done (or saved and stopped on SIGTERM
 running (NaN loss, disk full while writing a checkpoint, no readable checkpoint, the run folder in use by
 another run); 2 bad flags or bad input (an unknown flag or choice; --run.dir a file, or a folder of files that
 are not a run's; a missing or unusable teacher or data; a mesh or a batch the devices cannot split; a resume
-whose configuration differs from the run's).
+whose configuration differs from the run's; the "jax" extra not installed).
 Either way one line `error: ...` on stderr.
 """
 
@@ -39,16 +39,28 @@ import sys
 import time
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
-from flowmap_jax.training import checkpointing, distributed, reporting, run_folder, train_cli
-from flowmap_jax.data import datasets
-from flowmap_jax.training import sharding as sh
-from flowmap_jax.training import train_step as ts
-from flowmap_jax.training.config import TrainConfig
 from flowmap_jax.cli import cli_exit
 from flowmap_jax.spec import image_grid
+
+try:
+    import jax
+
+    from flowmap_jax.data import datasets
+    from flowmap_jax.training import (
+        checkpointing,
+        distributed,
+        reporting,
+        run_folder,
+        train_cli,
+    )
+    from flowmap_jax.training import sharding as sh
+    from flowmap_jax.training import train_step as ts
+    from flowmap_jax.training.config import TrainConfig
+except ModuleNotFoundError as missing:  # `pip install "flowmap-jax[torch]"` alone: one line and exit 2, no traceback
+    cli_exit.exit_if_missing_extra(missing, __name__)
+    raise
 
 
 class NonFiniteLoss(cli_exit.RunFailure, RuntimeError):

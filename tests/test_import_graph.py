@@ -2,9 +2,12 @@
 
 - no import cycle among the modules of `flowmap_jax` (a lazy import inside a function counts: it is how
   circles hide);
-- nothing under `flowmap_jax/spec/` imports jax, flax, optax, orbax, chex or torch, nor any `flowmap_jax`
-  module outside `spec` (the specification is the bottom layer);
-- nothing in `torch_ref` imports jax, flax, optax, orbax or chex, nor `conversion`;
+- nothing under `flowmap_jax/spec/` imports jax, flax, optax, orbax, chex, another package of the "jax" extra
+  or torch, nor any `flowmap_jax` module outside `spec` (the specification is the bottom layer);
+- nothing in `torch_ref` imports jax, flax, optax, orbax or chex, nor `conversion`, directly or through what it
+  imports; nor any other package of the "jax" extra (`cli_exit.EXTRAS`: sklearn, tyro, tensorboardX...), so
+  `pip install "flowmap-jax[torch]"` samples (`tests/test_sampling_without_jax.py` runs it), except that the
+  digits teacher's trainer (`torch_ref.train_digits_teacher`) reads the digits data through scikit-learn;
 - `flowmap_jax` never imports `torch_ref`, and `flowmap_jax.sample` does not reach `conversion`;
 - `conversion` (the command line) imports nothing from the trainer (TRAINER), and no `flowmap_jax` module
   imports `conversion` (the export writer is `flowmap_jax.training.export_writer`).
@@ -14,8 +17,11 @@ import ast
 import os
 from pathlib import Path
 
+from flowmap_jax.cli.cli_exit import EXTRAS
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
+JAX_EXTRA = FRAMEWORKS | set(EXTRAS["jax"])  # what `pip install "flowmap-jax[torch]"` does not install
 # The trainer: its story, step, configuration's command line, parts, data and run folder. Not in it: the run
 # record that a finished run is read through (run_record, checkpointing's reader, rejected_checkpoints,
 # run_provenance, the config schema of config.json), the export writers (full and LoRA), which `conversion export` calls, and
@@ -62,7 +68,7 @@ def _graph(package: str) -> dict[str, set[str]]:
     project = {"flowmap_jax", "torch_ref", "conversion"}
     graph = {}
     for name, path in modules.items():
-        graph[name] = {imp for imp in _imports(path, name) if imp.split(".")[0] in project | FRAMEWORKS | {"torch"}}
+        graph[name] = {imp for imp in _imports(path, name) if imp.split(".")[0] in project | JAX_EXTRA | {"torch"}}
     return graph
 
 
@@ -128,7 +134,7 @@ def test_spec_imports_no_framework_and_nothing_above_it():
     spec = {m: imports for m, imports in graph.items() if m == "flowmap_jax.spec" or m.startswith("flowmap_jax.spec.")}
     assert len(spec) >= 10
     for module, imports in spec.items():
-        bad = sorted(imp for imp in imports if imp.split(".")[0] in FRAMEWORKS | {"torch", "torch_ref", "conversion"})
+        bad = sorted(imp for imp in imports if imp.split(".")[0] in JAX_EXTRA | {"torch", "torch_ref", "conversion"})
         assert not bad, f"{module} imports {bad}"
         above = sorted(imp for imp in imports if imp.startswith("flowmap_jax.") and not imp.startswith("flowmap_jax.spec")
                        and imp != "flowmap_jax.__version__")
@@ -146,12 +152,15 @@ def _reachable(edges, start):
 
 
 def test_torch_ref_imports_no_jax_and_flowmap_jax_no_torch_ref():
-    """Directly or through the project modules it imports (lazily or not), torch_ref reaches no jax."""
+    """Directly or through the project modules it imports (lazily or not), torch_ref reaches no jax and no other
+    package of the "jax" extra (the digits teacher's trainer: scikit-learn, for the digits data)."""
     graph = {**_graph("flowmap_jax"), **_graph("torch_ref"), **_graph("conversion")}
     edges = _project_edges(graph, set(graph))
     for module in _graph("torch_ref"):
+        allowed = {"sklearn"} if module == "torch_ref.train_digits_teacher" else set()
         for reached in sorted(_reachable(edges, module)):
-            bad = sorted(imp for imp in graph[reached] if imp.split(".")[0] in FRAMEWORKS | {"conversion"})
+            bad = sorted(imp for imp in graph[reached]
+                         if imp.split(".")[0] in (JAX_EXTRA - allowed) | {"conversion"})
             assert not bad, f"{module} reaches {reached}, which imports {bad}"
     for module, imports in _graph("flowmap_jax").items():
         assert not any(imp.split(".")[0] == "torch_ref" for imp in imports), module

@@ -20,11 +20,12 @@ with the target-time hook, plus flowmap.json), the teacher pipeline's `vae/`, `t
 (SDXL also `text_encoder_2/`, `tokenizer_2/`), `scheduler/` (the teacher's, for reference: the time grid comes
 from flowmap.json), and `model_index.json` with `_class_name: ["pipeline", "FlowMapPipeline"]` and the flow
 map's flowmap.json under the config key `flow_map`. diffusers resolves a class that is not its own only
-through a module file in the folder: `pipeline.py` there is one import line (`from torch_ref.pipeline import
-FlowMapPipeline`), so `DiffusionPipeline.from_pretrained` loads it, offline, given `trust_remote_code=True`
-(diffusers' consent to run a folder's module file; without it diffusers refuses with that advice).
-`FlowMapPipeline.from_pretrained` needs no such flag when `pipeline.py` is exactly the line this project
-writes (anything else is left to diffusers' check).
+through a module file in the folder: `pipeline.py` there imports this class (and, where flowmap-jax is not
+installed, raises an ImportError that says `pip install "flowmap-jax[torch]"`; no JAX is needed), so
+`DiffusionPipeline.from_pretrained` loads it, offline, given `trust_remote_code=True` (diffusers' consent to run
+a folder's module file; without it diffusers refuses with that advice). `FlowMapPipeline.from_pretrained` needs
+no such flag when `pipeline.py` is exactly one this project writes or wrote (`PIPELINE_MODULE_SOURCES`; anything
+else is left to diffusers' check).
 
 Saving: `save_pretrained(DIR)` is diffusers' save plus what makes DIR such a folder again (`torch_ref.pipeline_saving`):
 the class name, pipeline.py and unet/flowmap.json; every loader (`FlowMapPipeline.from_pretrained`,
@@ -96,7 +97,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from flowmap_jax.spec.pipeline_folder import (
     PIPELINE_MODULE_FILE,
-    PIPELINE_MODULE_SOURCE,
+    PIPELINE_MODULE_SOURCES,
 )
 from flowmap_jax.spec.sampling_inputs import resolve_guidance
 from flowmap_jax.spec.schedule import check_time_values
@@ -148,10 +149,10 @@ class FlowMapPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, Textu
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader; `trust_remote_code` is implied only for a folder whose pipeline.py is exactly the
-        import line this project writes."""
+        """diffusers' loader; `trust_remote_code` is implied only for a folder whose pipeline.py is exactly one
+        this project writes or wrote."""
         module = Path(os.fspath(pretrained_model_name_or_path)) / PIPELINE_MODULE_FILE
-        if module.is_file() and module.read_text() == PIPELINE_MODULE_SOURCE:
+        if module.is_file() and module.read_text() in PIPELINE_MODULE_SOURCES:
             kwargs.setdefault("trust_remote_code", True)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if cls is not FlowMapPipeline and type(pipe) is FlowMapPipeline:  # the folder names FlowMapPipeline

@@ -19,15 +19,21 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import torch
 
+from flowmap_jax.cli import cli_exit, sample_cli
 from flowmap_jax.data import encoders
-from flowmap_jax.cli import sample_cli
 from flowmap_jax.spec.layout import nchw_to_nhwc, nhwc_to_nchw
 from flowmap_jax.spec.time_grid import check_direction
-from torch_ref import samplers
-from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
-from torch_ref.lora_loading import load_lora_flow_map
+
+try:
+    import torch
+
+    from torch_ref import samplers
+    from torch_ref.export_loading import TorchFlowMapExport, load_flow_map_export
+    from torch_ref.lora_loading import load_lora_flow_map
+except ModuleNotFoundError as missing:  # without the "torch" extra: one line and exit 2, no traceback
+    cli_exit.exit_if_missing_extra(missing, __name__)
+    raise
 
 __all__ = ["load_flow_map", "sample", "main"]
 
@@ -103,6 +109,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from flowmap_jax.cli.cli_exit import run_main
-
-    run_main(main)
+    cli_exit.run_main(main)

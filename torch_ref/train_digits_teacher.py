@@ -44,9 +44,15 @@ import sys
 import time
 
 import numpy as np
-import torch
 
+from flowmap_jax.cli import cli_exit
 from flowmap_jax.cli.cli_exit import ArgumentParser
+
+try:
+    import torch
+except ModuleNotFoundError as missing:  # without the "torch" extra: one line and exit 2, no traceback
+    cli_exit.exit_if_missing_extra(missing, __name__)
+    raise
 from flowmap_jax.digits import TEACHER_DIR
 from flowmap_jax.digits.data import (
     IMAGE_SIZE,
@@ -285,4 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_exit.run_main(main)  # the digits data needs scikit-learn (the "jax" extra): one line and exit 2 without it

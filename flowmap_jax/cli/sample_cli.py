@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -482,12 +483,17 @@ def write_outputs(request: SampleRequest, samples: np.ndarray, backend: str, sec
 
 
 def main(argv, backend: str, prog: str, run: Callable[[SampleRequest], tuple[np.ndarray, str]],
-         codecs: PipelineCodecs | None = None) -> int:
+         codecs: PipelineCodecs | None = None, needs: tuple[str, ...] = ()) -> int:
     """Parse, prepare, `run(request) -> (samples (B, H, W, C) float32, device description)`, write; `codecs`
-    lets --model name a FlowMapPipeline folder (prompts in, images out).
+    lets --model name a FlowMapPipeline folder (prompts in, images out); `needs`: modules `run` imports, imported
+    first, so that a missing extra stops the command before any work (ModuleNotFoundError: `cli_exit.run_main`
+    makes it one line and exit code 2).
     Exit codes (`flowmap_jax.cli.cli_exit`): 0 done, 2 bad flags or bad input (a folder that is not a
-    flow-map export, a bad conditioning file); an unexpected failure keeps its traceback and exits 1."""
+    flow-map export, a bad conditioning file; a missing extra); an unexpected failure keeps its traceback and
+    exits 1."""
     args = build_parser(prog, backend).parse_args(argv)
+    for module in needs:
+        importlib.import_module(module)
     try:
         request = prepare(args, codecs)
         start = time.perf_counter()
