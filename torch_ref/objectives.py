@@ -36,7 +36,7 @@ from torch_ref.schedules import expand_time
 from torch_ref.teacher import _leaves
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "velocity", "finite_difference_jvp"]
+           "finite_difference_jvp"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -127,17 +127,13 @@ def _check_batch(batch):
     return b
 
 
-def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None,
-             sample_times=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
     device = x0.device
     rng = time_pairs.as_generator(rng)
-    if sample_times is None:
-        s, t = time_pairs.sample_time_pairs(rng, b, schedule, options.time_pairs, source_range, target_range)
-    else:
-        s, t = sample_times(rng, b)
+    s, t = time_pairs.sample_time_pairs(rng, b, schedule, options.time_pairs, source_range, target_range)
     s = torch.as_tensor(batch["t_source"], dtype=torch.float32, device=device) if "t_source" in batch else s.to(device)
     t = torch.as_tensor(batch["t_target"], dtype=torch.float32, device=device) if "t_target" in batch else t.to(device)
     if source_range is not None:
@@ -300,22 +296,6 @@ def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, r
     per_example = (scale * _per_example_mean(err.square())
                    + options.progressive_anchor_weight * _per_example_mean(anchor.square()))
     return _finish(per_example, options, err)
-
-
-@register_objective("velocity")
-def velocity(flow_map, options: SharedOptions, params, teacher, batch, rng):
-    """|v_X(x_s, s) - sg(v(x_s, s))|^2 per unit angle at s uniform in normalised time."""
-    schedule = flow_map.schedule
-    lo, hi = _eval_range(schedule, options, False)
-    p = _prepare(flow_map, options, batch, rng, source_range=(lo, hi),
-                 sample_times=lambda gen, n: (time_pairs.sample_source_times(gen, n, lo, hi),) * 2)
-    fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
-    x_s, s = p["x_s"], p["s"]
-    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
-    with torch.no_grad():
-        v_teacher = teacher.velocity(x_s, s, p["cond"], p["w"]) * ds
-    err = fmap.velocity(params, x_s, s, p["student_cond"]) - v_teacher
-    return _finish(_per_example_mean(err.square()), options, err)
 
 
 check_objective_names(OBJECTIVES, __name__)

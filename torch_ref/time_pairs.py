@@ -9,7 +9,7 @@ import torch
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_pairs import TimePairConfig
 
-__all__ = ["sample_time_pairs", "sample_mid_times", "sample_source_times", "as_generator"]
+__all__ = ["sample_time_pairs", "sample_mid_times", "as_generator"]
 
 
 def as_generator(rng, device=None):
@@ -50,9 +50,3 @@ def sample_mid_times(rng, t_source, t_target):
     """u = s + U(0, 1) (t - s) between each pair, (B,)."""
     rng = as_generator(rng)
     return t_source + torch.rand(t_source.shape, generator=rng).to(t_source.device) * (t_target - t_source)
-
-
-def sample_source_times(rng, batch_size: int, lo: float, hi: float):
-    """(batch_size,) float32 times uniform in [lo, hi] (teacher units): the `velocity` objective's points."""
-    rng = as_generator(rng)
-    return (lo + (hi - lo) * torch.rand(batch_size, generator=rng)).to(torch.float32)

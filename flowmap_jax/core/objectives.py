@@ -75,7 +75,7 @@ from flowmap_jax.spec.objective_options import (
 )
 
 __all__ = ["OBJECTIVES", "register_objective", "make_objective", "pairs", "lagrangian", "eulerian", "progressive",
-           "velocity", "finite_difference_jvp", "combine_objectives"]
+           "finite_difference_jvp", "combine_objectives"]
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -178,19 +178,15 @@ def _mid_times(rng, s, t):
     return time_pairs.sample_mid_times(rng, s, t)
 
 
-def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None,
-             sample_times=None):
+def _prepare(flow_map, options: SharedOptions, batch, rng, source_range=None, target_range=None):
     """Draws (or takes from batch) the times, noise and guidance scale; returns a dict of the pieces. rng: one
-    key, or a (B,) batch of keys, one per example (`draw`). sample_times: `(key, n) -> (s, t)` in place of
-    `time_pairs.sample_time_pairs` with the objective's `time_pairs`."""
+    key, or a (B,) batch of keys, one per example (`draw`)."""
     schedule = flow_map.schedule
     b = _check_batch(batch)
     x0 = batch["x0"]
     k_times, k_noise, k_mid, k_w = example_keys.split(rng, 4)
-    if sample_times is None:
-        def sample_times(key, n):
-            return time_pairs.sample_time_pairs(key, n, schedule, options.time_pairs, source_range, target_range)
-    s, t = example_keys.draw(k_times, b, sample_times)
+    s, t = example_keys.draw(k_times, b, lambda key, n: time_pairs.sample_time_pairs(
+        key, n, schedule, options.time_pairs, source_range, target_range))
     s = jnp.asarray(batch.get("t_source", s), jnp.float32)
     t = jnp.asarray(batch.get("t_target", t), jnp.float32)
     if source_range is not None:  # given times too: the objective cannot evaluate outside
@@ -344,20 +340,6 @@ def progressive(flow_map, options: ProgressiveOptions, params, teacher, batch, r
     per_example = (scale * _per_example_mean(jnp.square(err))
                    + options.progressive_anchor_weight * _per_example_mean(jnp.square(anchor)))
     return _finish(per_example, options, err)
-
-
-@register_objective("velocity")
-def velocity(flow_map, options: SharedOptions, params, teacher, batch, rng):
-    """|v_X(x_s, s) - sg(v(x_s, s))|^2 per unit angle at s uniform in normalised time (see the module docstring)."""
-    schedule = flow_map.schedule
-    lo, hi = _eval_range(schedule, options, False)
-    p = _prepare(flow_map, options, batch, rng, source_range=(lo, hi),
-                 sample_times=lambda key, n: (time_pairs.sample_source_times(key, n, lo, hi),) * 2)
-    fmap = _student_map(flow_map, options, batch, p["b"])
-    x_s, s = p["x_s"], p["s"]
-    ds = expand_time(1.0 / schedules.dtheta_dt(schedule, s), x_s)
-    err = fmap.velocity(params, x_s, s, p["student_cond"]) - _sg(teacher.velocity(x_s, s, p["cond"], p["w"]) * ds)
-    return _finish(_per_example_mean(jnp.square(err)), options, err)
 
 
 check_objective_names(OBJECTIVES, __name__)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flowmap_jax.spec.schedule import ScheduleConfig
 from flowmap_jax.spec.time_pairs import TimePairConfig
 
-__all__ = ["sample_time_pairs", "sample_mid_times", "sample_source_times"]
+__all__ = ["sample_time_pairs", "sample_mid_times"]
 
 
 def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: TimePairConfig | None = None,
@@ -53,8 +53,3 @@ def sample_time_pairs(rng, batch_size: int, schedule: ScheduleConfig, config: Ti
 def sample_mid_times(rng, t_source, t_target):
     """u = s + U(0, 1) (t - s) between each pair (the `progressive` objective's split point), (B,)."""
     return t_source + jax.random.uniform(rng, jnp.shape(t_source)) * (t_target - t_source)
-
-
-def sample_source_times(rng, batch_size: int, lo: float, hi: float):
-    """(batch_size,) float32 times uniform in [lo, hi] (teacher units): the `velocity` objective's points."""
-    return (lo + (hi - lo) * jax.random.uniform(rng, (batch_size,))).astype(jnp.float32)

@@ -202,7 +202,6 @@ OBJECTIVE_OPTIONS: dict[str, type[SharedOptions]] = {
     "lagrangian": JvpOptions,
     "eulerian": EulerianOptions,
     "progressive": ProgressiveOptions,
-    "velocity": SharedOptions,
 }
 """The objectives (in the order the command line lists them) and their options classes; the loss functions
 of both backends are registered under these names."""
