@@ -26,8 +26,8 @@ Metrics (`flowmap_jax.digits.quality.digits_quality_report`, the shipped digits 
 distance in its feature space against the 500 held-out real digits (comparable only at equal sample
 counts), its label accuracy against the conditioning label, and the mean squared distance to the teacher's
 100-step DPM-Solver++(2M) solution from the same noise (`--reference-steps`; that sampler's own row is 0 by
-construction) on `--reference-grid` (uniform by default, as the recorded results; "logsnr" is ~6x more
-accurate on SD's schedule, see benchmarks/README.md and benchmarks/teacher_target_error.py). For scale, the same Frechet distance of the 1297 real training digits is printed.
+construction) on `--reference-grid` ("logsnr" by default, ~6x more accurate than "uniform" on SD's schedule, which
+the tables recorded before issue 26 used; see benchmarks/README.md and benchmarks/teacher_target_error.py). For scale, the same Frechet distance of the 1297 real training digits is printed.
 
 Outputs (`--out`, default benchmarks/results): quality_vs_steps.json, quality_vs_steps.png (the three
 metrics side by side, for the README), quality_vs_steps_{frechet,accuracy,mse}.png (one per metric), and
@@ -164,7 +164,7 @@ def target_checks(rows: list[dict]) -> list[str]:
     for spacing in FLOW_MAP_SOLVER:
         grid = "" if spacing == "uniform" else f" ({spacing} grid)"
         curve = sorted((r["steps"], r["mse_to_reference"]) for r in rows
-                       if r["kind"] == "flow_map" and r.get("spacing", "uniform") == spacing)
+                       if r.get("kind") == "flow_map" and r.get("spacing", "uniform") == spacing)
         if len(curve) > 1:
             falls = all(b[1] < a[1] for a, b in zip(curve, curve[1:]))
             shown = " > ".join(f"{m:.3g} ({n})" for n, m in curve)
@@ -429,9 +429,9 @@ def build_parser():
                    "(default), logsnr")
     p.add_argument("--jumps", type=parse_int_list, default=DEFAULT_JUMPS, help="flow-map jumps (default 1,2,4,8)")
     p.add_argument("--reference-steps", type=int, default=100, help="DPM-Solver++(2M) steps of the MSE reference")
-    p.add_argument("--reference-grid", default="uniform", choices=REFERENCE_GRIDS,
-                   help="time grid of the MSE reference (default uniform, as the recorded results; its own error "
-                        "on SD's schedule: benchmarks/README.md)")
+    p.add_argument("--reference-grid", default="logsnr", choices=REFERENCE_GRIDS,
+                   help="time grid of the MSE reference (default logsnr; the tables recorded before issue 26 used "
+                        "uniform, whose own error on SD's schedule is ~6x larger: benchmarks/README.md)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNGs (default benchmarks/results)")
     p.add_argument("--suffix", default="", help="appended to the output files' names: --suffix _s0 writes "
                    "quality_vs_steps_s0.json, quality_vs_steps_s0.png, ... (default none)")

@@ -134,6 +134,25 @@ def test_target_checks():
         in qs.target_checks(rows)
 
 
+def test_target_checks_of_more_jumps():
+    """Issue 26's lines: the MSE must fall with every doubling of the jumps, on each grid; 8 jumps against half
+    of DDIM-8 and against DPM-Solver++(2M) at 8; 16 jumps against DPM-Solver++(2M) at 16."""
+    def fm(n, mse, spacing="uniform"):
+        return {"key": qs.flow_map_key(n, spacing), "kind": "flow_map", "steps": n, "spacing": spacing,
+                "mse_to_reference": mse}
+    rows = [fm(1, 0.01), fm(2, 0.008), fm(4, 0.004), fm(8, 0.002), fm(16, 0.0025),
+            {"key": "ddim_8", "mse_to_reference": 0.005}, {"key": "dpmpp_2m_8", "mse_to_reference": 0.002},
+            {"key": "dpmpp_2m_16", "mse_to_reference": 0.0004}, fm(4, 0.003, "logsnr"), fm(8, 0.001, "logsnr")]
+    lines = qs.target_checks(rows)
+    assert "flow map MSE by jumps: 0.01 (1) > 0.008 (2) > 0.004 (4) > 0.002 (8) > 0.0025 (16): falls with N: missed" \
+        in lines
+    assert "flow map 8 jumps: MSE 0.002 vs teacher DDIM 8 0.005 (0.40x; target <= 0.5x: met)" in lines
+    assert "flow map 8 jumps: MSE 0.002 vs teacher DPM-Solver++(2M) 8 0.002 (1.00x; target <= 1x: met)" in lines
+    assert "flow map 16 jumps: MSE 0.0025 vs teacher DPM-Solver++(2M) 16 0.0004 (6.25x; target <= 1x: missed)" \
+        in lines
+    assert "flow map (logsnr grid) MSE by jumps: 0.003 (4) > 0.001 (8): falls with N: met" in lines
+
+
 def test_plan_runs_flow_map_grids():
     runs = qs.plan_runs(("ddim",), (50,), (2, 4), 100, True, ("uniform", "logsnr"))
     fm = [(r["key"], r["spacing"], r["solver"]) for r in runs if r["kind"] == "flow_map"]
