@@ -108,9 +108,9 @@ def _flat(text):
 def test_help_shows_the_chosen_presets_values():
     sd15, digits = _flat(train_cli.help_text("sd15")), _flat(train_cli.help_text("digits"))
     for value in ("(default: runs/sd15)", "(default: 20000)", "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)",
-                  "(default: bfloat16)", "(default: 1e-05)", "(default: cosine)"):
+                  "(default: bfloat16)", "(default: 1e-05)", "(default: 500)"):
         assert value in sd15 and value not in digits, value
-    for value in ("(default: runs/digits)", "(default: 300)", "(default: float32)"):
+    for value in ("(default: runs/digits)", "(default: 300)", "(default: float32)", "(default: 0.001)"):
         assert value in digits and value not in sd15, value
     sdxl = _flat(train_cli.help_text("sdxl"))
     for value in ("(default: runs/sdxl)", "(default: stabilityai/stable-diffusion-xl-base-1.0)", "(default: 1024)",
@@ -223,6 +223,13 @@ def test_presets_match_their_values_before_the_config_split():
     # The one documented change since: sdxl shards over all the devices there are (--mesh.fsdp -1, issue 28), where the
     # snapshot has 8, which made the preset fail on a machine with fewer devices.
     expected["sdxl"]["mesh"]["fsdp"] = -1
+    # And the digits default job's training recipe (issue 26): lr 1e-3 with a cosine decay, the loss in the output's
+    # units (output_scale_power 2), more short jumps (length_power 0.3) and an 8-jump quality row; sd15 and sdxl
+    # keep theirs (their own optim section, and explicit objective options).
+    expected["digits"]["optim"].update(lr=1e-3, schedule="cosine")
+    expected["digits"]["objective"]["options"].update(output_scale_power=2.0)  # every objective (eulerian: its own default too)
+    expected["digits"]["objective"]["options"]["time_pairs"]["length_power"] = 0.3
+    expected["digits"]["sample"]["jumps"] = [1, 2, 4, 8]
     for name, want in expected.items():
         # Read through the schema: the per-objective options write their JSON in another order and spell
         # residual_form "auto" as null; what must not change is the value (every resolved option).

@@ -24,6 +24,7 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from flowmap_jax.cli.cli_exit import BadInput
 from flowmap_jax.spec.lora_format import DEFAULT_LORA_TARGETS, check_lora_settings
+from flowmap_jax.spec.time_pairs import TimePairConfig
 from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
 from flowmap_jax.data.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
@@ -103,7 +104,8 @@ class ObjectiveConfig:
 
     names: tuple[ObjectiveName, ...] = ("pairs",)  # objectives by name (spec.objective_options.OBJECTIVE_OPTIONS)
     weights: tuple[float, ...] = (1.0,)  # one weight per name
-    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(teacher_steps=4)  # the objectives' options (spec.objective_options: each objective's class and defaults); on the command line a JSON object of the options to change (the rest keep the preset's values), each set on every named objective that has it
+    options: Annotated[ObjectiveOptions, _JSON_OPTIONS] = ObjectiveOptions(
+        teacher_steps=4, output_scale_power=2.0, time_pairs=TimePairConfig(length_power=0.3))  # the objectives' options (spec.objective_options: each objective's class and defaults); on the command line a JSON object of the options to change (the rest keep the preset's values), each set on every named objective that has it
 
     def __post_init__(self):
         if not isinstance(self.options, ObjectiveOptions):  # a JSON string (the flag, an old config.json) or a dict
@@ -118,9 +120,9 @@ class ObjectiveConfig:
 class OptimConfig:
     """optax AdamW with linear warm-up, then constant or cosine; global-norm clipping; EMA."""
 
-    lr: Annotated[float, arg(aliases=("--lr",))] = 1e-4
+    lr: Annotated[float, arg(aliases=("--lr",))] = 1e-3
     warmup_steps: int = 100
-    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant or cosine (to 0 at run.steps)
+    schedule: Literal["constant", "cosine"] = "cosine"  # after warm-up: constant or cosine (to 0 at run.steps)
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -154,7 +156,7 @@ class DistributedConfig:
 class SampleConfig:
     """Sample grids and the final quality table."""
 
-    jumps: tuple[int, ...] = (1, 2, 4)  # flow-map rows of the grid (number of jumps)
+    jumps: tuple[int, ...] = (1, 2, 4, 8)  # flow-map rows of the grid and the quality table (number of jumps)
     teacher_steps: int = 50  # the teacher's row: DDIM steps
     grid_columns: int = 10  # samples per row of the PNG grid
     spacing: Literal["uniform", "logsnr"] = "uniform"  # the flow map's time grid: uniform (in teacher time) or logsnr (spec.time_grid.time_grid)
