@@ -37,7 +37,7 @@ def digits() -> TrainConfig:
     """The embedded default: distil the shipped digits teacher (16x16x1 pixels, class labels through
     cross-attention, classifier-free guidance) on a CPU in minutes.
 
-    Sized for a 2-core CPU (300 steps of 32 examples, about 3-5 minutes). Objective `pairs`: the regression target
+    Sized for a 2-core CPU (300 steps of 32 examples, 3 minutes on an idle one). Objective `pairs`: the regression target
     is the teacher's PF-ODE from s to t in 4 DPM-Solver++(2M) log-SNR steps; lr 1e-3 with a cosine decay, the loss in
     the map's output units (output_scale_power 2) and jump lengths drawn with length_power 0.3 (issue 26: MSE to the
     teacher 0.014 / 0.0071 / 0.0042 / 0.0043 at 1 / 2 / 4 / 8 jumps, seed 0, against 0.024 / 0.016 / 0.018 at
