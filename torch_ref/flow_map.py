@@ -36,9 +36,17 @@ __all__ = ["FlowMap", "UNetNetwork", "unet_network", "add_target_time_hook", "ad
            "guidance_scale_embedding", "guidance_input_cond", "batch_times", "call_network", "finite_difference_jvp"]
 
 
+# Copied from flowmap_jax.core.flow_map.mix_coefficients
+def mix_coefficients(own, teacher_step, weight):
+    """(1 - weight) own + weight teacher_step, for (c_x, c_F) pairs: the teacher blend of `FlowMap.coefficients`
+    and the "anchored" form's blend (weight a float, (B,) or broadcastable)."""
+    return tuple((1.0 - weight) * a + weight * b for a, b in zip(own, teacher_step, strict=True))
+
+
+# Copied from flowmap_jax.core.flow_map.anchor_weight with jnp.clip->torch.clamp
 def anchor_weight(schedule, t_source):
-    """The "anchored" map's weight on the teacher's DDIM step, clip((alpha_s - lo) / (hi - lo), 0, 1) (see
-    `flowmap_jax.core.flow_map.anchor_weight`)."""
+    """The "anchored" map's weight on the teacher's DDIM step at the source time, clip((alpha_s - lo) / (hi - lo),
+    0, 1) with (lo, hi) = `spec.parameterization.ANCHOR_ALPHA`; the broadcast shape of t_source."""
     lo, hi = ANCHOR_ALPHA
     alpha, _ = schedules.alpha_sigma(schedule, t_source)
     return torch.clamp((alpha - lo) / (hi - lo), 0.0, 1.0)
@@ -119,18 +127,22 @@ class FlowMap:
     def own_coefficients(self, t_source, t_target):
         """(c_x, c_F) of the map's own parameterisation (no teacher blend)."""
         if self.parameterization == "angle":
-            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
-            return torch.cos(delta), -torch.sin(delta)
+            return self.angle_coefficients(t_source, t_target)
         if self.parameterization == "linear":
             d_tau = (torch.as_tensor(t_target, dtype=torch.float32) - torch.as_tensor(t_source, dtype=torch.float32)
                      ) / self.schedule.time_unit
             return torch.ones_like(d_tau), d_tau
         if self.parameterization == "anchored":
-            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
-            b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
-            b = anchor_weight(self.schedule, t_source)
-            return (1.0 - b) * torch.cos(delta) + b * b_x, -(1.0 - b) * torch.sin(delta) + b * b_f
+            return mix_coefficients(self.angle_coefficients(t_source, t_target),
+                                    self.teacher_step_coefficients(t_source, t_target),
+                                    anchor_weight(self.schedule, t_source))
         return self.teacher_step_coefficients(t_source, t_target)
+
+    # Copied from flowmap_jax.core.flow_map.FlowMap.angle_coefficients with jnp->torch
+    def angle_coefficients(self, t_source, t_target):
+        """(cos(theta_s - theta_t), -sin(theta_s - theta_t)): the "angle" form's (c_x, c_F)."""
+        delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+        return torch.cos(delta), -torch.sin(delta)
 
     # Copied from flowmap_jax.core.flow_map.FlowMap.teacher_step_coefficients
     def teacher_step_coefficients(self, t_source, t_target):
@@ -145,8 +157,7 @@ class FlowMap:
         blend = self.teacher_blend
         if isinstance(blend, (int, float)) and blend == 0:
             return c_x, c_f
-        b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
-        return (1.0 - blend) * c_x + blend * b_x, (1.0 - blend) * c_f + blend * b_f
+        return mix_coefficients((c_x, c_f), self.teacher_step_coefficients(t_source, t_target), blend)
 
     def __call__(self, params, x_s, t_source, t_target, cond=None):
         """X(x_s, s, t): x_s (B, ...); t_source, t_target numbers or (B,) in teacher units. Shape of x_s."""

@@ -114,10 +114,9 @@ def _check_batch(batch):
         if key in batch and tuple(torch.as_tensor(batch[key]).shape) != (b,):
             raise ValueError(f"batch[{key!r}] must have shape ({b},) (the batch of x0), got "
                              f"{tuple(torch.as_tensor(batch[key]).shape)}")
-    if "path_index" in batch and (torch.as_tensor(batch["path_index"]).ndim != 2
-                                  or torch.as_tensor(batch["path_index"]).shape[0] != b):
-        raise ValueError(f"batch['path_index'] must have shape ({b}, path_targets), got "
-                         f"{tuple(torch.as_tensor(batch['path_index']).shape)}")
+    index_shape = tuple(torch.as_tensor(batch["path_index"]).shape) if "path_index" in batch else None
+    if index_shape is not None and (len(index_shape) != 2 or index_shape[0] != b):
+        raise ValueError(f"batch['path_index'] must have shape ({b}, path_targets), got {index_shape}")
     if "noise" in batch and batch["noise"].shape != x0.shape:
         raise ValueError(f"batch['noise'] shape {tuple(batch['noise'].shape)} differs from x0 shape {tuple(x0.shape)}")
     for path, leaf in _leaves(batch.get("cond")):
@@ -204,36 +203,32 @@ def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
     solution."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
-    extra = options.path_targets
+    b, extra = p["b"], options.path_targets
     with torch.no_grad():
         solved = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
                                         options.teacher_solver, p["cond"], p["w"],
                                         spacing=options.teacher_spacing, path=bool(extra))
-    if not extra:
-        x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
-        err = x_map - solved.detach()
-        weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
-        return _finish(weight * _per_example_mean(err.square()), options, err)
-    target, mid_times, mid_states = solved
-    b = p["b"]
-    if "path_index" in batch:
-        index = torch.as_tensor(batch["path_index"], dtype=torch.long, device=p["device"])
+    if extra:  # the pair's own target first, then J points of its path: (B, 1 + J) times and targets
+        target, mid_times, mid_states = solved
+        if "path_index" in batch:
+            index = torch.as_tensor(batch["path_index"], dtype=torch.long, device=p["device"])
+        else:
+            index = torch.randint(0, mid_times.shape[0], (b, extra), generator=p["rng"]).to(p["device"])
+        rows = torch.arange(b, device=p["device"])[:, None]
+        times = torch.cat([p["t"][:, None], mid_times.T[rows, index]], dim=1)
+        targets = torch.cat([target[:, None], mid_states.movedim(0, 1)[rows, index]], dim=1)
     else:
-        index = torch.randint(0, mid_times.shape[0], (b, extra), generator=p["rng"]).to(p["device"])
-    rows = torch.arange(b, device=p["device"])[:, None]
-    t_all = torch.cat([p["t"][:, None], mid_times.T[rows, index]], dim=1)  # (B, 1 + J)
-    targets = torch.cat([target[:, None], mid_states.movedim(0, 1)[rows, index]], dim=1)
+        times, targets = p["t"][:, None], solved[:, None]
+
     def repeat(v):  # example-major: (B (1 + J), ...), through nested dicts of tensors
         if isinstance(v, dict):
             return {k: repeat(item) for k, item in v.items()}
-        return None if v is None else torch.repeat_interleave(v, extra + 1, dim=0)
+        return torch.repeat_interleave(v, extra + 1, dim=0) if extra and v is not None else v
 
-    s_all = repeat(p["s"])
-    cond_all = repeat(p["student_cond"])
-    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all.reshape(-1), cond_all)
+    s_all, t_all = repeat(p["s"]), times.reshape(-1)
+    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all, repeat(p["student_cond"]))
     err = x_map - targets.reshape(x_map.shape).detach()
-    weight = _output_scale_weight(flow_map, s_all, t_all.reshape(-1), options)
-    per_target = weight * _per_example_mean(err.square())
+    per_target = _output_scale_weight(flow_map, s_all, t_all, options) * _per_example_mean(err.square())
     return _finish(per_target.reshape(b, extra + 1).mean(dim=1), options, err)
 
 

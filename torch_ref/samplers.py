@@ -74,7 +74,7 @@ def _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_fina
     x0_prev = torch.zeros_like(x)
     states = []
     for i in range(n):
-        if i > 0:
+        if path and i > 0:
             states.append(x)
         t_cur, t_next = times[i], times[i + 1]
         if solver == "ddim":
@@ -253,9 +253,7 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     x = _where(s == t, x_s, x, x_s)  # s = t: the identity exactly, at either end
     if not path:
         return x
-    interior = torch.stack([_where(s == t, x_s, state, x_s) for state in states[:-1]]) if len(states) > 1 \
-        else states[:0]
-    return x, times[1:-1], interior
+    return x, times[1:-1], _where(s == t, x_s, states[:-1], x_s)  # (n - 1, B, ...)
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,

@@ -147,17 +147,20 @@ class FlowMap:
     def own_coefficients(self, t_source, t_target):
         """(c_x, c_F) of the map's own parameterisation (no teacher blend), broadcast shape of the times."""
         if self.parameterization == "angle":
-            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
-            return jnp.cos(delta), -jnp.sin(delta)
+            return self.angle_coefficients(t_source, t_target)
         if self.parameterization == "linear":
             d_tau = (jnp.asarray(t_target, jnp.float32) - jnp.asarray(t_source, jnp.float32)) / self.schedule.time_unit
             return jnp.ones_like(d_tau), d_tau
         if self.parameterization == "anchored":
-            delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
-            b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
-            b = anchor_weight(self.schedule, t_source)
-            return (1.0 - b) * jnp.cos(delta) + b * b_x, -(1.0 - b) * jnp.sin(delta) + b * b_f
+            return mix_coefficients(self.angle_coefficients(t_source, t_target),
+                                    self.teacher_step_coefficients(t_source, t_target),
+                                    anchor_weight(self.schedule, t_source))
         return self.teacher_step_coefficients(t_source, t_target)
+
+    def angle_coefficients(self, t_source, t_target):
+        """(cos(theta_s - theta_t), -sin(theta_s - theta_t)): the "angle" form's (c_x, c_F)."""
+        delta = schedules.angle(self.schedule, t_source) - schedules.angle(self.schedule, t_target)
+        return jnp.cos(delta), -jnp.sin(delta)
 
     def teacher_step_coefficients(self, t_source, t_target):
         """(c_x, c_pred) of the teacher's DDIM step with F in the teacher's prediction type."""
@@ -171,8 +174,7 @@ class FlowMap:
         blend = self.teacher_blend
         if isinstance(blend, (int, float)) and blend == 0:
             return c_x, c_f
-        b_x, b_f = self.teacher_step_coefficients(t_source, t_target)
-        return (1.0 - blend) * c_x + blend * b_x, (1.0 - blend) * c_f + blend * b_f
+        return mix_coefficients((c_x, c_f), self.teacher_step_coefficients(t_source, t_target), blend)
 
     def _combine(self, x_s, s, t, out):
         c_x, c_f = self.coefficients(s, t)
@@ -256,6 +258,12 @@ class FlowMap:
         alpha, sigma = schedules.alpha_sigma(self.schedule, s)
         return pred_lib.to_x0_eps(self.prediction(params, x_s, t_source, t_target, cond), x_s, alpha, sigma,
                                   self.output_type)
+
+
+def mix_coefficients(own, teacher_step, weight):
+    """(1 - weight) own + weight teacher_step, for (c_x, c_F) pairs: the teacher blend of `FlowMap.coefficients`
+    and the "anchored" form's blend (weight a float, (B,) or broadcastable)."""
+    return tuple((1.0 - weight) * a + weight * b for a, b in zip(own, teacher_step, strict=True))
 
 
 def anchor_weight(schedule, t_source):

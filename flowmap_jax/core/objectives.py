@@ -261,29 +261,26 @@ def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
     solution (see the module docstring)."""
     p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
     fmap = _student_map(flow_map, options, batch, p["b"])
-    solve = functools.partial(samplers.teacher_solve, teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
-                              options.teacher_solver, p["cond"], p["w"], spacing=options.teacher_spacing)
-    extra = options.path_targets
-    if not extra:
-        target = solve()
-        x_map = fmap(params, p["x_s"], p["s"], p["t"], p["student_cond"])
-        err = x_map - _sg(target)
-        weight = _output_scale_weight(flow_map, p["s"], p["t"], options)
-        return _finish(weight * _per_example_mean(jnp.square(err)), options, err)
-    target, mid_times, mid_states = solve(path=True)
-    b = p["b"]
-    index = batch["path_index"] if "path_index" in batch else example_keys.draw(
-        p["k_mid"], b, lambda key, n: jax.random.randint(key, (n, extra), 0, mid_times.shape[0]))  # (B, J)
-    rows = jnp.arange(b)[:, None]
-    t_all = jnp.concatenate([p["t"][:, None], mid_times.T[rows, index]], axis=1)  # (B, 1 + J)
-    targets = jnp.concatenate([target[:, None], jnp.moveaxis(mid_states, 0, 1)[rows, index]], axis=1)
-    repeat = lambda v: jnp.repeat(v, extra + 1, axis=0)  # noqa: E731  example-major: (B (1 + J), ...)
-    s_all = repeat(p["s"])
-    cond_all = jax.tree.map(repeat, p["student_cond"])
-    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all.reshape(-1), cond_all)
+    b, extra = p["b"], options.path_targets
+    solved = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps, options.teacher_solver,
+                                    p["cond"], p["w"], spacing=options.teacher_spacing, path=bool(extra))
+    if extra:  # the pair's own target first, then J points of its path: (B, 1 + J) times and targets
+        target, mid_times, mid_states = solved
+        index = batch["path_index"] if "path_index" in batch else example_keys.draw(
+            p["k_mid"], b, lambda key, n: jax.random.randint(key, (n, extra), 0, mid_times.shape[0]))  # (B, J)
+        rows = jnp.arange(b)[:, None]
+        times = jnp.concatenate([p["t"][:, None], mid_times.T[rows, index]], axis=1)
+        targets = jnp.concatenate([target[:, None], jnp.moveaxis(mid_states, 0, 1)[rows, index]], axis=1)
+    else:
+        times, targets = p["t"][:, None], solved[:, None]
+
+    def repeat(v):  # example-major: (B (1 + J), ...)
+        return jnp.repeat(v, extra + 1, axis=0) if extra else v
+
+    s_all, t_all = repeat(p["s"]), times.reshape(-1)
+    x_map = fmap(params, repeat(p["x_s"]), s_all, t_all, jax.tree.map(repeat, p["student_cond"]))
     err = x_map - _sg(targets.reshape(x_map.shape))
-    weight = _output_scale_weight(flow_map, s_all, t_all.reshape(-1), options)
-    per_target = weight * _per_example_mean(jnp.square(err))
+    per_target = _output_scale_weight(flow_map, s_all, t_all, options) * _per_example_mean(jnp.square(err))
     return _finish(jnp.mean(per_target.reshape(b, extra + 1), axis=1), options, err)
 
 

@@ -346,8 +346,7 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     x = jnp.where(expand_time(s == t, x_s), x_s, x)  # s = t: the identity exactly, at either end
     if not path:
         return x
-    same = jnp.broadcast_to(expand_time(s == t, x_s)[None], states[:-1].shape)
-    return x, times[1:-1], jnp.where(same, x_s[None], states[:-1])
+    return x, times[1:-1], jnp.where(expand_time(s == t, x_s), x_s, states[:-1])  # (n - 1, B, ...)
 
 
 def flow_map_sample(flow_map, params, x_init, timesteps, cond=None, gamma=0.0, rng=None, noise=None,
