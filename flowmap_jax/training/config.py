@@ -26,6 +26,7 @@ from flowmap_jax.cli.cli_exit import BadInput
 from flowmap_jax.spec.lora_format import DEFAULT_LORA_TARGETS, check_lora_settings
 from flowmap_jax.spec.time_pairs import TimePairConfig
 from flowmap_jax.spec.objective_options import ObjectiveOptions, objective_names
+from flowmap_jax.spec.parameterization import PARAMETERIZATIONS
 from flowmap_jax.data.teacher_folder import EMBEDDED_DIGITS_TEACHER
 
 _JSON_OPTIONS = PrimitiveConstructorSpec(
@@ -40,6 +41,8 @@ class ConfigError(BadInput, ValueError):
 
 ObjectiveName = Literal[objective_names()]
 """The objectives of `spec.objective_options.OBJECTIVE_OPTIONS` (each backend's OBJECTIVES checks it holds the same)."""
+ParameterizationName = Literal[("auto", *PARAMETERIZATIONS)]
+"""--model.parameterization: "auto" or one of `spec.parameterization.PARAMETERIZATIONS`."""
 
 
 @dataclass
@@ -79,7 +82,7 @@ class ModelConfig:
 
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     remat: bool = False  # rematerialise each ResNet and transformer layer of the UNet (saves memory, costs one more forward)
-    parameterization: Literal["auto", "angle", "linear", "teacher_step", "anchored"] = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step, anchored (VP: the teacher's DDIM step at low noise, angle at high noise)
+    parameterization: ParameterizationName = "auto"  # the flow map's output form: auto (angle for VP, linear for rectified flow), angle, linear, teacher_step, anchored (VP: the teacher's DDIM step at low noise, angle at high noise)
     lora_rank: int = 0  # LoRA: adapters of this rank on the frozen teacher UNet (0: fine-tune every parameter); the flow map's own inputs train in full
     lora_alpha: float | None = None  # LoRA scale alpha / rank on the update (default: alpha = rank, no scaling, as diffusers' LCM-LoRA script)
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # LoRA target modules, diffusers names matched as peft does (a name or its '.'-suffix); default: the LCM-LoRA script's list
