@@ -499,3 +499,54 @@ def test_teacher_solve_from_the_clean_end_converges(name):
     print(f"data to noise {name}: {errors}")
     assert errors[64] < 0.25 * errors[16] and errors[128] < 0.5 * errors[64], errors
     assert errors[64] < CLEAN_START_BOUND, errors
+
+
+def _primitives(jaxpr) -> set:
+    """Every primitive name in a closed jaxpr, its sub-jaxprs (scan and cond bodies, remat) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def test_source_min_leaves_the_clean_end_branch_out():
+    """`teacher_solve(..., source_min)` at or above DDPM's t_eval_min leaves `_from_clean_end`'s `lax.cond` out
+    of the program (XLA plans memory for a branch that never runs: SDXL's pairs step spent most of its
+    temporaries there), with the same values; the `pairs` objective, whose sources are clipped to that range,
+    passes it, so its loss and gradient have no cond at all. The torch twin checks the bound."""
+    from flowmap_jax.core import objectives as jo
+
+    schedule, prediction_type = END_SCHEDULES["ddpm_scaled_linear"]
+    teacher_j, teacher_t, _ = _end_teachers(schedule, prediction_type, "mixture")
+    _, x0 = _end_states(schedule, "mixture")
+    b = x0.shape[0]
+    s = np.linspace(schedule.t_eval_min, schedule.t_noise, b).astype(np.float32)
+    t = np.full_like(s, schedule.t_clean)
+    a, sg = MR.alpha_sigma(schedule, s)
+    x_s = jnp.asarray((a[:, None] * x0 + sg[:, None] * np.random.default_rng(4).normal(size=x0.shape)), jnp.float32)
+
+    def solve(bound):
+        return lambda x, a, b: js.teacher_solve(teacher_j, x, a, b, 4, source_min=bound)
+
+    assert "cond" in _primitives(jax.make_jaxpr(solve(None))(x_s, s, t).jaxpr)  # sources may lie in [-1, 0)
+    assert "cond" in _primitives(jax.make_jaxpr(solve(-0.5))(x_s, s, t).jaxpr)  # a bound below t_eval_min
+    assert "cond" not in _primitives(jax.make_jaxpr(solve(schedule.t_eval_min))(x_s, s, t).jaxpr)
+    np.testing.assert_array_equal(np.asarray(jax.jit(solve(None))(x_s, s, t)),
+                                  np.asarray(jax.jit(solve(schedule.t_eval_min))(x_s, s, t)))
+
+    fmap = jf.FlowMap(lambda p, x, s_, t_, c: x * p, schedule, prediction_type)
+    loss = jo.make_objective("pairs", fmap, {"teacher_steps": 2})
+    grad = jax.value_and_grad(lambda p: loss(p, teacher_j, {"x0": jnp.asarray(x0, jnp.float32)},
+                                             jax.random.key(0))[0])
+    assert "cond" not in _primitives(jax.make_jaxpr(grad)(jnp.float32(0.9)).jaxpr)
+
+    with torch.no_grad():
+        ts.teacher_solve(teacher_t, torch.from_numpy(np.array(x_s)), torch.from_numpy(s), torch.from_numpy(t), 4,
+                         source_min=schedule.t_eval_min)
+        below = s.copy()
+        below[0] = -0.5
+        with pytest.raises(ValueError, match="below source_min"):
+            ts.teacher_solve(teacher_t, torch.from_numpy(np.array(x_s)), torch.from_numpy(below),
+                             torch.from_numpy(t), 4, source_min=schedule.t_eval_min)

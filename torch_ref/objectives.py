@@ -201,13 +201,15 @@ def _jvp_loss(x_map, residual, direction, options: JvpOptions, weight, output_sc
 def pairs(flow_map, options: PairsOptions, params, teacher, batch, rng):
     """|X(x_s, s, t) - sg(teacher PF-ODE solution from s to t)|^2, plus `path_targets` points of the same
     solution."""
-    p = _prepare(flow_map, options, batch, rng, source_range=_eval_range(flow_map.schedule, options, False))
+    source_range = _eval_range(flow_map.schedule, options, False)
+    p = _prepare(flow_map, options, batch, rng, source_range=source_range)
     fmap = _student_map(flow_map, options, batch, p["b"], p["device"])
     b, extra = p["b"], options.path_targets
     with torch.no_grad():
         solved = samplers.teacher_solve(teacher, p["x_s"], p["s"], p["t"], options.teacher_steps,
                                         options.teacher_solver, p["cond"], p["w"],
-                                        spacing=options.teacher_spacing, path=bool(extra))
+                                        spacing=options.teacher_spacing, path=bool(extra),
+                                        source_min=source_range[0])  # sources clipped: no clean-end branch
     if extra:  # the pair's own target first, then J points of its path: (B, 1 + J) times and targets
         target, mid_times, mid_states = solved
         if "path_index" in batch:

@@ -226,13 +226,21 @@ def _from_clean_end(teacher, x, t_source, cond, guidance_scale):
     return x_e
 
 
+# Copied from flowmap_jax.core.samplers._may_start_at_clean_end
+def _may_start_at_clean_end(schedule, source_min) -> bool:
+    """Whether a source may lie in [t_clean, t_eval_min) (DDPM's [-1, 0)), where `_from_clean_end` steps first:
+    never for a schedule the teacher evaluates down to its clean end, nor when source_min >= t_eval_min."""
+    return schedule.t_eval_min > schedule.t_clean and (source_min is None or float(source_min) < schedule.t_eval_min)
+
+
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False, source_min=None):
     """The teacher's PF-ODE solution from t_source to t_target (numbers or (B,), either direction): for DDPM
     first `_from_clean_end` where a source lies in [-1, 0), then `num_steps` steps on `solve_grid(...,
     spacing)`, then the DDIM step from max(t_target, t_eval_min) to t_target (see
     `flowmap_jax.core.samplers.teacher_solve`). x_s (B, ...). path: also the interior points, (x_t, times
-    (num_steps - 1, B), states (num_steps - 1, B, ...))."""
+    (num_steps - 1, B), states (num_steps - 1, B, ...)). source_min: None, or a bound every source is at or
+    above (checked here: ValueError otherwise); at or above t_eval_min it skips the clean-end start."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -244,7 +252,10 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = torch.as_tensor(t_target, dtype=torch.float32, device=x_s.device).expand(batch)
     times = solve_grid(schedule, s, t, num_steps, spacing)
     x = x_s
-    if schedule.t_eval_min > schedule.t_clean and bool(torch.any(s < schedule.t_eval_min)):
+    if source_min is not None and bool(torch.any(s < float(source_min))):
+        raise ValueError(f"teacher_solve: a source lies below source_min={float(source_min)}: min t_source "
+                         f"{float(s.min())}")
+    if _may_start_at_clean_end(schedule, source_min) and bool(torch.any(s < schedule.t_eval_min)):
         x = _from_clean_end(teacher, x, s, cond, guidance_scale)  # DDPM: from [-1, 0) up to t_eval_min
     x = _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final, path=path)
     x, states = x if path else (x, None)

@@ -307,8 +307,14 @@ def _from_clean_end(teacher, x, t_source, cond, guidance_scale):
     return x_e
 
 
+def _may_start_at_clean_end(schedule, source_min) -> bool:
+    """Whether a source may lie in [t_clean, t_eval_min) (DDPM's [-1, 0)), where `_from_clean_end` steps first:
+    never for a schedule the teacher evaluates down to its clean end, nor when source_min >= t_eval_min."""
+    return schedule.t_eval_min > schedule.t_clean and (source_min is None or float(source_min) < schedule.t_eval_min)
+
+
 def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m", cond=None,
-                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False):
+                  guidance_scale=None, lower_order_final=False, spacing="logsnr", path=False, source_min=None):
     """The teacher's PF-ODE solution from t_source to t_target (scalars or (B,), either direction, either
     end of the schedule included) with `num_steps` steps of `solver` on the per-example grid
     `solve_grid(..., spacing)` (log-SNR by default) between max(t_source, t_eval_min) and
@@ -324,7 +330,14 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     steps on SD's schedule: 9.9% against 13.8%; identical from 15 steps). x_s (B, ...). Traceable.
     path: also return the solution's interior points, (x_t, times (num_steps - 1, B), states (num_steps - 1,
     B, ...)): the state at each interior grid time (times[k] strictly between the ends; for s = t all equal
-    s and x_s), the `pairs` objective's extra targets (`path_targets`)."""
+    s and x_s), the `pairs` objective's extra targets (`path_targets`).
+    source_min: None, or a float the caller guarantees every source is at or above (the `pairs` objective
+    passes the lower end of the range it clips its sources to). When it is >= t_eval_min, the
+    `_from_clean_end` branch is left out of the program: a `lax.cond` that never runs still has its memory
+    planned (XLA sizes the step's buffers for both branches), and that branch, two guided teacher passes whose
+    weights and broadcasts XLA shares between the passes, set the whole step's peak (SDXL's pairs step at 2
+    examples on one device: 33 of its 40 GiB of temporaries, `benchmarks/sd15_step_plan.py`). Sources below
+    source_min are not checked under jit (the torch twin checks them)."""
     _check_x(x_s)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -336,7 +349,7 @@ def teacher_solve(teacher, x_s, t_source, t_target, num_steps, solver="dpmpp_2m"
     t = jnp.broadcast_to(jnp.asarray(t_target, jnp.float32), (batch,))
     times = solve_grid(schedule, s, t, num_steps, spacing)
     x = x_s
-    if schedule.t_eval_min > schedule.t_clean:  # DDPM: from [-1, 0) up to t_eval_min, where a source lies there
+    if _may_start_at_clean_end(schedule, source_min):  # DDPM: from [-1, 0) up to t_eval_min, where a source lies there
         x = jax.lax.cond(jnp.any(s < schedule.t_eval_min),
                          lambda v: _from_clean_end(teacher, v, s, cond, guidance_scale), lambda v: v, x)
     x = _integrate(teacher, x, times, solver, cond, guidance_scale, lower_order_final, path=path)
