@@ -280,6 +280,41 @@ def test_throughput_trainer_flags_parse():
     assert config.run.checkpoint_every > config.run.steps
 
 
+def test_throughput_tiny_sd15_arguments_and_commands(tmp_path):
+    """--pipeline tiny-sd15: the set-up commands (README.md's tiny-size SD section: the pipeline and images
+    written by tests.sd_pipelines, shards by write_shards) and the trainer flags, which parse as the sd15 preset
+    on that folder; extra flags come after them (and override them). Nothing is run."""
+    from flowmap_jax.training import train_cli
+
+    args, extra = tt.parse_args(["--pipeline", "tiny-sd15", "--", "--optim.lr", "1e-4"])
+    assert (args.pipeline, args.devices, args.steps, args.log_every, extra) == ("tiny-sd15", (1, 8), 60, 10,
+                                                                               ["--optim.lr", "1e-4"])
+    assert tt.parse_args([])[0].pipeline == "digits"
+    for bad in (["--pipeline", "tiny-sd21"], ["--steps", "10", "--log-every", "10"], ["--log-every", "0"],
+                ["--pipeline", "tiny-sd15", "--devices", "1,3"]):
+        with pytest.raises(SystemExit):
+            tt.parse_args(bad)
+    tt.parse_args(["--pipeline", "tiny-sd15", "--devices", "3", "--", "--data.batch_size", "9"])  # the user's batch
+    write, shards = tt.tiny_sd15_setup_commands(tmp_path)
+    assert write[1] == "-c" and "write_sd15_pipeline(" in write[2] and "write_captioned_images(" in write[2]
+    compile(write[2], "setup", "exec")  # valid Python
+    assert shards[1:3] == ["-m", "flowmap_jax.write_shards"]
+    assert shards[shards.index("--pipeline") + 1] == str(tmp_path / "tiny_sd15")
+    assert shards[shards.index("--out") + 1] == str(tmp_path / "shards")
+    assert shards[shards.index("--image-size") + 1] == "32"
+    cmd = tt.trainer_command("/tmp/x", 60, 10, tt.tiny_sd15_trainer_flags(tmp_path) + extra)
+    config = train_cli.parse_args(cmd[cmd.index("flowmap_jax.train") + 1:])
+    assert config.preset == "sd15" and config.objective.names == ("pairs",)
+    assert config.teacher.path == str(tmp_path / "tiny_sd15") and config.data.path == str(tmp_path / "shards")
+    assert tuple(config.data.sample_shape) == (8, 8, 4) and config.data.batch_size == tt.TINY_SD15_BATCH
+    assert config.data.batch_size % 8 == 0 and config.optim.lr == 1e-4
+    env = tt.child_env(8)
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=8")
+    assert env["HF_HUB_OFFLINE"] == "1"
+    rows = [{"devices": 1, "pipeline": "tiny-sd15", "steps_per_s": 10.0, "examples_per_s": 80.0, "global_batch": 8}]
+    assert "| 1 | 8 | 8 | 10.000 | 80.0 | 1.00 | tiny-sd15 |" in tt.markdown(rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # The full-size SD 1.5 step plan (benchmarks/sd15_step_plan.py): arguments, tables, and the script end to end
 # on its --small config (compiled, never run).
