@@ -2,8 +2,10 @@
 
     python benchmarks/gpu_check.py OUT_DIR                       # < 8 minutes on one H100/A100
     python benchmarks/gpu_check.py OUT_DIR --batch 8 --torch-compile all --peak-tflops 989
-    python benchmarks/gpu_check.py OUT_DIR --train-step --skip parity,torch   # + the full-size SD 1.5 train step
-    python benchmarks/gpu_check.py OUT_DIR --train-step --train-lora-rank 64 --skip parity,jax,torch   # its LoRA step
+    python benchmarks/gpu_check.py OUT_DIR --train-step --skip parity,torch   # + the sd15 and sdxl train steps, < 8 min
+    python benchmarks/gpu_check.py OUT_DIR --train-step --skip parity,jax,torch --train-budget 420   # more time
+    python benchmarks/gpu_check.py OUT_DIR --train-step --train-presets sdxl --train-batch 4 --skip parity,jax,torch
+    python benchmarks/gpu_check.py OUT_DIR --train-step --train-lora-rank 64 --skip parity,jax,torch   # LoRA steps
     python benchmarks/gpu_check.py --help
 
 Needs an NVIDIA GPU with JAX's CUDA build (`pip install -e ".[torch,dev,cuda12]"`) and a CUDA build of
@@ -11,8 +13,13 @@ torch (diffusers may come as a wheel). Without a GPU it stops at once with exit 
 missing. Everything it prints goes to OUT_DIR: gpu_check.md (the tables), gpu_check.json, logs/*.log.
 
 Stages, each in its own process (so JAX and torch do not share the GPU's memory, and a stage that runs
-long is cut off without losing what the others measured); the whole run keeps inside `--budget` seconds
-(default 450), each stage inside its own cap:
+long is cut off without losing what the others measured); the stages before trainstep keep inside `--budget`
+seconds (default 450; caps env 40, parity 120, jax 190, torch 100 s, stretched by --budget / 450 when larger),
+each inside its own cap, and the trainstep stage inside `--train-budget` more (default 230 s) plus whatever
+the stages before it left unused. So the whole check ends within the planned stages' caps (at most
+`--budget`) + `--train-budget`: `--train-step --skip parity,torch` within 40 + 190 + 230 = 460 s (7 min 40 s,
+under 8 minutes), `--train-step --skip parity,jax,torch` within 270 s (460 s with `--train-budget 420`),
+every stage and `--train-step` within 450 + 230 = 680 s.
 
 1. **env**: GPU name and memory (nvidia-smi), JAX sees a GPU, torch sees CUDA, versions.
 2. **parity** (fp32, TF32 off: `torch.backends.cuda.matmul.allow_tf32 = False`, cuDNN TF32 off,
@@ -24,14 +31,26 @@ long is cut off without losing what the others measured); the whole run keeps in
    relative RMS error below 5e-2; the bf16 train step's loss finite), then the speed rows.
 4. **torch** (bf16 autocast): the same sanity and rows, eager, then `torch.compile` (`--torch-compile`:
    none, forward (network only, default: compiling the JVP train step is slow), all).
-5. **trainstep** (only with `--train-step`, its own cap of 420 s on top of `--budget`): the full-size SD 1.5
-   flow-map training step of `benchmarks/sd15_step_plan.py` (the sd15 preset's step as the trainer builds it:
-   eulerian JVP, CFG teacher, bf16, remat, AdamW + EMA, data parallel over every GPU of the machine) at
-   `--train-batch` examples per GPU (default 32, what each of 8 GPUs gets at the preset's batch 256), with real
-   randomly initialised weights: XLA's memory analysis of the compiled step, the device's peak memory, the
-   loss (finite), the step time (median of `--repeats`) and its MFU (model FLOPs: 6 UNet forward passes per
-   example, see sd15_step_plan.forward_equivalents). A batch that does not fit is recorded and the stage
-   tries half of it, down to 1.
+5. **trainstep** (only with `--train-step`, in `--train-budget` seconds, see above): for each preset of
+   `--train-presets` (default sd15,sdxl) in turn, its full-size flow-map training step as the trainer builds it
+   (`benchmarks/sd15_step_plan.build_step`: the preset's objective, `pairs` with 8-step DPM-Solver++(2M)
+   targets of the CFG teacher; bf16, remat, AdamW + EMA), on every local GPU in the preset's mesh mode (sd15
+   data parallel; sdxl FSDP, its `--mesh.fsdp -1`; on one GPU both are the 1x1 mesh, every array whole), with
+   real randomly initialised weights, at the largest per-GPU batch that runs: searched by halving from
+   `--train-batch` (default: the preset's batch over 8 GPUs, sd15 256 / 8 = 32, sdxl 128 / 8 = 16) down to 1.
+   Each attempt runs in its own process (its own GPU memory, so the peak is that batch's; cut off when the
+   preset's time is up). The time is split sd15 2 : sdxl 3 (TRAIN_SHARES; what sd15 leaves goes to sdxl), so a
+   preset that keeps failing cannot take the other's; with the default 230 s, sd15 has at least 92 s and sdxl
+   138 s. A batch that runs out of memory (or whose process dies) is recorded and half of it tried; one cut off
+   by the time, or failing with another error, ends that preset's search; batches left untried for lack of
+   time are listed. Printed per preset (one row each in gpu_check.md, each attempt below it): the largest
+   batch per GPU that ran, examples/s, the step time (median of `--repeats` after the first step), the first
+   step's time with lowering and compilation, the device's peak bytes in use (`memory_stats()`, GiB), the loss
+   (finite) and MFU against the GPU's bf16 peak (model FLOPs: the student's UNet forward FLOPs x the objective's
+   forward-equivalent passes per example without the remat recompute, 19 for pairs with 8 guided teacher
+   steps, x batch; `sd15_step_plan.forward_equivalents` and `passes`); per attempt also XLA's memory analysis
+   of the compiled step, and for the batches that failed, why: out of memory, timeout (and in which phase:
+   compiling, first step, ...), error or crashed.
 6. **pytest** (only with `--pytest`, in the time left): tests/test_unet_parity.py and tests/test_core_parity.py
    with JAX on the GPU (torch on the CPU, as those tests are written).
 
@@ -68,8 +87,15 @@ BF16_PEAK_TFLOPS = (
     ("A100", 312.0), ("L40S", 362.0),
 )
 STAGES = ("env", "parity", "jax", "torch", "trainstep", "pytest")
-STAGE_CAPS = {"env": 40, "parity": 120, "jax": 190, "torch": 100, "trainstep": 420,
-              "pytest": 120}  # seconds (scaled by --budget / 450)
+STAGE_CAPS = {"env": 40, "parity": 120, "jax": 190, "torch": 100,
+              "pytest": 120}  # seconds (scaled by --budget / 450); trainstep: --train-budget
+TRAIN_PRESETS = ("sd15", "sdxl")  # the --train-presets choices (flowmap_jax.training.presets)
+TRAIN_BUDGET = 230  # seconds: the default --train-budget (env 40 + jax 190 + 230 = 460 s < 8 min)
+TRAIN_SHARES = {"sd15": 2.0, "sdxl": 3.0}  # how --train-budget is split between the presets (weights)
+TRAIN_REFERENCE_GPUS = 8  # the presets' batch is for 8 GPUs: the default --train-batch is a GPU's share of it
+MIN_ATTEMPT_S = 20.0  # a train-step attempt is not started with less time left than this
+OOM_MARKERS = ("resource_exhausted", "out of memory", "cuda_error_out_of_memory", "failed to allocate",
+               "oom when allocating")  # lower case; an error containing one is "out of memory"
 OPT_IN_STAGES = {"trainstep": "train_step", "pytest": "pytest"}  # stage -> the flag that turns it on
 WEIGHTS = "flow_map_unet.safetensors"  # the stages' shared random weights, deleted at the end
 THRESHOLDS = {"forward": 1e-3, "sample": 2e-3, "loss": 1e-3, "grad": 1e-3, "bf16_rms": 5e-2}
@@ -103,25 +129,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
     p.add_argument("--pytest", action="store_true", help="also run the parity test files with JAX on the GPU "
                    "in the time left")
-    p.add_argument("--train-step", action="store_true", help="also compile and run the full-size SD 1.5 flow-map "
-                   "training step (benchmarks/sd15_step_plan.py) with its own 420 s cap")
-    p.add_argument("--train-batch", type=int, default=32, help="--train-step: examples per GPU (default 32: the "
-                   "sd15 preset's batch 256 over 8 GPUs)")
+    p.add_argument("--train-step", action="store_true", help="also compile and run each --train-presets preset's "
+                   "full-size flow-map training step (benchmarks/sd15_step_plan.py) in --train-budget seconds")
+    p.add_argument("--train-presets", type=parse_train_presets, default=TRAIN_PRESETS,
+                   help="--train-step: the presets whose step is run, in order (default sd15,sdxl)")
+    p.add_argument("--train-batch", type=parse_train_batch, default=None,
+                   help="--train-step: the first per-GPU batch tried (halved until it fits), one number for every "
+                        "preset or per preset (sd15=32,sdxl=8); default: each preset's batch over 8 GPUs (sd15 "
+                        "256 / 8 = 32, sdxl 128 / 8 = 16)")
+    p.add_argument("--train-budget", type=float, default=TRAIN_BUDGET,
+                   help=f"--train-step: seconds for the whole trainstep stage, on top of --budget, split between "
+                        f"the presets (default {TRAIN_BUDGET}; it also gets what the earlier stages leave)")
     p.add_argument("--train-lora-rank", type=int, default=0, help="--train-step: a LoRA run of this rank (the "
                    "adapters on the frozen UNet, sd15_step_plan --lora-rank); 0 (default): the full fine-tune")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (parity, jax, torch)")
     p.add_argument("--_stage", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
-    # Development only: every stage on the CPU with the small digits UNet (checks the plumbing, not the GPU).
+    p.add_argument("--_name", help=argparse.SUPPRESS)  # the stage's results file: WORK/NAME.json (default: the stage)
+    p.add_argument("--_train-preset", choices=TRAIN_PRESETS, help=argparse.SUPPRESS)  # one trainstep attempt:
+    p.add_argument("--_train-per-device", type=int, help=argparse.SUPPRESS)  # this preset at this batch per device
+    # Development only: every stage on the CPU with the small digits UNet, trainstep with each preset's toy stand-in
+    # (sd15_step_plan.SMALL_SIZES: small, small-sdxl) on the local CPU devices (checks the plumbing, not the GPU).
     p.add_argument("--_cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
+def parse_train_presets(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in TRAIN_PRESETS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct presets among {','.join(TRAIN_PRESETS)}, got {text!r}")
+    return names
+
+
+def parse_train_batch(text: str):
+    """"32" -> 32 (every preset); "sd15=32,sdxl=8" -> {"sd15": 32, "sdxl": 8}. Values are checked in check_args."""
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        batches = {name.strip(): int(value) for name, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or PRESET=N,... (sd15=32,sdxl=8), got {text!r}") from None
+    unknown = sorted(set(batches) - set(TRAIN_PRESETS))
+    if unknown or not batches:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown} in {text!r}; presets are {TRAIN_PRESETS}")
+    return batches
+
+
+def preset_train_plan(name: str, dry_run: bool = False) -> dict:
+    """How the trainstep stage runs preset `name`: the sd15_step_plan size (the full-size UNet, or its toy stand-in
+    in the CPU dry run), the mesh mode the preset's `mesh` asks for (`--mesh.fsdp` other than 1: fsdp, else dp; on
+    one GPU both are the 1x1 mesh) and its default per-GPU batch (the preset's batch over 8 GPUs)."""
+    import sd15_step_plan as plan_lib
+
+    from flowmap_jax.training.presets import PRESETS
+
+    config = PRESETS[name]()
+    return {"size": plan_lib.SMALL_SIZES[name] if dry_run else name, "mode": "fsdp" if config.mesh.fsdp != 1 else "dp",
+            "default_batch": max(1, config.data.batch_size // TRAIN_REFERENCE_GPUS),
+            "preset_batch": config.data.batch_size}
+
+
+def train_start_batch(args, name: str) -> int:
+    """The first per-GPU batch tried for preset `name` (--train-batch, else the preset's batch over 8 GPUs)."""
+    if isinstance(args.train_batch, int):
+        return args.train_batch
+    if isinstance(args.train_batch, dict) and name in args.train_batch:
+        return args.train_batch[name]
+    return preset_train_plan(name)["default_batch"]
+
+
 def check_args(args) -> None:
-    if args.batch < 1 or args.repeats < 1 or args.train_batch < 1:
+    batches = (list(args.train_batch.values()) if isinstance(args.train_batch, dict)
+               else [1 if args.train_batch is None else args.train_batch])
+    if args.batch < 1 or args.repeats < 1 or min(batches) < 1:
         raise SystemExit("gpu_check: --batch, --repeats and --train-batch must be >= 1")
     if args.budget < 60:
         raise SystemExit("gpu_check: --budget must be at least 60 seconds")
+    if args.train_budget < MIN_ATTEMPT_S * len(args.train_presets):
+        raise SystemExit(f"gpu_check: --train-budget must be at least {MIN_ATTEMPT_S:.0f} seconds per preset of "
+                         f"--train-presets ({len(args.train_presets)})")
+    if isinstance(args.train_batch, dict) and set(args.train_batch) - set(args.train_presets):
+        raise SystemExit(f"gpu_check: --train-batch names {sorted(set(args.train_batch) - set(args.train_presets))}, "
+                         f"not in --train-presets {','.join(args.train_presets)}")
     unknown = sorted(set(filter(None, args.skip.split(","))) - set(STAGES))
     if unknown:
         raise SystemExit(f"gpu_check: --skip: unknown stage(s) {unknown}; stages are {STAGES[1:]}")
@@ -458,67 +549,81 @@ def stage_pytest(args, work: Path, rec: Recorder, timeout: float):
         rec["summary"] = f"timed out after {timeout:.0f}s"
 
 
+def is_out_of_memory(message: str) -> bool:
+    """Whether an error message says a device (or the host) ran out of memory (OOM_MARKERS)."""
+    text = message.lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
 def stage_trainstep(args, work: Path, rec: Recorder):
-    """The full-size SD 1.5 flow-map train step (sd15_step_plan.build_step, data parallel over every local
-    device) compiled and run with real random weights at --train-batch per device (halved on failure)."""
+    """One attempt of the trainstep stage: preset `--_train-preset`'s flow-map train step (sd15_step_plan.build_step,
+    the preset's objective and mesh mode over every local device) compiled and run with real random weights at
+    `--_train-per-device` examples per device. Records as it goes (rec["phase"]: building, compiling, placing
+    arrays, first step, timing, done), so an attempt cut off by its time says where; an exception is recorded
+    with rec["failure"] = "out of memory" (is_out_of_memory) or "error"."""
     import jax
     import numpy as np
     import sd15_step_plan as plan_lib
 
     env = json.loads((work / "env.json").read_text()) if (work / "env.json").is_file() else {}
     peak = env.get("bf16_peak_tflops")
-    size = "small" if args._cpu_dry_run else "sd15"
+    name, per_device = args._train_preset, args._train_per_device
+    how = preset_train_plan(name, args._cpu_dry_run)
     devices = jax.local_devices()
-    rec["size"], rec["devices"] = size, [str(d) for d in devices]
-    rows = []
-    per_device = args.train_batch
-    while per_device >= 1:
-        batch = per_device * len(devices)
-        row = {"per_device_batch": per_device, "global_batch": batch}
-        rows.append(row)
-        log(f"trainstep: {size}, batch {per_device} per device on {len(devices)} device(s): compiling")
-        try:
-            plan = plan_lib.build_step(size, "dp", batch, devices=devices, lora_rank=args.train_lora_rank)
-            row["lora_rank"] = args.train_lora_rank
-            result = plan_lib.compile_plan(plan)
-            compiled = result.pop("compiled")
-            row.update(result)
-            config = plan["config"]  # the preset's objective (sd15: pairs): its own forward-equivalent passes
-            equivalents = plan_lib.forward_equivalents(plan["objectives"], config.objective.options,
-                                                       guided=config.teacher.guidance_scale != 1.0)
-            row["objective"] = "+".join(plan["objectives"])
-            row["model_flops_per_step"] = (plan_lib.forward_flops_per_example(plan) * plan_lib.passes(equivalents)[0]
-                                           * batch)
-            rec["rows"] = rows
-            state, teacher, batch_arrays, rng = plan_lib.concrete_args(plan)
-            log("trainstep: first step")
+    batch = per_device * len(devices)
+    rec.data.update(preset=name, size=how["size"], mode=how["mode"], devices=[str(d) for d in devices],
+                    per_device_batch=per_device, global_batch=batch, lora_rank=args.train_lora_rank)
+    rec["phase"] = "building"
+    log(f"trainstep: {name} ({how['size']}, {how['mode']}), batch {per_device} per device on {len(devices)} "
+        f"device(s): building")
+    try:
+        plan = plan_lib.build_step(how["size"], how["mode"], batch, devices=devices, lora_rank=args.train_lora_rank,
+                                   fsdp_min_size=2**10 if args._cpu_dry_run else None)
+        config = plan["config"]  # the preset's objective (pairs, 8-step targets): its own forward-equivalent passes
+        equivalents = plan_lib.forward_equivalents(plan["objectives"], config.objective.options,
+                                                   guided=config.teacher.guidance_scale != 1.0)
+        rec.data.update(objective="+".join(plan["objectives"]), mesh=dict(plan["mesh"].shape),
+                        model_passes=plan_lib.passes(equivalents)[0])
+        rec["model_flops_per_step"] = (plan_lib.forward_flops_per_example(plan) * plan_lib.passes(equivalents)[0]
+                                       * batch)
+        rec["phase"] = "compiling"
+        log("trainstep: compiling")
+        result = plan_lib.compile_plan(plan)
+        compiled = result.pop("compiled")
+        rec.data.update(result)
+        rec["phase"] = "placing arrays"
+        state, teacher, batch_arrays, rng = plan_lib.concrete_args(plan)
+        rec["phase"] = "first step"
+        log("trainstep: first step")
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, teacher, batch_arrays, rng)
+        rec["loss"] = float(jax.device_get(metrics["loss"]))
+        rec["first_step_s"] = time.perf_counter() - t0
+        rec["first_step_with_compile_s"] = rec["lower_s"] + rec["compile_s"] + rec["first_step_s"]
+        rec["phase"] = "timing"
+        times = []
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             state, metrics = compiled(state, teacher, batch_arrays, rng)
-            row["loss"] = float(jax.device_get(metrics["loss"]))
-            row["first_step_s"] = time.perf_counter() - t0
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                state, metrics = compiled(state, teacher, batch_arrays, rng)
-                jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - t0)
-            row["times_s"], row["median_s"] = times, float(np.median(times))
-            row["loss_finite"] = bool(np.isfinite(float(jax.device_get(metrics["loss"]))))
-            row["images_per_s"] = batch / row["median_s"]
-            row["tflops_per_s_per_device"] = row["model_flops_per_step"] / row["median_s"] / len(devices) / 1e12
-            if peak:
-                row["mfu"] = row["tflops_per_s_per_device"] / peak
-            stats = devices[0].memory_stats() or {}
-            row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-            rec["rows"] = rows
-            log(f"trainstep: {row['median_s']:.3f}s per step, loss {row['loss']:.4g}")
-            del state, teacher, batch_arrays, compiled
-            return
-        except Exception as error:  # noqa: BLE001  (out of memory: record it, try half the batch)
-            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
-            rec["rows"] = rows
-            log(f"trainstep: batch {per_device} per device failed: {row['error']}")
-            per_device //= 2
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        row = {"times_s": times, "median_s": float(np.median(times)),
+               "loss_finite": bool(np.isfinite(float(jax.device_get(metrics["loss"]))))}
+        row["examples_per_s"] = batch / row["median_s"]
+        row["tflops_per_s_per_device"] = rec["model_flops_per_step"] / row["median_s"] / len(devices) / 1e12
+        if peak:
+            row["mfu"] = row["tflops_per_s_per_device"] / peak
+        stats = devices[0].memory_stats() or {}  # this attempt's process only: its own peak
+        row["peak_bytes_in_use"], row["bytes_limit"] = stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
+        rec.data.update(row)
+        rec["phase"] = "done"
+        log(f"trainstep: {row['median_s']:.3f}s per step, loss {rec['loss']:.4g}")
+    except Exception as error:  # noqa: BLE001  (recorded; the driver halves the batch when it is out of memory)
+        message = f"{type(error).__name__}: {error}"
+        rec.data["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+        rec["failure"] = "out of memory" if is_out_of_memory(message) else "error"
+        log(f"trainstep: batch {per_device} per device failed ({rec['failure']} while {rec['phase']}): "
+            f"{rec['error']}")
 
 
 STAGE_FUNCS = {"env": stage_env, "parity": stage_parity, "jax": stage_jax, "torch": stage_torch,
@@ -528,38 +633,128 @@ STAGE_FUNCS = {"env": stage_env, "parity": stage_parity, "jax": stage_jax, "torc
 # --------------------------------------------------------------------------------------------------
 # The driver.
 
-def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float) -> dict:
-    """Runs one stage in a child process with a timeout; returns its saved results plus status."""
+def run_stage(stage: str, args, work: Path, out_dir: Path, timeout: float, name: str | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
+    """Runs one stage in a child process with a timeout; returns its saved results (WORK/NAME.json, NAME
+    defaulting to the stage; its log is logs/NAME.log) plus status."""
+    name = name or stage
     cmd = [sys.executable, str(Path(__file__).resolve()), str(out_dir), "--_stage", stage, "--_work", str(work),
-           "--batch", str(args.batch), "--repeats", str(args.repeats), "--torch-compile", args.torch_compile]
+           "--_name", name, "--batch", str(args.batch), "--repeats", str(args.repeats), "--torch-compile",
+           args.torch_compile]
     if args.peak_tflops:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.remat:
         cmd.append("--remat")
-    cmd += ["--attention", args.attention, "--train-batch", str(args.train_batch),
-            "--train-lora-rank", str(args.train_lora_rank)]
+    cmd += ["--attention", args.attention, "--train-lora-rank", str(args.train_lora_rank), *extra]
     if args._cpu_dry_run:
         cmd.append("--_cpu-dry-run")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=str(ROOT))
-    log_path = out_dir / "logs" / f"{stage}.log"
+    log_path = out_dir / "logs" / f"{name}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
         # Its own process group: a stage cut off by its cap takes its helpers (compile workers) with it.
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
-            status = "ok" if code == 0 else f"failed (exit {code}, see logs/{stage}.log)"
+            status = "ok" if code == 0 else f"failed (exit {code}, see logs/{name}.log)"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            status = f"cut off at its {timeout:.0f}s cap (partial results)"
-    saved = work / f"{stage}.json"
+            code, status = None, f"cut off at its {timeout:.0f}s cap (partial results)"
+    saved = work / f"{name}.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
-    result["status"], result["seconds"] = status, time.perf_counter() - start
+    result["status"], result["seconds"], result["returncode"] = status, time.perf_counter() - start, code
     if status != "ok":
         tail = log_path.read_text().strip().splitlines()[-3:]
         result["log_tail"] = tail
     return result
+
+
+def attempt_outcome(result: dict) -> tuple[str, str]:
+    """(outcome, why) of one trainstep attempt from run_stage's result: ok; out of memory (the step or its arrays
+    did not fit); timeout (cut off at the preset's time while `phase`); error (any other exception: a smaller
+    batch would fail the same way); crashed (the process died without a Python error, e.g. an abort inside XLA
+    on an allocation failure, so it is treated like out of memory); a Python error outside the attempt's own
+    try (exit code > 0) is an error."""
+    if result.get("error"):
+        return result.get("failure", "error"), f"{result['error']} (while {result.get('phase', '?')})"
+    if result["status"].startswith("cut off"):
+        return "timeout", f"cut off after {result.get('seconds', 0):.0f}s while {result.get('phase', 'starting')}"
+    if result["status"] != "ok":
+        code = result.get("returncode")
+        outcome = "crashed" if code is None or code < 0 or code >= 128 else "error"
+        return outcome, f"{result['status']}: {' | '.join(result.get('log_tail', []))[:300]}"
+    if "median_s" not in result:
+        return "error", f"no step time recorded (phase {result.get('phase', '?')})"
+    return "ok", ""
+
+
+def search_train_batch(name: str, start_batch: int, seconds: float, attempt) -> dict:
+    """The largest per-GPU batch of preset `name` whose train step runs, searched by halving from `start_batch`
+    within `seconds`: `attempt(per_device, timeout) -> run_stage's result` runs one. Halves after out of memory
+    (and a crash); stops at the first batch that runs, at an error, at a timeout (a smaller batch compiles as
+    long), or when the time left is less than MIN_ATTEMPT_S or than the last attempt's compile; the batches left
+    untried are listed with why (out["not_tried"], out["not_tried_why"])."""
+    started = time.perf_counter()
+    deadline = started + seconds
+    out = {"preset": name, "start_batch": start_batch, "seconds_allowed": seconds, "attempts": [], "best": None,
+           "not_tried": []}
+    per_device, last_compile = start_batch, 0.0
+    while per_device >= 1:
+        left = deadline - time.perf_counter()
+        if left < max(MIN_ATTEMPT_S, last_compile):
+            out["not_tried"] = [per_device >> i for i in range(per_device.bit_length())]
+            out["not_tried_why"] = (f"timeout: {left:.0f}s of the preset's {seconds:.0f}s left"
+                                    + (f", the last compile took {last_compile:.0f}s" if last_compile else ""))
+            break
+        log(f"trainstep: {name}, batch {per_device} per device ({left:.0f}s left for {name})")
+        result = attempt(per_device, left)
+        outcome, why = attempt_outcome(result)
+        row = dict(result, per_device_batch=per_device, outcome=outcome)
+        if why:
+            row["why"] = why
+        out["attempts"].append(row)
+        log(f"trainstep: {name}, batch {per_device}: {outcome}{': ' + why if why else ''}")
+        last_compile = float(result.get("lower_s", 0.0)) + float(result.get("compile_s", 0.0))
+        if outcome == "ok":
+            out["best"] = row
+            break
+        per_device //= 2
+        if outcome not in ("out of memory", "crashed"):
+            if per_device >= 1:
+                out["not_tried"] = [per_device >> i for i in range(per_device.bit_length())]
+                out["not_tried_why"] = f"the search stops at {'a' if outcome == 'timeout' else 'an'} {outcome}"
+            break
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def run_trainstep(args, work: Path, out_dir: Path, timeout: float, attempt=None) -> dict:
+    """The trainstep stage: each --train-presets preset in turn, its batch searched (search_train_batch), each
+    attempt in its own process (its own GPU memory and peak; killed at the preset's time). `timeout` is split
+    between the presets by TRAIN_SHARES, what one leaves going to those after it, so a preset that keeps failing
+    cannot take the others' time. `attempt(name, per_device, seconds)` replaces the child process (tests)."""
+    started = time.perf_counter()
+    deadline = started + timeout
+    presets = list(args.train_presets)
+    out = {"presets": {}, "order": presets, "seconds_allowed": timeout}
+    for i, name in enumerate(presets):
+        left = deadline - time.perf_counter()
+        share = left * TRAIN_SHARES[name] / sum(TRAIN_SHARES[p] for p in presets[i:])
+        how = preset_train_plan(name, args._cpu_dry_run)
+        if attempt is None:
+            def run_one(per_device, seconds, name=name):
+                return run_stage("trainstep", args, work, out_dir, seconds, name=f"trainstep-{name}-{per_device}",
+                                 extra=("--_train-preset", name, "--_train-per-device", str(per_device)))
+        else:
+            def run_one(per_device, seconds, name=name):
+                return attempt(name, per_device, seconds)
+        found = search_train_batch(name, train_start_batch(args, name), share, run_one)
+        out["presets"][name] = dict(found, size=how["size"], mode=how["mode"], preset_batch=how["preset_batch"])
+    out["seconds"] = time.perf_counter() - started
+    missing = [name for name, found in out["presets"].items() if not found["best"]]
+    out["status"] = "ok" if not missing else f"failed: no batch ran for {', '.join(missing)}"
+    return out
 
 
 def _pass(value, threshold):
@@ -619,33 +814,104 @@ def report(results: dict, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRAIN_SUMMARY_COLUMNS = ("preset", "objective", "mode, devices", "largest batch / device", "examples/s",
+                         "step (s, median)", "first step (s, compile included)", "peak in use GiB", "MFU",
+                         "batches that failed")
+
+
+def _gib(value):
+    return f"{value / 2**30:.2f}" if value is not None else "-"
+
+
+def _train_presets_of(result: dict) -> dict:
+    """{preset: its search (search_train_batch's dict)} of a trainstep result; a result of the earlier
+    single-preset stage (rows at the top, sd15 only) is read as the sd15 preset's attempts."""
+    if "presets" in result:
+        return result["presets"]
+    attempts = [dict(row, outcome=row.get("outcome") or ("ok" if "median_s" in row else row.get("failure", "error")))
+                for row in result.get("rows", [])]
+    best = next((row for row in attempts if row["outcome"] == "ok"), None)
+    return {"sd15": {"size": result.get("size", "?"), "mode": "dp", "devices": result.get("devices", []),
+                     "attempts": attempts, "best": best, "not_tried": []}}
+
+
+def _failed_batches(found: dict) -> str:
+    """The batches of one preset's search that did not run, each with its outcome; then those not tried."""
+    cells = [f"{row['per_device_batch']}: {row['outcome']}" for row in found.get("attempts", [])
+             if row["outcome"] != "ok"]
+    if found.get("not_tried"):
+        cells.append(f"{', '.join(map(str, found['not_tried']))}: not tried ({found.get('not_tried_why', '')})")
+    return "; ".join(cells) or "none"
+
+
+def trainstep_summary_row(name: str, found: dict) -> str:
+    """One markdown row of the per-preset table: the largest batch that ran and its numbers, or why none did."""
+    best = found.get("best")
+    first = (found.get("attempts") or [{}])[0]
+    devices = len((best or first).get("devices", [])) or "?"
+    objective = (best or first).get("objective", "pairs")
+    size = found.get("size", name)
+    lead = f"| {name if size == name else f'{name} ({size})'} | {objective} | {found.get('mode', '?')}, {devices} |"
+    if not best:
+        return lead + f" none | - | - | - | - | - | {_failed_batches(found)} |"
+    mfu = f"{best['mfu'] * 100:.1f}%" if best.get("mfu") is not None else "-"
+    first_step = best.get("first_step_with_compile_s")
+    first_step = f"{first_step:.1f}" if first_step is not None else f"{best.get('first_step_s', 0):.1f}"
+    examples = best.get("examples_per_s", best.get("images_per_s"))
+    return (lead + f" {best['per_device_batch']} | {examples:.1f} | {best['median_s']:.3f} | {first_step} | "
+            f"{_gib(best.get('peak_bytes_in_use'))} | {mfu} | {_failed_batches(found)} |")
+
+
 def trainstep_report(result: dict | None) -> list[str]:
-    """Markdown lines for the trainstep stage (none if it did not run)."""
+    """Markdown lines for the trainstep stage (none if it did not run): one row per preset, then each preset's
+    attempts."""
     if not result:
         return []
-    def gib(value):
-        return f"{value / 2**30:.2f}" if value is not None else "-"
-
-    title = (f"## Full-size SD 1.5 flow-map train step ({result.get('size', '?')}; sd15_step_plan.py, data "
-             f"parallel over {len(result.get('devices', []))} device(s)): {result['status']}")
+    presets = _train_presets_of(result)
+    sizes = "full size" if all(found.get("size") in (None, name) for name, found in presets.items()) else "toy size"
+    title = (f"## Flow-map train step per preset, {sizes} (sd15_step_plan.build_step; each preset's objective and "
+             f"mesh; per-GPU batch halved until it fits): {result['status']}")
+    lines = ["", title, "", "| " + " | ".join(TRAIN_SUMMARY_COLUMNS) + " |", "|" + "---|" * len(TRAIN_SUMMARY_COLUMNS)]
+    lines += [trainstep_summary_row(name, found) for name, found in presets.items()]
     header = ("| batch / device | XLA total GiB (temp) | peak in use GiB | per step (s) | images/s | TFLOP/s per device "
               "| MFU | loss | first step (s) | compile (s) |")
-    lines = ["", title, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in result.get("rows", []):
-        if "error" in row:
-            lines.append(f"| {row['per_device_batch']} | {row['error']} | | | | | | | | |")
-            continue
-        memory = row.get("memory", {})
-        mfu = f"{row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "-"
-        if "median_s" not in row:
-            lines.append(f"| {row['per_device_batch']} | {gib(memory.get('total'))} ({gib(memory.get('temp'))}) | "
-                         f"| not run | | | | | | {row.get('compile_s', 0):.0f} |")
-            continue
-        lines.append(f"| {row['per_device_batch']} | {gib(memory.get('total'))} ({gib(memory.get('temp'))}) | "
-                     f"{gib(row.get('peak_bytes_in_use'))} | {row['median_s']:.3f} | {row['images_per_s']:.1f} | "
-                     f"{row['tflops_per_s_per_device']:.3g} | {mfu} | {row['loss']:.4g} | {row['first_step_s']:.1f} | "
-                     f"{row['compile_s']:.0f} |")
+    for name, found in presets.items():
+        spent = f"{found.get('seconds', 0):.0f}s of {found.get('seconds_allowed', 0):.0f}s"
+        lines += ["", f"### {name}: attempts ({spent})",
+                  "", header, "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in found.get("attempts", []):
+            if row["outcome"] != "ok":
+                cell = f"{row['outcome']}: {row['why']}" if row.get("why") else row.get("error", row["outcome"])
+                if row.get("memory"):
+                    cell += (f" (XLA plan {_gib(row['memory'].get('total'))} GiB, temp "
+                             f"{_gib(row['memory'].get('temp'))})")
+                lines.append(f"| {row['per_device_batch']} | {cell} | | | | | | | | |")
+                continue
+            memory = row.get("memory", {})
+            mfu = f"{row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "-"
+            examples = row.get("examples_per_s", row.get("images_per_s"))
+            lines.append(f"| {row['per_device_batch']} | {_gib(memory.get('total'))} ({_gib(memory.get('temp'))}) | "
+                         f"{_gib(row.get('peak_bytes_in_use'))} | {row['median_s']:.3f} | {examples:.1f} | "
+                         f"{row['tflops_per_s_per_device']:.3g} | {mfu} | {row['loss']:.4g} | "
+                         f"{row['first_step_s']:.1f} | {row['compile_s']:.0f} |")
+        if found.get("not_tried"):
+            lines.append(f"| {', '.join(map(str, found['not_tried']))} | not tried ({found.get('not_tried_why', '')}) "
+                         f"| | | | | | | | |")
     return lines
+
+
+def stage_cap(stage: str, args) -> float:
+    """A stage's cap in seconds: STAGE_CAPS, stretched by --budget / 450 when --budget is larger."""
+    return STAGE_CAPS[stage] * max(1.0, args.budget / 450.0)
+
+
+def time_window(plan, args) -> float:
+    """Seconds from the start the check must end within: the planned stages' caps (at most --budget; all of
+    --budget with --pytest, which runs in the time left), plus --train-budget with the trainstep stage, which
+    takes every second left when it starts (so it also gets what the stages before it did not use)."""
+    caps = sum(stage_cap(stage, args) for stage in plan if stage not in ("trainstep", "pytest"))
+    window = args.budget if "pytest" in plan else min(args.budget, caps)
+    return window + (args.train_budget if "trainstep" in plan else 0.0)
 
 
 def main(argv=None) -> int:
@@ -653,7 +919,7 @@ def main(argv=None) -> int:
     check_args(args)
     if args._stage:
         work = Path(args._work)
-        rec = Recorder(work, args._stage)
+        rec = Recorder(work, args._name or args._stage)
         STAGE_FUNCS[args._stage](args, work, rec)
         return 0
     started = time.perf_counter()
@@ -672,12 +938,16 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     results = {}
     plan = [s for s in STAGES if s not in skip and getattr(args, OPT_IN_STAGES.get(s, ""), True)]
-    deadline = started + args.budget + (STAGE_CAPS["trainstep"] if "trainstep" in plan else 0.0)
+    deadline = started + time_window(plan, args)
     for i, stage in enumerate(plan):
         left = deadline - time.perf_counter()
         reserve = 20.0 * (len(plan) - i - 1)
-        cap = STAGE_CAPS[stage] * max(1.0, args.budget / 450.0)  # a larger budget stretches every cap
-        timeout = min(cap, left - reserve) if stage != "pytest" else left - 10
+        if stage == "trainstep":  # every second left, but pytest's cap when it comes after
+            timeout = left - reserve - (stage_cap("pytest", args) if "pytest" in plan else 0.0)
+        elif stage == "pytest":
+            timeout = left - 10
+        else:
+            timeout = min(stage_cap(stage, args), left - reserve)
         if timeout < 20:
             results[stage] = {"status": "skipped (time budget)", "seconds": 0.0}
             continue
@@ -688,6 +958,8 @@ def main(argv=None) -> int:
             stage_pytest(args, work, rec, timeout)
             results[stage] = dict(rec.data, status="ok" if rec.get("returncode") == 0 else "failed",
                                   seconds=time.perf_counter() - t0)
+        elif stage == "trainstep":
+            results[stage] = run_trainstep(args, work, out_dir, timeout)
         else:
             results[stage] = run_stage(stage, args, work, out_dir, timeout)
         log(f"stage {stage}: {results[stage]['status']} in {results[stage]['seconds']:.0f}s")

@@ -5,6 +5,7 @@
     python benchmarks/sd15_step_plan.py --mode dp --per-device-batch 32 --objective eulerian --fast-compile
     python benchmarks/sd15_step_plan.py --preset sdxl --mode fsdp --per-device-batch 16 --fast-compile   # sdxl's step
     python benchmarks/sd15_step_plan.py --small --devices 2              # a toy UNet: ~1 min of CPU per mode (tested)
+    python benchmarks/sd15_step_plan.py --small --preset sdxl --devices 2   # the sdxl preset's step, toy UNet
 
 What is compiled is the trainer's own step (`flowmap_jax.training.train_step.make_train_step`, as
 `python -m flowmap_jax.train --preset sd15` builds it): the sd15 preset's optimiser (AdamW after global-norm
@@ -125,6 +126,15 @@ SDXL_UNET_CONFIG = {
     "use_linear_projection": True,
 }
 SDXL_TEXT_EMBEDS = 1280  # the pooled text embedding; + 6 time ids x 256 = 2816
+# --small --preset sdxl: the --small UNet with SDXL's conditioning (text_time added embedding of a pooled text
+# embedding of SMALL_SDXL_TEXT_EMBEDS and the six time ids, linear projections in the transformer), for the
+# sdxl preset's step at toy size (gpu_check.py's CPU dry run).
+SMALL_SDXL_TEXT_EMBEDS = 8
+SMALL_SDXL_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG, block_out_channels=[16], layers_per_block=1, attention_head_dim=[2],
+    transformer_layers_per_block=[1], cross_attention_dim=16, norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"], sample_size=8, addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=SMALL_SDXL_TEXT_EMBEDS + 6 * 4)
 
 # name -> preset, latent (H, W, C), context (length, dim), added conditioning (text_embeds dim) or None,
 # default global batch.
@@ -135,6 +145,8 @@ SIZES = {
              "text_embeds": SDXL_TEXT_EMBEDS, "batch": 128},
     "small": {"preset": "sd15", "unet": SMALL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16), "text_embeds": None,
               "batch": 16},
+    "small-sdxl": {"preset": "sdxl", "unet": SMALL_SDXL_UNET_CONFIG, "latent": (8, 8, 4), "context": (8, 16),
+                   "text_embeds": SMALL_SDXL_TEXT_EMBEDS, "batch": 16},
 }
 PEAKS_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense bf16 tensor-core peaks
 REFERENCE_MFU = 0.40
@@ -220,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp-min-size", type=int, default=None,
                    help="smallest parameter FSDP splits (default: the sd15 preset's 2^18; --small: 2^10)")
     p.add_argument("--small", action="store_true", help="a toy UNet (one cross-attention block of 16 channels, "
-                   "8x8x4 latents, context 8x16): the same program at toy size")
+                   "8x8x4 latents, context 8x16; with --preset sdxl also SDXL's text_time conditioning): the same "
+                   "program at toy size")
     p.add_argument("--fast-compile", action="store_true",
                    help="XLA CPU without LLVM optimisation (--xla_backend_optimization_level=0): about half the "
                         "compile time; HLO passes, buffer assignment, memory and FLOPs unchanged (the program is "
@@ -230,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    args.size = "small" if args.small else args.preset
+    args.size = SMALL_SIZES[args.preset] if args.small else args.preset
     size = SIZES[args.size]
     if args.per_device_batch is not None:
         args.batch = args.per_device_batch * args.devices
@@ -273,11 +286,16 @@ def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: b
 # --------------------------------------------------------------------------------------------------
 # The step, built as `flowmap_jax.train.run` and `flowmap_jax.training.assembly.build` build it, on abstract values.
 
+SMALL_SIZES = {"sd15": "small", "sdxl": "small-sdxl"}
+"""The toy stand-in (a SIZES key) of each preset."""
+
+
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
                objective: str | None = None, lora_rank: int = 0):
     """The trainer's jitted step for the sd15 or sdxl preset (or the --small stand-in) and abstract arguments.
 
-    size: "sd15", "sdxl" or "small"; mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N); batch: the global batch;
+    size: "sd15", "sdxl", "small" or "small-sdxl" (SIZES); mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N; on one
+    device both are the 1x1 mesh, every parameter whole); batch: the global batch;
     devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
     preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); lora_rank: > 0 for a LoRA run
     (`--model.lora_rank`, the LCM-LoRA default targets, alpha = rank): the state holds only the adapters and the
@@ -501,7 +519,8 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     result = compile_plan(plan)
     del result["compiled"]
     model_flops = forward * model_passes * batch
-    row = dict(preset=size if size in ("sd15", "sdxl") else f"sd15 ({size})", objective="+".join(plan["objectives"]),
+    row = dict(preset=size if size in ("sd15", "sdxl") else f"{SIZES[size]['preset']} ({size})",
+               objective="+".join(plan["objectives"]),
                lora_rank=plan["lora_rank"], forward_equivalents=equivalents, model_passes=model_passes,
                hardware_passes=hardware_passes,
                mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
@@ -582,7 +601,7 @@ def describe(rows, args) -> str:
     length, dim = SIZES[args.size]["context"]
     split = "; ".join(f"{row['objective']}: " + ", ".join(f"{k} {v}" for k, v in row["forward_equivalents"].items())
                       for row in {row["objective"]: row for row in rows}.values())
-    return (f"{ {'small': '--small UNet', 'sd15': 'SD 1.5 UNet', 'sdxl': 'SDXL base UNet'}[args.size]} ({r['student_params'] / 1e6:.1f}M student parameters "
+    return (f"{ {'small': '--small UNet', 'small-sdxl': '--small UNet with SDXL conditioning', 'sd15': 'SD 1.5 UNet', 'sdxl': 'SDXL base UNet'}[args.size]} ({r['student_params'] / 1e6:.1f}M student parameters "
             f"with the target-time hook, teacher {r['teacher_params'] / 1e6:.1f}M frozen, in the compute dtype, "
             f"split over the fsdp axis like the student), latents "
             f"{h}x{w}x{c}, context {length}x{dim}, global batch {r['global_batch']} on {r['devices']} simulated devices; "

@@ -280,6 +280,41 @@ def test_throughput_trainer_flags_parse():
     assert config.run.checkpoint_every > config.run.steps
 
 
+def test_throughput_tiny_sd15_arguments_and_commands(tmp_path):
+    """--pipeline tiny-sd15: the set-up commands (README.md's tiny-size SD section: the pipeline and images
+    written by tests.sd_pipelines, shards by write_shards) and the trainer flags, which parse as the sd15 preset
+    on that folder; extra flags come after them (and override them). Nothing is run."""
+    from flowmap_jax.training import train_cli
+
+    args, extra = tt.parse_args(["--pipeline", "tiny-sd15", "--", "--optim.lr", "1e-4"])
+    assert (args.pipeline, args.devices, args.steps, args.log_every, extra) == ("tiny-sd15", (1, 8), 60, 10,
+                                                                               ["--optim.lr", "1e-4"])
+    assert tt.parse_args([])[0].pipeline == "digits"
+    for bad in (["--pipeline", "tiny-sd21"], ["--steps", "10", "--log-every", "10"], ["--log-every", "0"],
+                ["--pipeline", "tiny-sd15", "--devices", "1,3"]):
+        with pytest.raises(SystemExit):
+            tt.parse_args(bad)
+    tt.parse_args(["--pipeline", "tiny-sd15", "--devices", "3", "--", "--data.batch_size", "9"])  # the user's batch
+    write, shards = tt.tiny_sd15_setup_commands(tmp_path)
+    assert write[1] == "-c" and "write_sd15_pipeline(" in write[2] and "write_captioned_images(" in write[2]
+    compile(write[2], "setup", "exec")  # valid Python
+    assert shards[1:3] == ["-m", "flowmap_jax.write_shards"]
+    assert shards[shards.index("--pipeline") + 1] == str(tmp_path / "tiny_sd15")
+    assert shards[shards.index("--out") + 1] == str(tmp_path / "shards")
+    assert shards[shards.index("--image-size") + 1] == "32"
+    cmd = tt.trainer_command("/tmp/x", 60, 10, tt.tiny_sd15_trainer_flags(tmp_path) + extra)
+    config = train_cli.parse_args(cmd[cmd.index("flowmap_jax.train") + 1:])
+    assert config.preset == "sd15" and config.objective.names == ("pairs",)
+    assert config.teacher.path == str(tmp_path / "tiny_sd15") and config.data.path == str(tmp_path / "shards")
+    assert tuple(config.data.sample_shape) == (8, 8, 4) and config.data.batch_size == tt.TINY_SD15_BATCH
+    assert config.data.batch_size % 8 == 0 and config.optim.lr == 1e-4
+    env = tt.child_env(8)
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=8")
+    assert env["HF_HUB_OFFLINE"] == "1"
+    rows = [{"devices": 1, "pipeline": "tiny-sd15", "steps_per_s": 10.0, "examples_per_s": 80.0, "global_batch": 8}]
+    assert "| 1 | 8 | 8 | 10.000 | 80.0 | 1.00 | tiny-sd15 |" in tt.markdown(rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # The full-size SD 1.5 step plan (benchmarks/sd15_step_plan.py): arguments, tables, and the script end to end
 # on its --small config (compiled, never run).
@@ -397,6 +432,157 @@ def test_gpu_check_train_step_option_and_report():
     assert "| 32 | XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory |" in text
     assert "| 16 | 40.00 (30.00) | 42.00 | 0.500 | 32.0 | 154 | 15.6% | 0.25 | 3.0 | 90 |" in text
     assert gc.trainstep_report(None) == []
+
+
+def _fake_attempt(fits: dict, calls: list):
+    """A stand-in for one trainstep attempt process: preset `name` runs at a per-GPU batch <= fits[name] (None:
+    never; "timeout": cut off while compiling), else runs out of memory."""
+    def attempt(name, per_device, seconds):
+        calls.append((name, per_device))
+        limit = fits[name]
+        if limit == "timeout":
+            return {"status": "cut off at its 40s cap (partial results)", "seconds": 40.0, "phase": "compiling",
+                    "returncode": None}
+        if limit is None or per_device > limit:
+            return {"status": "ok", "seconds": 5.0, "phase": "first step", "failure": "out of memory",
+                    "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate",
+                    "memory": {"total": 90 * 2**30, "temp": 50 * 2**30}, "devices": ["cuda:0"], "objective": "pairs",
+                    "lower_s": 1.0, "compile_s": 2.0}
+        return {"status": "ok", "seconds": 60.0, "phase": "done", "devices": ["cuda:0"], "objective": "pairs",
+                "memory": {"total": 60 * 2**30, "temp": 20 * 2**30}, "peak_bytes_in_use": 61 * 2**30,
+                "median_s": 0.5 * per_device, "examples_per_s": 2.0, "tflops_per_s_per_device": 200.0,
+                "mfu": 200.0 / 989.4, "loss": 0.25, "first_step_s": 3.0, "first_step_with_compile_s": 95.0,
+                "lower_s": 2.0, "compile_s": 90.0}
+    return attempt
+
+
+def test_gpu_check_train_presets_arguments():
+    """--train-presets defaults to sd15 and sdxl; each starts at its preset's batch over 8 GPUs (read from the
+    preset: sd15 256 -> 32, sdxl 128 -> 16) in its preset's mesh mode (sd15 dp, sdxl fsdp); the CPU dry run uses
+    each preset's toy stand-in; --train-batch takes one number or one per preset."""
+    from flowmap_jax.training.presets import PRESETS
+
+    args = gc.build_parser().parse_args(["out", "--train-step"])
+    gc.check_args(args)
+    assert args.train_presets == ("sd15", "sdxl") and args.train_budget == gc.TRAIN_BUDGET
+    assert [gc.train_start_batch(args, p) for p in args.train_presets] == [32, 16]
+    assert [PRESETS[p]().data.batch_size // 8 for p in args.train_presets] == [32, 16]
+    assert [gc.preset_train_plan(p)["mode"] for p in args.train_presets] == ["dp", "fsdp"]
+    assert [gc.preset_train_plan(p, dry_run=True)["size"] for p in args.train_presets] == ["small", "small-sdxl"]
+    assert sp.SIZES["small-sdxl"]["preset"] == "sdxl" and sp.SIZES["small-sdxl"]["text_embeds"]
+    one = gc.build_parser().parse_args(["out", "--train-batch", "4", "--train-presets", "sdxl"])
+    assert one.train_presets == ("sdxl",) and gc.train_start_batch(one, "sdxl") == 4
+    per = gc.build_parser().parse_args(["out", "--train-batch", "sd15=8"])
+    assert [gc.train_start_batch(per, p) for p in per.train_presets] == [8, 16]
+    for bad in (["out", "--train-presets", "sd21"], ["out", "--train-presets", "sd15,sd15"], ["out", "--train-presets", ""],
+                ["out", "--train-batch", "sd21=4"], ["out", "--train-batch", "x"]):
+        with pytest.raises(SystemExit):  # argparse: the type's error
+            gc.build_parser().parse_args(bad)
+    for bad, match in ((["out", "--train-batch", "sd15=0"], "train-batch"), (["out", "--train-budget", "5"], "train-budget"),
+                       (["out", "--train-presets", "sd15", "--train-batch", "sdxl=4"], "not in --train-presets")):
+        with pytest.raises(SystemExit, match=match):
+            gc.check_args(gc.build_parser().parse_args(bad))
+
+
+def test_gpu_check_time_window():
+    """With --train-step and --skip parity,torch the check ends within env 40 + jax 190 + --train-budget 230 s,
+    under 8 minutes; without --train-step within the planned caps (at most --budget)."""
+    args = gc.build_parser().parse_args(["out", "--train-step"])
+    assert gc.time_window(["env", "jax", "trainstep"], args) == 40 + 190 + gc.TRAIN_BUDGET < 8 * 60
+    assert gc.time_window(["env", "trainstep"], args) == 40 + gc.TRAIN_BUDGET
+    assert gc.time_window(["env", "parity", "jax", "torch"], args) == 450
+    assert gc.time_window(["env", "parity", "jax", "torch", "trainstep"], args) == 450 + gc.TRAIN_BUDGET
+    assert gc.time_window(["env", "jax", "pytest"], args) == 450
+
+
+def test_gpu_check_trainstep_runs_every_preset_and_halves():
+    """The stage runs sd15 then sdxl, each halving its batch from its own start on out of memory, each within
+    its share of the time; the report has one row per preset (the largest batch that ran, or why none did) and
+    lists the batches that failed with their reason."""
+    args = gc.build_parser().parse_args(["out", "--train-step"])
+    calls = []
+    result = gc.run_trainstep(args, None, None, 230.0, attempt=_fake_attempt({"sd15": 8, "sdxl": 2}, calls))
+    assert calls == [("sd15", 32), ("sd15", 16), ("sd15", 8), ("sdxl", 16), ("sdxl", 8), ("sdxl", 4), ("sdxl", 2)]
+    assert result["status"] == "ok" and list(result["presets"]) == ["sd15", "sdxl"]
+    sd15, sdxl = result["presets"]["sd15"], result["presets"]["sdxl"]
+    assert (sd15["best"]["per_device_batch"], sdxl["best"]["per_device_batch"]) == (8, 2)
+    assert (sd15["mode"], sdxl["mode"]) == ("dp", "fsdp")
+    assert sd15["seconds_allowed"] == pytest.approx(230.0 * 2 / 5, abs=1.0)  # sd15's share; sdxl gets the rest
+    assert sdxl["seconds_allowed"] > 230.0 * 3 / 5 - 1.0
+    text = "\n".join(gc.trainstep_report(dict(result, seconds=100.0)))
+    header, rows = _markdown_rows(text, "preset")
+    assert tuple(header) == gc.TRAIN_SUMMARY_COLUMNS
+    assert [r["preset"] for r in rows] == ["sd15", "sdxl"]  # a missing sdxl row fails here
+    assert rows[1]["mode, devices"] == "fsdp, 1" and rows[1]["largest batch / device"] == "2"
+    assert (rows[0]["peak in use GiB"], rows[0]["MFU"], rows[0]["first step (s, compile included)"]) == \
+        ("61.00", "20.2%", "95.0")
+    assert rows[1]["batches that failed"] == "16: out of memory; 8: out of memory; 4: out of memory"
+    assert "| 16 | out of memory: XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate " \
+           "(while first step) (XLA plan 90.00 GiB, temp 50.00) |" in text
+
+
+def test_gpu_check_trainstep_failures_keep_to_their_share():
+    """A preset that never fits is recorded (no batch; each failure with its reason) and the next preset still
+    gets its share; a timeout ends that preset's search and lists the batches not tried."""
+    args = gc.build_parser().parse_args(["out", "--train-step"])
+    calls = []
+    result = gc.run_trainstep(args, None, None, 230.0, attempt=_fake_attempt({"sd15": "timeout", "sdxl": None}, calls))
+    assert calls == [("sd15", 32)] + [("sdxl", b) for b in (16, 8, 4, 2, 1)]
+    assert result["status"] == "failed: no batch ran for sd15, sdxl"
+    sd15 = result["presets"]["sd15"]
+    assert sd15["attempts"][0]["outcome"] == "timeout" and sd15["not_tried"] == [16, 8, 4, 2, 1]
+    _, rows = _markdown_rows("\n".join(gc.trainstep_report(result)), "preset")
+    assert [r["preset"] for r in rows] == ["sd15", "sdxl"] and rows[1]["largest batch / device"] == "none"
+    assert rows[0]["batches that failed"] == "32: timeout; 16, 8, 4, 2, 1: not tried (the search stops at a timeout)"
+    assert rows[1]["batches that failed"].count("out of memory") == 5
+    # Out of time: no attempt starts with less than MIN_ATTEMPT_S left; what was not tried is listed.
+    found = gc.search_train_batch("sdxl", 16, 5.0, lambda b, s: pytest.fail("no attempt without time"))
+    assert found["attempts"] == [] and found["not_tried"] == [16, 8, 4, 2, 1]
+    assert found["not_tried_why"].startswith("timeout: 5s of the preset's 5s left")
+
+
+def test_gpu_check_attempt_outcomes():
+    assert gc.is_out_of_memory("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes")
+    assert gc.is_out_of_memory("INTERNAL: Failed to allocate 123 bytes") and not gc.is_out_of_memory("TypeError: x")
+    assert gc.attempt_outcome({"status": "ok", "error": "TypeError: x", "failure": "error", "phase": "building"}) == \
+        ("error", "TypeError: x (while building)")
+    assert gc.attempt_outcome({"status": "failed (exit -6, see logs/x.log)", "returncode": -6})[0] == "crashed"
+    assert gc.attempt_outcome({"status": "failed (exit 1, see logs/x.log)", "returncode": 1})[0] == "error"
+    assert gc.attempt_outcome({"status": "cut off at its 9s cap (partial results)", "seconds": 9.2,
+                               "phase": "first step"}) == ("timeout", "cut off after 9s while first step")
+    assert gc.attempt_outcome({"status": "ok", "median_s": 1.0}) == ("ok", "")
+
+
+def test_build_step_one_device_dp_is_fsdp():
+    """On one device the dp and fsdp meshes are both 1x1: build_step gives the same program either way (the
+    sdxl preset's fsdp on one GPU is sd15's dp), here for the sdxl stand-in, lowered only."""
+    devices = jax.devices()[:1]
+    texts = {}
+    for mode in ("dp", "fsdp"):
+        plan = sp.build_step("small-sdxl", mode, 2, devices=devices, fsdp_min_size=2**10)
+        assert dict(plan["mesh"].shape) == {"data": 1, "fsdp": 1} and plan["fsdp_sharded_params"] == 0
+        assert plan["config"].preset == "sdxl" and plan["objectives"] == ("pairs",)
+        texts[mode] = plan["step"].lower(*plan["args"]).as_text()
+    assert texts["dp"] == texts["fsdp"]
+
+
+@pytest.mark.slow  # the two toy steps' compiles: 2-6 min of CPU
+def test_gpu_check_cpu_dry_run_runs_both_presets(tmp_path, monkeypatch):
+    """gpu_check's CPU dry run of the trainstep stage end to end (one simulated device): both presets' toy steps
+    compiled and run, one row each in gpu_check.md, with a batch that ran."""
+    import json
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    out = tmp_path / "gc"
+    code = gc.main([str(out), "--_cpu-dry-run", "--train-step", "--skip", "parity,jax,torch", "--train-batch", "2",
+                    "--repeats", "2", "--train-budget", "1500"])
+    text = (out / "gpu_check.md").read_text()
+    assert code == 0, text
+    _, rows = _markdown_rows(text, "preset")
+    assert [r["preset"] for r in rows] == ["sd15 (small)", "sdxl (small-sdxl)"]
+    assert all(r["largest batch / device"] == "2" and float(r["examples/s"]) > 0 for r in rows)
+    presets = json.loads((out / "gpu_check.json").read_text())["results"]["trainstep"]["presets"]
+    assert presets["sdxl"]["best"]["mesh"] == {"data": 1, "fsdp": 1} and presets["sdxl"]["best"]["loss_finite"]
 
 
 # ------------------------------------------------------------------------------------------------
