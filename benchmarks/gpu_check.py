@@ -580,8 +580,7 @@ def stage_trainstep(args, work: Path, rec: Recorder):
         plan = plan_lib.build_step(how["size"], how["mode"], batch, devices=devices, lora_rank=args.train_lora_rank,
                                    fsdp_min_size=2**10 if args._cpu_dry_run else None)
         config = plan["config"]  # the preset's objective (pairs, 8-step targets): its own forward-equivalent passes
-        equivalents = plan_lib.forward_equivalents(plan["objectives"], config.objective.options,
-                                                   guided=config.teacher.guidance_scale != 1.0)
+        equivalents = plan_lib.plan_equivalents(plan)
         rec.data.update(objective="+".join(plan["objectives"]), mesh=dict(plan["mesh"].shape),
                         model_passes=plan_lib.passes(equivalents)[0])
         rec["model_flops_per_step"] = (plan_lib.forward_flops_per_example(plan) * plan_lib.passes(equivalents)[0]

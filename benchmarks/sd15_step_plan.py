@@ -161,11 +161,13 @@ MODEL_PASSES = sum(v for k, v in FORWARD_EQUIVALENTS.items() if k != "remat reco
 HARDWARE_PASSES = sum(FORWARD_EQUIVALENTS.values())
 
 
-def forward_equivalents(names, options, guided: bool = True) -> dict:
+def forward_equivalents(names, options, guided: bool = True, clean_end_step: bool = False) -> dict:
     """UNet-forward equivalents per example of one step of the objectives `names` (their sum), by part:
     - pairs: the target is `teacher_steps` solver evaluations of the teacher (2 passes each with classifier-free
-      guidance, one batched call; Heun evaluates twice a step), no gradient; the student's forward, its
-      backward (2) and the remat recompute (1).
+      guidance, one batched call; Heun evaluates twice a step), no gradient, plus, with `clean_end_step` (a
+      DDPM schedule, t_eval_min > t_clean: SD's), one more evaluation for DDIM's step from t = 0 into [-1, 0)
+      that `samplers.teacher_solve` always takes; the student's forward, its backward (2) and the remat
+      recompute (1).
     - eulerian: `FORWARD_EQUIVALENTS` (stop-gradient residual: no backward through the tangent).
     - lagrangian: the teacher at X (2), the student's primal and tangent, the backward through both (direct
       residual form: 2 x 2) and the recompute of both (2).
@@ -176,7 +178,9 @@ def forward_equivalents(names, options, guided: bool = True) -> dict:
         if name == "pairs":
             own = options.for_objective("pairs")
             evals = own.teacher_steps * (2 if own.teacher_solver == "heun" else 1)
-            parts = {f"teacher target ({evals} solver evaluations)": cfg * evals, "student forward": 1,
+            label = f"teacher target ({evals} solver evaluations{' + the step into the clean end' if clean_end_step else ''})"
+            evals += int(bool(clean_end_step))
+            parts = {label: cfg * evals, "student forward": 1,
                      "student backward": 2, "remat recompute": 1}
         elif name == "eulerian":
             parts = dict(FORWARD_EQUIVALENTS, **{"teacher (CFG: cond + uncond)": cfg})
@@ -188,6 +192,14 @@ def forward_equivalents(names, options, guided: bool = True) -> dict:
         for key, value in parts.items():
             total[f"{name}: {key}" if len(names) > 1 else key] = value
     return total
+
+
+def plan_equivalents(plan) -> dict:
+    """`forward_equivalents` of a `build_step` plan: its objectives, options, guidance and schedule."""
+    config, schedule = plan["config"], plan["schedule"]
+    return forward_equivalents(plan["objectives"], config.objective.options,
+                               guided=config.teacher.guidance_scale != 1.0,
+                               clean_end_step=schedule.t_eval_min > schedule.t_clean)
 
 
 def passes(equivalents: dict) -> tuple[int, int]:
@@ -400,7 +412,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     sharded = sum(math.prod(x.shape) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(
         specs, is_leaf=lambda v: isinstance(v, jax.sharding.PartitionSpec))) if sh.FSDP_AXIS in tuple(s))
     return {"step": step, "args": (state, teacher, batch_args, rng), "mesh": mesh, "specs": specs,
-            "teacher_specs": teacher_specs, "objectives": names,
+            "teacher_specs": teacher_specs, "objectives": names, "schedule": schedule,
             "params": params, "unet_params": unet_params, "unet": student_unet, "config": config, "optimizer": optimizer,
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
             "text_embeds": spec["text_embeds"],
@@ -510,8 +522,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     log = log or (lambda _: None)
     plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective, lora_rank=lora_rank)
     config = plan["config"]
-    equivalents = forward_equivalents(plan["objectives"], config.objective.options,
-                                      guided=config.teacher.guidance_scale != 1.0)
+    equivalents = plan_equivalents(plan)
     model_passes, hardware_passes = passes(equivalents)
     n = plan["mesh"].size
     log(f"{mode}: mesh {dict(plan['mesh'].shape)}, batch {batch} ({batch // n} per device); lowering and compiling")

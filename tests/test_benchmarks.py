@@ -353,6 +353,22 @@ def test_forward_equivalents_per_objective(tmp_path):
     assert sp.passes(sp.forward_equivalents(("eulerian",), options)) == (6, 7)
     assert sp.passes(sp.forward_equivalents(("lagrangian",), options)) == (8, 10)
     assert sp.passes(sp.forward_equivalents(("pairs", "eulerian"), options)) == (25, 27)
+    # DDPM (SD's schedule): teacher_solve also takes DDIM's step into the clean end, one more guided evaluation;
+    # counted independently on the eager torch twin: 8 + 1 teacher calls for 8 DPM-Solver++(2M) steps.
+    import torch
+
+    from flowmap_jax.spec.schedule import ScheduleConfig
+    from torch_ref import samplers as ts
+    from torch_ref import teacher as tt
+
+    schedule = ScheduleConfig.ddpm("scaled_linear", 0.00085, 0.012)
+    model = tt.gaussian_teacher_fn(torch.tensor(0.0), torch.tensor(1.0), schedule, "epsilon")
+    calls = []
+    teacher = tt.Teacher.create(lambda *a, **k: calls.append(1) or model(*a, **k), schedule, "epsilon")
+    ts.teacher_solve(teacher, torch.zeros(2, 3), torch.tensor([999.0, 500.0]), torch.tensor([-1.0, 0.0]), 8)
+    equivalents = sp.forward_equivalents(("pairs",), options, clean_end_step=True)
+    assert sp.passes(equivalents) == (21, 22) and len(calls) == 9
+    assert sum(v for k, v in equivalents.items() if k.startswith("teacher")) == 2 * len(calls)
     row = {k: 1 for k in sp.RECORD_KEYS}
     path = tmp_path / "plans.json"
     sp.record_rows(path, [dict(row, total_gib=5.0, extra="x")])
