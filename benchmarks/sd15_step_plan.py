@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the CPU compiler's default, concurrency-optimised, which undoes remat")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="plan a LoRA run of this rank (--model.lora_rank; LCM-LoRA targets, alpha = rank); 0: full")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="--optim.microbatches: each device's batch as this many sequential microbatches, gradients "
+                        "averaged (default: the preset's)")
+    p.add_argument("--peak-report", default=None, metavar="DIR",
+                   help="also dump XLA's compiled step to DIR (--xla_dump_to; a few hundred MB at full size) and print "
+                        "what is live at its memory peak, grouped by kind and UNet block (benchmarks/plan_peak.py)")
     p.add_argument("--record", default=None,
                    help="merge the rows into this JSON list (benchmarks/results/step_plans.json), replacing rows "
                         "with the same preset, objective, mode, devices, per-device batch and LoRA rank")
@@ -260,6 +266,8 @@ def check_args(args) -> None:
     if args.per_device_batch is not None:
         args.batch = args.per_device_batch * args.devices
     args.batch = size["batch"] if args.batch is None else args.batch
+    if args.microbatches is not None and (args.microbatches < 1 or (args.batch // max(args.devices, 1)) % args.microbatches):
+        raise SystemExit(f"sd15_step_plan: --microbatches {args.microbatches} must be >= 1 and divide the per-device batch")
     if args.devices < 1 or args.batch < 1:
         raise SystemExit("sd15_step_plan: --devices and --batch must be >= 1")
     if args.batch % args.devices:
@@ -303,13 +311,14 @@ SMALL_SIZES = {"sd15": "small", "sdxl": "small-sdxl"}
 
 
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
-               objective: str | None = None, lora_rank: int = 0):
+               objective: str | None = None, lora_rank: int = 0, microbatches: int | None = None):
     """The trainer's jitted step for the sd15 or sdxl preset (or the --small stand-in) and abstract arguments.
 
     size: "sd15", "sdxl", "small" or "small-sdxl" (SIZES); mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N; on one
     device both are the 1x1 mesh, every parameter whole); batch: the global batch;
     devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
-    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); lora_rank: > 0 for a LoRA run
+    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); microbatches: `--optim.microbatches` (None:
+    the preset's); lora_rank: > 0 for a LoRA run
     (`--model.lora_rank`, the LCM-LoRA default targets, alpha = rank): the state holds only the adapters and the
     flow map's inputs, merged onto the teacher's arrays inside the step (`core.lora.on_merged_params`). Returns a dict: step (jitted, `.lower(*args)`),
     args (state, teacher, batch, rng as ShapeDtypeStructs with shardings), mesh, specs, params (abstract
@@ -386,8 +395,11 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     specs = sh.param_specs(params, mesh, config.mesh.fsdp_min_size)
     state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
     teacher_specs = sh.param_specs(teacher, mesh, config.mesh.fsdp_min_size)  # split like the student
+    if microbatches is not None:
+        config.optim.microbatches = int(microbatches)
     step = ts.make_train_step(loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                              state_sharding=state_sharding, teacher_specs=teacher_specs)
+                              state_sharding=state_sharding, teacher_specs=teacher_specs,
+                              microbatches=config.optim.microbatches)
 
     abstract_state = jax.eval_shape(
         lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=optimizer.init(p)),
@@ -417,6 +429,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
             "text_embeds": spec["text_embeds"],
             "student_params": count(params), "teacher_params": count(teacher_params), "lora_rank": int(lora_rank),
+            "microbatches": int(config.optim.microbatches),
             "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
 
 
@@ -516,11 +529,12 @@ def compile_plan(plan) -> dict:
 
 
 def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None,
-             objective: str | None = None, lora_rank: int = 0) -> dict:
+             objective: str | None = None, lora_rank: int = 0, microbatches: int | None = None) -> dict:
     import jax
 
     log = log or (lambda _: None)
-    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective, lora_rank=lora_rank)
+    plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective, lora_rank=lora_rank,
+                      microbatches=microbatches)
     config = plan["config"]
     equivalents = plan_equivalents(plan)
     model_passes, hardware_passes = passes(equivalents)
@@ -532,7 +546,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
     model_flops = forward * model_passes * batch
     row = dict(preset=size if size in ("sd15", "sdxl") else f"{SIZES[size]['preset']} ({size})",
                objective="+".join(plan["objectives"]),
-               lora_rank=plan["lora_rank"], forward_equivalents=equivalents, model_passes=model_passes,
+               lora_rank=plan["lora_rank"], microbatches=plan["microbatches"], forward_equivalents=equivalents, model_passes=model_passes,
                hardware_passes=hardware_passes,
                mode=mode, devices=n, mesh=dict(plan["mesh"].shape), global_batch=batch, per_device_batch=batch // n,
                student_params=plan["student_params"], teacher_params=plan["teacher_params"],
@@ -566,7 +580,8 @@ MEMORY_COLUMNS = ("objective", "mode", "mesh", "batch / device", "argument GiB",
 def _objective_cell(row) -> str:
     """The objective, and the LoRA rank for a LoRA plan."""
     objective = row.get("objective", "eulerian")
-    return f"{objective}, LoRA rank {row['lora_rank']}" if row.get("lora_rank") else objective
+    cell = f"{objective}, LoRA rank {row['lora_rank']}" if row.get("lora_rank") else objective
+    return cell + (f", {row['microbatches']} microbatches" if row.get("microbatches", 1) > 1 else "")
 
 
 def _gib(value):
@@ -627,15 +642,16 @@ def describe(rows, args) -> str:
             f"(dense bf16).")
 
 
-RECORD_KEYS = ("preset", "objective", "mode", "devices", "per_device_batch", "lora_rank", "arguments_gib", "temp_gib",
-               "total_gib", "xla_tflop_per_step", "analytic_tflop_per_step")
+RECORD_KEYS = ("preset", "objective", "mode", "devices", "per_device_batch", "lora_rank", "microbatches", "arguments_gib",
+               "temp_gib", "total_gib", "xla_tflop_per_step", "analytic_tflop_per_step")
 """The keys of each row of benchmarks/results/step_plans.json (plus the rest of the row under "detail")."""
 
 
 def record_rows(path, rows) -> list:
     """Merge `rows` into the JSON list at `path` (created if missing): a row replaces the one with the same
-    preset, objective, mode, devices, per-device batch and LoRA rank. Returns the new list."""
-    identity = lambda row: tuple(row[k] for k in RECORD_KEYS[:6])
+    preset, objective, mode, devices, per-device batch, LoRA rank and microbatches (1 where a row has none).
+    Returns the new list."""
+    identity = lambda row: tuple(row.get(k, 1) if k == "microbatches" else row[k] for k in RECORD_KEYS[:7])
     existing = json.loads(Path(path).read_text()) if Path(path).exists() else []
     new = [dict({k: row[k] for k in RECORD_KEYS}, detail={k: v for k, v in row.items() if k not in RECORD_KEYS},
                 recorded=time.strftime("%Y-%m-%d")) for row in rows]
@@ -649,6 +665,11 @@ def record_rows(path, rows) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.peak_report:  # before jax is imported: XLA reads its flags once
+        if len(("dp", "fsdp") if args.mode == "both" else (args.mode,)) > 1:
+            raise SystemExit("sd15_step_plan: --peak-report needs one --mode (dp or fsdp)")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.peak_report}"
+                                   " --xla_dump_hlo_module_re=jit_step").strip()
     set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory")
     import jax
 
@@ -660,7 +681,7 @@ def main(argv=None) -> int:
     size = args.size
     objective = None if args.objective == "preset" else args.objective
     rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective,
-                     lora_rank=args.lora_rank) for mode in modes]
+                     lora_rank=args.lora_rank, microbatches=args.microbatches) for mode in modes]
     seconds = time.perf_counter() - started
     print(describe(rows, args) + "\n")
     print("Per-device memory (XLA memory_analysis of the compiled step; total = argument + output + temp + "
@@ -668,6 +689,10 @@ def main(argv=None) -> int:
     print(memory_table(rows) + "\n")
     print("FLOPs per step and the MFU a step time implies:\n")
     print(flops_table(rows, args.target_step_s) + "\n")
+    if args.peak_report:
+        import plan_peak
+
+        print(plan_peak.peak_table(args.peak_report) + "\n")
     print(f"{seconds:.0f}s in all; {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end.")
     if args.record:
         record_rows(args.record, rows)

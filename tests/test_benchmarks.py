@@ -320,6 +320,7 @@ def test_throughput_tiny_sd15_arguments_and_commands(tmp_path):
 # on its --small config (compiled, never run).
 
 sp = _load("sd15_step_plan")
+pp = _load("plan_peak")
 
 
 def test_sd15_plan_arguments():
@@ -431,6 +432,37 @@ def test_sd15_plan_small_runs_and_prints_the_table(tmp_path):
     # XLA's FLOP count against the analytic one (forward x 7 passes): measured 1.33 at this toy size (the
     # elementwise work of tiny layers weighs more); 0.82 at full size
     assert 0.5 < row["xla_vs_analytic"] < 2.0
+
+
+def test_sd15_plan_small_with_microbatches_and_peak_report(tmp_path):
+    """In CI: the --small plan (dp on 2 simulated devices, 2 microbatches of 4 per device) compiles, prints its
+    tables and, with --peak-report, what XLA holds at the step's memory peak, read back from its own dump: groups
+    whose bytes add up to no more than the values at the peak, and no more than the step's whole footprint."""
+    import json
+    import os
+    import subprocess
+
+    out, dump = tmp_path / "plan.json", tmp_path / "dump"
+    proc = subprocess.run([sys.executable, str(BENCH / "sd15_step_plan.py"), "--small", "--devices", "2", "--mode",
+                           "dp", "--per-device-batch", "8", "--microbatches", "2", "--fast-compile", "--peak-report",
+                           str(dump), "--json", str(out)], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, rows = _markdown_rows(proc.stdout, "mode | mesh")
+    assert rows[0]["objective"] == "pairs, 2 microbatches" and rows[0]["batch / device"] == "8"
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["microbatches"] == 2
+    header, groups = _markdown_rows(proc.stdout, "kind | where")
+    assert tuple(header) == ("kind", "where", "GiB", "values", "made at (median position)") and groups
+    assert all(g["kind"] in ("forward", "backward", "recompute", "unnamed") or g["kind"].startswith("(other")
+               for g in groups), groups
+    live, hlo = pp.find_module_files(dump)
+    _, _, values = pp.peak_values(live, hlo)
+    total = sum(v.size for v in values)
+    assert 0 < total <= row["memory"]["total"] + row["memory"]["output"]
+    assert sum(g[2] for g in pp.group_peak(values)) == total
+    with pytest.raises(ValueError, match="no \\*-live-range.txt"):
+        pp.find_module_files(tmp_path)
 
 
 def test_gpu_check_train_step_option_and_report():

@@ -132,6 +132,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     ema_decay: float = 0.999  # EMA of the parameters (used for samples and export); 0: EMA = params
+    microbatches: int = 1  # each device's batch in this many sequential microbatches, gradients averaged (activation memory / this)
 
 
 @dataclass
@@ -294,6 +295,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--data.source {c.data.source} needs --data.path")
     if c.data.batch_size < 1:
         raise ConfigError(f"--data.batch_size must be >= 1, got {c.data.batch_size}")
+    if c.optim.microbatches < 1:
+        raise ConfigError(f"--optim.microbatches must be >= 1, got {c.optim.microbatches}")
     if len(c.data.sample_shape) != 3:
         raise ConfigError(f"--data.sample_shape must be H,W,C, got {c.data.sample_shape}")
     if not c.objective.names:

@@ -143,7 +143,8 @@ def state_shardings(params, optimizer, mesh, specs) -> TrainState:
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh, specs, *,
-                    ema_decay: float, state_sharding: TrainState, donate: bool = True, teacher_specs=None):
+                    ema_decay: float, state_sharding: TrainState, donate: bool = True, teacher_specs=None,
+                    microbatches: int = 1):
     """The jitted step `(state, teacher, batch, rng) -> (state, metrics)`.
 
     loss_fn: `(params, teacher, batch, rng) -> (loss, metrics)` for a batch (use `objectives.combine_objectives`
@@ -156,7 +157,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     `state_shardings`; the new state keeps exactly these shardings, so the step compiles once.
     metrics: replicated float32 scalars: "loss", objective metrics, "grad_norm", "lr" is not included
     (the schedule is known on the host).
+    microbatches: each device's batch runs as this many equal microbatches one after another (`jax.lax.scan`),
+    their gradients and metrics averaged before the single optimiser update: gradient accumulation inside the
+    step, the same update up to float reassociation (each example keeps its own key), with the activation
+    memory of one microbatch. The per-device batch must be divisible by it (ValueError at the first call).
+    Metrics are the mean of the microbatches' (exact for means, such as "loss"; an RMS metric becomes the
+    mean of the microbatches' RMS).
     """
+    microbatches = int(microbatches)
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     fsdp_size = mesh.shape[sh.FSDP_AXIS]
     batch_loss = per_example_loss(loss_fn)
 
@@ -174,10 +184,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         if teacher_specs is not None:
             teacher = gather(teacher, teacher_specs)  # frozen: no gradient flows back through this all-gather
 
-        def local_loss(shards):
-            return batch_loss(gather(shards, specs), teacher, batch, step_rng)
+        def local_loss(shards, part):
+            return batch_loss(gather(shards, specs), teacher, part, step_rng)
 
-        (loss, metrics), grads = jax.value_and_grad(local_loss, has_aux=True)(param_shards)
+        grad_fn = jax.value_and_grad(local_loss, has_aux=True)
+        if microbatches == 1:
+            (loss, metrics), grads = grad_fn(param_shards, batch)
+        else:
+            loss, metrics, grads = _accumulate(grad_fn, param_shards, _split_microbatches(batch, microbatches))
 
         def average(g, spec):
             if sh.FSDP_AXIS in tuple(spec):  # reduce-scattered (summed) over fsdp already
@@ -205,6 +219,36 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 
     return jax.jit(step, donate_argnums=(0,) if donate else (),
                    out_shardings=(state_sharding, sh.replicated(mesh)))
+
+
+def _split_microbatches(batch, microbatches: int):
+    """Every (b, ...) leaf of one device's batch as (microbatches, b / microbatches, ...)."""
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves disagree on the per-device batch size: {sorted(sizes)}")
+    (size,) = sizes
+    if size % microbatches:
+        raise ValueError(f"the per-device batch {size} is not divisible by microbatches={microbatches} "
+                         f"(--optim.microbatches)")
+    return jax.tree.map(lambda x: x.reshape((microbatches, size // microbatches) + x.shape[1:]), batch)
+
+
+def _accumulate(grad_fn, param_shards, parts):
+    """(loss, metrics, grads): `grad_fn(param_shards, part) -> ((loss, metrics), grads)` over the leading axis of
+    `parts` with `jax.lax.scan` (one microbatch's activations live at a time), summed in float32, then averaged."""
+    first = jax.tree.map(lambda x: x[0], parts)
+    shapes = jax.eval_shape(grad_fn, param_shards, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+
+    def body(total, part):
+        out = grad_fn(param_shards, part)
+        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), total, out), None
+
+    total, _ = jax.lax.scan(body, zeros, parts)
+    count = jax.tree.leaves(parts)[0].shape[0]
+    ((loss, metrics), grads) = jax.tree.map(lambda x: x / count, total)
+    grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, shapes[1])
+    return loss, metrics, grads
 
 
 def check_batch(batch, mesh) -> None:
