@@ -235,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the CPU compiler's default, concurrency-optimised, which undoes remat")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="plan a LoRA run of this rank (--model.lora_rank; LCM-LoRA targets, alpha = rank); 0: full")
-    p.add_argument("--microbatches", type=int, default=None,
-                   help="--optim.microbatches: each device's batch as this many sequential microbatches, gradients "
-                        "averaged (default: the preset's)")
+    p.add_argument("--microbatch-size", type=int, default=None,
+                   help="--optim.microbatch_size: the most examples a device runs at once; a larger per-device batch "
+                        "runs as sequential microbatches, gradients averaged (default: the preset's; 0: all at once)")
     p.add_argument("--peak-report", default=None, metavar="DIR",
                    help="also dump XLA's compiled step to DIR (--xla_dump_to; a few hundred MB at full size) and print "
                         "what is live at its memory peak, grouped by kind and UNet block (benchmarks/plan_peak.py)")
@@ -266,8 +266,6 @@ def check_args(args) -> None:
     if args.per_device_batch is not None:
         args.batch = args.per_device_batch * args.devices
     args.batch = size["batch"] if args.batch is None else args.batch
-    if args.microbatches is not None and (args.microbatches < 1 or (args.batch // max(args.devices, 1)) % args.microbatches):
-        raise SystemExit(f"sd15_step_plan: --microbatches {args.microbatches} must be >= 1 and divide the per-device batch")
     if args.devices < 1 or args.batch < 1:
         raise SystemExit("sd15_step_plan: --devices and --batch must be >= 1")
     if args.batch % args.devices:
@@ -287,9 +285,9 @@ uses its memory-minimising list/DFS scheduler, as the GPU compiler's scheduler a
 5.6 GiB with remat. The plan uses it unless `--cpu-scheduler concurrency` (the default CPU compiler's plan)."""
 
 
-def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: bool = True) -> None:
-    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked, and MEMORY_SCHEDULER_FLAG unless
-    not); must run before jax is imported (ValueError otherwise)."""
+def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: bool = True, extra=()) -> None:
+    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked, MEMORY_SCHEDULER_FLAG unless not, and
+    the `extra` flags); must run before jax is imported (ValueError otherwise)."""
     if "jax" in sys.modules:
         raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -298,6 +296,7 @@ def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: b
         ours += [f for f in FAST_COMPILE_FLAGS if f not in kept]
     if memory_scheduler and not any("concurrency_optimized_scheduler" in f for f in kept):
         ours.append(MEMORY_SCHEDULER_FLAG)
+    ours += list(extra)
     # Ours first: XLA stops reading at a token that is not a flag (tests/conftest.py passes one).
     os.environ["XLA_FLAGS"] = " ".join(ours + kept)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -311,14 +310,14 @@ SMALL_SIZES = {"sd15": "small", "sdxl": "small-sdxl"}
 
 
 def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: int | None = None,
-               objective: str | None = None, lora_rank: int = 0, microbatches: int | None = None):
+               objective: str | None = None, lora_rank: int = 0, microbatch_size: int | None = None):
     """The trainer's jitted step for the sd15 or sdxl preset (or the --small stand-in) and abstract arguments.
 
     size: "sd15", "sdxl", "small" or "small-sdxl" (SIZES); mode: "dp" (mesh data=N) or "fsdp" (mesh fsdp=N; on one
     device both are the 1x1 mesh, every parameter whole); batch: the global batch;
     devices: the jax devices of the mesh (default all); objective: one objective by name, or None for the
-    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); microbatches: `--optim.microbatches` (None:
-    the preset's); lora_rank: > 0 for a LoRA run
+    preset's own (sd15: pairs with 8-step DPM-Solver++(2M) targets); microbatch_size: `--optim.microbatch_size`
+    (None: the preset's; the step runs each device's batch in `train_step.microbatch_count` passes); lora_rank: > 0 for a LoRA run
     (`--model.lora_rank`, the LCM-LoRA default targets, alpha = rank): the state holds only the adapters and the
     flow map's inputs, merged onto the teacher's arrays inside the step (`core.lora.on_merged_params`). Returns a dict: step (jitted, `.lower(*args)`),
     args (state, teacher, batch, rng as ShapeDtypeStructs with shardings), mesh, specs, params (abstract
@@ -395,11 +394,11 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
     specs = sh.param_specs(params, mesh, config.mesh.fsdp_min_size)
     state_sharding = ts.state_shardings(params, optimizer, mesh, specs)
     teacher_specs = sh.param_specs(teacher, mesh, config.mesh.fsdp_min_size)  # split like the student
-    if microbatches is not None:
-        config.optim.microbatches = int(microbatches)
+    if microbatch_size is not None:
+        config.optim.microbatch_size = int(microbatch_size)
+    microbatches = ts.microbatch_count(batch // n, config.optim.microbatch_size)
     step = ts.make_train_step(loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
-                              state_sharding=state_sharding, teacher_specs=teacher_specs,
-                              microbatches=config.optim.microbatches)
+                              state_sharding=state_sharding, teacher_specs=teacher_specs, microbatches=microbatches)
 
     abstract_state = jax.eval_shape(
         lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, ema_params=p, opt_state=optimizer.init(p)),
@@ -429,7 +428,7 @@ def build_step(size: str, mode: str, batch: int, devices=None, fsdp_min_size: in
             "unet_config": unet_config, "latent": spec["latent"], "context": spec["context"],
             "text_embeds": spec["text_embeds"],
             "student_params": count(params), "teacher_params": count(teacher_params), "lora_rank": int(lora_rank),
-            "microbatches": int(config.optim.microbatches),
+            "microbatches": microbatches,
             "fsdp_sharded_params": sharded, "data": data, "fsdp": fsdp}
 
 
@@ -529,12 +528,12 @@ def compile_plan(plan) -> dict:
 
 
 def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s, log=None,
-             objective: str | None = None, lora_rank: int = 0, microbatches: int | None = None) -> dict:
+             objective: str | None = None, lora_rank: int = 0, microbatch_size: int | None = None) -> dict:
     import jax
 
     log = log or (lambda _: None)
     plan = build_step(size, mode, batch, fsdp_min_size=fsdp_min_size, objective=objective, lora_rank=lora_rank,
-                      microbatches=microbatches)
+                      microbatch_size=microbatch_size)
     config = plan["config"]
     equivalents = plan_equivalents(plan)
     model_passes, hardware_passes = passes(equivalents)
@@ -665,23 +664,28 @@ def record_rows(path, rows) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    if args.peak_report:  # before jax is imported: XLA reads its flags once
-        if len(("dp", "fsdp") if args.mode == "both" else (args.mode,)) > 1:
-            raise SystemExit("sd15_step_plan: --peak-report needs one --mode (dp or fsdp)")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.peak_report}"
-                                   " --xla_dump_hlo_module_re=jit_step").strip()
-    set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory")
+    if args.peak_report and args.mode == "both":  # one compiled step per dump
+        raise SystemExit("sd15_step_plan: --peak-report needs one --mode (dp or fsdp)")
+    dump = (f"--xla_dump_to={args.peak_report}", "--xla_dump_hlo_module_re=jit_step") if args.peak_report else ()
+    set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory", extra=dump)
     import jax
 
     if jax.device_count() != args.devices:
         raise SystemExit(f"sd15_step_plan: asked for {args.devices} devices, jax sees {jax.device_count()}")
+    if args.microbatch_size is not None:  # after jax's import (set_host_devices first): the trainer's own rule
+        from flowmap_jax.training.train_step import microbatch_count
+
+        try:
+            microbatch_count(args.batch // args.devices, args.microbatch_size)
+        except ValueError as error:
+            raise SystemExit(f"sd15_step_plan: {error}") from None
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     modes = ("dp", "fsdp") if args.mode == "both" else (args.mode,)
     size = args.size
     objective = None if args.objective == "preset" else args.objective
     rows = [plan_row(size, mode, args.batch, args.fsdp_min_size, args.target_step_s, log, objective=objective,
-                     lora_rank=args.lora_rank, microbatches=args.microbatches) for mode in modes]
+                     lora_rank=args.lora_rank, microbatch_size=args.microbatch_size) for mode in modes]
     seconds = time.perf_counter() - started
     print(describe(rows, args) + "\n")
     print("Per-device memory (XLA memory_analysis of the compiled step; total = argument + output + temp + "

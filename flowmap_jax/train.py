@@ -94,10 +94,11 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
         raise RunError(f"--data.batch_size {config.data.batch_size} is not divisible by the "
                        f"{sh.num_batch_shards(mesh)} devices of the mesh")
     per_device = config.data.batch_size // sh.num_batch_shards(mesh)
-    if per_device % config.optim.microbatches:
-        raise RunError(f"the per-device batch {per_device} (--data.batch_size {config.data.batch_size} over "
-                       f"{sh.num_batch_shards(mesh)} devices) is not divisible by --optim.microbatches "
-                       f"{config.optim.microbatches}")
+    try:
+        microbatches = ts.microbatch_count(per_device, config.optim.microbatch_size)
+    except ValueError as error:
+        raise RunError(f"{error} (--data.batch_size {config.data.batch_size} over {sh.num_batch_shards(mesh)} "
+                       f"devices)") from None
     folder = run_folder.RunFolder.open(config.run, config.to_dict(), process.is_main)  # checked, locked, config compared
     run_dir = folder.path
     distributed.sync("run folder")
@@ -120,7 +121,7 @@ def run(config: TrainConfig, build: Callable | None = None) -> RunResult:
         rng = jax.jit(lambda: jax.random.key(config.run.seed), out_shardings=sh.replicated(mesh))()
         train_step = ts.make_train_step(parts.loss_fn, optimizer, mesh, specs, ema_decay=config.optim.ema_decay,
                                         state_sharding=state_sharding, teacher_specs=teacher_specs,
-                                        microbatches=config.optim.microbatches)
+                                        microbatches=microbatches)
 
         # 5. Resume.
         reporter_say = (lambda text: print(text, file=sys.stderr, flush=True)) if process.is_main else (lambda _: None)

@@ -15,6 +15,9 @@ MISSING = os.path.join(ROOT, "no_such_folder_for_cli_tests")
 BAD_USAGE = [
     ("flowmap_jax.train", ["--optim.lrr", "1"], "--optim.lrr"),
     ("flowmap_jax.train", ["--objective.names", "eulerain"], "eulerain"),
+    ("flowmap_jax.train", ["--optim.microbatch_size", "-1"], "--optim.microbatch_size"),
+    # bad input: 3 divides neither 32 (1 device) nor 4 (tests/conftest.py's 8 simulated devices) examples per device
+    ("flowmap_jax.train", ["--optim.microbatch_size", "3", "--run.dir", MISSING], "does not divide the per-device"),
     ("flowmap_jax.sample", ["--model", MISSING, "--dtype", "fp8"], "fp8"),
     ("flowmap_jax.sample", ["--model", MISSING], MISSING),  # bad input: no export there
     ("torch_ref.sample", ["--model", MISSING, "--spacing", "karras"], "karras"),

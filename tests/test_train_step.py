@@ -81,6 +81,16 @@ def test_microbatches_give_the_same_step():
         _train(sh.make_mesh(8, 1), n_steps=1, microbatches=0)
 
 
+def test_microbatch_count_from_the_size():
+    """--optim.microbatch_size is the most examples a device runs at once: 0 or a size no smaller than the
+    per-device batch is one pass; a smaller one must divide it."""
+    assert [ts.microbatch_count(16, size) for size in (0, 16, 32, 8, 4, 1)] == [1, 1, 1, 2, 4, 16]
+    with pytest.raises(ValueError, match="microbatch_size 5 does not divide the per-device batch 16"):
+        ts.microbatch_count(16, 5)
+    with pytest.raises(ValueError, match=">= 0"):
+        ts.microbatch_count(16, -1)
+
+
 def test_fsdp_shards_parameters_and_matches_data_parallel():
     dp, *_ = _train(sh.make_mesh(8, 1))
     fsdp, _, _, teacher = _train(sh.make_mesh(2, 4))

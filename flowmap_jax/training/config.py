@@ -132,7 +132,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     ema_decay: float = 0.999  # EMA of the parameters (used for samples and export); 0: EMA = params
-    microbatches: int = 1  # each device's batch in this many sequential microbatches, gradients averaged (activation memory / this)
+    microbatch_size: int = 0  # the most examples a device runs at once: a larger per-device batch runs as sequential microbatches of this size, gradients averaged (0: all at once)
 
 
 @dataclass
@@ -295,8 +295,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--data.source {c.data.source} needs --data.path")
     if c.data.batch_size < 1:
         raise ConfigError(f"--data.batch_size must be >= 1, got {c.data.batch_size}")
-    if c.optim.microbatches < 1:
-        raise ConfigError(f"--optim.microbatches must be >= 1, got {c.optim.microbatches}")
+    if c.optim.microbatch_size < 0:
+        raise ConfigError(f"--optim.microbatch_size must be >= 0 (0: the whole per-device batch), got "
+                          f"{c.optim.microbatch_size}")
     if len(c.data.sample_shape) != 3:
         raise ConfigError(f"--data.sample_shape must be H,W,C, got {c.data.sample_shape}")
     if not c.objective.names:

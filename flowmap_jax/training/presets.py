@@ -93,13 +93,17 @@ def sdxl() -> TrainConfig:
     shards (`python -m flowmap_jax.write_shards --pipeline SDXL_FOLDER`), bf16 compute, remat, FSDP over 8
     devices (the 2.6 B-parameter UNet's AdamW state does not fit one device replicated). Guidance as an input
     instead of baked in at 5.0: as for sd15, e.g. `--objective.options '{"guidance_scale_range": [2, 8],
-    "guidance_embedding_dim": 256}'`. Objective: `pairs` with 8-step targets, as sd15 (why there)."""
+    "guidance_embedding_dim": 256}'`. Objective: `pairs` with 8-step targets, as sd15 (why there). Each device
+    runs its batch (16 on 8 devices) 4 examples at a time (`optim.microbatch_size`), gradients averaged: the step
+    plans at 58.7 GiB per device with FSDP over 8 against 181.6 in one pass (benchmarks/README.md, XLA CPU's
+    plan)."""
     return derive(
         sd15(), "sdxl",
         run={"dir": "runs/sdxl"},
         teacher={"path": "stabilityai/stable-diffusion-xl-base-1.0", "guidance_scale": 5.0},
         data={"batch_size": 128, "image_size": 1024, "sample_shape": (128, 128, 4)},
         mesh={"fsdp": -1},  # shard over all the devices there are (8 on an 8-GPU host; 1 still runs)
+        optim={"microbatch_size": 4},  # the most examples a device runs at once (memory, not the batch)
     )
 
 

@@ -221,6 +221,20 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                    out_shardings=(state_sharding, sh.replicated(mesh)))
 
 
+def microbatch_count(per_device_batch: int, microbatch_size: int) -> int:
+    """How many microbatches `--optim.microbatch_size` (the most examples a device runs in one pass) makes of a
+    per-device batch: one where the batch is no larger (or the size is 0), else batch / size. ValueError when
+    the size does not divide a larger per-device batch, naming both."""
+    if microbatch_size < 0:
+        raise ValueError(f"--optim.microbatch_size must be >= 0, got {microbatch_size}")
+    if microbatch_size == 0 or per_device_batch <= microbatch_size:
+        return 1
+    if per_device_batch % microbatch_size:
+        raise ValueError(f"--optim.microbatch_size {microbatch_size} does not divide the per-device batch "
+                         f"{per_device_batch}")
+    return per_device_batch // microbatch_size
+
+
 def _split_microbatches(batch, microbatches: int):
     """Every (b, ...) leaf of one device's batch as (microbatches, b / microbatches, ...)."""
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
@@ -229,7 +243,7 @@ def _split_microbatches(batch, microbatches: int):
     (size,) = sizes
     if size % microbatches:
         raise ValueError(f"the per-device batch {size} is not divisible by microbatches={microbatches} "
-                         f"(--optim.microbatches)")
+                         f"(--optim.microbatch_size)")
     return jax.tree.map(lambda x: x.reshape((microbatches, size // microbatches) + x.shape[1:]), batch)
 
 
