@@ -631,7 +631,8 @@ def describe(rows, args) -> str:
             f"split over the fsdp axis like the student), latents "
             f"{h}x{w}x{c}, context {length}x{dim}, global batch {r['global_batch']} on {r['devices']} simulated devices; "
             f"objective {', '.join(sorted({row['objective'] for row in rows}))}, CFG teacher (one batched call), "
-            f"bf16 compute, fp32 params, remat per layer, AdamW + EMA, the UNet on each device's whole batch; "
+            f"bf16 compute, fp32 params, remat per layer, AdamW + EMA, "
+            f"{_passes_text(r)}; "
             f"FSDP splits parameters of >= {r['fsdp_min_size']} elements ({r['fsdp_sharded_params'] / 1e6:.1f}M "
             f"of them). jax {r['jax_version']}, XLA CPU.\n\n"
             f"Analytic FLOPs: one student UNet forward = {r['forward_flops_per_example'] / 1e9:.4g} GFLOP per example "
@@ -639,6 +640,15 @@ def describe(rows, args) -> str:
             f"example ({split}) x batch. Model FLOPs for MFU: without the recompute. MFU = model FLOPs / "
             f"(devices x peak x step time); peaks {', '.join(f'{g} {p:g}' for g, p in PEAKS_TFLOPS.items())} TFLOP/s "
             f"(dense bf16).")
+
+
+def _passes_text(row) -> str:
+    """How the UNet sees a device's batch: whole, or in microbatches (`--optim.microbatch_size`)."""
+    count = row.get("microbatches", 1)
+    if count == 1:
+        return "the UNet on each device's whole batch"
+    return (f"the UNet on {row['per_device_batch'] // count} examples at a time ({count} microbatches per device, "
+            f"gradients averaged)")
 
 
 RECORD_KEYS = ("preset", "objective", "mode", "devices", "per_device_batch", "lora_rank", "microbatches", "arguments_gib",

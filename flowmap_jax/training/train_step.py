@@ -18,6 +18,8 @@ while the network runs once on the device's whole batch (`per_example_loss`). So
 how the batch is split over devices or processes (8 devices and 1 device with the same global batch give the
 same parameters up to float reassociation), and every kernel sees the real per-device batch: at SD sizes the
 attention takes its blocked path, where a per-example `vmap` chose the unblocked one for a batch of 1.
+With `microbatches` > 1 (`--optim.microbatch_size`) the device's batch runs in that many sequential pieces whose
+gradients are averaged before the one update: the same randomness per example, the activations of one piece.
 
 Shapes: batch leaves are (B, ...) with B the global batch (divisible by the device count); "x0" is
 (B, H, W, C) float32, "cond" a dict of (B, ...) arrays or None, "example_id" (B,) int32. The step
