@@ -5,6 +5,7 @@ assignment, grouped by where they were made (issue 24).
         --peak-report /tmp/sdxl_peak                    # compiles with an XLA dump there, then prints this table
     python benchmarks/plan_peak.py /tmp/sdxl_peak      # the table again, from the dump
     python benchmarks/plan_peak.py DUMP --module jit_step --top 30
+    python benchmarks/plan_peak.py --remat-check     # does this backend's compiler keep jax.checkpoint's recompute?
 
 XLA writes, for each compiled module, `*-live-range.txt` (the schedule, each value's live range in it, and the
 values live at the peak) and `*after_optimizations.txt` (the HLO, each instruction's `op_name`: JAX's name stack,
@@ -28,7 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["PeakValue", "find_module_files", "peak_values", "group_peak", "peak_table", "main"]
+__all__ = ["PeakValue", "find_module_files", "peak_values", "group_peak", "peak_table", "remat_check", "main"]
 
 PeakValue = collections.namedtuple("PeakValue", "name size start end op_name")
 
@@ -131,13 +132,50 @@ def peak_table(dump_dir, module: str = "jit_step", top: int = 20) -> str:
     return "\n".join(out)
 
 
+def remat_check() -> dict:
+    """Whether the default backend's compiler keeps a rematerialised recompute: the gradient of
+    sum(cos(g(g(x)))), g(x) = sin(sin(x) W) W, compiled with `jax.checkpoint` on g and without. JAX's program with
+    remat has 10 matrix products (4 forward, 2 recomputed, 4 backward); if the compiled program with remat has
+    no more products than the one without (8), the recompute was merged back into the forward (XLA CPU expands
+    the optimisation barriers that keep them apart before its common-subexpression pass) and remat saves nothing
+    there. Returns the counts and the verdict."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.full((64, 64), 0.01, jnp.float32)
+    x = jnp.ones((8, 64), jnp.float32)
+
+    def count(layer):
+        lowered = jax.jit(jax.grad(lambda v: jnp.sum(jnp.cos(layer(layer(v)))))).lower(x)
+        return lowered.as_text().count("stablehlo.dot_general"), lowered.compile().as_text().count(" dot(")
+
+    plain = lambda v: jnp.sin(jnp.sin(v) @ w) @ w
+    traced_remat, compiled_remat = count(jax.checkpoint(plain))
+    traced_plain, compiled_plain = count(plain)
+    return {"backend": jax.default_backend(), "traced_with_remat": traced_remat, "compiled_with_remat": compiled_remat,
+            "traced_without": traced_plain, "compiled_without": compiled_plain,
+            "remat_kept": compiled_remat > compiled_plain}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/plan_peak.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dump", help="an XLA dump folder (--xla_dump_to; sd15_step_plan.py --peak-report DIR)")
+    p.add_argument("dump", nargs="?", help="an XLA dump folder (--xla_dump_to; sd15_step_plan.py --peak-report DIR)")
+    p.add_argument("--remat-check", action="store_true", help="check whether this backend's compiler keeps "
+                   "jax.checkpoint's recompute (a toy gradient compiled with and without remat)")
     p.add_argument("--module", default="jit_step", help="the module's name contains this (default jit_step)")
     p.add_argument("--top", type=int, default=20, help="groups to list (default 20)")
     args = p.parse_args(argv)
+    if args.remat_check:
+        r = remat_check()
+        verdict = ("kept: this backend's plans recompute what remat marks" if r["remat_kept"] else
+                   "merged back into the forward: this backend's plans keep what remat would recompute")
+        print(f"{r['backend']}: matrix products traced {r['traced_with_remat']} with remat / {r['traced_without']} "
+              f"without, compiled {r['compiled_with_remat']} / {r['compiled_without']}; the recompute is {verdict}")
+        if not args.dump:
+            return 0
+    if not args.dump:
+        p.error("give an XLA dump folder, or --remat-check")
     try:
         print(peak_table(args.dump, args.module, args.top))
     except ValueError as error:

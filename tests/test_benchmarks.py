@@ -467,6 +467,17 @@ def test_sd15_plan_small_with_microbatches_and_peak_report(tmp_path):
         pp.find_module_files(tmp_path)
 
 
+def test_remat_check_on_xla_cpu():
+    """The documented reason the CPU step plans overstate remat'd memory (benchmarks/README.md, stop 25): JAX
+    traces the recompute (2 more matrix products), and XLA CPU merges it back into the forward (as many products
+    compiled with remat as without). A tripwire: if a JAX/XLA upgrade keeps the recompute, this fails and the
+    plans' reading must be redone."""
+    r = pp.remat_check()
+    assert r["backend"] == "cpu"
+    assert (r["traced_with_remat"], r["traced_without"]) == (10, 8)
+    assert r["compiled_with_remat"] == r["compiled_without"] and not r["remat_kept"], r
+
+
 def test_gpu_check_train_step_option_and_report():
     args = gc.build_parser().parse_args(["out", "--train-step", "--train-batch", "16"])
     assert args.train_step and args.train_batch == 16 and "trainstep" in gc.STAGES
