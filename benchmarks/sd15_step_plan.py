@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-scheduler", choices=("memory", "concurrency"), default="memory",
                    help="XLA CPU's scheduler for the plan: memory-minimising (default; see MEMORY_SCHEDULER_FLAG) or "
                         "the CPU compiler's default, concurrency-optimised, which undoes remat")
+    p.add_argument("--cpu-remat", choices=("kept", "merged"), default="kept",
+                   help="kept (default): XLA CPU keeps jax.checkpoint's recompute apart from the forward, as a GPU "
+                        "compiler does (KEEP_REMAT_FLAG); merged: the CPU compiler's own pipeline, which merges it "
+                        "back and so undoes remat")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="plan a LoRA run of this rank (--model.lora_rank; LCM-LoRA targets, alpha = rank); 0: full")
     p.add_argument("--microbatch-size", type=int, default=None,
@@ -285,9 +289,19 @@ uses its memory-minimising list/DFS scheduler, as the GPU compiler's scheduler a
 5.6 GiB with remat. The plan uses it unless `--cpu-scheduler concurrency` (the default CPU compiler's plan)."""
 
 
-def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: bool = True, extra=()) -> None:
-    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked, MEMORY_SCHEDULER_FLAG unless not, and
-    the `extra` flags); must run before jax is imported (ValueError otherwise)."""
+KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+"""XLA CPU expands the optimisation barriers that keep `jax.checkpoint`'s recompute apart from the forward (its
+`cse_barrier_expander` pass) before its common-subexpression pass, which then merges the recompute back into the
+forward and keeps its values to the backward: remat undone (a toy gradient compiles to 8 matrix products with remat
+and 8 without; `plan_peak.py --remat-check`). With that pass disabled the barriers stay through CSE, as they are
+meant to, and the compiled toy has the 10 products JAX traced. The plan sets it unless `--cpu-remat merged` (the
+CPU compiler's own pipeline). On the UNet plans it moved little (sd15 pairs 65.79 -> 65.81 GiB)."""
+
+
+def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: bool = True, extra=(),
+                     keep_remat: bool = True) -> None:
+    """XLA_FLAGS with `count` host devices (and FAST_COMPILE_FLAGS if asked, MEMORY_SCHEDULER_FLAG and
+    KEEP_REMAT_FLAG unless not, and the `extra` flags); must run before jax is imported (ValueError otherwise)."""
     if "jax" in sys.modules:
         raise ValueError("set_host_devices: jax is already imported; the device count can no longer change")
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -296,6 +310,8 @@ def set_host_devices(count: int, fast_compile: bool = False, memory_scheduler: b
         ours += [f for f in FAST_COMPILE_FLAGS if f not in kept]
     if memory_scheduler and not any("concurrency_optimized_scheduler" in f for f in kept):
         ours.append(MEMORY_SCHEDULER_FLAG)
+    if keep_remat and not any("xla_disable_hlo_passes" in f for f in kept):
+        ours.append(KEEP_REMAT_FLAG)
     ours += list(extra)
     # Ours first: XLA stops reading at a token that is not a flag (tests/conftest.py passes one).
     os.environ["XLA_FLAGS"] = " ".join(ours + kept)
@@ -554,6 +570,7 @@ def plan_row(size: str, mode: str, batch: int, fsdp_min_size: int, target_step_s
                analytic_flops_per_step=forward * hardware_passes * batch,
                xla_flops_per_step=result["xla_flops_per_device"] * n, jax_version=jax.__version__,
                cpu_scheduler="memory" if MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "") else "concurrency",
+               cpu_remat="kept" if KEEP_REMAT_FLAG in os.environ.get("XLA_FLAGS", "") else "merged",
                **result)
     row["xla_vs_analytic"] = row["xla_flops_per_step"] / row["analytic_flops_per_step"]
     mem = row["memory"]
@@ -677,7 +694,8 @@ def main(argv=None) -> int:
     if args.peak_report and args.mode == "both":  # one compiled step per dump
         raise SystemExit("sd15_step_plan: --peak-report needs one --mode (dp or fsdp)")
     dump = (f"--xla_dump_to={args.peak_report}", "--xla_dump_hlo_module_re=jit_step") if args.peak_report else ()
-    set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory", extra=dump)
+    set_host_devices(args.devices, args.fast_compile, memory_scheduler=args.cpu_scheduler == "memory", extra=dump,
+                     keep_remat=args.cpu_remat == "kept")
     import jax
 
     if jax.device_count() != args.devices:
