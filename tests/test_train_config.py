@@ -230,7 +230,7 @@ def test_presets_match_their_values_before_the_config_split():
     expected["digits"]["objective"]["options"].update(output_scale_power=2.0)  # every objective (eulerian: its own default too)
     expected["digits"]["objective"]["options"]["time_pairs"]["length_power"] = 0.3
     expected["digits"]["sample"]["jumps"] = [1, 2, 4, 8]
-    # And sdxl runs each device's batch 4 examples at a time (issue 24: 58.7 GiB per device planned, 181.6 in one pass).
+    # And sdxl runs each device's batch 4 examples at a time (issue 24: 61.4 GiB per device planned, 181.6 in one pass).
     expected["sdxl"]["optim"]["microbatch_size"] = 4
     for name, want in expected.items():
         # Read through the schema: the per-objective options write their JSON in another order and spell

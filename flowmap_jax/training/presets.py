@@ -95,7 +95,7 @@ def sdxl() -> TrainConfig:
     instead of baked in at 5.0: as for sd15, e.g. `--objective.options '{"guidance_scale_range": [2, 8],
     "guidance_embedding_dim": 256}'`. Objective: `pairs` with 8-step targets, as sd15 (why there). Each device
     runs its batch (16 on 8 devices) 4 examples at a time (`optim.microbatch_size`), gradients averaged: the step
-    plans at 58.7 GiB per device with FSDP over 8 against 181.6 in one pass (benchmarks/README.md, XLA CPU's
+    plans at 61.4 GiB per device with FSDP over 8 against 181.6 in one pass (benchmarks/README.md, XLA CPU's
     plan)."""
     return derive(
         sd15(), "sdxl",
